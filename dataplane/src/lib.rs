@@ -1,3 +1,10 @@
-//! The per-node data plane: block devices, the chunk store, registered buffers, polled NUMA
-//! workers and the transports that serve striped reads. Its parts arrive in order: see
-//! `docs/DEVELOPMENT.md` for what is built so far.
+//! The per-node data plane.
+//!
+//! - [`device`]: the block-device seam (io_uring, in-memory, fault-injecting).
+//! - [`buffer`]: registered, NUMA-local I/O buffers.
+//! - [`store`]: the chunk store: immutable checksummed chunks on a device, crash-safe.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod buffer;
+pub mod device;
+pub mod store;

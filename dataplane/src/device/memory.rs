@@ -1,0 +1,108 @@
+use std::collections::VecDeque;
+
+use super::{BlockDevice, DeviceError, IoCompletion, IoOp, IoRequest, check_request};
+
+/// A drive in memory: the same contract as the real one (alignment, bounds, queue depth,
+/// completions only through `poll`), for tests and for machines without a spare drive.
+#[derive(Debug)]
+pub struct MemoryDevice {
+    name: String,
+    data: Vec<u8>,
+    queue_depth: usize,
+    queued: VecDeque<IoRequest>,
+}
+
+impl MemoryDevice {
+    pub fn new(name: impl Into<String>, len: u64, queue_depth: usize) -> Self {
+        Self::from_image(name, vec![0; len as usize], queue_depth)
+    }
+
+    /// A device whose contents are `image` (its length is rounded down to the alignment).
+    pub fn from_image(name: impl Into<String>, mut image: Vec<u8>, queue_depth: usize) -> Self {
+        image.truncate(image.len() / super::IO_ALIGNMENT * super::IO_ALIGNMENT);
+        MemoryDevice {
+            name: name.into(),
+            data: image,
+            queue_depth: queue_depth.max(1),
+            queued: VecDeque::new(),
+        }
+    }
+
+    pub fn image(&self) -> &[u8] {
+        &self.data
+    }
+
+    pub fn image_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+
+    /// Carries out one request against `data`.
+    ///
+    /// # Safety
+    /// The request's buffer is valid for `len` bytes (the `submit` contract).
+    pub(crate) unsafe fn execute(data: &mut [u8], request: &IoRequest) -> Result<u32, i32> {
+        let start = request.offset as usize;
+        let len = request.len as usize;
+        match request.op {
+            IoOp::Read => {
+                // SAFETY: per this function's contract.
+                let target = unsafe { std::slice::from_raw_parts_mut(request.buffer, len) };
+                target.copy_from_slice(&data[start..start + len]);
+            }
+            IoOp::Write => {
+                // SAFETY: per this function's contract.
+                let source = unsafe { std::slice::from_raw_parts(request.buffer, len) };
+                data[start..start + len].copy_from_slice(source);
+            }
+            IoOp::Sync => {}
+        }
+        Ok(request.len)
+    }
+}
+
+impl BlockDevice for MemoryDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.queue_depth
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queued.len()
+    }
+
+    unsafe fn submit(&mut self, request: IoRequest) -> Result<(), DeviceError> {
+        check_request(&self.name, self.len(), &request)?;
+        if self.queued.len() >= self.queue_depth {
+            return Err(DeviceError::QueueFull {
+                device: self.name.clone(),
+                queue_depth: self.queue_depth,
+            });
+        }
+        self.queued.push_back(request);
+        Ok(())
+    }
+
+    fn poll(
+        &mut self,
+        completions: &mut Vec<IoCompletion>,
+        _min_completions: usize,
+    ) -> Result<usize, DeviceError> {
+        let count = self.queued.len();
+        while let Some(request) = self.queued.pop_front() {
+            // SAFETY: `submit`'s contract keeps the buffer valid until this completion.
+            let result = unsafe { Self::execute(&mut self.data, &request) };
+            completions.push(IoCompletion {
+                user_data: request.user_data,
+                result,
+            });
+        }
+        Ok(count)
+    }
+}

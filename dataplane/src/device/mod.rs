@@ -1,0 +1,362 @@
+//! The block-device seam: where the data plane meets a drive.
+//!
+//! The interface is queue-shaped (submit many, poll completions) because that is how NVMe,
+//! io_uring and SPDK all work: a worker keeps dozens of I/Os in flight per drive and reaps
+//! completions in batches. Blocking `read_at` / `write_at` / `sync` sit on top for cold paths
+//! (formatting, recovery, tools, tests).
+//!
+//! Implementations: [`UringDevice`] (io_uring, O_DIRECT, registered files and buffers, IOPOLL
+//! when the device supports it), [`MemoryDevice`], and [`FaultyDevice`] (fails, tears, flips
+//! bits and loses unsynced writes on command). An SPDK backend fits the same trait: its
+//! `spdk_nvme_ns_cmd_read` / `spdk_nvme_qpair_process_completions` are `submit` and `poll`.
+
+mod faulty;
+mod memory;
+mod uring;
+
+use std::io;
+
+pub use faulty::{FaultControl, FaultyDevice};
+pub use memory::MemoryDevice;
+pub use uring::{UringDevice, UringOptions, preallocate_file};
+
+use crate::buffer::AlignedBuf;
+
+/// Offsets, lengths and buffer addresses of every I/O are multiples of this: the largest
+/// logical block size of NVMe drives, so O_DIRECT works on any of them.
+pub const IO_ALIGNMENT: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    Read,
+    Write,
+    /// Makes every completed write durable (fdatasync, NVMe FLUSH).
+    Sync,
+}
+
+/// One I/O to submit. The buffer is a raw pointer because the kernel (or the drive's DMA
+/// engine) holds it until completion: see [`BlockDevice::submit`].
+#[derive(Clone, Copy, Debug)]
+pub struct IoRequest {
+    pub op: IoOp,
+    pub offset: u64,
+    pub buffer: *mut u8,
+    pub len: u32,
+    /// Index of the buffer among the device's registered buffers, when it is one: the kernel
+    /// then skips pinning and mapping the pages on every I/O.
+    pub fixed_buffer: Option<u16>,
+    /// Returned unchanged in the completion.
+    pub user_data: u64,
+}
+
+// SAFETY: an IoRequest only carries the buffer's address; who may touch the memory, and
+// until when, is `BlockDevice::submit`'s contract, which holds on any thread.
+unsafe impl Send for IoRequest {}
+
+impl IoRequest {
+    pub fn sync(user_data: u64) -> Self {
+        IoRequest {
+            op: IoOp::Sync,
+            offset: 0,
+            buffer: std::ptr::null_mut(),
+            len: 0,
+            fixed_buffer: None,
+            user_data,
+        }
+    }
+}
+
+/// The outcome of one request: bytes transferred, or the errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoCompletion {
+    pub user_data: u64,
+    pub result: Result<u32, i32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{device}: open failed")]
+    Open {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{device}: {operation} failed")]
+    Setup {
+        device: String,
+        operation: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{device}: queue full ({queue_depth} I/Os in flight)")]
+    QueueFull { device: String, queue_depth: usize },
+    #[error("{device}: {op:?} at offset {offset} length {len} is not {IO_ALIGNMENT}-byte aligned")]
+    Misaligned {
+        device: String,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+    },
+    #[error(
+        "{device}: {op:?} at offset {offset} length {len} is past the end ({device_len} bytes)"
+    )]
+    OutOfRange {
+        device: String,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        device_len: u64,
+    },
+    #[error("{device}: {op:?} at offset {offset} failed")]
+    Io {
+        device: String,
+        op: IoOp,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{device}: {op:?} at offset {offset} transferred {done} of {len} bytes")]
+    Short {
+        device: String,
+        op: IoOp,
+        offset: u64,
+        done: u32,
+        len: u32,
+    },
+    #[error("{device}: blocking I/O needs an idle device ({in_flight} I/Os in flight)")]
+    Busy { device: String, in_flight: usize },
+}
+
+impl DeviceError {
+    /// The errno behind this error, for callers that map errors onto the wire or the C ABI.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            DeviceError::Open { source, .. }
+            | DeviceError::Setup { source, .. }
+            | DeviceError::Io { source, .. } => source.raw_os_error(),
+            DeviceError::QueueFull { .. } | DeviceError::Busy { .. } => Some(libc::EAGAIN),
+            DeviceError::Misaligned { .. } | DeviceError::OutOfRange { .. } => Some(libc::EINVAL),
+            DeviceError::Short { .. } => Some(libc::EIO),
+        }
+    }
+}
+
+/// A drive, or something standing in for one.
+pub trait BlockDevice: Send {
+    /// The path or name used in error messages.
+    fn name(&self) -> &str;
+
+    /// Usable size in bytes (a multiple of [`IO_ALIGNMENT`]).
+    fn len(&self) -> u64;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most requests that may be in flight at once.
+    fn queue_depth(&self) -> usize;
+
+    /// Requests submitted and not yet returned by [`BlockDevice::poll`].
+    fn in_flight(&self) -> usize;
+
+    /// Registers memory regions as fixed buffers (io_uring `register_buffers`): requests then
+    /// name them by index in [`IoRequest::fixed_buffer`]. Replaces any earlier registration.
+    ///
+    /// # Safety
+    /// The regions must stay allocated for as long as the device may use them: until the
+    /// device is dropped or the regions are registered again.
+    unsafe fn register_buffers(
+        &mut self,
+        _regions: &[(*mut u8, usize)],
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// Queues a request; it reaches the device at the next [`BlockDevice::poll`].
+    ///
+    /// # Safety
+    /// `request.buffer .. + request.len` must stay valid until the request's completion has
+    /// been returned by `poll`, and must not be read or written by anyone else meanwhile for
+    /// a read (nor written for a write): the kernel or the drive's DMA engine uses it.
+    unsafe fn submit(&mut self, request: IoRequest) -> Result<(), DeviceError>;
+
+    /// Sends queued requests and appends completions to `completions`, waiting until at least
+    /// `min_completions` have arrived (0: only what is ready). Returns how many it appended.
+    fn poll(
+        &mut self,
+        completions: &mut Vec<IoCompletion>,
+        min_completions: usize,
+    ) -> Result<usize, DeviceError>;
+
+    /// Reads `buf.len()` bytes at `offset`, blocking. The device must be idle.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        blocking(
+            self,
+            IoOp::Read,
+            offset,
+            buf.as_mut_ptr(),
+            buf.len(),
+            |bounce| buf.copy_from_slice(&bounce[..buf.len()]),
+        )
+    }
+
+    /// Writes `data` at `offset`, blocking; durable only after [`BlockDevice::sync`].
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        blocking_write(self, offset, data)
+    }
+
+    /// Makes every completed write durable, blocking.
+    fn sync(&mut self) -> Result<(), DeviceError> {
+        ensure_idle(self)?;
+        // SAFETY: a sync carries no buffer.
+        unsafe { self.submit(IoRequest::sync(u64::MAX))? };
+        let completion = wait_one(self)?;
+        completion_result(self, IoOp::Sync, 0, 0, completion).map(|_| ())
+    }
+}
+
+fn ensure_idle<D: BlockDevice + ?Sized>(device: &D) -> Result<(), DeviceError> {
+    match device.in_flight() {
+        0 => Ok(()),
+        in_flight => Err(DeviceError::Busy {
+            device: device.name().to_string(),
+            in_flight,
+        }),
+    }
+}
+
+fn wait_one<D: BlockDevice + ?Sized>(device: &mut D) -> Result<IoCompletion, DeviceError> {
+    let mut completions = Vec::with_capacity(1);
+    while completions.is_empty() {
+        device.poll(&mut completions, 1)?;
+    }
+    Ok(completions[0])
+}
+
+fn completion_result<D: BlockDevice + ?Sized>(
+    device: &D,
+    op: IoOp,
+    offset: u64,
+    len: u32,
+    completion: IoCompletion,
+) -> Result<u32, DeviceError> {
+    match completion.result {
+        Err(errno) => Err(DeviceError::Io {
+            device: device.name().to_string(),
+            op,
+            offset,
+            source: io::Error::from_raw_os_error(errno),
+        }),
+        Ok(done) if op != IoOp::Sync && done != len => Err(DeviceError::Short {
+            device: device.name().to_string(),
+            op,
+            offset,
+            done,
+            len,
+        }),
+        Ok(done) => Ok(done),
+    }
+}
+
+/// Checks that an I/O is aligned and inside the device: every implementation calls this in
+/// `submit`, so the in-memory devices refuse what O_DIRECT would refuse.
+pub(crate) fn check_request(
+    name: &str,
+    device_len: u64,
+    request: &IoRequest,
+) -> Result<(), DeviceError> {
+    if request.op == IoOp::Sync {
+        return Ok(());
+    }
+    let len = u64::from(request.len);
+    let aligned = request.offset % IO_ALIGNMENT as u64 == 0
+        && len % IO_ALIGNMENT as u64 == 0
+        && (request.buffer as usize) % IO_ALIGNMENT == 0;
+    if !aligned {
+        return Err(DeviceError::Misaligned {
+            device: name.to_string(),
+            op: request.op,
+            offset: request.offset,
+            len,
+        });
+    }
+    if request
+        .offset
+        .checked_add(len)
+        .is_none_or(|end| end > device_len)
+    {
+        return Err(DeviceError::OutOfRange {
+            device: name.to_string(),
+            op: request.op,
+            offset: request.offset,
+            len,
+            device_len,
+        });
+    }
+    Ok(())
+}
+
+fn blocking<D: BlockDevice + ?Sized>(
+    device: &mut D,
+    op: IoOp,
+    offset: u64,
+    pointer: *mut u8,
+    len: usize,
+    copy_back: impl FnOnce(&[u8]),
+) -> Result<(), DeviceError> {
+    ensure_idle(device)?;
+    let len32 = u32::try_from(len).map_err(|_| DeviceError::OutOfRange {
+        device: device.name().to_string(),
+        op,
+        offset,
+        len: len as u64,
+        device_len: device.len(),
+    })?;
+    // Callers' slices are rarely 4 KiB-aligned in memory; bounce those through an aligned
+    // buffer rather than make every caller allocate one.
+    let mut bounce = None;
+    let target = if (pointer as usize) % IO_ALIGNMENT == 0 {
+        pointer
+    } else {
+        bounce.insert(AlignedBuf::zeroed(len)).as_mut_ptr()
+    };
+    let request = IoRequest {
+        op,
+        offset,
+        buffer: target,
+        len: len32,
+        fixed_buffer: None,
+        user_data: u64::MAX,
+    };
+    // SAFETY: the buffer (caller's or bounce) outlives this call and we wait for the
+    // completion before returning.
+    unsafe { device.submit(request)? };
+    let completion = wait_one(device)?;
+    completion_result(device, op, offset, len32, completion)?;
+    if let Some(bounce) = bounce {
+        copy_back(&bounce);
+    }
+    Ok(())
+}
+
+fn blocking_write<D: BlockDevice + ?Sized>(
+    device: &mut D,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), DeviceError> {
+    if (data.as_ptr() as usize) % IO_ALIGNMENT == 0 {
+        blocking(
+            device,
+            IoOp::Write,
+            offset,
+            data.as_ptr().cast_mut(),
+            data.len(),
+            |_| {},
+        )
+    } else {
+        let mut bounce = AlignedBuf::zeroed(data.len());
+        bounce.copy_from_slice(data);
+        let pointer = bounce.as_mut_ptr();
+        blocking(device, IoOp::Write, offset, pointer, data.len(), |_| {})
+    }
+}
