@@ -8,3 +8,17 @@
 pub mod buffer;
 pub mod device;
 pub mod store;
+pub mod worker;
+
+/// An error and its sources on one line (`outer: inner: os error`), for messages that cross a
+/// thread or a process as text.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}

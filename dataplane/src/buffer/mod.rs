@@ -2,5 +2,7 @@
 //! cold paths.
 
 mod aligned;
+mod pool;
 
 pub use aligned::AlignedBuf;
+pub use pool::{BufferLease, BufferPool, BufferPoolConfig, BufferPoolError, PoolBuffer};

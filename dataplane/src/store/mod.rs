@@ -629,13 +629,16 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Deletes a chunk on an idle device (garbage collection): the entry is zeroed and synced
-    /// before the chunk leaves the index; its slot is reused once no reader holds it.
-    pub fn delete(&self, device: &mut dyn BlockDevice, chunk: ChunkId) -> Result<(), StoreError> {
+    /// Where a delete writes the zeroed entry of `chunk` (step 1 of 2; then sync, then
+    /// [`ChunkStore::forget`]).
+    pub fn delete_offset(&self, chunk: ChunkId) -> Result<u64, StoreError> {
         let info = self.lookup(chunk).ok_or_else(|| self.not_found(chunk))?;
-        let zeros = AlignedBuf::zeroed(self.entry_size());
-        device.write_at(self.superblock.entry_offset(info.slot), &zeros)?;
-        device.sync()?;
+        Ok(self.superblock.entry_offset(info.slot))
+    }
+
+    /// The zeroed entry is durable: the chunk leaves the index, and its slot is reused once
+    /// no in-flight read holds it.
+    pub fn forget(&self, chunk: ChunkId) {
         let mut index = self
             .index
             .write()
@@ -643,6 +646,16 @@ impl ChunkStore {
         if let Some(info) = index.remove(&chunk) {
             lock(&self.allocator).draining.push(info);
         }
+    }
+
+    /// Deletes a chunk on an idle device (garbage collection): the entry is zeroed and synced
+    /// before the chunk leaves the index; its slot is reused once no reader holds it.
+    pub fn delete(&self, device: &mut dyn BlockDevice, chunk: ChunkId) -> Result<(), StoreError> {
+        let offset = self.delete_offset(chunk)?;
+        let zeros = AlignedBuf::zeroed(self.entry_size());
+        device.write_at(offset, &zeros)?;
+        device.sync()?;
+        self.forget(chunk);
         Ok(())
     }
 }

@@ -1,0 +1,728 @@
+//! Polled data-plane workers: one pinned thread per planned core, grouped by NUMA node.
+//!
+//! A worker owns its rings (one device handle per drive of its node), its buffer pool and a
+//! bounded table of in-flight requests. Requests arrive over a bounded crossbeam channel and
+//! completions leave over the channel each request names. Nothing on the read path allocates
+//! or takes a lock: the table slot, the pool buffer and the ring are the worker's own.
+
+mod pool;
+
+use std::collections::VecDeque;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+pub use pool::{DeviceFactory, DriveSpec, WorkerPool, WorkerPoolConfig, WorkerPoolError};
+
+use crate::buffer::{AlignedBuf, BufferLease, BufferPool, BufferPoolConfig, PoolBuffer};
+use crate::device::{BlockDevice, DeviceError, IO_ALIGNMENT, IoCompletion, IoOp, IoRequest};
+use crate::store::{ChunkId, ChunkInfo, ChunkStore, ReadSpan, Reservation, StoreError};
+
+/// What a worker does when it has nothing to do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PollMode {
+    /// Spin forever: lowest latency, one core at 100% per worker.
+    Busy,
+    /// Spin briefly after the last work, then sleep in the kernel until a request or a
+    /// completion arrives: near-busy latency under load, idle cores when idle.
+    #[default]
+    Adaptive,
+    /// Always sleep in the kernel when idle.
+    Interrupt,
+}
+
+impl FromStr for PollMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "busy" => Ok(PollMode::Busy),
+            "adaptive" => Ok(PollMode::Adaptive),
+            "interrupt" => Ok(PollMode::Interrupt),
+            other => Err(format!(
+                "poll_mode {other:?} is not one of busy, adaptive, interrupt"
+            )),
+        }
+    }
+}
+
+/// Spins of an idle adaptive worker before it sleeps (a few tens of microseconds).
+const ADAPTIVE_SPINS: u32 = 4096;
+
+/// One operation on one chunk of one drive.
+#[derive(Debug)]
+pub enum Op {
+    Read {
+        chunk: ChunkId,
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        chunk: ChunkId,
+        data: Vec<u8>,
+    },
+    Delete {
+        chunk: ChunkId,
+    },
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Read { .. } => "read",
+            Op::Write { .. } => "write",
+            Op::Delete { .. } => "delete",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Request {
+    /// The caller's name for this request, returned in its completion.
+    pub tag: u64,
+    /// Index of the drive in the pool's drive list.
+    pub drive: usize,
+    pub op: Op,
+    pub reply: Sender<Completion>,
+}
+
+#[derive(Debug)]
+pub enum Output {
+    /// The bytes read, verified, in a pool buffer: drop the lease to give it back.
+    Read(BufferLease),
+    Written,
+    Deleted,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("read of {len} bytes exceeds the {max}-byte I/O buffer")]
+    TooLarge { len: u64, max: usize },
+    #[error("no drive {drive} (the pool has {drives})")]
+    NoSuchDrive { drive: usize, drives: usize },
+}
+
+impl From<DeviceError> for RequestError {
+    fn from(error: DeviceError) -> Self {
+        RequestError::Store(StoreError::Device(error))
+    }
+}
+
+impl RequestError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            RequestError::Store(error) => error.errno(),
+            RequestError::TooLarge { .. } | RequestError::NoSuchDrive { .. } => libc::EINVAL,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Completion {
+    pub tag: u64,
+    pub result: Result<Output, RequestError>,
+    /// From the worker taking the request to its completion.
+    pub latency: Duration,
+}
+
+/// A worker's settings, fixed at start.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub id: usize,
+    pub numa_node: u32,
+    /// The CPU to pin the thread to (from the topology worker plan).
+    pub cpu: Option<u32>,
+    pub poll_mode: PollMode,
+    /// Requests in flight at most: the size of the in-flight table.
+    pub in_flight_max: usize,
+    pub buffers: BufferPoolConfig,
+}
+
+enum WriteStage {
+    Data,
+    DataSync,
+    Entry,
+    EntrySync,
+}
+
+enum DeleteStage {
+    Entry,
+    Sync,
+}
+
+enum InFlight {
+    Read {
+        info: Arc<ChunkInfo>,
+        span: ReadSpan,
+        buffer: PoolBuffer,
+    },
+    Write {
+        stage: WriteStage,
+        reservation: Option<Reservation>,
+        staging: AlignedBuf,
+    },
+    Delete {
+        stage: DeleteStage,
+        chunk: ChunkId,
+        _zeros: AlignedBuf,
+    },
+}
+
+struct Slot {
+    tag: u64,
+    drive: usize,
+    reply: Sender<Completion>,
+    started: Instant,
+    op: &'static str,
+    work: InFlight,
+}
+
+struct Drive {
+    device: Box<dyn BlockDevice>,
+    store: Arc<ChunkStore>,
+}
+
+struct Metrics {
+    read_bytes: metrics::Counter,
+    write_bytes: metrics::Counter,
+    reads: metrics::Counter,
+    writes: metrics::Counter,
+    deletes: metrics::Counter,
+    errors: metrics::Counter,
+    read_latency: metrics::Histogram,
+    write_latency: metrics::Histogram,
+    in_flight: metrics::Gauge,
+}
+
+impl Metrics {
+    fn new(config: &WorkerConfig) -> Self {
+        let worker = config.id.to_string();
+        let node = config.numa_node.to_string();
+        let labels = |op: &'static str| {
+            [
+                ("worker", worker.clone()),
+                ("numa_node", node.clone()),
+                ("op", op.to_string()),
+            ]
+        };
+        Metrics {
+            read_bytes: metrics::counter!("tier0_dataplane_bytes_total", &labels("read")),
+            write_bytes: metrics::counter!("tier0_dataplane_bytes_total", &labels("write")),
+            reads: metrics::counter!("tier0_dataplane_ops_total", &labels("read")),
+            writes: metrics::counter!("tier0_dataplane_ops_total", &labels("write")),
+            deletes: metrics::counter!("tier0_dataplane_ops_total", &labels("delete")),
+            errors: metrics::counter!(
+                "tier0_dataplane_errors_total",
+                "worker" => worker.clone(),
+                "numa_node" => node.clone()
+            ),
+            read_latency: metrics::histogram!("tier0_dataplane_latency_seconds", &labels("read")),
+            write_latency: metrics::histogram!("tier0_dataplane_latency_seconds", &labels("write")),
+            in_flight: metrics::gauge!(
+                "tier0_dataplane_in_flight",
+                "worker" => worker,
+                "numa_node" => node
+            ),
+        }
+    }
+}
+
+/// The worker's state; lives on its own thread.
+pub(crate) struct Worker {
+    config: WorkerConfig,
+    drives: Vec<Drive>,
+    pool: BufferPool,
+    slots: Vec<Option<Slot>>,
+    free_slots: Vec<usize>,
+    /// A request taken off the channel that waits for a buffer.
+    stalled: Option<Request>,
+    requests: Receiver<Request>,
+    closing: bool,
+    completions: Vec<IoCompletion>,
+    retired: VecDeque<usize>,
+    metrics: Metrics,
+}
+
+impl Worker {
+    /// Sets the worker up on its own thread (pinned first, so the memory it touches lands on
+    /// its node): buffer pool, device handles, buffer registration.
+    pub(crate) fn new(
+        config: WorkerConfig,
+        drives: &[DriveSpec],
+        factory: &DeviceFactory,
+        requests: Receiver<Request>,
+    ) -> Result<Self, String> {
+        if let Some(cpu) = config.cpu {
+            pin_to_cpu(cpu);
+        }
+        let pool = BufferPool::new(&config.buffers).map_err(|error| crate::error_chain(&error))?;
+        let regions = pool.regions();
+        let mut owned = Vec::with_capacity(drives.len());
+        for spec in drives {
+            let mut device = factory(spec).map_err(|error| crate::error_chain(&error))?;
+            let store = spec.store.clone();
+            // SAFETY: the pool lives in this worker as long as the device does, and is dropped
+            // after it (field order of Worker: drives before pool).
+            unsafe { device.register_buffers(&regions) }
+                .map_err(|error| crate::error_chain(&error))?;
+            owned.push(Drive { device, store });
+        }
+        let in_flight_max = config.in_flight_max.max(1);
+        Ok(Worker {
+            metrics: Metrics::new(&config),
+            drives: owned,
+            pool,
+            slots: (0..in_flight_max).map(|_| None).collect(),
+            free_slots: (0..in_flight_max).rev().collect(),
+            stalled: None,
+            requests,
+            closing: false,
+            completions: Vec::with_capacity(in_flight_max),
+            retired: VecDeque::with_capacity(in_flight_max),
+            config,
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        let mut idle_spins = 0u32;
+        loop {
+            let accepted = self.accept();
+            let completed = self.reap();
+            let in_flight = self.slots.len() - self.free_slots.len();
+            self.metrics.in_flight.set(in_flight as f64);
+            if self.closing && in_flight == 0 && self.stalled.is_none() {
+                return;
+            }
+            if accepted + completed > 0 {
+                idle_spins = 0;
+                continue;
+            }
+            idle_spins = idle_spins.saturating_add(1);
+            match self.config.poll_mode {
+                PollMode::Busy => std::hint::spin_loop(),
+                PollMode::Adaptive if idle_spins < ADAPTIVE_SPINS => std::hint::spin_loop(),
+                PollMode::Adaptive | PollMode::Interrupt => self.sleep(in_flight),
+            }
+        }
+    }
+
+    /// Sleeps in the kernel until there is something to do.
+    fn sleep(&mut self, in_flight: usize) {
+        if in_flight == 0 {
+            if self.stalled.is_some() {
+                // Waiting for a buffer held by a consumer: nothing to wake us but time.
+                std::thread::sleep(Duration::from_micros(50));
+                return;
+            }
+            match self.requests.recv() {
+                Ok(request) => self.stalled = Some(request),
+                Err(_) => self.closing = true,
+            }
+            return;
+        }
+        let busy: Vec<usize> = (0..self.drives.len())
+            .filter(|&drive| self.drives[drive].device.in_flight() > 0)
+            .collect();
+        if let [drive] = busy[..] {
+            // One ring holds all our I/O: sleep in io_uring_enter until it completes.
+            let _ = self.drives[drive].device.poll(&mut self.completions, 1);
+        } else {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Starts as many new requests as the table and the pool allow.
+    fn accept(&mut self) -> usize {
+        let mut accepted = 0;
+        while !self.free_slots.is_empty() {
+            let request = match self.stalled.take() {
+                Some(request) => request,
+                None => match self.requests.try_recv() {
+                    Ok(request) => request,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.closing = true;
+                        break;
+                    }
+                },
+            };
+            match self.start(request) {
+                Ok(()) => accepted += 1,
+                Err(request) => {
+                    self.stalled = Some(request);
+                    break;
+                }
+            }
+        }
+        accepted
+    }
+
+    fn finish(
+        &mut self,
+        tag: u64,
+        reply: &Sender<Completion>,
+        started: Instant,
+        result: Result<Output, RequestError>,
+    ) {
+        if result.is_err() {
+            self.metrics.errors.increment(1);
+        }
+        // A caller that went away no longer wants the answer; the lease in it (if any)
+        // returns its buffer when dropped here.
+        let _ = reply.send(Completion {
+            tag,
+            result,
+            latency: started.elapsed(),
+        });
+    }
+
+    /// Begins a request, or hands it back when it must wait for a buffer.
+    fn start(&mut self, request: Request) -> Result<(), Request> {
+        let started = Instant::now();
+        let Request {
+            tag,
+            drive,
+            op,
+            reply,
+        } = request;
+        let drives = self.drives.len();
+        if drive >= drives {
+            self.finish(
+                tag,
+                &reply,
+                started,
+                Err(RequestError::NoSuchDrive { drive, drives }),
+            );
+            return Ok(());
+        }
+        let name = op.name();
+        let store = self.drives[drive].store.clone();
+        let prepared = match op {
+            Op::Read { chunk, offset, len } => {
+                let span = store
+                    .lookup(chunk)
+                    .ok_or(StoreError::NotFound {
+                        device: store.device_name().to_string(),
+                        chunk,
+                    })
+                    .and_then(|info| {
+                        let span = store.read_span(&info, offset, u64::from(len))?;
+                        Ok((info, span))
+                    });
+                match span {
+                    Err(error) => Err(RequestError::from(error)),
+                    Ok((_, span)) if span.device_len as usize > self.pool.buffer_size() => {
+                        Err(RequestError::TooLarge {
+                            len: u64::from(len),
+                            max: self.pool.buffer_size(),
+                        })
+                    }
+                    Ok((info, span)) => match self.pool.take() {
+                        Some(buffer) => Ok(InFlight::Read { info, span, buffer }),
+                        None => {
+                            return Err(Request {
+                                tag,
+                                drive,
+                                op: Op::Read { chunk, offset, len },
+                                reply,
+                            });
+                        }
+                    },
+                }
+            }
+            Op::Write { chunk, data } => match store.reserve(chunk, &data) {
+                Err(error) => Err(error.into()),
+                Ok(reservation) => {
+                    // Writes stage through an aligned copy: they are the cold path, and the
+                    // caller's Vec is neither aligned nor registered.
+                    let mut staging = AlignedBuf::zeroed(data.len().next_multiple_of(IO_ALIGNMENT));
+                    staging[..data.len()].copy_from_slice(&data);
+                    Ok(InFlight::Write {
+                        stage: WriteStage::Data,
+                        reservation: Some(reservation),
+                        staging,
+                    })
+                }
+            },
+            Op::Delete { chunk } => match store.delete_offset(chunk) {
+                Err(error) => Err(error.into()),
+                Ok(_) => Ok(InFlight::Delete {
+                    stage: DeleteStage::Entry,
+                    chunk,
+                    _zeros: AlignedBuf::zeroed(store.entry_size()),
+                }),
+            },
+        };
+        let work = match prepared {
+            Ok(work) => work,
+            Err(error) => {
+                self.finish(tag, &reply, started, Err(error));
+                return Ok(());
+            }
+        };
+        let index = self
+            .free_slots
+            .pop()
+            .expect("accept checks for a free slot");
+        self.slots[index] = Some(Slot {
+            tag,
+            drive,
+            reply,
+            started,
+            op: name,
+            work,
+        });
+        if let Err(error) = self.submit_next(index) {
+            self.fail(index, error);
+        }
+        Ok(())
+    }
+
+    /// Submits the I/O the slot's current stage needs.
+    fn submit_next(&mut self, index: usize) -> Result<(), RequestError> {
+        let slot = self.slots[index].as_mut().expect("live slot");
+        let drive = &mut self.drives[slot.drive];
+        let user_data = index as u64;
+        let request = match &mut slot.work {
+            InFlight::Read { span, buffer, .. } => IoRequest {
+                op: IoOp::Read,
+                offset: span.device_offset,
+                buffer: buffer.as_mut_ptr(),
+                len: span.device_len,
+                fixed_buffer: Some(buffer.index),
+                user_data,
+            },
+            InFlight::Write {
+                stage,
+                reservation,
+                staging,
+            } => {
+                let reservation = reservation.as_ref().expect("reservation until published");
+                match stage {
+                    WriteStage::Data => IoRequest {
+                        op: IoOp::Write,
+                        offset: drive.store.data_offset(reservation),
+                        buffer: staging.as_mut_ptr(),
+                        len: staging.len() as u32,
+                        fixed_buffer: None,
+                        user_data,
+                    },
+                    WriteStage::Entry => {
+                        // The data is durable: the staging buffer now carries the entry.
+                        let entry_size = drive.store.entry_size();
+                        if staging.len() < entry_size {
+                            *staging = AlignedBuf::zeroed(entry_size);
+                        }
+                        drive
+                            .store
+                            .encode_entry(reservation, &mut staging[..entry_size]);
+                        IoRequest {
+                            op: IoOp::Write,
+                            offset: drive.store.entry_offset(reservation),
+                            buffer: staging.as_mut_ptr(),
+                            len: entry_size as u32,
+                            fixed_buffer: None,
+                            user_data,
+                        }
+                    }
+                    WriteStage::DataSync | WriteStage::EntrySync => IoRequest::sync(user_data),
+                }
+            }
+            InFlight::Delete {
+                stage,
+                chunk,
+                _zeros,
+            } => match stage {
+                DeleteStage::Entry => IoRequest {
+                    op: IoOp::Write,
+                    offset: drive.store.delete_offset(*chunk)?,
+                    buffer: _zeros.as_mut_ptr(),
+                    len: _zeros.len() as u32,
+                    fixed_buffer: None,
+                    user_data,
+                },
+                DeleteStage::Sync => IoRequest::sync(user_data),
+            },
+        };
+        // SAFETY: every buffer named above lives in the slot (or the pool) until the slot is
+        // retired, which happens only after this request's completion is reaped.
+        unsafe { drive.device.submit(request) }?;
+        Ok(())
+    }
+
+    /// Polls every drive and advances the requests whose I/O completed.
+    fn reap(&mut self) -> usize {
+        let mut reaped = 0;
+        let mut completions = std::mem::take(&mut self.completions);
+        for drive in 0..self.drives.len() {
+            if self.drives[drive].device.in_flight() == 0 && completions.is_empty() {
+                continue;
+            }
+            if let Err(error) = self.drives[drive].device.poll(&mut completions, 0) {
+                tracing::error!(worker = self.config.id, %error, "polling a drive failed");
+            }
+        }
+        for completion in completions.drain(..) {
+            reaped += 1;
+            self.advance(completion.user_data as usize, completion.result);
+        }
+        self.completions = completions;
+        while let Some(index) = self.retired.pop_front() {
+            self.free_slots.push(index);
+        }
+        reaped
+    }
+
+    fn advance(&mut self, index: usize, result: Result<u32, i32>) {
+        let Some(slot) = self.slots[index].as_mut() else {
+            tracing::error!(
+                worker = self.config.id,
+                index,
+                "completion for an empty slot"
+            );
+            return;
+        };
+        let store = self.drives[slot.drive].store.clone();
+        if let Err(errno) = result {
+            let op = match &slot.work {
+                InFlight::Read { .. } => IoOp::Read,
+                InFlight::Write {
+                    stage: WriteStage::Data | WriteStage::Entry,
+                    ..
+                }
+                | InFlight::Delete {
+                    stage: DeleteStage::Entry,
+                    ..
+                } => IoOp::Write,
+                _ => IoOp::Sync,
+            };
+            let error = DeviceError::Io {
+                device: store.device_name().to_string(),
+                op,
+                offset: 0,
+                source: std::io::Error::from_raw_os_error(errno),
+            };
+            self.fail(index, error.into());
+            return;
+        }
+        let next = match &mut slot.work {
+            InFlight::Read { .. } => None,
+            InFlight::Write { stage, .. } => {
+                *stage = match stage {
+                    WriteStage::Data => WriteStage::DataSync,
+                    WriteStage::DataSync => WriteStage::Entry,
+                    WriteStage::Entry => WriteStage::EntrySync,
+                    WriteStage::EntrySync => return self.complete(index),
+                };
+                Some(())
+            }
+            InFlight::Delete { stage, .. } => match stage {
+                DeleteStage::Entry => {
+                    *stage = DeleteStage::Sync;
+                    Some(())
+                }
+                DeleteStage::Sync => None,
+            },
+        };
+        match next {
+            Some(()) => {
+                if let Err(error) = self.submit_next(index) {
+                    self.fail(index, error);
+                }
+            }
+            None => self.complete(index),
+        }
+    }
+
+    /// The slot's last I/O succeeded: verify, publish, and answer.
+    fn complete(&mut self, index: usize) {
+        let slot = self.slots[index].take().expect("live slot");
+        self.retired.push_back(index);
+        let store = self.drives[slot.drive].store.clone();
+        let latency = slot.started.elapsed();
+        let result = match slot.work {
+            InFlight::Read { info, span, buffer } => {
+                // SAFETY: the read completed into this buffer, which the slot owned.
+                let data = unsafe {
+                    std::slice::from_raw_parts(buffer.as_mut_ptr(), span.device_len as usize)
+                };
+                match store.verify(&info, &span, data) {
+                    Ok(()) => {
+                        self.metrics.reads.increment(1);
+                        self.metrics.read_bytes.increment(u64::from(span.len));
+                        self.metrics.read_latency.record(latency.as_secs_f64());
+                        Ok(Output::Read(self.pool.lease(
+                            buffer,
+                            span.skip as usize,
+                            span.len as usize,
+                        )))
+                    }
+                    Err(error) => {
+                        self.pool.put_back(buffer);
+                        Err(error.into())
+                    }
+                }
+            }
+            InFlight::Write {
+                reservation,
+                staging,
+                ..
+            } => {
+                let reservation = reservation.expect("reservation until published");
+                self.metrics.writes.increment(1);
+                self.metrics
+                    .write_bytes
+                    .increment(u64::from(reservation.len));
+                self.metrics.write_latency.record(latency.as_secs_f64());
+                drop(staging);
+                store.publish(reservation);
+                Ok(Output::Written)
+            }
+            InFlight::Delete { chunk, .. } => {
+                store.forget(chunk);
+                self.metrics.deletes.increment(1);
+                Ok(Output::Deleted)
+            }
+        };
+        self.finish(slot.tag, &slot.reply, slot.started, result);
+    }
+
+    /// The slot failed: release what it holds, tell the caller.
+    fn fail(&mut self, index: usize, error: RequestError) {
+        let slot = self.slots[index].take().expect("live slot");
+        self.retired.push_back(index);
+        let store = self.drives[slot.drive].store.clone();
+        match slot.work {
+            InFlight::Read { buffer, .. } => self.pool.put_back(buffer),
+            InFlight::Write {
+                stage, reservation, ..
+            } => {
+                if let Some(reservation) = reservation {
+                    match stage {
+                        WriteStage::Data | WriteStage::DataSync => store.abort(reservation),
+                        WriteStage::Entry | WriteStage::EntrySync => store.quarantine(reservation),
+                    }
+                }
+            }
+            InFlight::Delete { .. } => {}
+        }
+        tracing::debug!(worker = self.config.id, op = slot.op, %error, "request failed");
+        self.finish(slot.tag, &slot.reply, slot.started, Err(error));
+    }
+}
+
+fn pin_to_cpu(cpu: u32) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity reads it.
+    let result = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if result != 0 {
+        tracing::warn!(cpu, error = %std::io::Error::last_os_error(), "could not pin worker");
+    }
+}

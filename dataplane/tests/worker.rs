@@ -1,0 +1,412 @@
+//! Workers end to end: requests over channels, I/O on their own rings, verified data back in
+//! leased pool buffers; back-pressure, faults, bad requests, poll modes and metrics.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use tier0_dataplane::buffer::BufferPoolConfig;
+use tier0_dataplane::device::{
+    BlockDevice, DeviceError, FaultControl, FaultyDevice, UringDevice, UringOptions,
+    preallocate_file,
+};
+use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig, StoreError};
+use tier0_dataplane::worker::{
+    Completion, DeviceFactory, DriveSpec, Op, Output, PollMode, Request, RequestError, WorkerPool,
+    WorkerPoolConfig,
+};
+use tier0_topology::{NumaWorkers, WorkerPlan};
+
+const CHUNK: u32 = 256 << 10;
+
+fn plan(cpus: &[u32]) -> WorkerPlan {
+    WorkerPlan {
+        numa_nodes: vec![NumaWorkers {
+            numa_node: 0,
+            worker_cpus: cpus.to_vec(),
+            ..NumaWorkers::default()
+        }],
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn chunk(index: u32) -> ChunkId {
+    ChunkId {
+        file: 77,
+        index,
+        generation: 1,
+    }
+}
+
+fn config(poll_mode: PollMode, buffers: usize) -> WorkerPoolConfig {
+    WorkerPoolConfig {
+        poll_mode,
+        in_flight_max: 16,
+        buffers: BufferPoolConfig {
+            buffer_size: CHUNK as usize,
+            buffer_count: buffers,
+            numa_node: None,
+            hugepages: true,
+        },
+        pin: false,
+    }
+}
+
+/// A store on a preallocated file, filled with `chunks` chunks; every worker opens the file
+/// with io_uring.
+fn file_drive(what: &str, chunks: u32) -> (PathBuf, DriveSpec, DeviceFactory) {
+    let dir = std::env::temp_dir().join(format!("tier0-worker-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("drive");
+    preallocate_file(&path, 8 << 20).unwrap();
+    let mut device = UringDevice::open(&path, &UringOptions::default()).unwrap();
+    let store = ChunkStore::format(
+        &mut device,
+        StoreConfig {
+            chunk_size: CHUNK,
+            checksum_block_size: 4096,
+        },
+    )
+    .unwrap();
+    for index in 0..chunks {
+        store
+            .put(
+                &mut device,
+                chunk(index),
+                &pattern(u64::from(index), CHUNK as usize - index as usize * 1000),
+            )
+            .unwrap();
+    }
+    let spec = DriveSpec {
+        name: "drive".into(),
+        store: Arc::new(store),
+        numa_node: 0,
+    };
+    let opened = path.clone();
+    let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {
+        Ok(Box::new(UringDevice::open(&opened, &UringOptions::default())?) as Box<dyn BlockDevice>)
+    });
+    (dir, spec, factory)
+}
+
+fn expected(index: u32) -> Vec<u8> {
+    pattern(u64::from(index), CHUNK as usize - index as usize * 1000)
+}
+
+fn read(pool: &WorkerPool, tag: u64, index: u32, offset: u64, len: u32) -> Receiver<Completion> {
+    let (reply, completions) = crossbeam_channel::unbounded();
+    pool.submit(Request {
+        tag,
+        drive: 0,
+        op: Op::Read {
+            chunk: chunk(index),
+            offset,
+            len,
+        },
+        reply,
+    })
+    .unwrap();
+    completions
+}
+
+fn wait(completions: &Receiver<Completion>) -> Completion {
+    completions
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a completion")
+}
+
+#[test]
+fn two_workers_serve_concurrent_reads_with_verified_bytes() {
+    let (dir, drive, factory) = file_drive("reads", 8);
+    let pool = WorkerPool::start(
+        &plan(&[0, 1]),
+        &[drive],
+        factory,
+        &config(PollMode::Adaptive, 8),
+    )
+    .unwrap();
+    assert_eq!(pool.workers(), 2);
+    let (reply, completions) = crossbeam_channel::unbounded();
+    let mut wanted = Vec::new();
+    for round in 0..5u64 {
+        for index in 0..8u32 {
+            let len = CHUNK - index * 1000;
+            // Whole chunks, and ranges that start and end inside checksum blocks.
+            let (offset, size) = match round % 3 {
+                0 => (0, len),
+                1 => (4095, 10_000),
+                _ => (u64::from(len) - 7000, 7000),
+            };
+            let tag = round * 100 + u64::from(index);
+            wanted.push((tag, index, offset, size));
+            pool.submit(Request {
+                tag,
+                drive: 0,
+                op: Op::Read {
+                    chunk: chunk(index),
+                    offset,
+                    len: size,
+                },
+                reply: reply.clone(),
+            })
+            .unwrap();
+        }
+    }
+    for _ in 0..wanted.len() {
+        let completion = wait(&completions);
+        let (_, index, offset, size) = *wanted.iter().find(|w| w.0 == completion.tag).unwrap();
+        let Ok(Output::Read(lease)) = completion.result else {
+            panic!("read {} failed: {:?}", completion.tag, completion.result);
+        };
+        let start = offset as usize;
+        assert_eq!(
+            lease.as_slice(),
+            &expected(index)[start..start + size as usize],
+            "tag {}",
+            completion.tag
+        );
+    }
+    pool.shutdown();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn writes_and_deletes_go_through_the_workers_and_survive_a_restart() {
+    let (dir, drive, factory) = file_drive("writes", 0);
+    let store = drive.store.clone();
+    let pool = WorkerPool::start(
+        &plan(&[0]),
+        &[drive],
+        factory,
+        &config(PollMode::Interrupt, 4),
+    )
+    .unwrap();
+    let (reply, completions) = crossbeam_channel::unbounded();
+    for index in 0..4u32 {
+        pool.submit(Request {
+            tag: u64::from(index),
+            drive: 0,
+            op: Op::Write {
+                chunk: chunk(index),
+                data: expected(index),
+            },
+            reply: reply.clone(),
+        })
+        .unwrap();
+    }
+    for _ in 0..4 {
+        assert!(matches!(wait(&completions).result, Ok(Output::Written)));
+    }
+    pool.submit(Request {
+        tag: 9,
+        drive: 0,
+        op: Op::Delete { chunk: chunk(3) },
+        reply: reply.clone(),
+    })
+    .unwrap();
+    assert!(matches!(wait(&completions).result, Ok(Output::Deleted)));
+    let rewrite = pool.submit(Request {
+        tag: 10,
+        drive: 0,
+        op: Op::Write {
+            chunk: chunk(0),
+            data: vec![1; 10],
+        },
+        reply: reply.clone(),
+    });
+    assert!(rewrite.is_ok());
+    let error = wait(&completions).result.unwrap_err();
+    assert_eq!(error.errno(), libc::EEXIST, "{error}");
+    pool.shutdown();
+    assert_eq!(store.len(), 3);
+
+    let mut device = UringDevice::open(&dir.join("drive"), &UringOptions::default()).unwrap();
+    let (reopened, recovery) = ChunkStore::open(&mut device).unwrap();
+    assert_eq!(recovery.chunks, 3);
+    for index in 0..3 {
+        assert_eq!(
+            reopened.get(&mut device, chunk(index)).unwrap(),
+            expected(index)
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_empty_buffer_pool_makes_requests_wait_instead_of_allocating() {
+    let (dir, drive, factory) = file_drive("bounded", 4);
+    let pool = WorkerPool::start(
+        &plan(&[0]),
+        &[drive],
+        factory,
+        &config(PollMode::Adaptive, 2),
+    )
+    .unwrap();
+    let (reply, completions) = crossbeam_channel::unbounded();
+    for tag in 0..6u64 {
+        pool.submit(Request {
+            tag,
+            drive: 0,
+            op: Op::Read {
+                chunk: chunk(tag as u32 % 4),
+                offset: 0,
+                len: 4096,
+            },
+            reply: reply.clone(),
+        })
+        .unwrap();
+    }
+    // Two buffers: two completions, and the rest wait while their leases are held.
+    let held: Vec<_> = (0..2).map(|_| wait(&completions)).collect();
+    assert!(
+        completions
+            .recv_timeout(Duration::from_millis(300))
+            .is_err(),
+        "a third read completed with both buffers leased"
+    );
+    drop(held);
+    for _ in 0..4 {
+        assert!(matches!(wait(&completions).result, Ok(Output::Read(_))));
+    }
+    pool.shutdown();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let (dir, drive, factory) = file_drive("bad", 1);
+    let pool =
+        WorkerPool::start(&plan(&[0]), &[drive], factory, &config(PollMode::Busy, 2)).unwrap();
+    let cases: Vec<(u32, u64, u32, i32)> = vec![
+        (5, 0, 4096, libc::ENOENT),         // no such chunk
+        (0, CHUNK as u64, 1, libc::EINVAL), // past the end
+        (0, 0, 0, libc::EINVAL),            // empty
+    ];
+    for (index, offset, len, errno) in cases {
+        let completion = wait(&read(&pool, 1, index, offset, len));
+        let error = completion.result.unwrap_err();
+        assert_eq!(error.errno(), errno, "{error}");
+    }
+    let (reply, completions) = crossbeam_channel::unbounded();
+    pool.submit(Request {
+        tag: 2,
+        drive: 3,
+        op: Op::Delete { chunk: chunk(0) },
+        reply,
+    })
+    .unwrap();
+    assert!(matches!(
+        wait(&completions).result,
+        Err(RequestError::NoSuchDrive {
+            drive: 3,
+            drives: 1
+        })
+    ));
+    pool.shutdown();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// One faulty drive shared with the test through its control handle.
+fn faulty_drive() -> (DriveSpec, DeviceFactory, FaultControl) {
+    let (mut device, control) = FaultyDevice::new("faulty", 4 << 20, 64);
+    let store = ChunkStore::format(
+        &mut device,
+        StoreConfig {
+            chunk_size: CHUNK,
+            checksum_block_size: 4096,
+        },
+    )
+    .unwrap();
+    store.put(&mut device, chunk(0), &expected(0)).unwrap();
+    let spec = DriveSpec {
+        name: "faulty".into(),
+        store: Arc::new(store),
+        numa_node: 0,
+    };
+    let device = Mutex::new(Some(device));
+    let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {
+        let device = device.lock().unwrap().take();
+        device
+            .map(|device| Box::new(device) as Box<dyn BlockDevice>)
+            .ok_or_else(|| DeviceError::Open {
+                device: "faulty".into(),
+                source: std::io::Error::other("one worker only"),
+            })
+    });
+    (spec, factory, control)
+}
+
+#[test]
+fn faults_become_errors_and_never_wrong_bytes() {
+    let (drive, factory, control) = faulty_drive();
+    let pool = WorkerPool::start(
+        &plan(&[0]),
+        &[drive],
+        factory,
+        &config(PollMode::Adaptive, 4),
+    )
+    .unwrap();
+
+    control.flip_read_bit(control.executed(), 12_345);
+    let error = wait(&read(&pool, 1, 0, 0, 64 << 10)).result.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            RequestError::Store(StoreError::Corrupt { block: 0, .. })
+        ),
+        "{error}"
+    );
+
+    control.fail_one(control.executed(), libc::EIO);
+    let error = wait(&read(&pool, 2, 0, 0, 4096)).result.unwrap_err();
+    assert_eq!(error.errno(), libc::EIO, "{error}");
+
+    let Ok(Output::Read(lease)) = wait(&read(&pool, 3, 0, 0, CHUNK)).result else {
+        panic!("a healthy read failed");
+    };
+    assert_eq!(lease.as_slice(), expected(0));
+    pool.shutdown();
+}
+
+#[test]
+fn a_second_worker_on_a_single_device_drive_fails_to_start_with_a_clear_error() {
+    let (drive, factory, _control) = faulty_drive();
+    let error = WorkerPool::start(
+        &plan(&[0, 1]),
+        &[drive],
+        factory,
+        &config(PollMode::Adaptive, 2),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("worker 1"), "{error}");
+    assert!(error.to_string().contains("one worker only"), "{error}");
+}
+
+#[test]
+fn poll_modes_parse_from_configuration_text() {
+    assert_eq!("busy".parse::<PollMode>().unwrap(), PollMode::Busy);
+    assert_eq!("adaptive".parse::<PollMode>().unwrap(), PollMode::Adaptive);
+    assert_eq!(
+        "interrupt".parse::<PollMode>().unwrap(),
+        PollMode::Interrupt
+    );
+    assert!(
+        "spin"
+            .parse::<PollMode>()
+            .unwrap_err()
+            .contains("busy, adaptive, interrupt")
+    );
+    assert_eq!(PollMode::default(), PollMode::Adaptive);
+}
