@@ -21,6 +21,9 @@ struct Cli {
 enum Command {
     /// Show the machine (NUMA nodes, GPUs, RDMA devices, drives) and the data-plane worker plan.
     Topology(commands::topology::TopologyArgs),
+    /// Benchmarks: tier0 next to a baseline from the same run.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Topology(args) => commands::topology::run(&args),
+        Command::Bench(command) => commands::bench::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,2 +1,11 @@
-//! Benchmarks that run tier0 next to a baseline (fio, perftest, a socket blaster) in the same
-//! run, and the cluster simulator. See `docs/DEVELOPMENT.md` for what is built so far.
+//! Benchmarks that run tier0 and a baseline side by side, in the same run, on the same data.
+//!
+//! Absolute numbers on shared machines drift; the ratio to a baseline measured minutes apart
+//! on the same file does not drift much. Every scenario reports both, and the ratio.
+
+pub mod fio;
+pub mod local;
+pub mod measure;
+pub mod report;
+
+pub use report::{Latency, ScenarioResult, render_table};

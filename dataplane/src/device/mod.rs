@@ -159,6 +159,13 @@ pub trait BlockDevice: Send {
     /// Requests submitted and not yet returned by [`BlockDevice::poll`].
     fn in_flight(&self) -> usize;
 
+    /// A file descriptor that polls readable when completions are waiting (the io_uring fd),
+    /// so an idle worker can sleep on all its drives and its doorbell at once. `None` for
+    /// devices that complete inside `poll` (in-memory) or must be polled (IOPOLL).
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
     /// Registers memory regions as fixed buffers (io_uring `register_buffers`): requests then
     /// name them by index in [`IoRequest::fixed_buffer`]. Replaces any earlier registration.
     ///

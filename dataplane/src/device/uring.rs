@@ -317,6 +317,11 @@ impl BlockDevice for UringDevice {
         self.in_flight + self.in_flight_sync
     }
 
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        // A polled (IOPOLL) ring never signals: its completions are found by polling.
+        (!self.iopoll && self.in_flight_sync == 0).then(|| self.ring.as_raw_fd())
+    }
+
     unsafe fn register_buffers(&mut self, regions: &[(*mut u8, usize)]) -> Result<(), DeviceError> {
         let iovecs: Vec<libc::iovec> = regions
             .iter()

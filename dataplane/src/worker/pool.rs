@@ -5,6 +5,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Sender;
 use tier0_topology::WorkerPlan;
 
+use super::doorbell::Doorbell;
 use super::{PollMode, Request, Worker, WorkerConfig};
 use crate::buffer::BufferPoolConfig;
 use crate::device::{BlockDevice, DeviceError};
@@ -46,7 +47,7 @@ impl Default for WorkerPoolConfig {
 
 struct NodeWorkers {
     numa_node: u32,
-    senders: Vec<Sender<Request>>,
+    senders: Vec<(Sender<Request>, Arc<Doorbell>)>,
     next: AtomicUsize,
 }
 
@@ -118,6 +119,13 @@ impl WorkerPool {
             for &cpu in &node.worker_cpus {
                 let (sender, receiver) =
                     crossbeam_channel::bounded(config.in_flight_max.max(1) * 2);
+                let doorbell =
+                    Arc::new(Doorbell::new().map_err(|error| WorkerPoolError::Start {
+                        worker: worker_id,
+                        numa_node: node.numa_node,
+                        reason: format!("eventfd: {error}"),
+                    })?);
+                let worker_doorbell = doorbell.clone();
                 let worker_config = WorkerConfig {
                     id: worker_id,
                     numa_node: node.numa_node,
@@ -137,8 +145,14 @@ impl WorkerPool {
                 let (ready_sender, ready) = crossbeam_channel::bounded(1);
                 let thread = std::thread::Builder::new()
                     .name(format!("tier0-worker-{worker_id}"))
-                    .spawn(
-                        move || match Worker::new(worker_config, &drives, &factory, receiver) {
+                    .spawn(move || {
+                        match Worker::new(
+                            worker_config,
+                            &drives,
+                            &factory,
+                            receiver,
+                            worker_doorbell,
+                        ) {
                             Ok(worker) => {
                                 let _ = ready_sender.send(Ok(()));
                                 worker.run();
@@ -146,8 +160,8 @@ impl WorkerPool {
                             Err(reason) => {
                                 let _ = ready_sender.send(Err(reason));
                             }
-                        },
-                    )
+                        }
+                    })
                     .map_err(WorkerPoolError::Spawn)?;
                 pool.threads.push(thread);
                 match ready.recv() {
@@ -167,7 +181,7 @@ impl WorkerPool {
                         });
                     }
                 }
-                senders.push(sender);
+                senders.push((sender, doorbell));
                 worker_id += 1;
             }
             pool.nodes.push(NodeWorkers {
@@ -195,9 +209,10 @@ impl WorkerPool {
     pub fn submit(&self, request: Request) -> Result<(), Request> {
         let node = &self.nodes[self.drive_nodes.get(request.drive).copied().unwrap_or(0)];
         let worker = node.next.fetch_add(1, Ordering::Relaxed) % node.senders.len();
-        node.senders[worker]
-            .send(request)
-            .map_err(|error| error.into_inner())
+        let (sender, doorbell) = &node.senders[worker];
+        sender.send(request).map_err(|error| error.into_inner())?;
+        doorbell.ring();
+        Ok(())
     }
 
     /// Stops taking requests, lets the workers finish what they hold, and joins them.

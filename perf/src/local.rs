@@ -1,0 +1,432 @@
+//! `tier0 bench local`: reads through the chunk store and the data-plane workers, next to fio
+//! reading the same bytes of the same file with the same block size and queue depth.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tier0_dataplane::buffer::BufferPoolConfig;
+use tier0_dataplane::device::{BlockDevice, UringDevice, UringOptions, preallocate_file};
+use tier0_dataplane::store::format::{Superblock, entry_size_for};
+use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
+use tier0_dataplane::worker::{
+    DeviceFactory, DriveSpec, Op, Output, PollMode, Request, WorkerPool, WorkerPoolConfig,
+};
+use tier0_topology::{WorkerPlan, WorkerPolicy, plan_workers};
+
+use crate::fio::{self, FioJob, FioResult};
+use crate::measure::{LatencyRecorder, Who, cpu_seconds};
+use crate::report::ScenarioResult;
+
+const GIB: f64 = (1u64 << 30) as f64;
+const SEQUENTIAL_BLOCK: u64 = 1 << 20;
+const RANDOM_BLOCK: u64 = 4096;
+
+/// Where the benchmark's store lives.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A file, created and preallocated (removed afterwards unless kept).
+    File(PathBuf),
+    /// A block device (a loop device, an NVMe namespace): formatted, its contents lost.
+    Device(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct LocalBenchOptions {
+    /// Bytes of chunk data to write and read back.
+    pub size: u64,
+    pub target: Target,
+    pub queue_depth: u32,
+    /// How many times the sequential scenario reads the data.
+    pub sequential_passes: u32,
+    /// How long the random scenario runs, for each side.
+    pub random_runtime: Duration,
+    pub poll_mode: PollMode,
+    pub chunk_size: u32,
+    /// Keep the file afterwards (for another run, or to look at it).
+    pub keep: bool,
+}
+
+impl Default for LocalBenchOptions {
+    fn default() -> Self {
+        LocalBenchOptions {
+            size: 1 << 30,
+            target: Target::File(std::env::temp_dir().join("tier0-bench-local.store")),
+            queue_depth: 32,
+            sequential_passes: 2,
+            random_runtime: Duration::from_secs(5),
+            poll_mode: PollMode::Adaptive,
+            chunk_size: 4 << 20,
+            keep: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("bench: {0}")]
+    Invalid(String),
+    #[error("bench: preparing {path}: {message}")]
+    Prepare { path: String, message: String },
+    #[error("bench: fio baseline failed")]
+    Fio(#[from] fio::FioError),
+    #[error("bench: tier0 read failed: {0}")]
+    Read(String),
+}
+
+/// The store written for the benchmark, and where its chunk data lies in the file.
+struct Prepared {
+    path: PathBuf,
+    store: Arc<ChunkStore>,
+    chunks: u32,
+    data_offset: u64,
+    data_len: u64,
+}
+
+fn prepare_error(path: &Path, error: &dyn std::error::Error) -> BenchError {
+    BenchError::Prepare {
+        path: path.display().to_string(),
+        message: tier0_dataplane::error_chain(error),
+    }
+}
+
+fn prepare(
+    options: &LocalBenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Prepared, BenchError> {
+    let chunk_size = u64::from(options.chunk_size);
+    if options.size < chunk_size {
+        return Err(BenchError::Invalid(format!(
+            "--size {} is smaller than one {} byte chunk",
+            options.size, chunk_size
+        )));
+    }
+    let chunks = u32::try_from(options.size / chunk_size)
+        .map_err(|_| BenchError::Invalid("--size is too large".into()))?;
+    let path = match &options.target {
+        Target::File(path) => {
+            let entry = u64::from(entry_size_for(options.chunk_size, 4096));
+            let len = 8192 + u64::from(chunks) * (entry + chunk_size);
+            preallocate_file(path, len).map_err(|error| prepare_error(path, &error))?;
+            path.clone()
+        }
+        Target::Device(path) => path.clone(),
+    };
+    let mut device = UringDevice::open(&path, &UringOptions::default())
+        .map_err(|error| prepare_error(&path, &error))?;
+    let store = ChunkStore::format(
+        &mut device,
+        StoreConfig {
+            chunk_size: options.chunk_size,
+            checksum_block_size: 4096,
+        },
+    )
+    .map_err(|error| prepare_error(&path, &error))?;
+    if store.superblock().slot_count < u64::from(chunks) {
+        return Err(BenchError::Invalid(format!(
+            "{} holds {} chunks, --size needs {chunks}",
+            path.display(),
+            store.superblock().slot_count
+        )));
+    }
+    progress(&format!(
+        "writing {chunks} chunks of {} MiB to {}",
+        chunk_size >> 20,
+        path.display()
+    ));
+    let mut data = vec![0u8; options.chunk_size as usize];
+    let mut random = fastrand::Rng::with_seed(0x7153_0000);
+    for index in 0..chunks {
+        random.fill(&mut data);
+        store
+            .put(&mut device, bench_chunk(index), &data)
+            .map_err(|error| prepare_error(&path, &error))?;
+    }
+    // A fresh store hands out slots in order: the chunk data is one contiguous range, which
+    // is what fio reads.
+    let superblock: Superblock = *store.superblock();
+    for index in 0..chunks {
+        let slot = store.lookup(bench_chunk(index)).map(|info| info.slot);
+        if slot.is_none_or(|slot| slot >= u64::from(chunks)) {
+            return Err(BenchError::Invalid(format!(
+                "chunk {index} is outside the data range fio reads"
+            )));
+        }
+    }
+    Ok(Prepared {
+        path,
+        store: Arc::new(store),
+        chunks,
+        data_offset: superblock.data_offset,
+        data_len: u64::from(chunks) * chunk_size,
+    })
+}
+
+fn bench_chunk(index: u32) -> ChunkId {
+    ChunkId {
+        file: 0xbe9c,
+        index,
+        generation: 1,
+    }
+}
+
+/// One worker on the first NUMA node of the live machine's plan, like fio's one job.
+fn single_worker_plan() -> Result<WorkerPlan, BenchError> {
+    let machine = tier0_topology::discover_live()
+        .map_err(|error| BenchError::Invalid(format!("topology: {error}")))?;
+    let mut plan = plan_workers(
+        &machine,
+        &WorkerPolicy {
+            workers_per_numa_node: Some(1),
+            allowed_cpus: None,
+        },
+    );
+    plan.numa_nodes.truncate(1);
+    if plan.worker_count() == 0 {
+        return Err(BenchError::Invalid(
+            "the topology plan has no worker".into(),
+        ));
+    }
+    Ok(plan)
+}
+
+/// What tier0 did in one scenario.
+struct Measured {
+    bytes: u64,
+    seconds: f64,
+    ops: u64,
+    cpu_seconds: f64,
+    latency: LatencyRecorder,
+}
+
+/// Keeps `queue_depth` reads in flight through the pool until `next` runs dry or time is up.
+fn drive_reads(
+    pool: &WorkerPool,
+    queue_depth: u32,
+    deadline: Option<Duration>,
+    mut next: impl FnMut() -> Option<(ChunkId, u64, u32)>,
+) -> Result<Measured, BenchError> {
+    let (reply, completions) = crossbeam_channel::unbounded();
+    let submit = |chunk, offset, len| {
+        pool.submit(Request {
+            tag: 0,
+            drive: 0,
+            op: Op::Read { chunk, offset, len },
+            reply: reply.clone(),
+        })
+        .map_err(|_| BenchError::Read("the workers stopped".into()))
+    };
+    let mut latency = LatencyRecorder::default();
+    let cpu_before = cpu_seconds(Who::Process);
+    let started = Instant::now();
+    let mut in_flight = 0u32;
+    let mut exhausted = false;
+    let mut bytes = 0u64;
+    let mut ops = 0u64;
+    loop {
+        let expired = deadline.is_some_and(|deadline| started.elapsed() >= deadline);
+        while !exhausted && !expired && in_flight < queue_depth {
+            match next() {
+                Some((chunk, offset, len)) => {
+                    submit(chunk, offset, len)?;
+                    in_flight += 1;
+                }
+                None => exhausted = true,
+            }
+        }
+        if in_flight == 0 {
+            break;
+        }
+        let first = completions
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| BenchError::Read("no completion in 30 s".into()))?;
+        // Reap in batches: whatever else completed meanwhile comes without another wait.
+        for completion in std::iter::once(first).chain(completions.try_iter()) {
+            in_flight -= 1;
+            match completion.result {
+                Ok(Output::Read(lease)) => {
+                    bytes += lease.len() as u64;
+                    ops += 1;
+                    latency.record(completion.latency);
+                }
+                Ok(other) => {
+                    return Err(BenchError::Read(format!("unexpected output {other:?}")));
+                }
+                Err(error) => return Err(BenchError::Read(tier0_dataplane::error_chain(&error))),
+            }
+        }
+    }
+    Ok(Measured {
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        ops,
+        cpu_seconds: cpu_seconds(Who::Process) - cpu_before,
+        latency,
+    })
+}
+
+fn result(
+    scenario: &str,
+    unit: &str,
+    block_size: u64,
+    queue_depth: u32,
+    ours: &Measured,
+    fio: &FioResult,
+) -> ScenarioResult {
+    let per_gib = |cpu: f64, bytes: u64| {
+        if bytes == 0 {
+            0.0
+        } else {
+            cpu / (bytes as f64 / GIB)
+        }
+    };
+    let (tier0, baseline) = match unit {
+        "IOPS" => (ours.ops as f64 / ours.seconds, fio.iops),
+        _ => (
+            ours.bytes as f64 / GIB / ours.seconds,
+            fio.bytes as f64 / GIB / fio.seconds,
+        ),
+    };
+    ScenarioResult {
+        scenario: scenario.to_string(),
+        unit: unit.to_string(),
+        tier0,
+        baseline,
+        baseline_name: format!("{} (io_uring, O_DIRECT, fixed buffers)", fio.version),
+        ratio: 0.0,
+        tier0_cpu_s_per_gib: per_gib(ours.cpu_seconds, ours.bytes),
+        baseline_cpu_s_per_gib: per_gib(fio.cpu_seconds, fio.bytes),
+        cpu_ratio: 0.0,
+        tier0_latency: ours.latency.summary(),
+        baseline_latency: fio.latency,
+        block_size,
+        queue_depth,
+        bytes: ours.bytes,
+        seconds: ours.seconds,
+    }
+    .with_ratios()
+}
+
+/// Runs both scenarios; `progress` gets one line per step.
+pub fn run(
+    options: &LocalBenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<ScenarioResult>, BenchError> {
+    if options.queue_depth == 0 || options.queue_depth > 1024 {
+        return Err(BenchError::Invalid(
+            "--queue-depth must be between 1 and 1024".into(),
+        ));
+    }
+    let prepared = prepare(options, progress)?;
+    let outcome = run_scenarios(options, &prepared, progress);
+    if let (Target::File(path), false) = (&options.target, options.keep) {
+        let _ = std::fs::remove_file(path);
+    }
+    outcome
+}
+
+fn run_scenarios(
+    options: &LocalBenchOptions,
+    prepared: &Prepared,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<ScenarioResult>, BenchError> {
+    let plan = single_worker_plan()?;
+    let drive = DriveSpec {
+        name: prepared.path.display().to_string(),
+        store: prepared.store.clone(),
+        numa_node: plan.numa_nodes[0].numa_node,
+    };
+    let path = prepared.path.clone();
+    let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {
+        Ok(Box::new(UringDevice::open(&path, &UringOptions::default())?) as Box<dyn BlockDevice>)
+    });
+    let config = WorkerPoolConfig {
+        poll_mode: options.poll_mode,
+        in_flight_max: options.queue_depth as usize,
+        buffers: BufferPoolConfig {
+            buffer_size: SEQUENTIAL_BLOCK as usize,
+            // Leases go back as soon as the driver counts them; a few spare buffers keep the
+            // queue full meanwhile.
+            buffer_count: options.queue_depth as usize + 8,
+            numa_node: None,
+            hugepages: true,
+        },
+        pin: true,
+    };
+    let pool = WorkerPool::start(&plan, &[drive], factory, &config)
+        .map_err(|error| BenchError::Invalid(tier0_dataplane::error_chain(&error)))?;
+    let queue_depth = options.queue_depth;
+    let mut results = Vec::new();
+
+    // Sequential 1 MiB reads over all the data.
+    progress("seq-read-1m: fio");
+    let fio_sequential = fio::run(&FioJob {
+        name: "seq-read-1m".into(),
+        file: prepared.path.clone(),
+        pattern: "read",
+        block_size: SEQUENTIAL_BLOCK,
+        queue_depth,
+        offset: prepared.data_offset,
+        size: prepared.data_len,
+        runtime: None,
+        loops: options.sequential_passes,
+    })?;
+    progress("seq-read-1m: tier0");
+    let blocks_per_chunk = u64::from(options.chunk_size) / SEQUENTIAL_BLOCK;
+    let total =
+        u64::from(options.sequential_passes.max(1)) * u64::from(prepared.chunks) * blocks_per_chunk;
+    let mut issued = 0u64;
+    let ours = drive_reads(&pool, queue_depth, None, || {
+        if issued == total {
+            return None;
+        }
+        let block = issued % (u64::from(prepared.chunks) * blocks_per_chunk);
+        issued += 1;
+        let chunk = bench_chunk((block / blocks_per_chunk) as u32);
+        Some((
+            chunk,
+            (block % blocks_per_chunk) * SEQUENTIAL_BLOCK,
+            SEQUENTIAL_BLOCK as u32,
+        ))
+    })?;
+    results.push(result(
+        "seq-read-1m",
+        "GiB/s",
+        SEQUENTIAL_BLOCK,
+        queue_depth,
+        &ours,
+        &fio_sequential,
+    ));
+
+    // Random 4 KiB reads for a fixed time.
+    progress("rand-read-4k: fio");
+    let fio_random = fio::run(&FioJob {
+        name: "rand-read-4k".into(),
+        file: prepared.path.clone(),
+        pattern: "randread",
+        block_size: RANDOM_BLOCK,
+        queue_depth,
+        offset: prepared.data_offset,
+        size: prepared.data_len,
+        runtime: Some(options.random_runtime),
+        loops: 1,
+    })?;
+    progress("rand-read-4k: tier0");
+    let mut random = fastrand::Rng::with_seed(0x4b);
+    let blocks_per_chunk = u64::from(options.chunk_size) / RANDOM_BLOCK;
+    let ours = drive_reads(&pool, queue_depth, Some(options.random_runtime), || {
+        let chunk = bench_chunk(random.u32(..prepared.chunks));
+        let offset = random.u64(..blocks_per_chunk) * RANDOM_BLOCK;
+        Some((chunk, offset, RANDOM_BLOCK as u32))
+    })?;
+    results.push(result(
+        "rand-read-4k",
+        "IOPS",
+        RANDOM_BLOCK,
+        queue_depth,
+        &ours,
+        &fio_random,
+    ));
+    pool.shutdown();
+    Ok(results)
+}
