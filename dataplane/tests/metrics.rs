@@ -57,6 +57,7 @@ fn bytes_ops_latency_and_queue_depth_are_exported_per_worker() {
             hugepages: false,
         },
         pin: false,
+        sources: None,
     };
     let pool = WorkerPool::start(&plan, &[drive], factory, &config).unwrap();
     let (reply, completions) = crossbeam_channel::unbounded();

@@ -52,6 +52,7 @@ fn start(mode: PollMode, dir: &std::path::Path) -> WorkerPool {
             hugepages: false,
         },
         pin: false,
+        sources: None,
     };
     WorkerPool::start(&plan, &[drive], factory, &config).unwrap()
 }

@@ -61,6 +61,7 @@ fn config(poll_mode: PollMode, buffers: usize) -> WorkerPoolConfig {
             hugepages: true,
         },
         pin: false,
+        sources: None,
     }
 }
 

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::measure::{Who, cpu_seconds};
 use crate::report::Latency;
 
 #[derive(Clone, Debug)]
@@ -30,7 +29,7 @@ pub struct FioResult {
     pub bytes: u64,
     pub seconds: f64,
     pub iops: f64,
-    /// CPU seconds of the whole fio process (user + system), as for tier0.
+    /// CPU seconds of fio's job thread (user + system) over the job, as fio reports them.
     pub cpu_seconds: f64,
     pub latency: Latency,
     pub version: String,
@@ -90,9 +89,7 @@ pub fn run(job: &FioJob) -> Result<FioResult, FioError> {
             command.arg(format!("--loops={}", job.loops.max(1)));
         }
     }
-    let cpu_before = cpu_seconds(Who::Children);
     let output = command.output().map_err(FioError::Spawn)?;
-    let cpu = cpu_seconds(Who::Children) - cpu_before;
     if !output.status.success() {
         return Err(FioError::Failed {
             status: output.status.to_string(),
@@ -110,7 +107,14 @@ pub fn run(job: &FioJob) -> Result<FioResult, FioError> {
             .as_f64()
             .ok_or_else(|| FioError::Output(what.to_string()))
     };
+    let job = &report["jobs"][0];
     let bytes = number(&read["io_bytes"], "jobs[0].read.io_bytes")? as u64;
+    // usr_cpu and sys_cpu are percentages of the job's elapsed time (job_runtime, ms).
+    let cpu = (number(&job["usr_cpu"], "jobs[0].usr_cpu")?
+        + number(&job["sys_cpu"], "jobs[0].sys_cpu")?)
+        / 100.0
+        * number(&job["job_runtime"], "jobs[0].job_runtime")?
+        / 1_000.0;
     let runtime_ms = number(&read["runtime"], "jobs[0].read.runtime")?;
     let percentile = |key: &str| {
         number(

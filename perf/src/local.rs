@@ -10,7 +10,8 @@ use tier0_dataplane::device::{BlockDevice, UringDevice, UringOptions, preallocat
 use tier0_dataplane::store::format::{Superblock, entry_size_for};
 use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{
-    DeviceFactory, DriveSpec, Op, Output, PollMode, Request, WorkerPool, WorkerPoolConfig,
+    Completion, DeviceFactory, DriveSpec, Op, Output, PollMode, RequestSource, SourceFactory,
+    WorkerPool, WorkerPoolConfig,
 };
 use tier0_topology::{WorkerPlan, WorkerPolicy, plan_workers};
 
@@ -41,6 +42,8 @@ pub struct LocalBenchOptions {
     pub sequential_passes: u32,
     /// How long the random scenario runs, for each side.
     pub random_runtime: Duration,
+    /// Runs of each side per scenario; the median is reported.
+    pub repeats: u32,
     pub poll_mode: PollMode,
     pub chunk_size: u32,
     /// Keep the file afterwards (for another run, or to look at it).
@@ -55,6 +58,7 @@ impl Default for LocalBenchOptions {
             queue_depth: 32,
             sequential_passes: 2,
             random_runtime: Duration::from_secs(5),
+            repeats: 3,
             poll_mode: PollMode::Adaptive,
             chunk_size: 4 << 20,
             keep: false,
@@ -191,78 +195,136 @@ fn single_worker_plan() -> Result<WorkerPlan, BenchError> {
 }
 
 /// What tier0 did in one scenario.
+#[derive(Debug, Default)]
 struct Measured {
     bytes: u64,
     seconds: f64,
     ops: u64,
+    /// CPU seconds of the worker thread during the run (as fio reports its job thread's).
     cpu_seconds: f64,
     latency: LatencyRecorder,
+    error: Option<String>,
 }
 
-/// Keeps `queue_depth` reads in flight through the pool until `next` runs dry or time is up.
-fn drive_reads(
-    pool: &WorkerPool,
+type NextRead = Box<dyn FnMut() -> Option<(ChunkId, u64, u32)> + Send>;
+
+/// The load generator, run inside the worker's loop as a request source: no thread hop per
+/// request, so the benchmark measures the store and the worker, as fio measures its engine.
+struct LoadSource {
     queue_depth: u32,
-    deadline: Option<Duration>,
-    mut next: impl FnMut() -> Option<(ChunkId, u64, u32)>,
-) -> Result<Measured, BenchError> {
-    let (reply, completions) = crossbeam_channel::unbounded();
-    let submit = |chunk, offset, len| {
-        pool.submit(Request {
-            tag: 0,
-            drive: 0,
-            op: Op::Read { chunk, offset, len },
-            reply: reply.clone(),
-        })
-        .map_err(|_| BenchError::Read("the workers stopped".into()))
-    };
-    let mut latency = LatencyRecorder::default();
-    let cpu_before = cpu_seconds(Who::Process);
-    let started = Instant::now();
-    let mut in_flight = 0u32;
-    let mut exhausted = false;
-    let mut bytes = 0u64;
-    let mut ops = 0u64;
-    loop {
-        let expired = deadline.is_some_and(|deadline| started.elapsed() >= deadline);
-        while !exhausted && !expired && in_flight < queue_depth {
-            match next() {
-                Some((chunk, offset, len)) => {
-                    submit(chunk, offset, len)?;
-                    in_flight += 1;
-                }
-                None => exhausted = true,
-            }
+    in_flight: u32,
+    next: NextRead,
+    runtime: Option<Duration>,
+    started: Option<(Instant, f64)>,
+    measured: Measured,
+    report: crossbeam_channel::Sender<Measured>,
+}
+
+impl RequestSource for LoadSource {
+    fn poll(&mut self, max: usize, requests: &mut Vec<(u64, usize, Op)>) -> bool {
+        let (started, _) = *self
+            .started
+            .get_or_insert_with(|| (Instant::now(), cpu_seconds(Who::Thread)));
+        if self.measured.error.is_some()
+            || self
+                .runtime
+                .is_some_and(|runtime| started.elapsed() >= runtime)
+        {
+            return false;
         }
-        if in_flight == 0 {
-            break;
+        let room = (self.queue_depth - self.in_flight).min(max as u32);
+        for _ in 0..room {
+            let Some((chunk, offset, len)) = (self.next)() else {
+                return false;
+            };
+            requests.push((0, 0, Op::Read { chunk, offset, len }));
+            self.in_flight += 1;
         }
-        let first = completions
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| BenchError::Read("no completion in 30 s".into()))?;
-        // Reap in batches: whatever else completed meanwhile comes without another wait.
-        for completion in std::iter::once(first).chain(completions.try_iter()) {
-            in_flight -= 1;
-            match completion.result {
-                Ok(Output::Read(lease)) => {
-                    bytes += lease.len() as u64;
-                    ops += 1;
-                    latency.record(completion.latency);
-                }
-                Ok(other) => {
-                    return Err(BenchError::Read(format!("unexpected output {other:?}")));
-                }
-                Err(error) => return Err(BenchError::Read(tier0_dataplane::error_chain(&error))),
+        true
+    }
+
+    fn complete(&mut self, completion: Completion) {
+        self.in_flight -= 1;
+        match completion.result {
+            Ok(Output::Read(lease)) => {
+                self.measured.bytes += lease.len() as u64;
+                self.measured.ops += 1;
+                self.measured.latency.record(completion.latency);
             }
+            Ok(other) => self.measured.error = Some(format!("unexpected output {other:?}")),
+            Err(error) => self.measured.error = Some(tier0_dataplane::error_chain(&error)),
         }
     }
-    Ok(Measured {
-        bytes,
-        seconds: started.elapsed().as_secs_f64(),
-        ops,
-        cpu_seconds: cpu_seconds(Who::Process) - cpu_before,
-        latency,
-    })
+
+    fn close(self: Box<Self>) {
+        let mut this = *self;
+        if let Some((started, cpu)) = this.started {
+            this.measured.seconds = started.elapsed().as_secs_f64();
+            this.measured.cpu_seconds = cpu_seconds(Who::Thread) - cpu;
+        }
+        let _ = this.report.send(this.measured);
+    }
+}
+
+/// Runs one scenario: a one-worker pool whose worker drives a [`LoadSource`].
+fn drive_reads(
+    prepared: &Prepared,
+    plan: &WorkerPlan,
+    options: &LocalBenchOptions,
+    runtime: Option<Duration>,
+    next: NextRead,
+) -> Result<Measured, BenchError> {
+    let drive = DriveSpec {
+        name: prepared.path.display().to_string(),
+        store: prepared.store.clone(),
+        numa_node: plan.numa_nodes[0].numa_node,
+    };
+    let path = prepared.path.clone();
+    let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {
+        Ok(Box::new(UringDevice::open(&path, &UringOptions::default())?) as Box<dyn BlockDevice>)
+    });
+    let (report, measured) = crossbeam_channel::bounded(1);
+    let source = std::sync::Mutex::new(Some(LoadSource {
+        queue_depth: options.queue_depth,
+        in_flight: 0,
+        next,
+        runtime,
+        started: None,
+        measured: Measured::default(),
+        report,
+    }));
+    let sources: SourceFactory = Arc::new(move |_worker| {
+        source
+            .lock()
+            .ok()
+            .and_then(|mut source| source.take())
+            .map(|source| vec![Box::new(source) as Box<dyn RequestSource>])
+            .unwrap_or_default()
+    });
+    let config = WorkerPoolConfig {
+        poll_mode: options.poll_mode,
+        in_flight_max: options.queue_depth as usize,
+        buffers: BufferPoolConfig {
+            buffer_size: SEQUENTIAL_BLOCK as usize,
+            // Leases come back as soon as the source counts them; a few spare buffers keep
+            // the queue full meanwhile.
+            buffer_count: options.queue_depth as usize + 8,
+            numa_node: None,
+            hugepages: true,
+        },
+        pin: true,
+        sources: Some(sources),
+    };
+    let pool = WorkerPool::start(plan, &[drive], factory, &config)
+        .map_err(|error| BenchError::Invalid(tier0_dataplane::error_chain(&error)))?;
+    let measured = measured
+        .recv()
+        .map_err(|_| BenchError::Read("the worker stopped before the run ended".into()))?;
+    pool.shutdown();
+    match measured.error {
+        Some(error) => Err(BenchError::Read(error)),
+        None => Ok(measured),
+    }
 }
 
 fn result(
@@ -272,6 +334,7 @@ fn result(
     queue_depth: u32,
     ours: &Measured,
     fio: &FioResult,
+    repeats: u32,
 ) -> ScenarioResult {
     let per_gib = |cpu: f64, bytes: u64| {
         if bytes == 0 {
@@ -303,6 +366,7 @@ fn result(
         queue_depth,
         bytes: ours.bytes,
         seconds: ours.seconds,
+        repeats,
     }
     .with_ratios()
 }
@@ -325,108 +389,96 @@ pub fn run(
     outcome
 }
 
+/// The run with the median throughput (by bytes per second) of several.
+fn median_by<T>(mut runs: Vec<T>, rate: impl Fn(&T) -> f64) -> T {
+    runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    let middle = runs.len() / 2;
+    runs.swap_remove(middle)
+}
+
 fn run_scenarios(
     options: &LocalBenchOptions,
     prepared: &Prepared,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<ScenarioResult>, BenchError> {
     let plan = single_worker_plan()?;
-    let drive = DriveSpec {
-        name: prepared.path.display().to_string(),
-        store: prepared.store.clone(),
-        numa_node: plan.numa_nodes[0].numa_node,
-    };
-    let path = prepared.path.clone();
-    let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {
-        Ok(Box::new(UringDevice::open(&path, &UringOptions::default())?) as Box<dyn BlockDevice>)
-    });
-    let config = WorkerPoolConfig {
-        poll_mode: options.poll_mode,
-        in_flight_max: options.queue_depth as usize,
-        buffers: BufferPoolConfig {
-            buffer_size: SEQUENTIAL_BLOCK as usize,
-            // Leases go back as soon as the driver counts them; a few spare buffers keep the
-            // queue full meanwhile.
-            buffer_count: options.queue_depth as usize + 8,
-            numa_node: None,
-            hugepages: true,
-        },
-        pin: true,
-    };
-    let pool = WorkerPool::start(&plan, &[drive], factory, &config)
-        .map_err(|error| BenchError::Invalid(tier0_dataplane::error_chain(&error)))?;
     let queue_depth = options.queue_depth;
+    let repeats = options.repeats.max(1);
+    let chunks = u64::from(prepared.chunks);
     let mut results = Vec::new();
 
-    // Sequential 1 MiB reads over all the data.
-    progress("seq-read-1m: fio");
-    let fio_sequential = fio::run(&FioJob {
-        name: "seq-read-1m".into(),
-        file: prepared.path.clone(),
-        pattern: "read",
-        block_size: SEQUENTIAL_BLOCK,
-        queue_depth,
-        offset: prepared.data_offset,
-        size: prepared.data_len,
-        runtime: None,
-        loops: options.sequential_passes,
-    })?;
-    progress("seq-read-1m: tier0");
-    let blocks_per_chunk = u64::from(options.chunk_size) / SEQUENTIAL_BLOCK;
-    let total =
-        u64::from(options.sequential_passes.max(1)) * u64::from(prepared.chunks) * blocks_per_chunk;
-    let mut issued = 0u64;
-    let ours = drive_reads(&pool, queue_depth, None, || {
-        if issued == total {
-            return None;
+    // Each scenario runs fio and tier0 alternately, `repeats` times, and keeps each side's
+    // median run: on a shared machine the drive's speed wanders more than the two differ.
+    let scenarios: [(&str, &str, &'static str, u64, Option<Duration>); 2] = [
+        ("seq-read-1m", "GiB/s", "read", SEQUENTIAL_BLOCK, None),
+        (
+            "rand-read-4k",
+            "IOPS",
+            "randread",
+            RANDOM_BLOCK,
+            Some(options.random_runtime),
+        ),
+    ];
+    for (scenario, unit, pattern, block_size, runtime) in scenarios {
+        let mut fio_runs = Vec::new();
+        let mut our_runs = Vec::new();
+        for repeat in 1..=repeats {
+            progress(&format!("{scenario}: fio ({repeat}/{repeats})"));
+            fio_runs.push(fio::run(&FioJob {
+                name: scenario.into(),
+                file: prepared.path.clone(),
+                pattern,
+                block_size,
+                queue_depth,
+                offset: prepared.data_offset,
+                size: prepared.data_len,
+                runtime,
+                loops: options.sequential_passes,
+            })?);
+            progress(&format!("{scenario}: tier0 ({repeat}/{repeats})"));
+            let blocks_per_chunk = u64::from(options.chunk_size) / block_size;
+            let next: NextRead = match runtime {
+                None => {
+                    let total =
+                        u64::from(options.sequential_passes.max(1)) * chunks * blocks_per_chunk;
+                    let mut issued = 0u64;
+                    Box::new(move || {
+                        if issued == total {
+                            return None;
+                        }
+                        let block = issued % (chunks * blocks_per_chunk);
+                        issued += 1;
+                        let chunk = bench_chunk((block / blocks_per_chunk) as u32);
+                        Some((
+                            chunk,
+                            (block % blocks_per_chunk) * block_size,
+                            block_size as u32,
+                        ))
+                    })
+                }
+                Some(_) => {
+                    let mut random = fastrand::Rng::with_seed(0x4b + u64::from(repeat));
+                    let chunk_count = prepared.chunks;
+                    Box::new(move || {
+                        let chunk = bench_chunk(random.u32(..chunk_count));
+                        let offset = random.u64(..blocks_per_chunk) * block_size;
+                        Some((chunk, offset, block_size as u32))
+                    })
+                }
+            };
+            our_runs.push(drive_reads(prepared, &plan, options, runtime, next)?);
         }
-        let block = issued % (u64::from(prepared.chunks) * blocks_per_chunk);
-        issued += 1;
-        let chunk = bench_chunk((block / blocks_per_chunk) as u32);
-        Some((
-            chunk,
-            (block % blocks_per_chunk) * SEQUENTIAL_BLOCK,
-            SEQUENTIAL_BLOCK as u32,
-        ))
-    })?;
-    results.push(result(
-        "seq-read-1m",
-        "GiB/s",
-        SEQUENTIAL_BLOCK,
-        queue_depth,
-        &ours,
-        &fio_sequential,
-    ));
-
-    // Random 4 KiB reads for a fixed time.
-    progress("rand-read-4k: fio");
-    let fio_random = fio::run(&FioJob {
-        name: "rand-read-4k".into(),
-        file: prepared.path.clone(),
-        pattern: "randread",
-        block_size: RANDOM_BLOCK,
-        queue_depth,
-        offset: prepared.data_offset,
-        size: prepared.data_len,
-        runtime: Some(options.random_runtime),
-        loops: 1,
-    })?;
-    progress("rand-read-4k: tier0");
-    let mut random = fastrand::Rng::with_seed(0x4b);
-    let blocks_per_chunk = u64::from(options.chunk_size) / RANDOM_BLOCK;
-    let ours = drive_reads(&pool, queue_depth, Some(options.random_runtime), || {
-        let chunk = bench_chunk(random.u32(..prepared.chunks));
-        let offset = random.u64(..blocks_per_chunk) * RANDOM_BLOCK;
-        Some((chunk, offset, RANDOM_BLOCK as u32))
-    })?;
-    results.push(result(
-        "rand-read-4k",
-        "IOPS",
-        RANDOM_BLOCK,
-        queue_depth,
-        &ours,
-        &fio_random,
-    ));
-    pool.shutdown();
+        let fio = median_by(fio_runs, |run| run.bytes as f64 / run.seconds);
+        let ours = median_by(our_runs, |run| run.bytes as f64 / run.seconds);
+        results.push(result(
+            scenario,
+            unit,
+            block_size,
+            queue_depth,
+            &ours,
+            &fio,
+            repeats,
+        ));
+    }
     Ok(results)
 }

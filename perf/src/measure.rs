@@ -10,12 +10,15 @@ use crate::report::Latency;
 #[derive(Clone, Copy, Debug)]
 pub enum Who {
     Process,
+    /// The calling thread only.
+    Thread,
     Children,
 }
 
 pub fn cpu_seconds(who: Who) -> f64 {
     let target = match who {
         Who::Process => libc::RUSAGE_SELF,
+        Who::Thread => libc::RUSAGE_THREAD,
         Who::Children => libc::RUSAGE_CHILDREN,
     };
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();

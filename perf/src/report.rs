@@ -32,8 +32,11 @@ pub struct ScenarioResult {
     pub baseline_latency: Latency,
     pub block_size: u64,
     pub queue_depth: u32,
+    /// Bytes and seconds of tier0's reported (median) run.
     pub bytes: u64,
     pub seconds: f64,
+    /// Runs of each side; each side's median run is the one reported.
+    pub repeats: u32,
 }
 
 impl ScenarioResult {

@@ -38,6 +38,9 @@ pub struct LocalArgs {
     /// Seconds the random scenario runs, for each side.
     #[arg(long, default_value_t = 5.0)]
     random_seconds: f64,
+    /// Runs of fio and tier0, alternating, per scenario; each side's median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeats: u32,
     /// Worker poll mode: busy, adaptive or interrupt.
     #[arg(long, default_value = "adaptive")]
     poll_mode: PollMode,
@@ -77,6 +80,7 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
         queue_depth: args.queue_depth,
         sequential_passes: args.passes.max(1),
         random_runtime: Duration::from_secs_f64(args.random_seconds),
+        repeats: args.repeats,
         poll_mode: args.poll_mode,
         chunk_size,
         keep: args.keep,

@@ -95,6 +95,35 @@ fn map(len: usize, hugepages: bool) -> Result<Region, io::Error> {
     })
 }
 
+/// Normal pages, but 2 MiB-aligned and marked for transparent hugepages: where the kernel
+/// grants them, a 1 MiB buffer is one physically contiguous segment instead of 256 pages
+/// (drives and NICs split requests that exceed their segment limits).
+fn map_transparent(len: usize) -> Result<Region, io::Error> {
+    let len = len.next_multiple_of(HUGEPAGE_SIZE);
+    let padded = map(len + HUGEPAGE_SIZE, false)?;
+    let base = padded.base.as_ptr() as usize;
+    let aligned = base.next_multiple_of(HUGEPAGE_SIZE);
+    let head = aligned - base;
+    let tail = padded.len - head - len;
+    std::mem::forget(padded);
+    // SAFETY: head and tail are the unaligned ends of the mapping just made; the aligned
+    // middle stays mapped and becomes the region.
+    unsafe {
+        if head > 0 {
+            libc::munmap(base as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+    Ok(Region {
+        base: NonNull::new(aligned as *mut u8).expect("mapping is not at address 0"),
+        len,
+        hugepages: false,
+    })
+}
+
 /// Binds the mapping's pages to `node` (MPOL_BIND) before they are touched.
 fn bind_to_node(region: &Region, node: u32) -> Result<(), io::Error> {
     const MPOL_BIND: libc::c_int = 2;
@@ -174,9 +203,10 @@ impl BufferPool {
                 tracing::info!(
                     bytes = len,
                     %error,
-                    "no hugepages for the buffer pool (set vm.nr_hugepages): using normal pages"
+                    "no hugetlb pages for the buffer pool (set vm.nr_hugepages): \
+                     using normal pages, transparent hugepages where the kernel allows"
                 );
-                map(len, false).map_err(|source| BufferPoolError::Map { len, source })?
+                map_transparent(len).map_err(|source| BufferPoolError::Map { len, source })?
             }
             None => map(len, false).map_err(|source| BufferPoolError::Map { len, source })?,
         };

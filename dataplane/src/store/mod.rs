@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use crate::buffer::AlignedBuf;
 use crate::device::{BlockDevice, DeviceError, IO_ALIGNMENT};
 pub use format::ChunkId;
-use format::{DecodedEntry, FormatError, SUPERBLOCK_SIZE, SlotEntry, Superblock, block_checksums};
+use format::{
+    DecodedEntry, FormatError, SUPERBLOCK_SIZE, SlotEntry, Superblock, block_checksums, crc32c,
+};
 
 /// Chunk geometry chosen at format time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -447,7 +449,7 @@ impl ChunkStore {
             let index = span.first_block + i;
             let start = index * block;
             let valid = (chunk_len - start).min(block);
-            let actual = crc32c::crc32c(&piece[..valid]);
+            let actual = crc32c(&piece[..valid]);
             let expected = info.checksums[index];
             if actual != expected {
                 return Err(StoreError::Corrupt {

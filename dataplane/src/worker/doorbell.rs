@@ -47,11 +47,14 @@ impl Doorbell {
         self.sleeping.store(true, Ordering::SeqCst);
     }
 
-    /// The worker woke up: stop asking for rings and clear a pending one.
-    pub(crate) fn woke(&self) {
+    /// The worker woke up: stop asking for rings, and clear the eventfd if it was `rung`
+    /// (poll said it is readable; reading it otherwise would be a wasted system call).
+    pub(crate) fn woke(&self, rung: bool) {
         self.sleeping.store(false, Ordering::SeqCst);
-        let mut value: u64 = 0;
-        // SAFETY: reads at most 8 bytes into `value`; non-blocking, EAGAIN when not rung.
-        unsafe { libc::read(self.fd(), (&mut value as *mut u64).cast(), 8) };
+        if rung {
+            let mut value: u64 = 0;
+            // SAFETY: reads at most 8 bytes into `value`; non-blocking.
+            unsafe { libc::read(self.fd(), (&mut value as *mut u64).cast(), 8) };
+        }
     }
 }

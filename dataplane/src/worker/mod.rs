@@ -50,8 +50,8 @@ impl FromStr for PollMode {
     }
 }
 
-/// How long an idle adaptive worker spins before it sleeps: about one NVMe read, so a worker
-/// under load never sleeps between completions.
+/// How long an idle adaptive worker spins before it sleeps: about one NVMe read. It spins at
+/// all only while events typically come sooner than this (fast drives under load).
 const ADAPTIVE_SPIN: Duration = Duration::from_micros(50);
 
 /// One operation on one chunk of one drive.
@@ -132,6 +132,58 @@ pub struct Completion {
     pub latency: Duration,
 }
 
+/// Requests produced inside the worker's own loop, and their completions consumed there.
+///
+/// The cross-thread channel suits callers on other threads; a source suits whatever the
+/// worker should drive itself without a thread hop per request: the network transports
+/// (reads go drive → buffer → wire on one core), and load generators such as
+/// `tier0 bench local`, which then measures the worker and nothing else.
+pub trait RequestSource: Send {
+    /// Appends at most `max` new requests as (tag, drive, op). Returns false once the source
+    /// has finished: it gives no more requests, and is closed when its last one completes.
+    fn poll(&mut self, max: usize, requests: &mut Vec<(u64, usize, Op)>) -> bool;
+
+    /// One of this source's requests completed.
+    fn complete(&mut self, completion: Completion);
+
+    /// The source finished and none of its requests is in flight.
+    fn close(self: Box<Self>);
+}
+
+/// Builds the request sources of a worker, given its id, when the pool starts.
+pub type SourceFactory = Arc<dyn Fn(usize) -> Vec<Box<dyn RequestSource>> + Send + Sync>;
+
+/// Where a request's completion goes.
+enum Reply {
+    Channel(Sender<Completion>),
+    Source(usize),
+}
+
+/// A request the worker holds: from the channel or from a source.
+struct Pending {
+    tag: u64,
+    drive: usize,
+    op: Op,
+    reply: Reply,
+}
+
+impl From<Request> for Pending {
+    fn from(request: Request) -> Self {
+        Pending {
+            tag: request.tag,
+            drive: request.drive,
+            op: request.op,
+            reply: Reply::Channel(request.reply),
+        }
+    }
+}
+
+struct SourceState {
+    source: Box<dyn RequestSource>,
+    in_flight: usize,
+    finished: bool,
+}
+
 /// A worker's settings, fixed at start.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -178,7 +230,7 @@ enum InFlight {
 struct Slot {
     tag: u64,
     drive: usize,
-    reply: Sender<Completion>,
+    reply: Reply,
     started: Instant,
     op: &'static str,
     work: InFlight,
@@ -241,8 +293,10 @@ pub(crate) struct Worker {
     pool: BufferPool,
     slots: Vec<Option<Slot>>,
     free_slots: Vec<usize>,
-    /// A request taken off the channel that waits for a buffer.
-    stalled: Option<Request>,
+    /// A request taken from the channel or a source that waits for a buffer.
+    stalled: Option<Pending>,
+    sources: Vec<Option<SourceState>>,
+    new_requests: Vec<(u64, usize, Op)>,
     requests: Receiver<Request>,
     doorbell: Arc<Doorbell>,
     closing: bool,
@@ -260,6 +314,7 @@ impl Worker {
         factory: &DeviceFactory,
         requests: Receiver<Request>,
         doorbell: Arc<Doorbell>,
+        sources: Vec<Box<dyn RequestSource>>,
     ) -> Result<Self, String> {
         if let Some(cpu) = config.cpu {
             pin_to_cpu(cpu);
@@ -284,6 +339,17 @@ impl Worker {
             slots: (0..in_flight_max).map(|_| None).collect(),
             free_slots: (0..in_flight_max).rev().collect(),
             stalled: None,
+            sources: sources
+                .into_iter()
+                .map(|source| {
+                    Some(SourceState {
+                        source,
+                        in_flight: 0,
+                        finished: false,
+                    })
+                })
+                .collect(),
+            new_requests: Vec::with_capacity(in_flight_max),
             requests,
             doorbell,
             closing: false,
@@ -295,22 +361,33 @@ impl Worker {
 
     pub(crate) fn run(mut self) {
         let mut idle_since: Option<Instant> = None;
+        // Typical wait from going idle to the next event, smoothed: spinning only pays when
+        // the next completion comes sooner than a sleep and a wake-up would take.
+        let mut typical_gap = Duration::ZERO;
         loop {
             let accepted = self.accept();
             let completed = self.reap();
             let in_flight = self.slots.len() - self.free_slots.len();
             self.metrics.in_flight.set(in_flight as f64);
-            if self.closing && in_flight == 0 && self.stalled.is_none() {
+            if self.closing
+                && in_flight == 0
+                && self.stalled.is_none()
+                && self.sources.iter().all(Option::is_none)
+            {
                 return;
             }
             if accepted + completed > 0 {
-                idle_since = None;
+                if let Some(since) = idle_since.take() {
+                    typical_gap = (typical_gap * 7 + since.elapsed()) / 8;
+                }
                 continue;
             }
             let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
             match self.config.poll_mode {
                 PollMode::Busy => std::hint::spin_loop(),
-                PollMode::Adaptive if idle < ADAPTIVE_SPIN => std::hint::spin_loop(),
+                PollMode::Adaptive if idle < ADAPTIVE_SPIN && typical_gap < ADAPTIVE_SPIN => {
+                    std::hint::spin_loop()
+                }
                 PollMode::Adaptive | PollMode::Interrupt => self.sleep(in_flight),
             }
         }
@@ -324,8 +401,13 @@ impl Worker {
                 std::thread::sleep(Duration::from_micros(50));
                 return;
             }
+            if self.sources.iter().any(Option::is_some) {
+                // A source with nothing to give right now: it is polled again soon.
+                std::thread::yield_now();
+                return;
+            }
             match self.requests.recv() {
-                Ok(request) => self.stalled = Some(request),
+                Ok(request) => self.stalled = Some(Pending::from(request)),
                 Err(_) => self.closing = true,
             }
             return;
@@ -359,68 +441,135 @@ impl Worker {
             // SAFETY: `fds` is a valid array of fds.len() pollfd structs.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         }
-        self.doorbell.woke();
+        let rung = fds
+            .last()
+            .is_some_and(|doorbell| doorbell.revents & libc::POLLIN != 0);
+        self.doorbell.woke(rung);
     }
 
-    /// Starts as many new requests as the table and the pool allow.
+    /// Starts as many new requests as the table and the pool allow: a stalled one first, then
+    /// the sources', then the channel's.
     fn accept(&mut self) -> usize {
         let mut accepted = 0;
-        while !self.free_slots.is_empty() {
-            let request = match self.stalled.take() {
-                Some(request) => request,
-                None => match self.requests.try_recv() {
-                    Ok(request) => request,
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        self.closing = true;
-                        break;
-                    }
-                },
-            };
-            match self.start(request) {
+        if let Some(pending) = self.stalled.take() {
+            match self.start(pending) {
                 Ok(()) => accepted += 1,
-                Err(request) => {
-                    self.stalled = Some(request);
+                Err(pending) => {
+                    self.stalled = Some(pending);
+                    return 0;
+                }
+            }
+        }
+        for index in 0..self.sources.len() {
+            let Some(state) = self.sources[index].as_mut() else {
+                continue;
+            };
+            if !state.finished && !self.free_slots.is_empty() {
+                let mut batch = std::mem::take(&mut self.new_requests);
+                state.finished = !state.source.poll(self.free_slots.len(), &mut batch);
+                state.in_flight += batch.len();
+                for (tag, drive, op) in batch.drain(..) {
+                    let pending = Pending {
+                        tag,
+                        drive,
+                        op,
+                        reply: Reply::Source(index),
+                    };
+                    if self.stalled.is_some() {
+                        // Only one request waits for a buffer; this one fails fast instead.
+                        self.refuse(pending);
+                        continue;
+                    }
+                    match self.start(pending) {
+                        Ok(()) => accepted += 1,
+                        Err(pending) => self.stalled = Some(pending),
+                    }
+                }
+                self.new_requests = batch;
+            }
+            self.close_finished_source(index);
+        }
+        while self.stalled.is_none() && !self.free_slots.is_empty() {
+            let request = match self.requests.try_recv() {
+                Ok(request) => request,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.closing = true;
                     break;
                 }
+            };
+            match self.start(Pending::from(request)) {
+                Ok(()) => accepted += 1,
+                Err(pending) => self.stalled = Some(pending),
             }
         }
         accepted
     }
 
+    /// A source request that cannot even wait: answered at once as out of buffers.
+    fn refuse(&mut self, pending: Pending) {
+        let error = RequestError::Store(StoreError::Device(DeviceError::QueueFull {
+            device: "buffer pool".to_string(),
+            queue_depth: self.pool.capacity(),
+        }));
+        self.finish(pending.tag, pending.reply, Instant::now(), Err(error));
+    }
+
+    fn close_finished_source(&mut self, index: usize) {
+        if self.sources[index]
+            .as_ref()
+            .is_some_and(|state| state.finished && state.in_flight == 0)
+            && let Some(state) = self.sources[index].take()
+        {
+            state.source.close();
+        }
+    }
+
     fn finish(
         &mut self,
         tag: u64,
-        reply: &Sender<Completion>,
+        reply: Reply,
         started: Instant,
         result: Result<Output, RequestError>,
     ) {
         if result.is_err() {
             self.metrics.errors.increment(1);
         }
-        // A caller that went away no longer wants the answer; the lease in it (if any)
-        // returns its buffer when dropped here.
-        let _ = reply.send(Completion {
+        let completion = Completion {
             tag,
             result,
             latency: started.elapsed(),
-        });
+        };
+        match reply {
+            // A caller that went away no longer wants the answer; the lease in it (if any)
+            // returns its buffer when dropped here.
+            Reply::Channel(sender) => {
+                let _ = sender.send(completion);
+            }
+            Reply::Source(index) => {
+                if let Some(state) = self.sources[index].as_mut() {
+                    state.in_flight -= 1;
+                    state.source.complete(completion);
+                }
+                self.close_finished_source(index);
+            }
+        }
     }
 
     /// Begins a request, or hands it back when it must wait for a buffer.
-    fn start(&mut self, request: Request) -> Result<(), Request> {
+    fn start(&mut self, pending: Pending) -> Result<(), Pending> {
         let started = Instant::now();
-        let Request {
+        let Pending {
             tag,
             drive,
             op,
             reply,
-        } = request;
+        } = pending;
         let drives = self.drives.len();
         if drive >= drives {
             self.finish(
                 tag,
-                &reply,
+                reply,
                 started,
                 Err(RequestError::NoSuchDrive { drive, drives }),
             );
@@ -451,7 +600,7 @@ impl Worker {
                     Ok((info, span)) => match self.pool.take() {
                         Some(buffer) => Ok(InFlight::Read { info, span, buffer }),
                         None => {
-                            return Err(Request {
+                            return Err(Pending {
                                 tag,
                                 drive,
                                 op: Op::Read { chunk, offset, len },
@@ -487,7 +636,7 @@ impl Worker {
         let work = match prepared {
             Ok(work) => work,
             Err(error) => {
-                self.finish(tag, &reply, started, Err(error));
+                self.finish(tag, reply, started, Err(error));
                 return Ok(());
             }
         };
@@ -715,7 +864,7 @@ impl Worker {
                 Ok(Output::Deleted)
             }
         };
-        self.finish(slot.tag, &slot.reply, slot.started, result);
+        self.finish(slot.tag, slot.reply, slot.started, result);
     }
 
     /// The slot failed: release what it holds, tell the caller.
@@ -738,7 +887,7 @@ impl Worker {
             InFlight::Delete { .. } => {}
         }
         tracing::debug!(worker = self.config.id, op = slot.op, %error, "request failed");
-        self.finish(slot.tag, &slot.reply, slot.started, Err(error));
+        self.finish(slot.tag, slot.reply, slot.started, Err(error));
     }
 }
 

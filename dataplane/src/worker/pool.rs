@@ -6,7 +6,7 @@ use crossbeam_channel::Sender;
 use tier0_topology::WorkerPlan;
 
 use super::doorbell::Doorbell;
-use super::{PollMode, Request, Worker, WorkerConfig};
+use super::{PollMode, Request, SourceFactory, Worker, WorkerConfig};
 use crate::buffer::BufferPoolConfig;
 use crate::device::{BlockDevice, DeviceError};
 use crate::store::ChunkStore;
@@ -24,7 +24,7 @@ pub struct DriveSpec {
 pub type DeviceFactory =
     Arc<dyn Fn(&DriveSpec) -> Result<Box<dyn BlockDevice>, DeviceError> + Send + Sync>;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WorkerPoolConfig {
     pub poll_mode: PollMode,
     pub in_flight_max: usize,
@@ -32,6 +32,8 @@ pub struct WorkerPoolConfig {
     pub buffers: BufferPoolConfig,
     /// Pin each worker to its planned CPU.
     pub pin: bool,
+    /// Request sources each worker drives in its own loop (see `RequestSource`).
+    pub sources: Option<SourceFactory>,
 }
 
 impl Default for WorkerPoolConfig {
@@ -41,6 +43,7 @@ impl Default for WorkerPoolConfig {
             in_flight_max: 64,
             buffers: BufferPoolConfig::default(),
             pin: true,
+            sources: None,
         }
     }
 }
@@ -60,6 +63,18 @@ pub struct WorkerPool {
     /// Drive index → index into `nodes`.
     drive_nodes: Vec<usize>,
     threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for WorkerPoolConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPoolConfig")
+            .field("poll_mode", &self.poll_mode)
+            .field("in_flight_max", &self.in_flight_max)
+            .field("buffers", &self.buffers)
+            .field("pin", &self.pin)
+            .field("sources", &self.sources.is_some())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for WorkerPool {
@@ -126,6 +141,11 @@ impl WorkerPool {
                         reason: format!("eventfd: {error}"),
                     })?);
                 let worker_doorbell = doorbell.clone();
+                let sources = config
+                    .sources
+                    .as_ref()
+                    .map(|factory| factory(worker_id))
+                    .unwrap_or_default();
                 let worker_config = WorkerConfig {
                     id: worker_id,
                     numa_node: node.numa_node,
@@ -152,6 +172,7 @@ impl WorkerPool {
                             &factory,
                             receiver,
                             worker_doorbell,
+                            sources,
                         ) {
                             Ok(worker) => {
                                 let _ = ready_sender.send(Ok(()));
