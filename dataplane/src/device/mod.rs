@@ -159,11 +159,17 @@ pub trait BlockDevice: Send {
     /// Requests submitted and not yet returned by [`BlockDevice::poll`].
     fn in_flight(&self) -> usize;
 
-    /// A file descriptor that polls readable when completions are waiting (the io_uring fd),
-    /// so an idle worker can sleep on all its drives and its doorbell at once. `None` for
-    /// devices that complete inside `poll` (in-memory) or must be polled (IOPOLL).
-    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
-        None
+    /// Sleeps until a completion is ready or `wake_fd` (an eventfd) becomes readable, for at
+    /// most `timeout` (`None`: no limit; zero: only collect finished work, never sleep).
+    /// Returns true when `wake_fd` woke it. Completions are then returned by `poll`.
+    ///
+    /// The default returns at once: right for devices that complete inside `poll`.
+    fn wait(
+        &mut self,
+        _wake_fd: std::os::fd::RawFd,
+        _timeout: Option<std::time::Duration>,
+    ) -> Result<bool, DeviceError> {
+        Ok(false)
     }
 
     /// Registers memory regions as fixed buffers (io_uring `register_buffers`): requests then

@@ -171,7 +171,9 @@ impl Superblock {
             .slot_count
             .checked_mul(u64::from(self.entry_size))
             .ok_or(FormatError::Geometry("table size overflows"))?;
-        if self.slot_count == 0 || self.table_offset + table_len != self.data_offset {
+        if self.slot_count == 0
+            || self.table_offset.checked_add(table_len) != Some(self.data_offset)
+        {
             return Err(FormatError::Geometry(
                 "data region does not follow the table",
             ));
@@ -345,13 +347,19 @@ impl SlotEntry {
         if len == 0 || len > superblock.chunk_size {
             return Err(FormatError::Field("length"));
         }
+        let sequence = u64_at(bytes, 24);
+        // Sequences count commits from 1; the largest is refused so recovery can always
+        // number the next commit.
+        if sequence == 0 || sequence == u64::MAX {
+            return Err(FormatError::Field("sequence"));
+        }
         if count != superblock.checksum_count(len) {
             return Err(FormatError::Field(
                 "checksum count does not match the length",
             ));
         }
         Ok(DecodedEntry::Committed(SlotEntry {
-            sequence: u64_at(bytes, 24),
+            sequence,
             chunk: ChunkId {
                 file: u64_at(bytes, 32),
                 index: u32_at(bytes, 40),
@@ -399,6 +407,16 @@ mod tests {
                 "bit {bit} flip accepted"
             );
         }
+    }
+
+    #[test]
+    fn geometry_that_overflows_is_an_error_not_a_panic() {
+        // Found by the store_superblock fuzz target: slot_count * entry_size near 2^64.
+        let mut superblock = Superblock::plan([7; 16], 64 << 20, 4096, 4096).unwrap();
+        superblock.slot_count = (1 << 52) - 1;
+        assert!(Superblock::decode(&superblock.encode()).is_err());
+        superblock.slot_count = u64::MAX;
+        assert!(Superblock::decode(&superblock.encode()).is_err());
     }
 
     #[test]

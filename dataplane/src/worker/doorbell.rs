@@ -4,9 +4,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Wakes a worker that sleeps in the kernel while waiting for I/O, when a new request arrives.
 ///
-/// A worker with reads in flight sleeps in `poll(2)` on its rings' fds and this eventfd. The
-/// submitter rings only when the worker said it is going to sleep, so a busy worker costs the
-/// submitter no system call.
+/// A worker with reads in flight sleeps in `io_uring_enter` on a ring that also watches this
+/// eventfd (a multishot poll). The submitter rings only when the worker said it is going to
+/// sleep, so a busy worker costs the submitter no system call.
 #[derive(Debug)]
 pub(crate) struct Doorbell {
     eventfd: OwnedFd,
@@ -47,8 +47,8 @@ impl Doorbell {
         self.sleeping.store(true, Ordering::SeqCst);
     }
 
-    /// The worker woke up: stop asking for rings, and clear the eventfd if it was `rung`
-    /// (poll said it is readable; reading it otherwise would be a wasted system call).
+    /// The worker woke up: stop asking for rings, and clear the eventfd if it was `rung` (its
+    /// ring saw the eventfd readable; reading it otherwise would be a wasted system call).
     pub(crate) fn woke(&self, rung: bool) {
         self.sleeping.store(false, Ordering::SeqCst);
         if rung {

@@ -384,12 +384,28 @@ impl Worker {
             }
             let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
             match self.config.poll_mode {
-                PollMode::Busy => std::hint::spin_loop(),
+                PollMode::Busy => self.collect(),
                 PollMode::Adaptive if idle < ADAPTIVE_SPIN && typical_gap < ADAPTIVE_SPIN => {
-                    std::hint::spin_loop()
+                    self.collect()
                 }
                 PollMode::Adaptive | PollMode::Interrupt => self.sleep(in_flight),
             }
+        }
+    }
+
+    /// One spin: has each drive with I/O in flight collect what finished, without sleeping.
+    fn collect(&mut self) {
+        let mut any = false;
+        for drive in &mut self.drives {
+            if drive.device.in_flight() > 0 {
+                any = true;
+                if let Err(error) = drive.device.wait(self.doorbell.fd(), Some(Duration::ZERO)) {
+                    tracing::error!(worker = self.config.id, %error, "collecting completions failed");
+                }
+            }
+        }
+        if !any {
+            std::hint::spin_loop();
         }
     }
 
@@ -412,38 +428,31 @@ impl Worker {
             }
             return;
         }
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.drives.len() + 1);
-        for drive in &self.drives {
-            if drive.device.in_flight() == 0 {
-                continue;
-            }
-            match drive.device.completion_fd() {
-                Some(fd) => fds.push(libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                }),
-                // A drive that must be polled (IOPOLL): no sleeping while it has I/O.
-                None => {
-                    std::thread::yield_now();
-                    return;
+        // Sleep in the ring of the drive with the most I/O in flight; its ring also watches
+        // the doorbell. With I/O on other drives too, only briefly, then look at them all.
+        let busy = self
+            .drives
+            .iter()
+            .filter(|drive| drive.device.in_flight() > 0)
+            .count();
+        let Some(drive) = self
+            .drives
+            .iter_mut()
+            .max_by_key(|drive| drive.device.in_flight())
+        else {
+            return;
+        };
+        let timeout = (busy > 1).then_some(ADAPTIVE_SPIN);
+        self.doorbell.prepare_to_sleep();
+        let mut rung = false;
+        if self.requests.is_empty() {
+            match drive.device.wait(self.doorbell.fd(), timeout) {
+                Ok(woken) => rung = woken,
+                Err(error) => {
+                    tracing::error!(worker = self.config.id, %error, "waiting for completions failed");
                 }
             }
         }
-        fds.push(libc::pollfd {
-            fd: self.doorbell.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        self.doorbell.prepare_to_sleep();
-        if self.requests.is_empty() || self.stalled.is_some() {
-            // The timeout only bounds the damage of a missed wake-up; none is expected.
-            // SAFETY: `fds` is a valid array of fds.len() pollfd structs.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        }
-        let rung = fds
-            .last()
-            .is_some_and(|doorbell| doorbell.revents & libc::POLLIN != 0);
         self.doorbell.woke(rung);
     }
 
