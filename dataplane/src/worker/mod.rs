@@ -51,12 +51,17 @@ impl FromStr for PollMode {
 }
 
 /// How long an idle adaptive worker spins before it sleeps in its ring. It spins at all only
-/// while events typically come sooner than this, that is under load; an idle worker sleeps.
-/// Measured on the virtual disk (`tier0 bench local`, 4 KiB random reads at QD 32): 50 µs
-/// reached 0.71x fio's IOPS at 0.9x its CPU per byte, 250 µs 0.89x at 1.75x; busy polling
-/// does no better than 250 µs. Under load the drive's completions come in bursts a few tens of
-/// microseconds apart, so a shorter spin sleeps between nearly every burst.
+/// while it is loaded: events typically sooner than this, or [`ADAPTIVE_SPIN_DEPTH`] I/Os in
+/// flight. Measured on the virtual disk (`tier0 bench local`, 4 KiB random reads at QD 32):
+/// 50 µs reached 0.71x fio's IOPS, 250 µs about 0.9x, as busy polling does; under load the
+/// drive's completions come in bursts tens of microseconds apart, and a shorter spin sleeps
+/// between nearly every burst.
 const ADAPTIVE_SPIN: Duration = Duration::from_micros(250);
+
+/// With this many I/Os in flight an adaptive worker counts as loaded and spins whatever the
+/// recent gaps: gaps measured while sleeping include the wake-ups and the drive's batching, so
+/// they alone would keep a loaded worker asleep.
+const ADAPTIVE_SPIN_DEPTH: usize = 8;
 
 /// One operation on one chunk of one drive.
 #[derive(Debug)]
@@ -389,7 +394,10 @@ impl Worker {
             let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
             match self.config.poll_mode {
                 PollMode::Busy => self.collect(),
-                PollMode::Adaptive if idle < ADAPTIVE_SPIN && typical_gap < ADAPTIVE_SPIN => {
+                PollMode::Adaptive
+                    if idle < ADAPTIVE_SPIN
+                        && (typical_gap < ADAPTIVE_SPIN || in_flight >= ADAPTIVE_SPIN_DEPTH) =>
+                {
                     self.collect()
                 }
                 PollMode::Adaptive | PollMode::Interrupt => self.sleep(in_flight),
