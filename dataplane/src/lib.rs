@@ -3,10 +3,14 @@
 //! - [`device`]: the block-device seam (io_uring, in-memory, fault-injecting).
 //! - [`buffer`]: registered, NUMA-local I/O buffers.
 //! - [`store`]: the chunk store: immutable checksummed chunks on a device, crash-safe.
+//! - [`worker`]: pinned polled workers that own rings, buffers and in-flight requests.
+//! - [`net`]: the wire protocol and the transports (TCP, RDMA) that workers drive.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod buffer;
+pub mod decode_checks;
 pub mod device;
+pub mod net;
 pub mod store;
 pub mod worker;
 

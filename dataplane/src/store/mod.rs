@@ -9,7 +9,6 @@
 //! entry is durable the slot counts as free after a restart, so a crash leaves either no chunk
 //! or the whole chunk, never a mix. See `docs/formats.md`.
 
-pub mod decode_checks;
 pub mod format;
 
 use std::collections::HashMap;

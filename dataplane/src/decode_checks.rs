@@ -1,4 +1,4 @@
-//! The properties every decoder of on-disk bytes must keep, as functions that panic when one
+//! The properties every decoder of on-disk or on-wire bytes must keep, as functions that panic when one
 //! is broken. The cargo-fuzz targets (`fuzz/`) feed them coverage-guided input; the test
 //! suite (`dataplane/tests/decoders.rs`) feeds them seeded random and mutated input on every
 //! CI run, so a regression shows up without a fuzzing session.
@@ -7,7 +7,8 @@
 //! second time with the CRC (and, for slot entries, the store id) re-sealed: that is what
 //! reaches the version, geometry and range checks behind them.
 
-use super::format::{
+use crate::net::wire::{self, HEADER_SIZE, Header};
+use crate::store::format::{
     DecodedEntry, ENTRY_HEADER_SIZE, SUPERBLOCK_SIZE, SlotEntry, Superblock, crc32c,
 };
 
@@ -74,5 +75,35 @@ fn entry_round_trip(superblock: &Superblock, bytes: &[u8]) {
             SlotEntry::decode(superblock, &encoded),
             Ok(DecodedEntry::Committed(entry))
         );
+    }
+}
+
+/// `wire::decode_frame` on `data` as it is and with the header and body CRCs re-sealed: an
+/// error or a frame, never a panic; an accepted frame re-encodes to the same header and body,
+/// and its payload is exactly what the header announced.
+pub fn wire_frame(data: &[u8]) {
+    frame_round_trip(data);
+    if data.len() < HEADER_SIZE {
+        return;
+    }
+    let mut sealed = data.to_vec();
+    let body_len = u32::from_le_bytes(sealed[16..20].try_into().expect("4 bytes")) as usize;
+    let body_end = (HEADER_SIZE + body_len).min(sealed.len());
+    let body_crc = crc32c(&sealed[HEADER_SIZE..body_end]);
+    sealed[24..28].copy_from_slice(&body_crc.to_le_bytes());
+    let header_crc = crc32c(&sealed[..28]);
+    sealed[28..32].copy_from_slice(&header_crc.to_le_bytes());
+    frame_round_trip(&sealed);
+}
+
+fn frame_round_trip(bytes: &[u8]) {
+    let max_payload = 1 << 20;
+    if let Ok((header, message, payload)) = wire::decode_frame(bytes, max_payload) {
+        assert_eq!(payload.len(), header.payload_len as usize);
+        let mut encoded = Vec::new();
+        wire::encode(header.request_id, &message, &mut encoded).expect("a decoded body fits");
+        let head: &[u8; HEADER_SIZE] = encoded[..HEADER_SIZE].try_into().expect("a header");
+        assert_eq!(Header::decode(head, max_payload), Ok(header));
+        assert_eq!(&encoded[..], &bytes[..encoded.len()]);
     }
 }

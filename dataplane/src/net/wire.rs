@@ -1,0 +1,415 @@
+//! The wire protocol between clients and data daemons, the same over TCP and RDMA.
+//!
+//! A frame is a fixed 32-byte header, a bincode body of at most [`MAX_BODY`] bytes, and an
+//! optional raw payload (chunk data) of `payload_len` bytes. Chunk data is never bincode: it
+//! goes out straight from a registered buffer and lands straight in the reader's destination,
+//! and the body that announces it carries its CRC32C. The header's CRC covers the header, the
+//! body CRC covers the body: a flipped bit anywhere but the payload is a decode error, and a
+//! flipped payload bit fails the payload CRC at the reader. Byte layout: `docs/formats.md`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::ChunkId;
+use crate::store::format::crc32c;
+
+pub const MAGIC: [u8; 4] = *b"T0NW";
+pub const VERSION: u16 = 1;
+pub const HEADER_SIZE: usize = 32;
+/// Largest body: requests and replies are small; only chunk data is large, and it is payload.
+pub const MAX_BODY: u32 = 64 << 10;
+/// Default cap on one frame's payload (a peer may announce a smaller one in its handshake).
+pub const DEFAULT_MAX_PAYLOAD: u32 = 64 << 20;
+
+/// What a frame is, from its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Opcode {
+    Hello = 1,
+    Welcome = 2,
+    Read = 3,
+    ReadDone = 4,
+    Write = 5,
+    WriteDone = 6,
+    Delete = 7,
+    DeleteDone = 8,
+    Error = 9,
+}
+
+impl Opcode {
+    pub fn from_u16(value: u16) -> Option<Opcode> {
+        Some(match value {
+            1 => Opcode::Hello,
+            2 => Opcode::Welcome,
+            3 => Opcode::Read,
+            4 => Opcode::ReadDone,
+            5 => Opcode::Write,
+            6 => Opcode::WriteDone,
+            7 => Opcode::Delete,
+            8 => Opcode::DeleteDone,
+            9 => Opcode::Error,
+            _ => return None,
+        })
+    }
+
+    /// Whether frames of this kind carry a payload (and must announce its CRC).
+    pub fn has_payload(self) -> bool {
+        matches!(self, Opcode::ReadDone | Opcode::Write)
+    }
+}
+
+/// The first frame on a connection, client to daemon; nothing else is read before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The cluster token, compared in constant time.
+    pub token: Vec<u8>,
+    /// Who is asking, for logs (host, process, job).
+    pub client: String,
+}
+
+/// The daemon's answer to a good `Hello`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The daemon's node name.
+    pub node: String,
+    /// Largest payload the daemon sends or takes in one frame.
+    pub max_payload: u32,
+}
+
+/// Read `len` bytes at `offset` of a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Read {
+    pub chunk: ChunkId,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// The bytes of a read follow as payload; `crc` is their CRC32C.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadDone {
+    pub len: u32,
+    pub crc: u32,
+}
+
+/// Store a new chunk; its bytes follow as payload, `crc` is their CRC32C.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Write {
+    pub chunk: ChunkId,
+    pub len: u32,
+    pub crc: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delete {
+    pub chunk: ChunkId,
+}
+
+/// A request failed: `errno` says how (ENOENT, EEXIST, ENOSPC, EIO, EBADMSG for a checksum,
+/// EPROTO for a malformed frame, EACCES for a bad token), `message` says what and where.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub errno: i32,
+    pub message: String,
+}
+
+/// A frame's body, by opcode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Read(Read),
+    ReadDone(ReadDone),
+    Write(Write),
+    WriteDone,
+    Delete(Delete),
+    DeleteDone,
+    Error(ErrorReply),
+}
+
+impl Message {
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Message::Hello(_) => Opcode::Hello,
+            Message::Welcome(_) => Opcode::Welcome,
+            Message::Read(_) => Opcode::Read,
+            Message::ReadDone(_) => Opcode::ReadDone,
+            Message::Write(_) => Opcode::Write,
+            Message::WriteDone => Opcode::WriteDone,
+            Message::Delete(_) => Opcode::Delete,
+            Message::DeleteDone => Opcode::DeleteDone,
+            Message::Error(_) => Opcode::Error,
+        }
+    }
+
+    /// Payload bytes that follow this message's frame.
+    pub fn payload_len(&self) -> u32 {
+        match self {
+            Message::ReadDone(done) => done.len,
+            Message::Write(write) => write.len,
+            _ => 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("not a tier0 frame (magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("frame header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    HeaderChecksum { stored: u32, computed: u32 },
+    #[error("frame body checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    BodyChecksum { stored: u32, computed: u32 },
+    #[error("unknown opcode {0}")]
+    UnknownOpcode(u16),
+    #[error("{opcode:?} body of {len} bytes exceeds {max}")]
+    BodyTooLong { opcode: Opcode, len: u32, max: u32 },
+    #[error("{opcode:?} payload of {len} bytes exceeds {max}")]
+    PayloadTooLong { opcode: Opcode, len: u32, max: u32 },
+    #[error("{opcode:?} frames carry no payload, this one announces {len} bytes")]
+    UnexpectedPayload { opcode: Opcode, len: u32 },
+    #[error("{opcode:?} announces {announced} payload bytes in its header, {body} in its body")]
+    PayloadMismatch {
+        opcode: Opcode,
+        announced: u32,
+        body: u32,
+    },
+    #[error("malformed {opcode:?} body: {reason}")]
+    Body { opcode: Opcode, reason: String },
+    #[error("frame cut short after {len} bytes")]
+    Truncated { len: usize },
+    #[error("payload checksum mismatch (announced {announced:#010x}, computed {computed:#010x})")]
+    PayloadChecksum { announced: u32, computed: u32 },
+}
+
+/// A decoded, checked frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub opcode: Opcode,
+    pub request_id: u64,
+    pub body_len: u32,
+    pub payload_len: u32,
+    pub body_crc: u32,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_SIZE] {
+        let mut bytes = [0; HEADER_SIZE];
+        bytes[0..4].copy_from_slice(&MAGIC);
+        bytes[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        bytes[6..8].copy_from_slice(&(self.opcode as u16).to_le_bytes());
+        bytes[8..16].copy_from_slice(&self.request_id.to_le_bytes());
+        bytes[16..20].copy_from_slice(&self.body_len.to_le_bytes());
+        bytes[20..24].copy_from_slice(&self.payload_len.to_le_bytes());
+        bytes[24..28].copy_from_slice(&self.body_crc.to_le_bytes());
+        let crc = crc32c(&bytes[..28]);
+        bytes[28..32].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    /// Checks everything a header alone can say: magic, CRC, version, opcode, and the body and
+    /// payload lengths against the limits (`max_payload` is this side's cap).
+    pub fn decode(bytes: &[u8; HEADER_SIZE], max_payload: u32) -> Result<Header, WireError> {
+        let magic: [u8; 4] = bytes[0..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let stored = u32_at(bytes, 28);
+        let computed = crc32c(&bytes[..28]);
+        if stored != computed {
+            return Err(WireError::HeaderChecksum { stored, computed });
+        }
+        let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+        if version != VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let raw = u16::from_le_bytes([bytes[6], bytes[7]]);
+        let opcode = Opcode::from_u16(raw).ok_or(WireError::UnknownOpcode(raw))?;
+        let body_len = u32_at(bytes, 16);
+        if body_len > MAX_BODY {
+            return Err(WireError::BodyTooLong {
+                opcode,
+                len: body_len,
+                max: MAX_BODY,
+            });
+        }
+        let payload_len = u32_at(bytes, 20);
+        if payload_len > 0 && !opcode.has_payload() {
+            return Err(WireError::UnexpectedPayload {
+                opcode,
+                len: payload_len,
+            });
+        }
+        if payload_len > max_payload {
+            return Err(WireError::PayloadTooLong {
+                opcode,
+                len: payload_len,
+                max: max_payload,
+            });
+        }
+        Ok(Header {
+            opcode,
+            request_id: u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")),
+            body_len,
+            payload_len,
+            body_crc: u32_at(bytes, 24),
+        })
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_fixed_int_encoding()
+        .with_limit::<{ MAX_BODY as usize }>()
+}
+
+/// Appends the header and body of a frame to `out`; the payload, if the message announces
+/// one, is sent after it by the caller, straight from where it lies. A body over
+/// [`MAX_BODY`] (a giant token or message) is an error and leaves `out` as it was.
+pub fn encode(request_id: u64, message: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let start = out.len();
+    out.resize(start + HEADER_SIZE, 0);
+    let encoded = match message {
+        Message::Hello(body) => encode_body(body, out),
+        Message::Welcome(body) => encode_body(body, out),
+        Message::Read(body) => encode_body(body, out),
+        Message::ReadDone(body) => encode_body(body, out),
+        Message::Write(body) => encode_body(body, out),
+        Message::Delete(body) => encode_body(body, out),
+        Message::Error(body) => encode_body(body, out),
+        Message::WriteDone | Message::DeleteDone => Ok(0),
+    };
+    let body = match encoded {
+        Ok(len) if len <= MAX_BODY as usize => len,
+        _ => {
+            let len = out.len() - start - HEADER_SIZE;
+            out.truncate(start);
+            return Err(WireError::BodyTooLong {
+                opcode: message.opcode(),
+                len: len as u32,
+                max: MAX_BODY,
+            });
+        }
+    };
+    let body_crc = crc32c(&out[start + HEADER_SIZE..]);
+    let header = Header {
+        opcode: message.opcode(),
+        request_id,
+        body_len: body as u32,
+        payload_len: message.payload_len(),
+        body_crc,
+    };
+    out[start..start + HEADER_SIZE].copy_from_slice(&header.encode());
+    Ok(())
+}
+
+/// Writing into a Vec cannot fail; the size limit is checked by the caller (bincode's limit
+/// guards only decoding).
+fn encode_body<T: Serialize>(body: &T, out: &mut Vec<u8>) -> Result<usize, ()> {
+    bincode::serde::encode_into_std_write(body, out, bincode_config()).map_err(|_| ())
+}
+
+/// Decodes and checks a body for `header` (whose body CRC is checked here).
+pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
+    let computed = crc32c(body);
+    if computed != header.body_crc {
+        return Err(WireError::BodyChecksum {
+            stored: header.body_crc,
+            computed,
+        });
+    }
+    let opcode = header.opcode;
+    let message = match opcode {
+        Opcode::Hello => Message::Hello(decode_exact(opcode, body)?),
+        Opcode::Welcome => Message::Welcome(decode_exact(opcode, body)?),
+        Opcode::Read => Message::Read(decode_exact(opcode, body)?),
+        Opcode::ReadDone => Message::ReadDone(decode_exact(opcode, body)?),
+        Opcode::Write => Message::Write(decode_exact(opcode, body)?),
+        Opcode::WriteDone => {
+            decode_empty(opcode, body)?;
+            Message::WriteDone
+        }
+        Opcode::Delete => Message::Delete(decode_exact(opcode, body)?),
+        Opcode::DeleteDone => {
+            decode_empty(opcode, body)?;
+            Message::DeleteDone
+        }
+        Opcode::Error => Message::Error(decode_exact(opcode, body)?),
+    };
+    let body_payload = message.payload_len();
+    if body_payload != header.payload_len {
+        return Err(WireError::PayloadMismatch {
+            opcode,
+            announced: header.payload_len,
+            body: body_payload,
+        });
+    }
+    Ok(message)
+}
+
+fn decode_exact<T: serde::de::DeserializeOwned>(
+    opcode: Opcode,
+    body: &[u8],
+) -> Result<T, WireError> {
+    let (value, used) =
+        bincode::serde::decode_from_slice(body, bincode_config()).map_err(|error| {
+            WireError::Body {
+                opcode,
+                reason: error.to_string(),
+            }
+        })?;
+    if used != body.len() {
+        return Err(WireError::Body {
+            opcode,
+            reason: format!("{} trailing bytes", body.len() - used),
+        });
+    }
+    Ok(value)
+}
+
+fn decode_empty(opcode: Opcode, body: &[u8]) -> Result<(), WireError> {
+    if body.is_empty() {
+        Ok(())
+    } else {
+        Err(WireError::Body {
+            opcode,
+            reason: format!("{} bytes where none belong", body.len()),
+        })
+    }
+}
+
+/// Checks a received payload against the CRC its frame announced.
+pub fn check_payload(announced: u32, payload: &[u8]) -> Result<(), WireError> {
+    let computed = crc32c(payload);
+    if computed == announced {
+        Ok(())
+    } else {
+        Err(WireError::PayloadChecksum {
+            announced,
+            computed,
+        })
+    }
+}
+
+/// Decodes one whole frame held in `bytes` (header, body, payload): for tests, fuzzing and
+/// tools. Returns the message and the payload slice.
+pub fn decode_frame(bytes: &[u8], max_payload: u32) -> Result<(Header, Message, &[u8]), WireError> {
+    let too_short = || WireError::Truncated { len: bytes.len() };
+    let head: &[u8; HEADER_SIZE] = bytes
+        .get(..HEADER_SIZE)
+        .and_then(|head| head.try_into().ok())
+        .ok_or_else(too_short)?;
+    let header = Header::decode(head, max_payload)?;
+    let body_end = HEADER_SIZE + header.body_len as usize;
+    let body = bytes.get(HEADER_SIZE..body_end).ok_or_else(too_short)?;
+    let message = decode_body(&header, body)?;
+    let payload = bytes
+        .get(body_end..body_end + header.payload_len as usize)
+        .ok_or_else(too_short)?;
+    Ok((header, message, payload))
+}

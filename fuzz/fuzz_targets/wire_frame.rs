@@ -1,0 +1,7 @@
+//! `wire::decode_frame` on arbitrary bytes: see `tier0_dataplane::decode_checks::wire_frame`.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| tier0_dataplane::decode_checks::wire_frame(data));
