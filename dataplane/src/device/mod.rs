@@ -159,14 +159,15 @@ pub trait BlockDevice: Send {
     /// Requests submitted and not yet returned by [`BlockDevice::poll`].
     fn in_flight(&self) -> usize;
 
-    /// Sleeps until a completion is ready or `wake_fd` (an eventfd) becomes readable, for at
-    /// most `timeout` (`None`: no limit; zero: only collect finished work, never sleep).
-    /// Returns true when `wake_fd` woke it. Completions are then returned by `poll`.
+    /// Sleeps until a completion is ready or one of `wake_fds` (an eventfd, an epoll fd)
+    /// becomes readable, for at most `timeout` (`None`: no limit; zero: only collect finished
+    /// work, never sleep). Returns true when a wake fd woke it. Completions are then returned
+    /// by `poll`.
     ///
     /// The default returns at once: right for devices that complete inside `poll`.
     fn wait(
         &mut self,
-        _wake_fd: std::os::fd::RawFd,
+        _wake_fds: &[std::os::fd::RawFd],
         _timeout: Option<std::time::Duration>,
     ) -> Result<bool, DeviceError> {
         Ok(false)

@@ -11,7 +11,8 @@ use crate::buffer::AlignedBuf;
 
 /// user_data of the multishot poll on the wake fd; requests never use it (the worker's
 /// user_data are table indexes, the blocking helpers' u64::MAX).
-const WAKE_USER_DATA: u64 = u64::MAX - 1;
+/// User data of the multishot polls on wake fds: this tag in the high half, the fd in the low.
+const WAKE_TAG: u64 = 0xFFFF_FFFE;
 
 /// How to set up an [`UringDevice`].
 #[derive(Clone, Debug)]
@@ -54,7 +55,8 @@ pub struct UringDevice {
     defer_taskrun: bool,
     /// The eventfd a multishot poll on this ring watches, so a sleeping `wait` wakes when it
     /// is written.
-    armed_wake_fd: Option<std::os::fd::RawFd>,
+    /// Fds with a multishot poll armed in the ring.
+    armed_wake_fds: Vec<std::os::fd::RawFd>,
     /// Completions collected by `wait`, handed out by the next `poll` (still counted in
     /// `in_flight` until then).
     ready: Vec<IoCompletion>,
@@ -261,7 +263,7 @@ impl UringDevice {
             in_flight_sync: 0,
             iopoll,
             defer_taskrun,
-            armed_wake_fd: None,
+            armed_wake_fds: Vec::new(),
             ready: Vec::new(),
             fixed_buffers: 0,
         })
@@ -286,19 +288,20 @@ impl UringDevice {
         unsafe { ring.submission().push(entry).map_err(|_| ()) }
     }
 
-    /// Appends finished I/Os to `completions`. The wake-fd poll's own completions are consumed
-    /// here: returns true if there was one; `wake_fd_armed` turns false when its poll ended.
+    /// Appends finished I/Os to `completions`. The wake-fd polls' own completions are consumed
+    /// here: returns true if there was one; a fd whose poll ended leaves `armed`.
     fn reap(
         ring: &mut IoUring,
         completions: &mut Vec<IoCompletion>,
-        wake_fd_armed: &mut bool,
+        armed: &mut Vec<std::os::fd::RawFd>,
     ) -> bool {
         let mut woken = false;
         for entry in ring.completion() {
-            if entry.user_data() == WAKE_USER_DATA {
+            if entry.user_data() >> 32 == WAKE_TAG {
                 woken = true;
                 if !io_uring::cqueue::more(entry.flags()) {
-                    *wake_fd_armed = false;
+                    let fd = entry.user_data() as u32 as std::os::fd::RawFd;
+                    armed.retain(|&armed| armed != fd);
                 }
                 continue;
             }
@@ -386,7 +389,7 @@ impl BlockDevice for UringDevice {
 
     fn wait(
         &mut self,
-        wake_fd: std::os::fd::RawFd,
+        wake_fds: &[std::os::fd::RawFd],
         timeout: Option<std::time::Duration>,
     ) -> Result<bool, DeviceError> {
         let sleep = timeout.is_none_or(|timeout| !timeout.is_zero());
@@ -395,15 +398,18 @@ impl BlockDevice for UringDevice {
             // the side ring is not seen from here: those callers spin.)
             Self::get_events(&mut self.ring, &self.name)?;
         } else {
-            if self.armed_wake_fd != Some(wake_fd) {
-                let entry = opcode::PollAdd::new(types::Fd(wake_fd), libc::POLLIN as u32)
+            for &fd in wake_fds {
+                if self.armed_wake_fds.contains(&fd) {
+                    continue;
+                }
+                let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
                     .multi(true)
                     .build()
-                    .user_data(WAKE_USER_DATA);
-                // SAFETY: a poll carries no buffer; the fd outlives the ring (the worker owns
-                // both and drops the ring first).
+                    .user_data(WAKE_TAG << 32 | u64::from(fd as u32));
+                // SAFETY: a poll carries no buffer; the fds outlive the ring (the worker owns
+                // the doorbell and its sources, and drops its rings first).
                 if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                    self.armed_wake_fd = Some(wake_fd);
+                    self.armed_wake_fds.push(fd);
                 }
             }
             let result = match timeout {
@@ -428,11 +434,7 @@ impl BlockDevice for UringDevice {
             }
         }
         let mut ready = std::mem::take(&mut self.ready);
-        let mut armed = self.armed_wake_fd.is_some();
-        let woken = Self::reap(&mut self.ring, &mut ready, &mut armed);
-        if !armed {
-            self.armed_wake_fd = None;
-        }
+        let woken = Self::reap(&mut self.ring, &mut ready, &mut self.armed_wake_fds);
         self.ready = ready;
         Ok(woken)
     }
@@ -536,18 +538,14 @@ impl BlockDevice for UringDevice {
             completions.append(&mut self.ready);
             self.in_flight -= ready;
             reaped += ready;
-            let mut armed = self.armed_wake_fd.is_some();
             let before = completions.len();
-            Self::reap(&mut self.ring, completions, &mut armed);
+            Self::reap(&mut self.ring, completions, &mut self.armed_wake_fds);
             let main = completions.len() - before;
-            if !armed {
-                self.armed_wake_fd = None;
-            }
             self.in_flight -= main;
             reaped += main;
             if let Some(sync_ring) = self.sync_ring.as_mut() {
                 let before = completions.len();
-                Self::reap(sync_ring, completions, &mut false);
+                Self::reap(sync_ring, completions, &mut Vec::new());
                 let synced = completions.len() - before;
                 self.in_flight_sync -= synced;
                 reaped += synced;

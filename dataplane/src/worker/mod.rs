@@ -9,6 +9,7 @@ mod doorbell;
 mod pool;
 
 use std::collections::VecDeque;
+use std::os::fd::RawFd;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,6 +155,12 @@ pub trait RequestSource: Send {
 
     /// One of this source's requests completed.
     fn complete(&mut self, completion: Completion);
+
+    /// A fd that turns readable when the source has new requests (an epoll set of sockets):
+    /// the worker sleeps watching it. `None`: the source is polled continuously.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
 
     /// The source finished and none of its requests is in flight.
     fn close(self: Box<Self>);
@@ -310,6 +317,8 @@ pub(crate) struct Worker {
     doorbell: Arc<Doorbell>,
     closing: bool,
     completions: Vec<IoCompletion>,
+    /// The fds the worker's ring watches while it sleeps: its doorbell and its sources'.
+    wake_fds: Vec<RawFd>,
     retired: VecDeque<usize>,
     metrics: Metrics,
 }
@@ -363,6 +372,7 @@ impl Worker {
             doorbell,
             closing: false,
             completions: Vec::with_capacity(in_flight_max),
+            wake_fds: Vec::new(),
             retired: VecDeque::with_capacity(in_flight_max),
             config,
         })
@@ -411,7 +421,7 @@ impl Worker {
         for drive in &mut self.drives {
             if drive.device.in_flight() > 0 {
                 any = true;
-                if let Err(error) = drive.device.wait(self.doorbell.fd(), Some(Duration::ZERO)) {
+                if let Err(error) = drive.device.wait(&[], Some(Duration::ZERO)) {
                     tracing::error!(worker = self.config.id, %error, "collecting completions failed");
                 }
             }
@@ -430,8 +440,7 @@ impl Worker {
                 return;
             }
             if self.sources.iter().any(Option::is_some) {
-                // A source with nothing to give right now: it is polled again soon.
-                std::thread::yield_now();
+                self.sleep_on_sources();
                 return;
             }
             match self.requests.recv() {
@@ -459,6 +468,7 @@ impl Worker {
         // inside io_uring_enter, so every path through here must enter it). Queued requests
         // that cannot start (table full, or one waiting for a buffer) are no reason to stay
         // awake: only a completion or a returned buffer can make room.
+        self.doorbell.prepare_to_sleep();
         let can_accept =
             self.stalled.is_none() && !self.free_slots.is_empty() && !self.requests.is_empty();
         let timeout = if can_accept {
@@ -466,8 +476,15 @@ impl Worker {
         } else {
             (busy > 1).then_some(ADAPTIVE_SPIN)
         };
-        self.doorbell.prepare_to_sleep();
-        let rung = match drive.device.wait(self.doorbell.fd(), timeout) {
+        self.wake_fds.clear();
+        self.wake_fds.push(self.doorbell.fd());
+        self.wake_fds.extend(
+            self.sources
+                .iter()
+                .flatten()
+                .filter_map(|state| state.source.wake_fd()),
+        );
+        let rung = match drive.device.wait(&self.wake_fds, timeout) {
             Ok(woken) => woken,
             Err(error) => {
                 tracing::error!(worker = self.config.id, %error, "waiting for completions failed");
@@ -475,6 +492,50 @@ impl Worker {
             }
         };
         self.doorbell.woke(rung);
+    }
+
+    /// No I/O in flight, sources attached: sleeps until a request, a source's fd (a socket
+    /// set) or the doorbell wakes it. Sources without a fd are polled again at once.
+    fn sleep_on_sources(&mut self) {
+        let sources: Vec<RawFd> = self
+            .sources
+            .iter()
+            .flatten()
+            .filter_map(|state| state.source.wake_fd())
+            .collect();
+        if sources.len() < self.sources.iter().flatten().count() {
+            std::thread::yield_now();
+            return;
+        }
+        self.doorbell.prepare_to_sleep();
+        if !self.requests.is_empty() {
+            self.doorbell.woke(false);
+            return;
+        }
+        let mut fds: Vec<libc::pollfd> = std::iter::once(self.doorbell.fd())
+            .chain(sources)
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: poll reads and writes `fds.len()` pollfd structs we own. The timeout bounds
+        // how late a closed request channel is noticed.
+        let result = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        if result < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            tracing::error!(
+                worker = self.config.id,
+                error = %std::io::Error::last_os_error(),
+                "waiting on request sources failed"
+            );
+        }
+        self.doorbell.woke(fds[0].revents & libc::POLLIN != 0);
+        match self.requests.try_recv() {
+            Ok(request) => self.stalled = Some(Pending::from(request)),
+            Err(TryRecvError::Disconnected) => self.closing = true,
+            Err(TryRecvError::Empty) => {}
+        }
     }
 
     /// Starts as many new requests as the table and the pool allow: a stalled one first, then

@@ -1,0 +1,833 @@
+//! The TCP transport, daemon side: an acceptor thread that authenticates each peer, and one
+//! [`TcpSource`] per worker that serves the peer's requests from inside the worker's loop.
+//!
+//! A connection belongs to one worker for its whole life. The worker reads frames from its
+//! non-blocking sockets (an edge-triggered epoll set, which its ring watches while it sleeps),
+//! turns them into requests on its own drives, and sends each reply as one vectored write:
+//! header and body from a small buffer, chunk bytes straight from the registered pool buffer
+//! the drive read into. Nothing on that path crosses a thread.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use super::wire::{
+    self, ErrorReply, HEADER_SIZE, Header, MAX_BODY, Message, Opcode, ReadDone, Welcome,
+};
+use crate::buffer::BufferLease;
+use crate::store::format::crc32c;
+use crate::store::{ChunkId, ChunkStore};
+use crate::worker::{Completion, Op, Output, RequestSource, SourceFactory};
+
+/// How a daemon listens.
+#[derive(Clone, Debug)]
+pub struct TcpServerConfig {
+    pub listen: SocketAddr,
+    /// The cluster token every peer must present first.
+    pub token: Vec<u8>,
+    /// This daemon's node name, sent in `Welcome` and used in error messages.
+    pub node: String,
+    /// Largest payload per frame, both ways.
+    pub max_payload: u32,
+    /// How long a new peer has to send its `Hello`.
+    pub handshake_timeout: Duration,
+}
+
+/// The listening side: accepts, authenticates, and deals connections out to the workers.
+#[derive(Debug)]
+pub struct TcpServer {
+    local_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+/// What the acceptor hands a worker's source.
+struct Inbox {
+    connections: Sender<(TcpStream, SocketAddr)>,
+    notify: Arc<EventFd>,
+}
+
+impl TcpServer {
+    /// Binds the listener and builds one source per worker; give the factory to the worker
+    /// pool (`WorkerPoolConfig::sources`). `stores` are the pool's drives, in its order.
+    pub fn bind(
+        config: TcpServerConfig,
+        stores: Vec<Arc<ChunkStore>>,
+        workers: usize,
+    ) -> io::Result<(TcpServer, SourceFactory)> {
+        let listener = TcpListener::bind(config.listen)?;
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let stores: Arc<[Arc<ChunkStore>]> = stores.into();
+        let mut inboxes = Vec::new();
+        let mut sources = Vec::new();
+        for _ in 0..workers.max(1) {
+            let (sender, receiver) = crossbeam_channel::unbounded();
+            let notify = Arc::new(EventFd::new()?);
+            sources.push(Some(TcpSource::new(
+                receiver,
+                notify.clone(),
+                stores.clone(),
+                &config,
+            )?));
+            inboxes.push(Inbox {
+                connections: sender,
+                notify,
+            });
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let stop = stop.clone();
+            let config = config.clone();
+            std::thread::Builder::new()
+                .name("tier0-tcp-accept".into())
+                .spawn(move || accept_loop(listener, config, inboxes, stop))?
+        };
+        let sources = Arc::new(Mutex::new(sources));
+        let factory: SourceFactory = Arc::new(move |worker: usize| {
+            let mut sources = sources
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let count = sources.len();
+            sources[worker % count]
+                .take()
+                .map(|source| Box::new(source) as Box<dyn RequestSource>)
+                .into_iter()
+                .collect()
+        });
+        Ok((
+            TcpServer {
+                local_addr,
+                stop,
+                acceptor: Some(acceptor),
+            },
+            factory,
+        ))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting; the sources finish once their requests are answered, which lets the
+    /// worker pool shut down.
+    pub fn shutdown(mut self) {
+        self.stop_accepting();
+    }
+
+    fn stop_accepting(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop_accepting();
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    config: TcpServerConfig,
+    inboxes: Vec<Inbox>,
+    stop: Arc<AtomicBool>,
+) {
+    let inboxes = Arc::new(inboxes);
+    let next = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::SeqCst) {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                let mut fd = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: polls one pollfd we own; the timeout bounds how late `stop` is seen.
+                unsafe { libc::poll(&mut fd, 1, 100) };
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accepting a connection failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        // Each handshake on its own short-lived thread, so a slow or silent peer delays
+        // nobody else; it has `handshake_timeout` to present the token.
+        let config = config.clone();
+        let inboxes = inboxes.clone();
+        let next = next.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tier0-tcp-hello".into())
+            .spawn(move || match handshake(&stream, &config) {
+                Ok(client) => {
+                    let index = next.fetch_add(1, Ordering::Relaxed) % inboxes.len();
+                    tracing::info!(%peer, client, worker_source = index, "peer connected");
+                    let inbox = &inboxes[index];
+                    if inbox.connections.send((stream, peer)).is_ok() {
+                        inbox.notify.signal();
+                    }
+                }
+                Err(error) => tracing::warn!(%peer, %error, "peer refused"),
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "no thread for a handshake: connection dropped");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("reading its hello: {0}")]
+    Io(#[from] io::Error),
+    #[error("malformed hello: {0}")]
+    Wire(#[from] wire::WireError),
+    #[error("first frame is {0:?}, not Hello")]
+    NotHello(Opcode),
+    #[error("wrong cluster token")]
+    Token,
+}
+
+/// Reads exactly one `Hello` (nothing else is read before its token matched) and answers it.
+fn handshake(stream: &TcpStream, config: &TcpServerConfig) -> Result<String, HandshakeError> {
+    let mut stream = stream;
+    stream.set_read_timeout(Some(config.handshake_timeout))?;
+    stream.set_write_timeout(Some(config.handshake_timeout))?;
+    let result = read_hello(stream, config);
+    let reply = match &result {
+        Ok(_) => Message::Welcome(Welcome {
+            node: config.node.clone(),
+            max_payload: config.max_payload,
+        }),
+        Err(error) => Message::Error(ErrorReply {
+            errno: match error {
+                HandshakeError::Token | HandshakeError::NotHello(_) => libc::EACCES,
+                _ => libc::EPROTO,
+            },
+            message: format!("{}: {error}", config.node),
+        }),
+    };
+    let mut frame = Vec::new();
+    if wire::encode(0, &reply, &mut frame).is_ok() {
+        stream.write_all(&frame)?;
+    }
+    if result.is_err() {
+        // Close gently: closing with unread input would reset the connection and could
+        // destroy the refusal before the peer reads it. What is drained is discarded unread.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let _ = io::copy(&mut stream.take(1 << 20), &mut io::sink());
+    }
+    let client = result?;
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    stream.set_nodelay(true)?;
+    stream.set_nonblocking(true)?;
+    Ok(client)
+}
+
+fn read_hello(mut stream: &TcpStream, config: &TcpServerConfig) -> Result<String, HandshakeError> {
+    let mut head = [0; HEADER_SIZE];
+    stream.read_exact(&mut head)?;
+    let header = Header::decode(&head, 0)?;
+    if header.opcode != Opcode::Hello {
+        return Err(HandshakeError::NotHello(header.opcode));
+    }
+    let mut body = vec![0; header.body_len as usize];
+    stream.read_exact(&mut body)?;
+    let Message::Hello(hello) = wire::decode_body(&header, &body)? else {
+        return Err(HandshakeError::NotHello(header.opcode));
+    };
+    if !constant_time_eq::constant_time_eq(&hello.token, &config.token) {
+        return Err(HandshakeError::Token);
+    }
+    Ok(hello.client)
+}
+
+/// A non-blocking eventfd: the acceptor's "new connection" signal to a source.
+#[derive(Debug)]
+struct EventFd(OwnedFd);
+
+impl EventFd {
+    fn new() -> io::Result<Self> {
+        // SAFETY: eventfd takes two integers and returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from `one` to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn clear(&self) {
+        let mut value: u64 = 0;
+        // SAFETY: reads at most 8 bytes into `value`; non-blocking.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    }
+}
+
+/// Epoll key of the new-connection eventfd; connections use their slot index.
+const NOTIFY_KEY: u64 = u64::MAX;
+/// Bytes read from one socket per poll before the others get a turn.
+const READ_BUDGET: usize = 1 << 20;
+
+/// One reply waiting to be sent: header and body, then the payload, if any.
+struct Outgoing {
+    head: Vec<u8>,
+    payload: Option<BufferLease>,
+    sent: usize,
+}
+
+impl Outgoing {
+    fn len(&self) -> usize {
+        self.head.len() + self.payload.as_ref().map_or(0, |lease| lease.len())
+    }
+}
+
+struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// Distinguishes this connection from earlier ones in the same slot, so a late completion
+    /// never reaches the wrong peer.
+    generation: u64,
+    /// Received bytes not yet parsed into frames.
+    input: Vec<u8>,
+    /// The socket may hold more bytes (edge-triggered: we must read until EAGAIN).
+    readable: bool,
+    output: VecDeque<Outgoing>,
+    in_flight: usize,
+    /// No more requests from this peer (EOF, error, or a malformed frame): closed once its
+    /// replies are sent.
+    done_reading: bool,
+    broken: bool,
+}
+
+/// A request in the worker: which connection and which of its request ids.
+#[derive(Clone, Copy)]
+struct Pending {
+    connection: usize,
+    generation: u64,
+    request_id: u64,
+}
+
+/// The TCP connections one worker serves, as a [`RequestSource`].
+pub struct TcpSource {
+    epoll: OwnedFd,
+    notify: Arc<EventFd>,
+    incoming: Receiver<(TcpStream, SocketAddr)>,
+    accepting: bool,
+    connections: Vec<Option<Connection>>,
+    generations: u64,
+    pending: Vec<Option<Pending>>,
+    free_tags: Vec<usize>,
+    stores: Arc<[Arc<ChunkStore>]>,
+    node: String,
+    max_payload: u32,
+    events: Vec<libc::epoll_event>,
+}
+
+impl std::fmt::Debug for TcpSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpSource")
+            .field("connections", &self.connections.iter().flatten().count())
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+impl TcpSource {
+    fn new(
+        incoming: Receiver<(TcpStream, SocketAddr)>,
+        notify: Arc<EventFd>,
+        stores: Arc<[Arc<ChunkStore>]>,
+        config: &TcpServerConfig,
+    ) -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes a flag and returns a new fd or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let source = TcpSource {
+            epoll,
+            notify,
+            incoming,
+            accepting: true,
+            connections: Vec::new(),
+            generations: 0,
+            pending: Vec::new(),
+            free_tags: Vec::new(),
+            stores,
+            node: config.node.clone(),
+            max_payload: config.max_payload,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 64],
+        };
+        source.watch(
+            source.notify.0.as_raw_fd(),
+            libc::EPOLLIN | libc::EPOLLET,
+            NOTIFY_KEY,
+        )?;
+        Ok(source)
+    }
+
+    fn watch(&self, fd: RawFd, events: i32, key: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: events as u32,
+            u64: key,
+        };
+        // SAFETY: registers `fd` in our epoll set; `event` is read during the call only.
+        let result =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn adopt(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let slot = match self.connections.iter().position(Option::is_none) {
+            Some(slot) => slot,
+            None => {
+                self.connections.push(None);
+                self.connections.len() - 1
+            }
+        };
+        let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
+        if let Err(error) = self.watch(stream.as_raw_fd(), events, slot as u64) {
+            tracing::warn!(%peer, %error, "cannot watch a connection: dropped");
+            return;
+        }
+        self.generations += 1;
+        self.connections[slot] = Some(Connection {
+            stream,
+            peer,
+            generation: self.generations,
+            input: Vec::with_capacity(HEADER_SIZE + MAX_BODY as usize),
+            readable: true,
+            output: VecDeque::new(),
+            in_flight: 0,
+            done_reading: false,
+            broken: false,
+        });
+    }
+
+    /// Takes what epoll has seen since the last look (edge-triggered: each readiness once).
+    fn harvest(&mut self) {
+        loop {
+            // SAFETY: epoll_wait writes at most `events.len()` entries into our vector.
+            let count = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    self.events.as_mut_ptr(),
+                    self.events.len() as i32,
+                    0,
+                )
+            };
+            if count <= 0 {
+                return;
+            }
+            for index in 0..count as usize {
+                let event = self.events[index];
+                let key = event.u64;
+                if key == NOTIFY_KEY {
+                    self.notify.clear();
+                    continue;
+                }
+                if let Some(Some(connection)) = self.connections.get_mut(key as usize) {
+                    if event.events
+                        & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR)
+                            as u32
+                        != 0
+                    {
+                        connection.readable = true;
+                    }
+                    if event.events & libc::EPOLLOUT as u32 != 0 {
+                        flush(connection);
+                    }
+                }
+            }
+            if (count as usize) < self.events.len() {
+                return;
+            }
+        }
+    }
+
+    fn tag(&mut self, pending: Pending) -> u64 {
+        match self.free_tags.pop() {
+            Some(tag) => {
+                self.pending[tag] = Some(pending);
+                tag as u64
+            }
+            None => {
+                self.pending.push(Some(pending));
+                (self.pending.len() - 1) as u64
+            }
+        }
+    }
+
+    /// Reads and parses one connection's frames into requests, at most `max`.
+    fn serve(&mut self, slot: usize, max: usize, requests: &mut Vec<(u64, usize, Op)>) {
+        let Some(connection) = self.connections[slot].as_mut() else {
+            return;
+        };
+        if connection.readable && !connection.done_reading {
+            read_some(connection);
+        }
+        while requests.len() < max {
+            let Some(connection) = self.connections[slot].as_mut() else {
+                return;
+            };
+            if connection.broken {
+                return;
+            }
+            let frame = match next_frame(&connection.input, self.max_payload) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err((request_id, error)) => {
+                    tracing::warn!(peer = %connection.peer, %error, "malformed frame: closing");
+                    let message = format!("{}: {error}", self.node);
+                    reply_error(connection, request_id, libc::EPROTO, message);
+                    connection.done_reading = true;
+                    connection.input.clear();
+                    return;
+                }
+            };
+            let (header, message, consumed) = frame;
+            let payload_at = consumed - header.payload_len as usize;
+            let request = request(
+                &self.stores,
+                self.max_payload,
+                &message,
+                &connection.input[payload_at..consumed],
+            );
+            let connection = self.connections[slot].as_mut().expect("checked above");
+            connection.input.drain(..consumed);
+            match request {
+                Ok((drive, op)) => {
+                    connection.in_flight += 1;
+                    let pending = Pending {
+                        connection: slot,
+                        generation: connection.generation,
+                        request_id: header.request_id,
+                    };
+                    let tag = self.tag(pending);
+                    requests.push((tag, drive, op));
+                }
+                Err((errno, text)) => {
+                    let message = format!("{}: {text}", self.node);
+                    reply_error(connection, header.request_id, errno, message);
+                }
+            }
+        }
+    }
+
+    /// Drops connections that are finished: nothing more to read, nothing in flight, every
+    /// reply sent (or the socket broken).
+    fn reap_connections(&mut self) {
+        for slot in 0..self.connections.len() {
+            let finished = self.connections[slot].as_ref().is_some_and(|connection| {
+                connection.in_flight == 0
+                    && (connection.broken
+                        || (connection.done_reading && connection.output.is_empty()))
+            });
+            if finished {
+                let connection = self.connections[slot].take().expect("checked");
+                tracing::info!(peer = %connection.peer, "peer disconnected");
+                // Dropping the stream closes it, which also takes it out of the epoll set.
+            }
+        }
+    }
+}
+
+/// What a request frame asks of which drive, or the errno and text of a refusal.
+fn request(
+    stores: &[Arc<ChunkStore>],
+    max_payload: u32,
+    message: &Message,
+    payload: &[u8],
+) -> Result<(usize, Op), (i32, String)> {
+    match message {
+        Message::Read(read) => {
+            if read.len > max_payload {
+                return Err((
+                    libc::EINVAL,
+                    format!(
+                        "read of {} bytes exceeds the {}-byte frame limit",
+                        read.len, max_payload
+                    ),
+                ));
+            }
+            let drive = locate(stores, read.chunk)?;
+            Ok((
+                drive,
+                Op::Read {
+                    chunk: read.chunk,
+                    offset: read.offset,
+                    len: read.len,
+                },
+            ))
+        }
+        Message::Write(write) => {
+            wire::check_payload(write.crc, payload)
+                .map_err(|error| (libc::EBADMSG, error.to_string()))?;
+            if stores
+                .iter()
+                .any(|store| store.lookup(write.chunk).is_some())
+            {
+                return Err((
+                    libc::EEXIST,
+                    format!(
+                        "chunk {} already exists (chunks are immutable)",
+                        write.chunk
+                    ),
+                ));
+            }
+            // The drive with the most free slots takes a new chunk.
+            let drive = (0..stores.len())
+                .max_by_key(|&drive| stores[drive].free_slots())
+                .ok_or((libc::ENOSPC, "this daemon has no drives".to_string()))?;
+            Ok((
+                drive,
+                Op::Write {
+                    chunk: write.chunk,
+                    data: payload.to_vec(),
+                },
+            ))
+        }
+        Message::Delete(delete) => Ok((
+            locate(stores, delete.chunk)?,
+            Op::Delete {
+                chunk: delete.chunk,
+            },
+        )),
+        other => Err((
+            libc::EPROTO,
+            format!("{:?} is not a request", other.opcode()),
+        )),
+    }
+}
+
+fn locate(stores: &[Arc<ChunkStore>], chunk: ChunkId) -> Result<usize, (i32, String)> {
+    stores
+        .iter()
+        .position(|store| store.lookup(chunk).is_some())
+        .ok_or_else(|| (libc::ENOENT, format!("chunk {chunk} not found")))
+}
+
+/// Reads until EAGAIN, EOF or the budget; the input buffer holds at most a few frames.
+fn read_some(connection: &mut Connection) {
+    let mut budget = READ_BUDGET;
+    let mut chunk = [0u8; 64 << 10];
+    while budget > 0 {
+        match connection.stream.read(&mut chunk) {
+            Ok(0) => {
+                connection.done_reading = true;
+                connection.readable = false;
+                return;
+            }
+            Ok(read) => {
+                connection.input.extend_from_slice(&chunk[..read]);
+                budget = budget.saturating_sub(read);
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                connection.readable = false;
+                return;
+            }
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => {
+                tracing::warn!(peer = %connection.peer, %error, "reading from a peer failed");
+                connection.done_reading = true;
+                connection.broken = true;
+                connection.readable = false;
+                return;
+            }
+        }
+    }
+}
+
+/// A whole frame at the start of `input`: its header, message and total length, `None` when
+/// more bytes are needed, or the request id (when the header was readable) and the error.
+#[allow(clippy::type_complexity)]
+fn next_frame(
+    input: &[u8],
+    max_payload: u32,
+) -> Result<Option<(Header, Message, usize)>, (u64, wire::WireError)> {
+    let Some(head) = input.get(..HEADER_SIZE) else {
+        return Ok(None);
+    };
+    let head: &[u8; HEADER_SIZE] = head.try_into().expect("32 bytes");
+    let header = Header::decode(head, max_payload).map_err(|error| (0, error))?;
+    let body_end = HEADER_SIZE + header.body_len as usize;
+    let end = body_end + header.payload_len as usize;
+    if input.len() < end {
+        return Ok(None);
+    }
+    let message = wire::decode_body(&header, &input[HEADER_SIZE..body_end])
+        .map_err(|error| (header.request_id, error))?;
+    Ok(Some((header, message, end)))
+}
+
+fn reply_error(connection: &mut Connection, request_id: u64, errno: i32, message: String) {
+    let mut head = Vec::new();
+    let mut reply = ErrorReply { errno, message };
+    if reply.message.len() > 4096 {
+        let mut cut = 4096;
+        while !reply.message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reply.message.truncate(cut);
+    }
+    if wire::encode(request_id, &Message::Error(reply), &mut head).is_ok() {
+        connection.output.push_back(Outgoing {
+            head,
+            payload: None,
+            sent: 0,
+        });
+        flush(connection);
+    }
+}
+
+/// Sends what it can of the queued replies, several per system call.
+fn flush(connection: &mut Connection) {
+    while !connection.output.is_empty() && !connection.broken {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(16);
+        for outgoing in connection.output.iter().take(8) {
+            let mut skip = outgoing.sent;
+            let head = &outgoing.head[skip.min(outgoing.head.len())..];
+            skip = skip.saturating_sub(outgoing.head.len());
+            if !head.is_empty() {
+                slices.push(IoSlice::new(head));
+            }
+            if let Some(lease) = &outgoing.payload {
+                let payload = &lease.as_slice()[skip..];
+                if !payload.is_empty() {
+                    slices.push(IoSlice::new(payload));
+                }
+            }
+        }
+        match connection.stream.write_vectored(&slices) {
+            Ok(mut written) => {
+                while written > 0 {
+                    let front = connection.output.front_mut().expect("bytes were queued");
+                    let left = front.len() - front.sent;
+                    if written >= left {
+                        written -= left;
+                        connection.output.pop_front();
+                    } else {
+                        front.sent += written;
+                        written = 0;
+                    }
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => {
+                tracing::warn!(peer = %connection.peer, %error, "sending to a peer failed");
+                connection.broken = true;
+                connection.output.clear();
+            }
+        }
+    }
+}
+
+impl RequestSource for TcpSource {
+    fn poll(&mut self, max: usize, requests: &mut Vec<(u64, usize, Op)>) -> bool {
+        if self.accepting {
+            loop {
+                match self.incoming.try_recv() {
+                    Ok((stream, peer)) => self.adopt(stream, peer),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.accepting = false;
+                        break;
+                    }
+                }
+            }
+        }
+        self.harvest();
+        let start = requests.len();
+        for slot in 0..self.connections.len() {
+            if requests.len() - start >= max {
+                break;
+            }
+            let budget = max - (requests.len() - start);
+            self.serve(slot, start + budget, requests);
+        }
+        self.reap_connections();
+        // Serving ends when the server stopped accepting and every peer is gone.
+        self.accepting || self.connections.iter().any(Option::is_some)
+    }
+
+    fn complete(&mut self, completion: Completion) {
+        let Some(pending) = self
+            .pending
+            .get_mut(completion.tag as usize)
+            .and_then(Option::take)
+        else {
+            tracing::error!(
+                tag = completion.tag,
+                "completion for an unknown TCP request"
+            );
+            return;
+        };
+        self.free_tags.push(completion.tag as usize);
+        let Some(connection) = self.connections[pending.connection]
+            .as_mut()
+            .filter(|connection| connection.generation == pending.generation)
+        else {
+            return; // The peer left; the lease goes back to the pool here.
+        };
+        connection.in_flight -= 1;
+        let (message, payload) = match completion.result {
+            Ok(Output::Read(lease)) => (
+                Message::ReadDone(ReadDone {
+                    len: lease.len() as u32,
+                    crc: crc32c(lease.as_slice()),
+                }),
+                Some(lease),
+            ),
+            Ok(Output::Written) => (Message::WriteDone, None),
+            Ok(Output::Deleted) => (Message::DeleteDone, None),
+            Err(error) => (
+                Message::Error(ErrorReply {
+                    errno: error.errno(),
+                    message: format!("{}: {}", self.node, crate::error_chain(&error)),
+                }),
+                None,
+            ),
+        };
+        let mut head = Vec::with_capacity(64);
+        if wire::encode(pending.request_id, &message, &mut head).is_ok() {
+            connection.output.push_back(Outgoing {
+                head,
+                payload,
+                sent: 0,
+            });
+            flush(connection);
+        }
+    }
+
+    fn close(self: Box<Self>) {}
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+}

@@ -1,0 +1,421 @@
+//! One connection to a data daemon over TCP.
+//!
+//! Reads are pipelined: every request of a batch goes out before the first reply is awaited,
+//! and each reply's payload is received straight into its destination slice, then checked
+//! against the CRC32C the daemon sent. A read whose bytes fail that check is an error; the
+//! destination's contents are then unspecified, and never reported as data.
+
+use std::io::{self, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use tier0_dataplane::net::wire::{
+    self, Delete, HEADER_SIZE, Header, Hello, Message, Read, WireError, Write,
+};
+use tier0_dataplane::store::ChunkId;
+use tier0_dataplane::store::format::crc32c;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{addr}: {operation}: {source}")]
+    Io {
+        addr: String,
+        operation: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{addr}: bad frame from the daemon: {source}")]
+    Wire {
+        addr: String,
+        #[source]
+        source: WireError,
+    },
+    /// The daemon answered with an error: `errno` says how, `message` what and where.
+    #[error("{addr}: {message} (errno {errno})")]
+    Remote {
+        addr: String,
+        errno: i32,
+        message: String,
+    },
+    #[error("{addr}: unexpected {got:?} reply to request {request_id}")]
+    Unexpected {
+        addr: String,
+        request_id: u64,
+        got: wire::Opcode,
+    },
+    #[error("{addr}: read of {len} bytes exceeds the daemon's {max}-byte frame limit")]
+    TooLarge { addr: String, len: usize, max: u32 },
+}
+
+impl ClientError {
+    /// The errno that best describes the failure (the daemon's own for remote errors).
+    pub fn errno(&self) -> i32 {
+        match self {
+            ClientError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            ClientError::Wire {
+                source: WireError::PayloadChecksum { .. },
+                ..
+            } => libc::EBADMSG,
+            ClientError::Wire { .. } | ClientError::Unexpected { .. } => libc::EPROTO,
+            ClientError::Remote { errno, .. } => *errno,
+            ClientError::TooLarge { .. } => libc::EINVAL,
+        }
+    }
+}
+
+/// One read of a batch: `dest.len()` bytes at `offset` of `chunk`.
+#[derive(Debug)]
+pub struct ReadInto<'a> {
+    pub chunk: ChunkId,
+    pub offset: u64,
+    pub dest: &'a mut [u8],
+}
+
+/// An authenticated connection to one data daemon.
+#[derive(Debug)]
+pub struct DaemonConnection {
+    stream: TcpStream,
+    addr: String,
+    node: String,
+    max_payload: u32,
+    next_id: u64,
+    /// Set after a framing error: nothing more can be trusted on this stream.
+    broken: bool,
+}
+
+impl DaemonConnection {
+    /// Connects and presents `token`; fails with the daemon's refusal (EACCES) if it is wrong.
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        token: &[u8],
+        client: &str,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|source| ClientError::Io {
+                addr: "?".into(),
+                operation: "resolving the address",
+                source,
+            })?
+            .collect();
+        let name = addrs
+            .first()
+            .map_or_else(|| "?".to_string(), SocketAddr::to_string);
+        let io = |operation: &'static str| {
+            let name = name.clone();
+            move |source| ClientError::Io {
+                addr: name,
+                operation,
+                source,
+            }
+        };
+        let first = addrs.first().ok_or_else(|| {
+            io("resolving the address")(io::Error::new(io::ErrorKind::NotFound, "no address"))
+        })?;
+        let stream = TcpStream::connect_timeout(first, timeout).map_err(io("connecting"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(io("setting TCP_NODELAY"))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(io("setting a timeout"))?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(io("setting a timeout"))?;
+        let mut connection = DaemonConnection {
+            stream,
+            addr: name,
+            node: String::new(),
+            max_payload: 0,
+            next_id: 1,
+            broken: false,
+        };
+        let hello = Message::Hello(Hello {
+            token: token.to_vec(),
+            client: client.to_string(),
+        });
+        connection.send(0, &hello, &[])?;
+        let (_, reply) = connection.receive_head(0)?;
+        match reply {
+            Message::Welcome(welcome) => {
+                connection.node = welcome.node;
+                connection.max_payload = welcome.max_payload;
+                Ok(connection)
+            }
+            other => Err(connection.unexpected(0, other)),
+        }
+    }
+
+    /// The daemon's node name, from its welcome.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn max_payload(&self) -> u32 {
+        self.max_payload
+    }
+
+    /// Reads every range of `reads` straight into its destination, all requests in flight at
+    /// once. One result per read, in order; a transport failure fails the reads it left
+    /// unanswered.
+    pub fn read_many(&mut self, reads: &mut [ReadInto<'_>]) -> Vec<Result<(), ClientError>> {
+        let mut results: Vec<Option<Result<(), ClientError>>> =
+            (0..reads.len()).map(|_| None).collect();
+        let base = self.next_id;
+        self.next_id += reads.len() as u64;
+        let mut outstanding = 0;
+        let mut requests = Vec::with_capacity(reads.len() * 64);
+        for (index, read) in reads.iter().enumerate() {
+            if read.dest.len() > self.max_payload as usize {
+                results[index] = Some(Err(ClientError::TooLarge {
+                    addr: self.addr.clone(),
+                    len: read.dest.len(),
+                    max: self.max_payload,
+                }));
+                continue;
+            }
+            let message = Message::Read(Read {
+                chunk: read.chunk,
+                offset: read.offset,
+                len: read.dest.len() as u32,
+            });
+            wire::encode(base + index as u64, &message, &mut requests)
+                .expect("a read request is a few bytes");
+            outstanding += 1;
+        }
+        if let Err(error) = self.send_raw(&requests) {
+            return fail_rest(results, &error);
+        }
+        while outstanding > 0 {
+            let (header, message) = match self.receive_head(self.max_payload) {
+                Ok(received) => received,
+                Err(error) => return fail_rest(results, &error),
+            };
+            let index = header.request_id.wrapping_sub(base) as usize;
+            if index >= reads.len() || results[index].is_some() {
+                self.broken = true;
+                let error = self.unexpected(header.request_id, message);
+                return fail_rest(results, &error);
+            }
+            outstanding -= 1;
+            results[index] = Some(match message {
+                Message::ReadDone(done) => {
+                    let dest = &mut *reads[index].dest;
+                    if done.len as usize != dest.len() {
+                        // Framing still holds: skip the bytes, fail this read.
+                        if let Err(error) = self.skip(done.len as usize) {
+                            return fail_rest(results, &error);
+                        }
+                        Err(ClientError::Unexpected {
+                            addr: self.addr.clone(),
+                            request_id: header.request_id,
+                            got: header.opcode,
+                        })
+                    } else {
+                        match self.stream.read_exact(dest) {
+                            Err(source) => {
+                                self.broken = true;
+                                let error = ClientError::Io {
+                                    addr: self.addr.clone(),
+                                    operation: "receiving chunk bytes",
+                                    source,
+                                };
+                                return fail_rest(results, &error);
+                            }
+                            Ok(()) => wire::check_payload(done.crc, dest).map_err(|source| {
+                                ClientError::Wire {
+                                    addr: self.addr.clone(),
+                                    source,
+                                }
+                            }),
+                        }
+                    }
+                }
+                Message::Error(error) => Err(ClientError::Remote {
+                    addr: self.addr.clone(),
+                    errno: error.errno,
+                    message: error.message,
+                }),
+                other => Err(self.unexpected(header.request_id, other)),
+            });
+        }
+        results
+            .into_iter()
+            .map(|result| result.expect("every read answered"))
+            .collect()
+    }
+
+    /// Reads `dest.len()` bytes at `offset` of `chunk` into `dest`.
+    pub fn read_into(
+        &mut self,
+        chunk: ChunkId,
+        offset: u64,
+        dest: &mut [u8],
+    ) -> Result<(), ClientError> {
+        let mut reads = [ReadInto {
+            chunk,
+            offset,
+            dest,
+        }];
+        self.read_many(&mut reads).remove(0)
+    }
+
+    /// Stores a new chunk (chunks are immutable: an existing id is EEXIST).
+    pub fn write(&mut self, chunk: ChunkId, data: &[u8]) -> Result<(), ClientError> {
+        let id = self.take_id();
+        let message = Message::Write(Write {
+            chunk,
+            len: data.len() as u32,
+            crc: crc32c(data),
+        });
+        self.send(id, &message, data)?;
+        match self.receive_head(0)? {
+            (_, Message::WriteDone) => Ok(()),
+            (_, other) => Err(self.remote_or_unexpected(id, other)),
+        }
+    }
+
+    pub fn delete(&mut self, chunk: ChunkId) -> Result<(), ClientError> {
+        let id = self.take_id();
+        self.send(id, &Message::Delete(Delete { chunk }), &[])?;
+        match self.receive_head(0)? {
+            (_, Message::DeleteDone) => Ok(()),
+            (_, other) => Err(self.remote_or_unexpected(id, other)),
+        }
+    }
+
+    /// Sends raw bytes as they are: for tests of the daemon's handling of bad frames.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream
+            .write_all(bytes)
+            .map_err(|source| ClientError::Io {
+                addr: self.addr.clone(),
+                operation: "sending",
+                source,
+            })
+    }
+
+    /// Waits for the next reply's header and body (its payload, if any, is left unread); a
+    /// payload over `max_payload` is a framing error.
+    pub fn receive_head(&mut self, max_payload: u32) -> Result<(Header, Message), ClientError> {
+        let mut head = [0u8; HEADER_SIZE];
+        self.read_exact(&mut head, "receiving a reply")?;
+        let wire_error = |source| ClientError::Wire {
+            addr: self.addr.clone(),
+            source,
+        };
+        let header = match Header::decode(&head, max_payload) {
+            Ok(header) => header,
+            Err(error) => {
+                self.broken = true;
+                return Err(wire_error(error));
+            }
+        };
+        let mut body = vec![0u8; header.body_len as usize];
+        self.read_exact(&mut body, "receiving a reply")?;
+        match wire::decode_body(&header, &body) {
+            Ok(message) => Ok((header, message)),
+            Err(error) => {
+                self.broken = true;
+                Err(ClientError::Wire {
+                    addr: self.addr.clone(),
+                    source: error,
+                })
+            }
+        }
+    }
+
+    fn send(&mut self, id: u64, message: &Message, payload: &[u8]) -> Result<(), ClientError> {
+        let mut frame = Vec::with_capacity(64 + payload.len());
+        wire::encode(id, message, &mut frame).map_err(|source| ClientError::Wire {
+            addr: self.addr.clone(),
+            source,
+        })?;
+        frame.extend_from_slice(payload);
+        self.send_raw(&frame)
+    }
+
+    fn read_exact(&mut self, into: &mut [u8], operation: &'static str) -> Result<(), ClientError> {
+        self.stream.read_exact(into).map_err(|source| {
+            self.broken = true;
+            ClientError::Io {
+                addr: self.addr.clone(),
+                operation,
+                source,
+            }
+        })
+    }
+
+    fn skip(&mut self, len: usize) -> Result<(), ClientError> {
+        let mut sink = vec![0u8; len.min(1 << 20)];
+        let mut left = len;
+        while left > 0 {
+            let take = left.min(sink.len());
+            self.read_exact(&mut sink[..take], "skipping a payload")?;
+            left -= take;
+        }
+        Ok(())
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn remote_or_unexpected(&mut self, id: u64, message: Message) -> ClientError {
+        match message {
+            Message::Error(error) => ClientError::Remote {
+                addr: self.addr.clone(),
+                errno: error.errno,
+                message: error.message,
+            },
+            other => self.unexpected(id, other),
+        }
+    }
+
+    fn unexpected(&self, request_id: u64, message: Message) -> ClientError {
+        match message {
+            Message::Error(error) => ClientError::Remote {
+                addr: self.addr.clone(),
+                errno: error.errno,
+                message: error.message,
+            },
+            other => ClientError::Unexpected {
+                addr: self.addr.clone(),
+                request_id,
+                got: other.opcode(),
+            },
+        }
+    }
+
+    /// Whether the stream can still be used (no framing or transport error so far).
+    pub fn is_healthy(&self) -> bool {
+        !self.broken
+    }
+}
+
+fn fail_rest(
+    results: Vec<Option<Result<(), ClientError>>>,
+    error: &ClientError,
+) -> Vec<Result<(), ClientError>> {
+    results
+        .into_iter()
+        .map(|result| {
+            result.unwrap_or_else(|| {
+                Err(ClientError::Io {
+                    addr: match error {
+                        ClientError::Io { addr, .. }
+                        | ClientError::Wire { addr, .. }
+                        | ClientError::Remote { addr, .. }
+                        | ClientError::Unexpected { addr, .. }
+                        | ClientError::TooLarge { addr, .. } => addr.clone(),
+                    },
+                    operation: "batch failed",
+                    source: io::Error::other(error.to_string()),
+                })
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,288 @@
+//! A data daemon's TCP path end to end, in one process: real sockets, real io_uring on a file
+//! store, the client from this crate. Authentication, pipelined reads into caller buffers,
+//! writes and deletes, and bad input from a peer.
+
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tier0_client::{DaemonConnection, ReadInto};
+use tier0_dataplane::buffer::BufferPoolConfig;
+use tier0_dataplane::device::{BlockDevice, UringDevice, UringOptions, preallocate_file};
+use tier0_dataplane::net::tcp::{TcpServer, TcpServerConfig};
+use tier0_dataplane::net::wire::{self, Message, Read};
+use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
+use tier0_dataplane::worker::{DeviceFactory, DriveSpec, PollMode, WorkerPool, WorkerPoolConfig};
+use tier0_topology::{NumaWorkers, WorkerPlan};
+
+const CHUNK: u32 = 256 << 10;
+const TOKEN: &[u8] = b"cluster-secret";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Daemon {
+    server: Option<TcpServer>,
+    pool: Option<WorkerPool>,
+    dir: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start(what: &str, workers: usize) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("tier0-tcp-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("drive");
+        preallocate_file(&path, 16 << 20).unwrap();
+        let mut device = UringDevice::open(&path, &UringOptions::default()).unwrap();
+        let store = Arc::new(
+            ChunkStore::format(
+                &mut device,
+                StoreConfig {
+                    chunk_size: CHUNK,
+                    checksum_block_size: 4096,
+                },
+            )
+            .unwrap(),
+        );
+        drop(device);
+        let (server, sources) = TcpServer::bind(
+            TcpServerConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                token: TOKEN.to_vec(),
+                node: format!("node-{what}"),
+                max_payload: CHUNK,
+                handshake_timeout: Duration::from_secs(2),
+            },
+            vec![store.clone()],
+            workers,
+        )
+        .unwrap();
+        let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {
+            Ok(
+                Box::new(UringDevice::open(&path, &UringOptions::default())?)
+                    as Box<dyn BlockDevice>,
+            )
+        });
+        let plan = WorkerPlan {
+            numa_nodes: vec![NumaWorkers {
+                numa_node: 0,
+                worker_cpus: (0..workers as u32).collect(),
+                ..NumaWorkers::default()
+            }],
+        };
+        let config = WorkerPoolConfig {
+            poll_mode: PollMode::Adaptive,
+            in_flight_max: 16,
+            buffers: BufferPoolConfig {
+                buffer_size: CHUNK as usize,
+                buffer_count: 16,
+                numa_node: None,
+                hugepages: false,
+            },
+            pin: false,
+            sources: Some(sources),
+        };
+        let drive = DriveSpec {
+            name: "drive".into(),
+            store,
+            numa_node: 0,
+        };
+        let pool = WorkerPool::start(&plan, &[drive], factory, &config).unwrap();
+        Daemon {
+            server: Some(server),
+            pool: Some(pool),
+            dir,
+        }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.server.as_ref().unwrap().local_addr()
+    }
+
+    fn connect(&self) -> DaemonConnection {
+        DaemonConnection::connect(self.addr(), TOKEN, "test", TIMEOUT).unwrap()
+    }
+
+    /// Stops accepting, then the workers finish once every peer is gone.
+    fn stop(mut self) {
+        self.server.take().unwrap().shutdown();
+        self.pool.take().unwrap().shutdown();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn chunk(index: u32) -> ChunkId {
+    ChunkId {
+        file: 5,
+        index,
+        generation: 1,
+    }
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(97)) as u8)
+        .collect()
+}
+
+#[test]
+fn writes_then_pipelined_reads_land_in_the_callers_buffers() {
+    let daemon = Daemon::start("reads", 2);
+    let mut client = daemon.connect();
+    assert_eq!(client.node(), "node-reads");
+    let lens: Vec<usize> = (0..6).map(|i| CHUNK as usize - i * 5000).collect();
+    for (index, &len) in lens.iter().enumerate() {
+        client
+            .write(chunk(index as u32), &pattern(index as u32, len))
+            .unwrap();
+    }
+    // Whole chunks and ranges inside checksum blocks, all in flight at once, into one buffer.
+    let ranges: Vec<(u32, u64, usize)> = (0..6u32)
+        .flat_map(|index| {
+            let len = lens[index as usize];
+            [
+                (index, 0, len),
+                (index, 4095, 10_000),
+                (index, len as u64 - 7, 7),
+            ]
+        })
+        .collect();
+    let total: usize = ranges.iter().map(|r| r.2).sum();
+    let mut buffer = vec![0u8; total];
+    let mut rest = &mut buffer[..];
+    let mut reads = Vec::new();
+    for &(index, offset, len) in &ranges {
+        let (dest, tail) = rest.split_at_mut(len);
+        rest = tail;
+        reads.push(ReadInto {
+            chunk: chunk(index),
+            offset,
+            dest,
+        });
+    }
+    for result in client.read_many(&mut reads) {
+        result.unwrap();
+    }
+    let mut at = 0;
+    for &(index, offset, len) in &ranges {
+        let whole = pattern(index, lens[index as usize]);
+        let expected = &whole[offset as usize..offset as usize + len];
+        assert!(
+            buffer[at..at + len] == *expected,
+            "chunk {index} at {offset}"
+        );
+        at += len;
+    }
+    // A second client, dealt to the other worker, sees the same chunks.
+    let mut other = daemon.connect();
+    let mut first = vec![0u8; 100];
+    other.read_into(chunk(5), 1, &mut first).unwrap();
+    assert_eq!(first, pattern(5, lens[5])[1..101]);
+    drop(client);
+    drop(other);
+    daemon.stop();
+}
+
+#[test]
+fn errors_are_replies_and_the_connection_stays_usable() {
+    let daemon = Daemon::start("errors", 1);
+    let mut client = daemon.connect();
+    client.write(chunk(1), &pattern(1, 5000)).unwrap();
+    let mut dest = vec![0u8; 10];
+    let missing = client.read_into(chunk(9), 0, &mut dest).unwrap_err();
+    assert_eq!(missing.errno(), libc::ENOENT, "{missing}");
+    assert!(missing.to_string().contains("node-errors"), "{missing}");
+    let mut past_end = vec![0u8; 100];
+    let range = client.read_into(chunk(1), 4950, &mut past_end).unwrap_err();
+    assert_eq!(range.errno(), libc::EINVAL, "{range}");
+    let exists = client.write(chunk(1), b"again").unwrap_err();
+    assert_eq!(exists.errno(), libc::EEXIST, "{exists}");
+    client.delete(chunk(1)).unwrap();
+    let gone = client.read_into(chunk(1), 0, &mut dest).unwrap_err();
+    assert_eq!(gone.errno(), libc::ENOENT);
+    // Too large for one frame: refused before anything is sent.
+    let mut huge = vec![0u8; CHUNK as usize + 1];
+    let too_large = client.read_into(chunk(1), 0, &mut huge).unwrap_err();
+    assert_eq!(too_large.errno(), libc::EINVAL);
+    assert!(client.is_healthy());
+    client.write(chunk(2), &pattern(2, 300)).unwrap();
+    let mut back = vec![0u8; 300];
+    client.read_into(chunk(2), 0, &mut back).unwrap();
+    assert_eq!(back, pattern(2, 300));
+    drop(client);
+    daemon.stop();
+}
+
+#[test]
+fn a_wrong_token_is_refused_before_any_request_is_read() {
+    let daemon = Daemon::start("token", 1);
+    let refused =
+        DaemonConnection::connect(daemon.addr(), b"guess", "intruder", TIMEOUT).unwrap_err();
+    assert_eq!(refused.errno(), libc::EACCES, "{refused}");
+    // A request in place of the hello is refused the same way, and not served.
+    let mut stream = TcpStream::connect(daemon.addr()).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut frame = Vec::new();
+    let read = Message::Read(Read {
+        chunk: chunk(1),
+        offset: 0,
+        len: 10,
+    });
+    wire::encode(1, &read, &mut frame).unwrap();
+    std::io::Write::write_all(&mut stream, &frame).unwrap();
+    let mut reply = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut reply).unwrap();
+    let (_, message, _) = wire::decode_frame(&reply, 0).unwrap();
+    let Message::Error(error) = message else {
+        panic!("expected a refusal, got {message:?}");
+    };
+    assert_eq!(error.errno, libc::EACCES);
+    daemon.stop();
+}
+
+/// A byte inside the body of a `Read` frame (the header is 32 bytes).
+const BODY_BYTE: usize = wire::HEADER_SIZE + 3;
+
+#[test]
+fn a_malformed_frame_gets_an_error_and_a_closed_connection_and_others_carry_on() {
+    let daemon = Daemon::start("garbage", 1);
+    let mut good = daemon.connect();
+    good.write(chunk(3), &pattern(3, 1000)).unwrap();
+
+    let mut bad = daemon.connect();
+    let mut frame = Vec::new();
+    let read = Message::Read(Read {
+        chunk: chunk(3),
+        offset: 0,
+        len: 10,
+    });
+    wire::encode(7, &read, &mut frame).unwrap();
+    frame[BODY_BYTE] ^= 0x40; // the body CRC fails
+    bad.send_raw(&frame).unwrap();
+    let (header, message) = bad.receive_head(0).unwrap();
+    assert_eq!(header.request_id, 7);
+    let Message::Error(error) = message else {
+        panic!("expected an error reply, got {message:?}");
+    };
+    assert_eq!(error.errno, libc::EPROTO, "{}", error.message);
+    assert!(error.message.contains("checksum"), "{}", error.message);
+    let mut dest = vec![0u8; 10];
+    assert!(
+        bad.read_into(chunk(3), 0, &mut dest).is_err(),
+        "served after a bad frame"
+    );
+
+    // Random bytes: an error reply, then the connection closes; the daemon lives on.
+    let mut noise = daemon.connect();
+    noise.send_raw(&[0xff; 100]).unwrap();
+    let first = noise.receive_head(0);
+    assert!(
+        matches!(first, Ok((_, Message::Error(ref error))) if error.errno == libc::EPROTO),
+        "{first:?}"
+    );
+    assert!(noise.receive_head(0).is_err(), "connection left open");
+
+    let mut back = vec![0u8; 1000];
+    good.read_into(chunk(3), 0, &mut back).unwrap();
+    assert_eq!(back, pattern(3, 1000));
+    drop((good, bad, noise));
+    daemon.stop();
+}
