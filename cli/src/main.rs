@@ -24,6 +24,8 @@ enum Command {
     /// Benchmarks: tier0 next to a baseline from the same run.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    #[command(subcommand)]
+    Serve(commands::serve::ServeCommand),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Topology(args) => commands::topology::run(&args),
         Command::Bench(command) => commands::bench::run(command),
+        Command::Serve(command) => commands::serve::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

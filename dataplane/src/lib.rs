@@ -8,6 +8,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod buffer;
+pub mod daemon;
 pub mod decode_checks;
 pub mod device;
 pub mod net;

@@ -1,0 +1,231 @@
+//! The data daemon of one node: its drives' chunk stores, the worker pool that owns their
+//! rings, and the TCP listener whose connections the workers serve (`tier0 serve data`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tier0_topology::WorkerPlan;
+
+use crate::buffer::BufferPoolConfig;
+use crate::device::{BlockDevice, DeviceError, UringDevice, UringOptions, preallocate_file};
+use crate::net::tcp::{TcpServer, TcpServerConfig};
+use crate::store::{ChunkStore, StoreConfig, StoreError};
+use crate::worker::{DeviceFactory, DriveSpec, PollMode, WorkerPool, WorkerPoolConfig};
+
+/// One drive: a block device, or a file that is created at `create_size` when missing.
+#[derive(Clone, Debug)]
+pub struct DriveConfig {
+    pub path: PathBuf,
+    /// Size of a new store file; `None` when the path must already exist.
+    pub create_size: Option<u64>,
+    pub numa_node: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct DataDaemonConfig {
+    pub node: String,
+    pub listen: SocketAddr,
+    pub token: Vec<u8>,
+    pub drives: Vec<DriveConfig>,
+    /// Geometry of stores formatted here (existing stores keep theirs).
+    pub store: StoreConfig,
+    pub poll_mode: PollMode,
+    /// Requests in flight per worker.
+    pub in_flight_max: usize,
+    /// Registered buffers per worker, each one chunk.
+    pub buffers_per_worker: usize,
+    pub hugepages: bool,
+    pub pin: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("no drives configured")]
+    NoDrives,
+    #[error("the cluster token is empty")]
+    EmptyToken,
+    #[error("{path}: {source}")]
+    Drive {
+        path: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("drives have different chunk sizes ({first} and {other}): one daemon serves one size")]
+    MixedChunkSizes { first: u32, other: u32 },
+    #[error(transparent)]
+    Workers(#[from] crate::worker::WorkerPoolError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running data daemon.
+#[derive(Debug)]
+pub struct DataDaemon {
+    server: Option<TcpServer>,
+    pool: Option<WorkerPool>,
+    stores: Vec<Arc<ChunkStore>>,
+}
+
+impl DataDaemon {
+    /// Opens (or creates and formats) every drive, starts the workers of `plan` and listens.
+    pub fn start(config: &DataDaemonConfig, plan: &WorkerPlan) -> Result<Self, DaemonError> {
+        if config.drives.is_empty() {
+            return Err(DaemonError::NoDrives);
+        }
+        if config.token.is_empty() {
+            return Err(DaemonError::EmptyToken);
+        }
+        let mut specs = Vec::new();
+        let mut paths = Vec::new();
+        for drive in &config.drives {
+            let store =
+                open_or_format(drive, config.store).map_err(|source| DaemonError::Drive {
+                    path: drive.path.display().to_string(),
+                    source,
+                })?;
+            let chunk_size = store.chunk_size();
+            if let Some(first) = specs
+                .first()
+                .map(|spec: &DriveSpec| spec.store.chunk_size())
+                && first != chunk_size
+            {
+                return Err(DaemonError::MixedChunkSizes {
+                    first,
+                    other: chunk_size,
+                });
+            }
+            specs.push(DriveSpec {
+                name: drive.path.display().to_string(),
+                store: Arc::new(store),
+                numa_node: drive.numa_node,
+            });
+            paths.push(drive.path.clone());
+        }
+        let chunk_size = specs[0].store.chunk_size();
+        let stores: Vec<Arc<ChunkStore>> = specs.iter().map(|spec| spec.store.clone()).collect();
+        let (server, sources) = TcpServer::bind(
+            TcpServerConfig {
+                listen: config.listen,
+                token: config.token.clone(),
+                node: config.node.clone(),
+                max_payload: chunk_size,
+                handshake_timeout: Duration::from_secs(5),
+            },
+            stores.clone(),
+            plan.worker_count(),
+        )
+        .map_err(|source| DaemonError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let factory: DeviceFactory = Arc::new(move |spec: &DriveSpec| {
+            let path = PathBuf::from(&spec.name);
+            Ok(
+                Box::new(UringDevice::open(&path, &UringOptions::default())?)
+                    as Box<dyn BlockDevice>,
+            )
+        });
+        let pool = WorkerPool::start(
+            plan,
+            &specs,
+            factory,
+            &WorkerPoolConfig {
+                poll_mode: config.poll_mode,
+                in_flight_max: config.in_flight_max,
+                buffers: BufferPoolConfig {
+                    buffer_size: chunk_size as usize,
+                    buffer_count: config.buffers_per_worker,
+                    numa_node: None,
+                    hugepages: config.hugepages,
+                },
+                pin: config.pin,
+                sources: Some(sources),
+            },
+        )?;
+        let chunks: usize = stores.iter().map(|store| store.len()).sum();
+        tracing::info!(
+            node = config.node,
+            addr = %server.local_addr(),
+            drives = stores.len(),
+            chunks,
+            workers = plan.worker_count(),
+            "data daemon serving"
+        );
+        Ok(DataDaemon {
+            server: Some(server),
+            pool: Some(pool),
+            stores,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server
+            .as_ref()
+            .map(TcpServer::local_addr)
+            .expect("running until shut down")
+    }
+
+    pub fn stores(&self) -> &[Arc<ChunkStore>] {
+        &self.stores
+    }
+
+    /// Stops accepting; the workers finish what they hold once their peers have gone.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+        if let Some(pool) = self.pool.take() {
+            pool.shutdown();
+        }
+    }
+}
+
+impl Drop for DataDaemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Opens the store on a drive; formats it when the file was just created, or when the
+/// device holds no store yet and is all zeros at the start (never over foreign data).
+fn open_or_format(drive: &DriveConfig, geometry: StoreConfig) -> Result<ChunkStore, StoreError> {
+    let created = match drive.create_size {
+        Some(size) if !drive.path.exists() => {
+            preallocate_file(&drive.path, size)?;
+            true
+        }
+        _ => false,
+    };
+    let mut device = UringDevice::open(&drive.path, &UringOptions::default())?;
+    if created {
+        tracing::info!(path = %drive.path.display(), "formatting a new store");
+        return ChunkStore::format(&mut device, geometry);
+    }
+    match ChunkStore::open(&mut device) {
+        Ok((store, recovery)) => {
+            tracing::info!(path = %drive.path.display(), chunks = recovery.chunks, "store opened");
+            Ok(store)
+        }
+        Err(StoreError::NotAStore { .. }) if starts_blank(&mut device)? => {
+            tracing::info!(path = %drive.path.display(), "blank device: formatting a new store");
+            ChunkStore::format(&mut device, geometry)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+fn starts_blank(device: &mut UringDevice) -> Result<bool, DeviceError> {
+    let mut head = crate::buffer::AlignedBuf::zeroed(crate::device::IO_ALIGNMENT * 2);
+    device.read_at(0, &mut head)?;
+    Ok(head.iter().all(|&byte| byte == 0))
+}
