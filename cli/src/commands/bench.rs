@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+
+use super::parse_bytes;
 use tier0_dataplane::worker::PollMode;
 use tier0_perf::local::{LocalBenchOptions, Target};
 
@@ -12,10 +14,6 @@ pub enum BenchCommand {
     /// Sequential 1 MiB and random 4 KiB reads through the chunk store and the workers, next
     /// to fio on the same file.
     Local(LocalArgs),
-}
-
-fn parse_bytes(text: &str) -> Result<u64, String> {
-    parse_size::parse_size(text).map_err(|error| format!("{text:?}: {error}"))
 }
 
 #[derive(Debug, Args)]

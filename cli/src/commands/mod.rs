@@ -1,3 +1,8 @@
 pub mod bench;
 pub mod serve;
 pub mod topology;
+
+/// Parses a human size (`1GiB`, `512MiB`, `4096`) for a command-line option.
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
+    parse_size::parse_size(text).map_err(|error| format!("{text:?}: {error}"))
+}

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+
+use super::parse_bytes;
 use tier0_dataplane::daemon::{DataDaemon, DataDaemonConfig, DriveConfig};
 use tier0_dataplane::store::StoreConfig;
 use tier0_dataplane::worker::PollMode;
@@ -14,10 +16,6 @@ pub enum ServeCommand {
     /// The data daemon of this node: serves chunk reads and writes from its drives over TCP,
     /// until SIGINT or SIGTERM.
     Data(DataArgs),
-}
-
-fn parse_bytes(text: &str) -> Result<u64, String> {
-    parse_size::parse_size(text).map_err(|error| format!("{text:?}: {error}"))
 }
 
 #[derive(Debug, Args)]

@@ -470,19 +470,6 @@ impl TcpSource {
         }
     }
 
-    fn tag(&mut self, pending: Pending) -> u64 {
-        match self.free_tags.pop() {
-            Some(tag) => {
-                self.pending[tag] = Some(pending);
-                tag as u64
-            }
-            None => {
-                self.pending.push(Some(pending));
-                (self.pending.len() - 1) as u64
-            }
-        }
-    }
-
     /// Reads and parses one connection's frames into requests, at most `max`.
     fn serve(&mut self, slot: usize, max: usize, requests: &mut Vec<(u64, usize, Op)>) {
         let Some(connection) = self.connections[slot].as_mut() else {
@@ -491,36 +478,26 @@ impl TcpSource {
         if connection.readable && !connection.done_reading {
             read_some(connection);
         }
-        while requests.len() < max {
-            let Some(connection) = self.connections[slot].as_mut() else {
-                return;
-            };
-            if connection.broken {
-                return;
-            }
-            let frame = match next_frame(&connection.input, self.max_payload) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return,
-                Err((request_id, error)) => {
-                    tracing::warn!(peer = %connection.peer, %error, "malformed frame: closing");
-                    let message = format!("{}: {error}", self.node);
-                    reply_error(connection, request_id, libc::EPROTO, message);
-                    connection.done_reading = true;
-                    connection.input.clear();
-                    return;
-                }
-            };
-            let (header, message, consumed) = frame;
-            let payload_at = consumed - header.payload_len as usize;
-            let request = request(
-                &self.stores,
-                self.max_payload,
-                &message,
-                &connection.input[payload_at..consumed],
-            );
-            let connection = self.connections[slot].as_mut().expect("checked above");
-            connection.input.drain(..consumed);
-            match request {
+        // Frames are parsed in place; the parsed bytes leave the buffer once, at the end.
+        let mut parsed = 0;
+        while requests.len() < max && !connection.broken {
+            let (header, message, len) =
+                match next_frame(&connection.input[parsed..], self.max_payload) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err((request_id, error)) => {
+                        tracing::warn!(peer = %connection.peer, %error, "malformed frame: closing");
+                        let message = format!("{}: {error}", self.node);
+                        reply_error(connection, request_id, libc::EPROTO, message);
+                        connection.done_reading = true;
+                        parsed = connection.input.len();
+                        break;
+                    }
+                };
+            let payload = &connection.input[parsed + len - header.payload_len as usize..]
+                [..header.payload_len as usize];
+            parsed += len;
+            match request(&self.stores, self.max_payload, &message, payload) {
                 Ok((drive, op)) => {
                     connection.in_flight += 1;
                     let pending = Pending {
@@ -528,8 +505,17 @@ impl TcpSource {
                         generation: connection.generation,
                         request_id: header.request_id,
                     };
-                    let tag = self.tag(pending);
-                    requests.push((tag, drive, op));
+                    let tag = match self.free_tags.pop() {
+                        Some(tag) => {
+                            self.pending[tag] = Some(pending);
+                            tag
+                        }
+                        None => {
+                            self.pending.push(Some(pending));
+                            self.pending.len() - 1
+                        }
+                    };
+                    requests.push((tag as u64, drive, op));
                 }
                 Err((errno, text)) => {
                     let message = format!("{}: {text}", self.node);
@@ -537,6 +523,7 @@ impl TcpSource {
                 }
             }
         }
+        connection.input.drain(..parsed);
     }
 
     /// Drops connections that are finished: nothing more to read, nothing in flight, every
