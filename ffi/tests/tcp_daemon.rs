@@ -286,3 +286,19 @@ fn a_malformed_frame_gets_an_error_and_a_closed_connection_and_others_carry_on()
     drop((good, bad, noise));
     daemon.stop();
 }
+
+#[test]
+fn stopping_the_daemon_closes_idle_peers_instead_of_waiting_for_them() {
+    let daemon = Daemon::start("stop", 1);
+    let mut client = daemon.connect();
+    client.write(chunk(1), &pattern(1, 100)).unwrap();
+    let started = std::time::Instant::now();
+    daemon.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stop waited {:?} for an idle peer",
+        started.elapsed()
+    );
+    let mut dest = vec![0u8; 100];
+    assert!(client.read_into(chunk(1), 0, &mut dest).is_err());
+}

@@ -758,6 +758,16 @@ impl RequestSource for TcpSource {
             let budget = max - (requests.len() - start);
             self.serve(slot, start + budget, requests);
         }
+        if !self.accepting {
+            // The server is stopping: no new requests; each connection closes once its
+            // requests in flight are answered (replies the peer does not take are dropped).
+            for connection in self.connections.iter_mut().flatten() {
+                connection.done_reading = true;
+                if connection.in_flight == 0 {
+                    connection.broken = true;
+                }
+            }
+        }
         self.reap_connections();
         // Serving ends when the server stopped accepting and every peer is gone.
         self.accepting || self.connections.iter().any(Option::is_some)
