@@ -55,6 +55,16 @@ fn serve(store: &std::path::Path, metrics: u16) -> (Child, SocketAddr) {
     (child, addr)
 }
 
+fn connect(addr: SocketAddr) -> DaemonConnection {
+    DaemonConnection::connect(
+        addr,
+        TOKEN.as_bytes(),
+        "serve-test",
+        Duration::from_secs(10),
+    )
+    .unwrap()
+}
+
 fn stop(mut child: Child) {
     // SAFETY: kill sends a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -86,13 +96,7 @@ fn serves_chunks_exports_metrics_stops_cleanly_and_keeps_data_across_restarts() 
 
     let metrics = free_port();
     let (daemon, addr) = serve(&store, metrics);
-    let mut client = DaemonConnection::connect(
-        addr,
-        TOKEN.as_bytes(),
-        "serve-test",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let mut client = connect(addr);
     assert_eq!(client.node(), "serve-test");
     client.write(chunk, &data).unwrap();
     let mut back = vec![0u8; data.len()];
@@ -107,13 +111,7 @@ fn serves_chunks_exports_metrics_stops_cleanly_and_keeps_data_across_restarts() 
     stop(daemon);
 
     let (daemon, addr) = serve(&store, free_port());
-    let mut client = DaemonConnection::connect(
-        addr,
-        TOKEN.as_bytes(),
-        "serve-test",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let mut client = connect(addr);
     let mut again = vec![0u8; 1000];
     client.read_into(chunk, 299_000, &mut again).unwrap();
     assert!(again == data[299_000..]);

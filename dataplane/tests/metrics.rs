@@ -9,7 +9,7 @@ use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{
     DeviceFactory, DriveSpec, Op, Output, PollMode, Request, WorkerPool, WorkerPoolConfig,
 };
-use tier0_topology::{NumaWorkers, WorkerPlan};
+use tier0_topology::WorkerPlan;
 
 #[test]
 fn bytes_ops_latency_and_queue_depth_are_exported_per_worker() {
@@ -35,13 +35,7 @@ fn bytes_ops_latency_and_queue_depth_are_exported_per_worker() {
     let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {
         Ok(Box::new(device.lock().unwrap().take().expect("one worker")) as Box<dyn BlockDevice>)
     });
-    let plan = WorkerPlan {
-        numa_nodes: vec![NumaWorkers {
-            numa_node: 0,
-            worker_cpus: vec![0],
-            ..NumaWorkers::default()
-        }],
-    };
+    let plan = WorkerPlan::single_node(0, vec![0]);
     let drive = DriveSpec {
         name: "memory".into(),
         store: Arc::new(store),

@@ -10,7 +10,7 @@ use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{
     DeviceFactory, DriveSpec, Op, Output, PollMode, Request, WorkerPool, WorkerPoolConfig,
 };
-use tier0_topology::{NumaWorkers, WorkerPlan};
+use tier0_topology::WorkerPlan;
 
 const CHUNK: u32 = 64 << 10;
 
@@ -30,13 +30,7 @@ fn start(mode: PollMode, dir: &std::path::Path) -> WorkerPool {
     let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {
         Ok(Box::new(UringDevice::open(&path, &UringOptions::default())?) as Box<dyn BlockDevice>)
     });
-    let plan = WorkerPlan {
-        numa_nodes: vec![NumaWorkers {
-            numa_node: 0,
-            worker_cpus: vec![0],
-            ..NumaWorkers::default()
-        }],
-    };
+    let plan = WorkerPlan::single_node(0, vec![0]);
     let drive = DriveSpec {
         name: "drive".into(),
         store: Arc::new(store),

@@ -16,18 +16,12 @@ use tier0_dataplane::worker::{
     Completion, DeviceFactory, DriveSpec, Op, Output, PollMode, Request, RequestError, WorkerPool,
     WorkerPoolConfig,
 };
-use tier0_topology::{NumaWorkers, WorkerPlan};
+use tier0_topology::WorkerPlan;
 
 const CHUNK: u32 = 256 << 10;
 
 fn plan(cpus: &[u32]) -> WorkerPlan {
-    WorkerPlan {
-        numa_nodes: vec![NumaWorkers {
-            numa_node: 0,
-            worker_cpus: cpus.to_vec(),
-            ..NumaWorkers::default()
-        }],
-    }
+    WorkerPlan::single_node(0, cpus.to_vec())
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {

@@ -13,7 +13,7 @@ use tier0_dataplane::net::tcp::{TcpServer, TcpServerConfig};
 use tier0_dataplane::net::wire::{self, Message, Read};
 use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{DeviceFactory, DriveSpec, PollMode, WorkerPool, WorkerPoolConfig};
-use tier0_topology::{NumaWorkers, WorkerPlan};
+use tier0_topology::WorkerPlan;
 
 const CHUNK: u32 = 256 << 10;
 const TOKEN: &[u8] = b"cluster-secret";
@@ -61,13 +61,7 @@ impl Daemon {
                     as Box<dyn BlockDevice>,
             )
         });
-        let plan = WorkerPlan {
-            numa_nodes: vec![NumaWorkers {
-                numa_node: 0,
-                worker_cpus: (0..workers as u32).collect(),
-                ..NumaWorkers::default()
-            }],
-        };
+        let plan = WorkerPlan::single_node(0, (0..workers as u32).collect());
         let config = WorkerPoolConfig {
             poll_mode: PollMode::Adaptive,
             in_flight_max: 16,

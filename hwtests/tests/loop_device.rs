@@ -13,7 +13,7 @@ use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{
     DeviceFactory, DriveSpec, Op, Output, PollMode, Request, WorkerPool, WorkerPoolConfig,
 };
-use tier0_topology::{NumaWorkers, WorkerPlan};
+use tier0_topology::WorkerPlan;
 
 const DEVICE_LEN: u64 = 64 << 20;
 const CHUNK: u32 = 1 << 20;
@@ -131,13 +131,7 @@ fn chunk_store_on_a_raw_block_device_survives_reopening_and_serves_workers() {
     let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {
         Ok(Box::new(UringDevice::open(&path, &UringOptions::default())?) as Box<dyn BlockDevice>)
     });
-    let plan = WorkerPlan {
-        numa_nodes: vec![NumaWorkers {
-            numa_node: 0,
-            worker_cpus: vec![0],
-            ..NumaWorkers::default()
-        }],
-    };
+    let plan = WorkerPlan::single_node(0, vec![0]);
     let config = WorkerPoolConfig {
         poll_mode: PollMode::Adaptive,
         in_flight_max: 8,

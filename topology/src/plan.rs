@@ -21,6 +21,18 @@ pub struct WorkerPlan {
 }
 
 impl WorkerPlan {
+    /// One NUMA node's workers on `worker_cpus`, with no devices: for tests and tools that
+    /// place workers by hand.
+    pub fn single_node(numa_node: u32, worker_cpus: Vec<u32>) -> WorkerPlan {
+        WorkerPlan {
+            numa_nodes: vec![NumaWorkers {
+                numa_node,
+                worker_cpus,
+                ..NumaWorkers::default()
+            }],
+        }
+    }
+
     pub fn worker_count(&self) -> usize {
         self.numa_nodes
             .iter()

@@ -312,6 +312,8 @@ struct Connection {
     /// The socket may hold more bytes (edge-triggered: we must read until EAGAIN).
     readable: bool,
     output: VecDeque<Outgoing>,
+    /// Header buffers of sent replies, reused so a reply allocates nothing.
+    spare_heads: Vec<Vec<u8>>,
     in_flight: usize,
     /// No more requests from this peer (EOF, error, or a malformed frame): closed once its
     /// replies are sent.
@@ -423,6 +425,7 @@ impl TcpSource {
             input: Vec::with_capacity(HEADER_SIZE + MAX_BODY as usize),
             readable: true,
             output: VecDeque::new(),
+            spare_heads: Vec::new(),
             in_flight: 0,
             done_reading: false,
             broken: false,
@@ -672,52 +675,77 @@ fn next_frame(
     Ok(Some((header, message, end)))
 }
 
-fn reply_error(connection: &mut Connection, request_id: u64, errno: i32, message: String) {
-    let mut head = Vec::new();
-    let mut reply = ErrorReply { errno, message };
-    if reply.message.len() > 4096 {
+fn reply_error(connection: &mut Connection, request_id: u64, errno: i32, mut message: String) {
+    if message.len() > 4096 {
         let mut cut = 4096;
-        while !reply.message.is_char_boundary(cut) {
+        while !message.is_char_boundary(cut) {
             cut -= 1;
         }
-        reply.message.truncate(cut);
+        message.truncate(cut);
     }
-    if wire::encode(request_id, &Message::Error(reply), &mut head).is_ok() {
-        connection.output.push_back(Outgoing {
-            head,
-            payload: None,
-            sent: 0,
-        });
-        flush(connection);
+    let reply = Message::Error(ErrorReply { errno, message });
+    queue(connection, request_id, &reply, None);
+}
+
+/// Queues one reply (its header and body in a reused buffer, its payload as the lease) and
+/// sends what the socket takes.
+fn queue(
+    connection: &mut Connection,
+    request_id: u64,
+    message: &Message,
+    payload: Option<BufferLease>,
+) {
+    let mut head = connection.spare_heads.pop().unwrap_or_default();
+    head.clear();
+    match wire::encode(request_id, message, &mut head) {
+        Ok(()) => {
+            connection.output.push_back(Outgoing {
+                head,
+                payload,
+                sent: 0,
+            });
+            flush(connection);
+        }
+        Err(error) => tracing::error!(peer = %connection.peer, %error, "reply not encodable"),
     }
 }
+
+/// Sent replies' header buffers kept for reuse, per connection.
+const SPARE_HEADS: usize = 64;
 
 /// Sends what it can of the queued replies, several per system call.
 fn flush(connection: &mut Connection) {
     while !connection.output.is_empty() && !connection.broken {
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(16);
+        // Up to 8 replies, each a header slice and a payload slice, in one writev.
+        let mut slices = [IoSlice::new(&[]); 16];
+        let mut count = 0;
         for outgoing in connection.output.iter().take(8) {
             let mut skip = outgoing.sent;
             let head = &outgoing.head[skip.min(outgoing.head.len())..];
             skip = skip.saturating_sub(outgoing.head.len());
             if !head.is_empty() {
-                slices.push(IoSlice::new(head));
+                slices[count] = IoSlice::new(head);
+                count += 1;
             }
             if let Some(lease) = &outgoing.payload {
                 let payload = &lease.as_slice()[skip..];
                 if !payload.is_empty() {
-                    slices.push(IoSlice::new(payload));
+                    slices[count] = IoSlice::new(payload);
+                    count += 1;
                 }
             }
         }
-        match connection.stream.write_vectored(&slices) {
+        match connection.stream.write_vectored(&slices[..count]) {
             Ok(mut written) => {
                 while written > 0 {
                     let front = connection.output.front_mut().expect("bytes were queued");
                     let left = front.len() - front.sent;
                     if written >= left {
                         written -= left;
-                        connection.output.pop_front();
+                        let sent = connection.output.pop_front().expect("front exists");
+                        if connection.spare_heads.len() < SPARE_HEADS {
+                            connection.spare_heads.push(sent.head);
+                        }
                     } else {
                         front.sent += written;
                         written = 0;
@@ -811,15 +839,7 @@ impl RequestSource for TcpSource {
                 None,
             ),
         };
-        let mut head = Vec::with_capacity(64);
-        if wire::encode(pending.request_id, &message, &mut head).is_ok() {
-            connection.output.push_back(Outgoing {
-                head,
-                payload,
-                sent: 0,
-            });
-            flush(connection);
-        }
+        queue(connection, pending.request_id, &message, payload);
     }
 
     fn close(self: Box<Self>) {}

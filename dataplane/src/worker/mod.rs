@@ -450,12 +450,13 @@ impl Worker {
             return;
         }
         // Sleep in the ring of the drive with the most I/O in flight; its ring also watches
-        // the doorbell. With I/O on other drives too, only briefly, then look at them all.
+        // the doorbell and the sources' fds. With I/O on other drives too, only briefly, then look at them all.
         let busy = self
             .drives
             .iter()
             .filter(|drive| drive.device.in_flight() > 0)
             .count();
+        self.collect_wake_fds();
         let Some(drive) = self
             .drives
             .iter_mut()
@@ -476,14 +477,6 @@ impl Worker {
         } else {
             (busy > 1).then_some(ADAPTIVE_SPIN)
         };
-        self.wake_fds.clear();
-        self.wake_fds.push(self.doorbell.fd());
-        self.wake_fds.extend(
-            self.sources
-                .iter()
-                .flatten()
-                .filter_map(|state| state.source.wake_fd()),
-        );
         let rung = match drive.device.wait(&self.wake_fds, timeout) {
             Ok(woken) => woken,
             Err(error) => {
@@ -494,16 +487,25 @@ impl Worker {
         self.doorbell.woke(rung);
     }
 
+    /// Fills `wake_fds` with the doorbell and every source's fd; returns how many sources
+    /// have one.
+    fn collect_wake_fds(&mut self) -> usize {
+        self.wake_fds.clear();
+        self.wake_fds.push(self.doorbell.fd());
+        self.wake_fds.extend(
+            self.sources
+                .iter()
+                .flatten()
+                .filter_map(|state| state.source.wake_fd()),
+        );
+        self.wake_fds.len() - 1
+    }
+
     /// No I/O in flight, sources attached: sleeps until a request, a source's fd (a socket
     /// set) or the doorbell wakes it. Sources without a fd are polled again at once.
     fn sleep_on_sources(&mut self) {
-        let sources: Vec<RawFd> = self
-            .sources
-            .iter()
-            .flatten()
-            .filter_map(|state| state.source.wake_fd())
-            .collect();
-        if sources.len() < self.sources.iter().flatten().count() {
+        // Every source must have a fd to sleep on; otherwise it is polled again at once.
+        if self.collect_wake_fds() < self.sources.iter().flatten().count() {
             std::thread::yield_now();
             return;
         }
@@ -512,9 +514,10 @@ impl Worker {
             self.doorbell.woke(false);
             return;
         }
-        let mut fds: Vec<libc::pollfd> = std::iter::once(self.doorbell.fd())
-            .chain(sources)
-            .map(|fd| libc::pollfd {
+        let mut fds: Vec<libc::pollfd> = self
+            .wake_fds
+            .iter()
+            .map(|&fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
