@@ -10,6 +10,7 @@ use tier0_topology::WorkerPlan;
 
 use crate::buffer::BufferPoolConfig;
 use crate::device::{BlockDevice, DeviceError, UringDevice, UringOptions, preallocate_file};
+use crate::net::rdma::{RdmaService, device_names};
 use crate::net::tcp::{TcpServer, TcpServerConfig};
 use crate::store::{ChunkStore, StoreConfig, StoreError};
 use crate::worker::{DeviceFactory, DriveSpec, PollMode, WorkerPool, WorkerPoolConfig};
@@ -38,6 +39,33 @@ pub struct DataDaemonConfig {
     pub buffers_per_worker: usize,
     pub hugepages: bool,
     pub pin: bool,
+    pub rdma: RdmaMode,
+}
+
+/// Whether and where a daemon serves RDMA.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RdmaMode {
+    /// Each worker posts to the HCA nearest its NUMA node (from the topology); a device the
+    /// topology does not place (soft-RoCE) serves every worker; none at all: TCP only.
+    #[default]
+    Auto,
+    /// TCP only.
+    Off,
+    /// This device for every worker; failing to open it is an error.
+    Device(String),
+}
+
+impl std::str::FromStr for RdmaMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(RdmaMode::Auto),
+            "off" | "none" => Ok(RdmaMode::Off),
+            "" => Err("an RDMA device name, `auto` or `off`".into()),
+            name => Ok(RdmaMode::Device(name.to_string())),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +84,8 @@ pub enum DaemonError {
     MixedChunkSizes { first: u32, other: u32 },
     #[error(transparent)]
     Workers(#[from] crate::worker::WorkerPoolError),
+    #[error("RDMA device {device}: {reason}")]
+    Rdma { device: String, reason: String },
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -109,6 +139,8 @@ impl DataDaemon {
         }
         let chunk_size = specs[0].store.chunk_size();
         let stores: Vec<Arc<ChunkStore>> = specs.iter().map(|spec| spec.store.clone()).collect();
+        let rdma = rdma_service(config, plan, &stores, chunk_size)?;
+        let rdma_devices = rdma.as_ref().map(RdmaService::devices).unwrap_or_default();
         let (server, sources) = TcpServer::bind(
             TcpServerConfig {
                 listen: config.listen,
@@ -119,6 +151,7 @@ impl DataDaemon {
             },
             stores.clone(),
             plan.worker_count(),
+            rdma,
         )
         .map_err(|source| DaemonError::Listen {
             addr: config.listen,
@@ -155,6 +188,7 @@ impl DataDaemon {
             drives = stores.len(),
             chunks,
             workers = plan.worker_count(),
+            rdma = ?rdma_devices,
             "data daemon serving"
         );
         Ok(DataDaemon {
@@ -194,6 +228,57 @@ impl Drop for DataDaemon {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The RDMA device of each worker, in the worker pool's order, opened; `None` for TCP only.
+fn rdma_service(
+    config: &DataDaemonConfig,
+    plan: &WorkerPlan,
+    stores: &[Arc<ChunkStore>],
+    max_payload: u32,
+) -> Result<Option<RdmaService>, DaemonError> {
+    // Workers in the pool's order: node by node, one per planned CPU.
+    let planned: Vec<Option<String>> = plan
+        .numa_nodes
+        .iter()
+        .flat_map(|node| node.worker_cpus.iter().map(|_| node.rdma_device.clone()))
+        .collect();
+    let devices: Vec<Option<String>> = match &config.rdma {
+        RdmaMode::Off => return Ok(None),
+        RdmaMode::Device(name) => vec![Some(name.clone()); planned.len()],
+        RdmaMode::Auto => {
+            let present = match device_names() {
+                Ok(present) => present,
+                Err(error) => {
+                    tracing::info!(%error, "no RDMA: serving TCP only");
+                    return Ok(None);
+                }
+            };
+            if present.is_empty() {
+                tracing::info!("no RDMA device: serving TCP only");
+                return Ok(None);
+            }
+            planned
+                .iter()
+                .map(|device| match device {
+                    Some(name) if present.contains(name) => Some(name.clone()),
+                    // The topology places no HCA (a soft-RoCE device has no PCI function):
+                    // every worker uses the first device present.
+                    _ => Some(present[0].clone()),
+                })
+                .collect()
+        }
+    };
+    let service = RdmaService::new(&devices, stores.to_vec().into(), &config.node, max_payload);
+    if let RdmaMode::Device(name) = &config.rdma
+        && service.devices().iter().any(Option::is_none)
+    {
+        return Err(DaemonError::Rdma {
+            device: name.clone(),
+            reason: "cannot serve on it (see the log above)".into(),
+        });
+    }
+    Ok(Some(service))
 }
 
 /// Opens the store on a drive; formats it when the file was just created, or when the

@@ -4,7 +4,8 @@
 
 use tier0_dataplane::decode_checks::{self, STORE_ID};
 use tier0_dataplane::net::wire::{
-    self, Delete, ErrorReply, Hello, Message, Read, ReadDone, Welcome, WireError, Write,
+    self, Delete, ErrorReply, Hello, Message, RdmaEndpoint, RdmaRead, RdmaReadDone, Read, ReadDone,
+    Welcome, WireError, Write,
 };
 use tier0_dataplane::store::format::{
     ChunkId, DecodedEntry, ENTRY_HEADER_SIZE, SUPERBLOCK_SIZE, SlotEntry, Superblock,
@@ -128,6 +129,17 @@ fn a_flipped_bit_in_a_superblock_or_slot_entry_is_caught() {
     }
 }
 
+fn endpoint() -> RdmaEndpoint {
+    RdmaEndpoint {
+        lid: 0,
+        qp_number: 0x11,
+        psn: 0xabcdef,
+        gid: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+        mtu: 1024,
+        credits: 32,
+    }
+}
+
 fn every_message() -> Vec<Message> {
     let chunk = ChunkId {
         file: 0x1234_5678_9abc,
@@ -138,10 +150,33 @@ fn every_message() -> Vec<Message> {
         Message::Hello(Hello {
             token: b"secret".to_vec(),
             client: "host-a/pid-42".into(),
+            rdma: None,
+        }),
+        Message::Hello(Hello {
+            token: b"secret".to_vec(),
+            client: "host-a/pid-42".into(),
+            rdma: Some(endpoint()),
         }),
         Message::Welcome(Welcome {
             node: "node-1".into(),
             max_payload: 4 << 20,
+            rdma: None,
+        }),
+        Message::Welcome(Welcome {
+            node: "node-1".into(),
+            max_payload: 4 << 20,
+            rdma: Some(endpoint()),
+        }),
+        Message::RdmaRead(RdmaRead {
+            chunk,
+            offset: 8192,
+            len: 1 << 20,
+            addr: 0x7f00_1234_5000,
+            rkey: 0x1234,
+        }),
+        Message::RdmaReadDone(RdmaReadDone {
+            len: 1 << 20,
+            crc: 79,
         }),
         Message::Read(Read {
             chunk,
@@ -244,6 +279,7 @@ fn a_flipped_bit_in_a_frame_header_or_body_is_caught_and_limits_hold() {
     let giant = Message::Hello(Hello {
         token: vec![0; 70_000],
         client: String::new(),
+        rdma: None,
     });
     assert!(matches!(
         wire::encode(1, &giant, &mut out),

@@ -1,4 +1,4 @@
-//! One connection to a data daemon over TCP.
+//! One connection to a data daemon over TCP (the TCP [`Transport`](crate::Transport)).
 //!
 //! Reads are pipelined: every request of a batch goes out before the first reply is awaited,
 //! and each reply's payload is received straight into its destination slice, then checked
@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use tier0_dataplane::net::wire::{
-    self, Delete, HEADER_SIZE, Header, Hello, Message, Read, WireError, Write,
+    self, Delete, HEADER_SIZE, Header, Hello, Message, RdmaEndpoint, Read, WireError, Write,
 };
 use tier0_dataplane::store::ChunkId;
 use tier0_dataplane::store::format::crc32c;
@@ -45,6 +45,18 @@ pub enum ClientError {
     },
     #[error("{addr}: read of {len} bytes exceeds the daemon's {max}-byte frame limit")]
     TooLarge { addr: String, len: usize, max: u32 },
+    #[error(
+        "{addr}: daemon {node} offers no RDMA session (no device, or setup failed: see its log)"
+    )]
+    NoRdma { addr: String, node: String },
+    #[error("{addr}: {source}")]
+    Rdma {
+        addr: String,
+        #[source]
+        source: tier0_dataplane::net::rdma::RdmaError,
+    },
+    #[error("{addr}: {what}")]
+    Unusable { addr: String, what: String },
 }
 
 impl ClientError {
@@ -59,7 +71,35 @@ impl ClientError {
             ClientError::Wire { .. } | ClientError::Unexpected { .. } => libc::EPROTO,
             ClientError::Remote { errno, .. } => *errno,
             ClientError::TooLarge { .. } => libc::EINVAL,
+            ClientError::NoRdma { .. } => libc::EOPNOTSUPP,
+            ClientError::Rdma { .. } => libc::EIO,
+            ClientError::Unusable { .. } => libc::EINVAL,
         }
+    }
+
+    /// The daemon that failed.
+    pub fn addr(&self) -> &str {
+        match self {
+            ClientError::Io { addr, .. }
+            | ClientError::Wire { addr, .. }
+            | ClientError::Remote { addr, .. }
+            | ClientError::Unexpected { addr, .. }
+            | ClientError::TooLarge { addr, .. }
+            | ClientError::NoRdma { addr, .. }
+            | ClientError::Rdma { addr, .. }
+            | ClientError::Unusable { addr, .. } => addr,
+        }
+    }
+
+    /// Whether the failure is the connection's (transport, framing): another replica should
+    /// be tried and this daemon left alone. A daemon's own answer (ENOENT, EBADMSG) is not.
+    pub fn is_connection_failure(&self) -> bool {
+        !matches!(
+            self,
+            ClientError::Remote { .. }
+                | ClientError::TooLarge { .. }
+                | ClientError::Unusable { .. }
+        )
     }
 }
 
@@ -91,6 +131,18 @@ impl DaemonConnection {
         client: &str,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
+        Self::handshake(addr, token, client, timeout, None).map(|(connection, _)| connection)
+    }
+
+    /// Connects with a `Hello` that may ask for an RDMA session (`rdma`: this side's queue
+    /// pair); returns the connection and the daemon's queue pair when it accepted.
+    pub(crate) fn handshake(
+        addr: impl ToSocketAddrs,
+        token: &[u8],
+        client: &str,
+        timeout: Duration,
+        rdma: Option<RdmaEndpoint>,
+    ) -> Result<(Self, Option<RdmaEndpoint>), ClientError> {
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
             .map_err(|source| ClientError::Io {
@@ -134,6 +186,7 @@ impl DaemonConnection {
         let hello = Message::Hello(Hello {
             token: token.to_vec(),
             client: client.to_string(),
+            rdma,
         });
         connection.send(0, &hello, &[])?;
         let (_, reply) = connection.receive_head(0)?;
@@ -141,7 +194,7 @@ impl DaemonConnection {
             Message::Welcome(welcome) => {
                 connection.node = welcome.node;
                 connection.max_payload = welcome.max_payload;
-                Ok(connection)
+                Ok((connection, welcome.rdma))
             }
             other => Err(connection.unexpected(0, other)),
         }
@@ -394,6 +447,16 @@ impl DaemonConnection {
     pub fn is_healthy(&self) -> bool {
         !self.broken
     }
+
+    /// The address it is connected to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The socket, for a session that uses it only as its side channel (RDMA).
+    pub(crate) fn into_stream(self) -> TcpStream {
+        self.stream
+    }
 }
 
 fn fail_rest(
@@ -405,13 +468,7 @@ fn fail_rest(
         .map(|result| {
             result.unwrap_or_else(|| {
                 Err(ClientError::Io {
-                    addr: match error {
-                        ClientError::Io { addr, .. }
-                        | ClientError::Wire { addr, .. }
-                        | ClientError::Remote { addr, .. }
-                        | ClientError::Unexpected { addr, .. }
-                        | ClientError::TooLarge { addr, .. } => addr.clone(),
-                    },
+                    addr: error.addr().to_string(),
                     operation: "batch failed",
                     source: io::Error::other(error.to_string()),
                 })

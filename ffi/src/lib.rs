@@ -1,9 +1,21 @@
 //! The client shim linked into training jobs: the Rust API, and on top of it the C ABI and
 //! the Python package. See `docs/DEVELOPMENT.md` for what is built so far.
 //!
-//! - [`daemon`]: one authenticated connection to a data daemon, with pipelined reads that
-//!   land straight in the caller's buffers.
+//! - [`transport`]: one session with a data daemon, over TCP ([`daemon`]) or RDMA ([`rdma`]),
+//!   behind the [`Transport`] trait; reads land straight in the caller's buffers.
+//! - [`striped`]: a file striped over N daemons read concurrently into one [`ReadBuffer`],
+//!   with nearest-replica choice and failover.
 
+pub mod buffer;
 pub mod daemon;
+pub mod rdma;
+pub mod striped;
+pub mod transport;
 
+pub use buffer::ReadBuffer;
 pub use daemon::{ClientError, DaemonConnection, ReadInto};
+pub use rdma::{RdmaClient, RdmaConnection};
+pub use striped::{
+    DaemonEndpoint, ReadReport, StripedChunk, StripedError, StripedFile, StripedReader,
+};
+pub use transport::{Transport, TransportChoice, TransportKind};

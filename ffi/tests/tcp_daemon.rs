@@ -53,6 +53,7 @@ impl Daemon {
             },
             vec![store.clone()],
             workers,
+            None,
         )
         .unwrap();
         let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {

@@ -3,6 +3,7 @@
 //! Absolute numbers on shared machines drift; the ratio to a baseline measured minutes apart
 //! on the same file does not drift much. Every scenario reports both, and the ratio.
 
+pub mod cluster;
 pub mod fio;
 pub mod local;
 pub mod measure;

@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use super::parse_bytes;
-use tier0_dataplane::daemon::{DataDaemon, DataDaemonConfig, DriveConfig};
+use tier0_dataplane::daemon::{DataDaemon, DataDaemonConfig, DriveConfig, RdmaMode};
 use tier0_dataplane::store::StoreConfig;
 use tier0_dataplane::worker::PollMode;
 use tier0_topology::{WorkerPolicy, discover_live, plan_workers};
@@ -14,7 +14,7 @@ use tier0_topology::{WorkerPolicy, discover_live, plan_workers};
 #[derive(Debug, Subcommand)]
 pub enum ServeCommand {
     /// The data daemon of this node: serves chunk reads and writes from its drives over TCP,
-    /// until SIGINT or SIGTERM.
+    /// and reads over RDMA where there is an HCA, until SIGINT or SIGTERM.
     Data(DataArgs),
 }
 
@@ -57,6 +57,10 @@ pub struct DataArgs {
     /// Do not pin workers to their cores.
     #[arg(long)]
     no_pin: bool,
+    /// RDMA: `auto` (each worker uses the HCA nearest its NUMA node; TCP only where there is
+    /// none), `off`, or a device name for every worker.
+    #[arg(long, default_value = "auto")]
+    rdma: RdmaMode,
 }
 
 pub fn run(command: ServeCommand) -> anyhow::Result<()> {
@@ -132,6 +136,7 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
         buffers_per_worker: args.buffers,
         hugepages: true,
         pin: !args.no_pin,
+        rdma: args.rdma.clone(),
     };
     let daemon = DataDaemon::start(&config, &plan)?;
     let mut stdout = std::io::stdout().lock();

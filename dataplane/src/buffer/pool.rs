@@ -249,6 +249,12 @@ impl BufferPool {
         self.free.len()
     }
 
+    /// The whole pool as one span (what an RDMA device registers in one memory region): its
+    /// start and length, covering every buffer.
+    pub fn arena(&self) -> (*mut u8, usize) {
+        (self.region.base.as_ptr(), self.count * self.buffer_size)
+    }
+
     /// Every buffer, in index order: what `BlockDevice::register_buffers` takes, so the fixed
     /// buffer index of a buffer is its pool index.
     pub fn regions(&self) -> Vec<(*mut u8, usize)> {

@@ -89,8 +89,14 @@ pub fn preallocate_file(path: &Path, len: u64) -> Result<(), DeviceError> {
             device: name.clone(),
             source,
         })?;
-    // SAFETY: fallocate on an fd we own, with plain integer arguments.
-    let result = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    let result = loop {
+        // SAFETY: fallocate on an fd we own, with plain integer arguments.
+        let result = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        // A signal can interrupt a long allocation (tmpfs zeroes pages as it goes): again.
+        if result != libc::EINTR {
+            break result;
+        }
+    };
     if result != 0 {
         return Err(DeviceError::Setup {
             device: name,
@@ -161,10 +167,22 @@ impl UringDevice {
         if options.direct {
             open.custom_flags(libc::O_DIRECT);
         }
-        let file = open.open(path).map_err(|source| DeviceError::Open {
-            device: name.clone(),
-            source,
-        })?;
+        let file = match open.open(path) {
+            // A file system that refuses O_DIRECT (tmpfs before Linux 6.6, some network file
+            // systems): buffered I/O, said once.
+            Err(error) if options.direct && error.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(device = %name, "O_DIRECT refused here: buffered I/O");
+                let options = UringOptions {
+                    direct: false,
+                    ..options.clone()
+                };
+                return Self::open(path, &options);
+            }
+            opened => opened.map_err(|source| DeviceError::Open {
+                device: name.clone(),
+                source,
+            })?,
+        };
         let len = device_len(&file, &name)? / IO_ALIGNMENT as u64 * IO_ALIGNMENT as u64;
 
         if options.iopoll && options.direct && !queue_polls(&file) {

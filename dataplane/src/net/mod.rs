@@ -1,4 +1,6 @@
-//! The network side of the data plane: the wire protocol, and the transports that carry it.
+//! The network side of the data plane: the wire protocol, and the transports that carry it
+//! (TCP everywhere, RDMA verbs where there is an HCA).
 
+pub mod rdma;
 pub mod tcp;
 pub mod wire;

@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use super::rdma::{RdmaAcceptor, RdmaService, Session};
 use super::wire::{
-    self, ErrorReply, HEADER_SIZE, Header, MAX_BODY, Message, Opcode, ReadDone, Welcome,
+    self, ErrorReply, HEADER_SIZE, Header, Hello, MAX_BODY, Message, Opcode, ReadDone, Welcome,
 };
 use crate::buffer::BufferLease;
 use crate::store::format::crc32c;
@@ -48,38 +49,52 @@ pub struct TcpServer {
     acceptor: Option<JoinHandle<()>>,
 }
 
-/// What the acceptor hands a worker's source.
+/// What the acceptor hands a worker's sources.
 struct Inbox {
     connections: Sender<(TcpStream, SocketAddr)>,
     notify: Arc<EventFd>,
+    /// Sets RDMA sessions up on this worker, when it has a device.
+    rdma: Option<Arc<RdmaAcceptor>>,
 }
 
 impl TcpServer {
-    /// Binds the listener and builds one source per worker; give the factory to the worker
-    /// pool (`WorkerPoolConfig::sources`). `stores` are the pool's drives, in its order.
+    /// Binds the listener and builds one source per worker (two where the worker has RDMA);
+    /// give the factory to the worker pool (`WorkerPoolConfig::sources`). `stores` are the
+    /// pool's drives, in its order. With `rdma`, a client that asks for RDMA in its `Hello`
+    /// gets a queue pair on the worker its connection is dealt to.
     pub fn bind(
         config: TcpServerConfig,
         stores: Vec<Arc<ChunkStore>>,
         workers: usize,
+        rdma: Option<RdmaService>,
     ) -> io::Result<(TcpServer, SourceFactory)> {
         let listener = TcpListener::bind(config.listen)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let stores: Arc<[Arc<ChunkStore>]> = stores.into();
+        let mut rdma = rdma.map(|service| service.workers).unwrap_or_default();
         let mut inboxes = Vec::new();
         let mut sources = Vec::new();
-        for _ in 0..workers.max(1) {
+        for worker in 0..workers.max(1) {
             let (sender, receiver) = crossbeam_channel::unbounded();
             let notify = Arc::new(EventFd::new()?);
-            sources.push(Some(TcpSource::new(
+            let mut worker_sources: Vec<Box<dyn RequestSource>> = vec![Box::new(TcpSource::new(
                 receiver,
                 notify.clone(),
                 stores.clone(),
                 &config,
-            )?));
+            )?)];
+            let mut acceptor = None;
+            if let Some((rdma_acceptor, rdma_source)) = rdma.get_mut(worker).and_then(Option::take)
+            {
+                acceptor = Some(rdma_acceptor);
+                worker_sources.push(Box::new(rdma_source));
+            }
+            sources.push(worker_sources);
             inboxes.push(Inbox {
                 connections: sender,
                 notify,
+                rdma: acceptor,
             });
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -96,11 +111,7 @@ impl TcpServer {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let count = sources.len();
-            sources[worker % count]
-                .take()
-                .map(|source| Box::new(source) as Box<dyn RequestSource>)
-                .into_iter()
-                .collect()
+            std::mem::take(&mut sources[worker % count])
         });
         Ok((
             TcpServer {
@@ -170,16 +181,21 @@ fn accept_loop(
         let next = next.clone();
         let spawned = std::thread::Builder::new()
             .name("tier0-tcp-hello".into())
-            .spawn(move || match handshake(&stream, &config) {
-                Ok(client) => {
-                    let index = next.fetch_add(1, Ordering::Relaxed) % inboxes.len();
-                    tracing::info!(%peer, client, worker_source = index, "peer connected");
-                    let inbox = &inboxes[index];
-                    if inbox.connections.send((stream, peer)).is_ok() {
-                        inbox.notify.signal();
+            .spawn(move || {
+                let index = next.fetch_add(1, Ordering::Relaxed) % inboxes.len();
+                let inbox = &inboxes[index];
+                match handshake(stream, peer, &config, inbox.rdma.as_deref()) {
+                    Ok((client, Some(stream))) => {
+                        tracing::info!(%peer, client, worker = index, "peer connected over TCP");
+                        if inbox.connections.send((stream, peer)).is_ok() {
+                            inbox.notify.signal();
+                        }
                     }
+                    Ok((client, None)) => {
+                        tracing::info!(%peer, client, worker = index, "peer connected over RDMA");
+                    }
+                    Err(error) => tracing::warn!(%peer, %error, "peer refused"),
                 }
-                Err(error) => tracing::warn!(%peer, %error, "peer refused"),
             });
         if let Err(error) = spawned {
             tracing::warn!(%error, "no thread for a handshake: connection dropped");
@@ -200,15 +216,39 @@ enum HandshakeError {
 }
 
 /// Reads exactly one `Hello` (nothing else is read before its token matched) and answers it.
-fn handshake(stream: &TcpStream, config: &TcpServerConfig) -> Result<String, HandshakeError> {
-    let mut stream = stream;
+/// When the client asked for RDMA and this worker has a device, the queue pair is set up and
+/// handed to the worker before the `Welcome` goes out, and the stream stays with the session
+/// as its side channel (`Ok((client, None))`); otherwise the stream is returned for the TCP
+/// source.
+fn handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: &TcpServerConfig,
+    rdma: Option<&RdmaAcceptor>,
+) -> Result<(String, Option<TcpStream>), HandshakeError> {
     stream.set_read_timeout(Some(config.handshake_timeout))?;
     stream.set_write_timeout(Some(config.handshake_timeout))?;
-    let result = read_hello(stream, config);
+    let result = read_hello(&stream, config);
+    let mut session: Option<(wire::RdmaEndpoint, Session)> = None;
+    if let Ok(Hello {
+        rdma: Some(remote),
+        client,
+        ..
+    }) = &result
+    {
+        match rdma.map(|acceptor| acceptor.accept(remote)) {
+            Some(Ok(accepted)) => session = Some(accepted),
+            Some(Err(error)) => {
+                tracing::warn!(%peer, client, %error, "RDMA session refused: the peer may stay on TCP")
+            }
+            None => tracing::info!(%peer, client, "peer asked for RDMA; this worker has none"),
+        }
+    }
     let reply = match &result {
         Ok(_) => Message::Welcome(Welcome {
             node: config.node.clone(),
             max_payload: config.max_payload,
+            rdma: session.as_ref().map(|(local, _)| *local),
         }),
         Err(error) => Message::Error(ErrorReply {
             errno: match error {
@@ -219,6 +259,14 @@ fn handshake(stream: &TcpStream, config: &TcpServerConfig) -> Result<String, Han
         }),
     };
     let mut frame = Vec::new();
+    let rdma_session = match (session, rdma) {
+        (Some((_, session)), Some(acceptor)) => {
+            acceptor.hand_over(session, stream.try_clone()?, peer);
+            true
+        }
+        _ => false,
+    };
+    let mut stream = &stream;
     if wire::encode(0, &reply, &mut frame).is_ok() {
         stream.write_all(&frame)?;
     }
@@ -229,15 +277,18 @@ fn handshake(stream: &TcpStream, config: &TcpServerConfig) -> Result<String, Han
         let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
         let _ = io::copy(&mut stream.take(1 << 20), &mut io::sink());
     }
-    let client = result?;
+    let client = result?.client;
+    if rdma_session {
+        return Ok((client, None));
+    }
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     stream.set_nodelay(true)?;
     stream.set_nonblocking(true)?;
-    Ok(client)
+    Ok((client, Some(stream.try_clone()?)))
 }
 
-fn read_hello(mut stream: &TcpStream, config: &TcpServerConfig) -> Result<String, HandshakeError> {
+fn read_hello(mut stream: &TcpStream, config: &TcpServerConfig) -> Result<Hello, HandshakeError> {
     let mut head = [0; HEADER_SIZE];
     stream.read_exact(&mut head)?;
     let header = Header::decode(&head, 0)?;
@@ -252,15 +303,21 @@ fn read_hello(mut stream: &TcpStream, config: &TcpServerConfig) -> Result<String
     if !constant_time_eq::constant_time_eq(&hello.token, &config.token) {
         return Err(HandshakeError::Token);
     }
-    Ok(hello.client)
+    Ok(hello)
 }
 
 /// A non-blocking eventfd: the acceptor's "new connection" signal to a source.
 #[derive(Debug)]
-struct EventFd(OwnedFd);
+pub(crate) struct EventFd(OwnedFd);
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
 
 impl EventFd {
-    fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: eventfd takes two integers and returns a new fd or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -270,13 +327,13 @@ impl EventFd {
         Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    fn signal(&self) {
+    pub(crate) fn signal(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from `one` to our eventfd.
         unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut value: u64 = 0;
         // SAFETY: reads at most 8 bytes into `value`; non-blocking.
         unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
@@ -615,7 +672,7 @@ fn request(
     }
 }
 
-fn locate(stores: &[Arc<ChunkStore>], chunk: ChunkId) -> Result<usize, (i32, String)> {
+pub(crate) fn locate(stores: &[Arc<ChunkStore>], chunk: ChunkId) -> Result<usize, (i32, String)> {
     stores
         .iter()
         .position(|store| store.lookup(chunk).is_some())

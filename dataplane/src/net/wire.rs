@@ -33,6 +33,8 @@ pub enum Opcode {
     Delete = 7,
     DeleteDone = 8,
     Error = 9,
+    RdmaRead = 10,
+    RdmaReadDone = 11,
 }
 
 impl Opcode {
@@ -47,6 +49,8 @@ impl Opcode {
             7 => Opcode::Delete,
             8 => Opcode::DeleteDone,
             9 => Opcode::Error,
+            10 => Opcode::RdmaRead,
+            11 => Opcode::RdmaReadDone,
             _ => return None,
         })
     }
@@ -64,6 +68,26 @@ pub struct Hello {
     pub token: Vec<u8>,
     /// Who is asking, for logs (host, process, job).
     pub client: String,
+    /// Set when the client wants this session over RDMA: its queue pair. The daemon answers
+    /// with its own in `Welcome`, or with none when it has no RDMA device (the session then
+    /// stays on TCP, or the client gives up if it insisted on RDMA).
+    pub rdma: Option<RdmaEndpoint>,
+}
+
+/// One side of a reliable-connected queue pair, as exchanged over the authenticated TCP
+/// side channel before any verbs traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaEndpoint {
+    /// Port LID (InfiniBand; 0 on RoCE, where the GID routes).
+    pub lid: u16,
+    pub qp_number: u32,
+    /// First packet sequence number this side sends.
+    pub psn: u32,
+    pub gid: [u8; 16],
+    /// Path MTU this side can use, in bytes (256..4096).
+    pub mtu: u32,
+    /// Requests this side's receive queue holds: the peer never has more outstanding.
+    pub credits: u32,
 }
 
 /// The daemon's answer to a good `Hello`.
@@ -73,6 +97,8 @@ pub struct Welcome {
     pub node: String,
     /// Largest payload the daemon sends or takes in one frame.
     pub max_payload: u32,
+    /// The daemon's queue pair when the client asked for RDMA and the daemon has a device.
+    pub rdma: Option<RdmaEndpoint>,
 }
 
 /// Read `len` bytes at `offset` of a chunk.
@@ -103,6 +129,25 @@ pub struct Delete {
     pub chunk: ChunkId,
 }
 
+/// Over RDMA: read `len` bytes at `offset` of a chunk and RDMA-WRITE them to `addr` in the
+/// client's memory region `rkey`. Sent as a SEND on the queue pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaRead {
+    pub chunk: ChunkId,
+    pub offset: u64,
+    pub len: u32,
+    pub addr: u64,
+    pub rkey: u32,
+}
+
+/// Over RDMA: the bytes of a read were written to the client's region (the reliable-connected
+/// queue pair places the WRITE before this SEND arrives); `crc` is their CRC32C.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaReadDone {
+    pub len: u32,
+    pub crc: u32,
+}
+
 /// A request failed: `errno` says how (ENOENT, EEXIST, ENOSPC, EIO, EBADMSG for a checksum,
 /// EPROTO for a malformed frame, EACCES for a bad token), `message` says what and where.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +168,8 @@ pub enum Message {
     Delete(Delete),
     DeleteDone,
     Error(ErrorReply),
+    RdmaRead(RdmaRead),
+    RdmaReadDone(RdmaReadDone),
 }
 
 impl Message {
@@ -137,6 +184,8 @@ impl Message {
             Message::Delete(_) => Opcode::Delete,
             Message::DeleteDone => Opcode::DeleteDone,
             Message::Error(_) => Opcode::Error,
+            Message::RdmaRead(_) => Opcode::RdmaRead,
+            Message::RdmaReadDone(_) => Opcode::RdmaReadDone,
         }
     }
 
@@ -282,6 +331,8 @@ pub fn encode(request_id: u64, message: &Message, out: &mut Vec<u8>) -> Result<(
         Message::Write(body) => encode_body(body, out),
         Message::Delete(body) => encode_body(body, out),
         Message::Error(body) => encode_body(body, out),
+        Message::RdmaRead(body) => encode_body(body, out),
+        Message::RdmaReadDone(body) => encode_body(body, out),
         Message::WriteDone | Message::DeleteDone => Ok(0),
     };
     let body = match encoded {
@@ -340,6 +391,8 @@ pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
             Message::DeleteDone
         }
         Opcode::Error => Message::Error(decode_exact(opcode, body)?),
+        Opcode::RdmaRead => Message::RdmaRead(decode_exact(opcode, body)?),
+        Opcode::RdmaReadDone => Message::RdmaReadDone(decode_exact(opcode, body)?),
     };
     let body_payload = message.payload_len();
     if body_payload != header.payload_len {

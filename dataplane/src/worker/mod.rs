@@ -162,6 +162,17 @@ pub trait RequestSource: Send {
         None
     }
 
+    /// Called once, before the first poll, with the worker's buffer pool (every completion's
+    /// lease points into it): a source that hands buffers to a device (an RDMA HCA) registers
+    /// it here.
+    ///
+    /// # Safety
+    /// The pool stays mapped as long as the source lives.
+    unsafe fn register_buffers(&mut self, base: *mut u8, len: usize) -> Result<(), String> {
+        let _ = (base, len);
+        Ok(())
+    }
+
     /// The source finished and none of its requests is in flight.
     fn close(self: Box<Self>);
 }
@@ -348,6 +359,13 @@ impl Worker {
             unsafe { device.register_buffers(&regions) }
                 .map_err(|error| crate::error_chain(&error))?;
             owned.push(Drive { device, store });
+        }
+        let mut sources = sources;
+        let (base, len) = pool.arena();
+        for source in &mut sources {
+            // SAFETY: the pool is a field of this worker and outlives its sources (they are
+            // closed, and dropped, before the worker ends).
+            unsafe { source.register_buffers(base, len) }?;
         }
         let in_flight_max = config.in_flight_max.max(1);
         Ok(Worker {

@@ -1,0 +1,888 @@
+//! The RDMA transport, daemon side: per worker, the HCA nearest its NUMA node, one completion
+//! queue, the worker's buffer pool registered with the device, and the queue pairs of the
+//! sessions the TCP handshake set up.
+//!
+//! A session is a reliable-connected queue pair plus the authenticated TCP connection it was
+//! negotiated on, kept open as the side channel: when it closes, the session ends. Requests
+//! arrive as SENDs into small receive slots (frames of the wire protocol, no payload); a read
+//! is answered with an RDMA WRITE of the chunk bytes, straight from the pool buffer the drive
+//! read into, to the address and key the client named, followed by a SEND of `RdmaReadDone`
+//! with their CRC32C. One completion (the SEND's) covers both. The client never has more
+//! requests outstanding than the session's credits (receive slots), and this side never more
+//! than two send slots per credit, so the work requests posted are bounded.
+
+use std::collections::VecDeque;
+use std::io::{self, Read as _};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::queue_pair::ExtendedQueuePair;
+
+use super::verbs::{
+    self, Completions, DEFAULT_CREDITS, MESSAGE_SLOT, RdmaDevice, RdmaError, WorkCompletion,
+};
+use crate::buffer::BufferLease;
+use crate::net::tcp::{EventFd, locate};
+use crate::net::wire::{
+    self, ErrorReply, HEADER_SIZE, Header, Message, RdmaEndpoint, RdmaReadDone,
+};
+use crate::store::ChunkStore;
+use crate::store::format::crc32c;
+use crate::worker::{Completion, Op, Output, RequestSource};
+
+/// Sessions one worker serves at most; more are refused RDMA (and stay on TCP).
+pub const MAX_SESSIONS: usize = 64;
+
+/// The RDMA side of a daemon, per worker: what the handshake uses to set sessions up, and the
+/// request source the worker polls. A worker without a usable device has neither.
+#[derive(Debug)]
+pub struct RdmaService {
+    pub(crate) workers: Vec<Option<(Arc<RdmaAcceptor>, RdmaSource)>>,
+}
+
+impl RdmaService {
+    /// Opens `devices[worker]` for each worker (the HCA nearest its node, from the worker
+    /// plan; `None`: that worker serves TCP only). A device that fails to open is logged and
+    /// its workers serve TCP only.
+    pub fn new(
+        devices: &[Option<String>],
+        stores: Arc<[Arc<ChunkStore>]>,
+        node: &str,
+        max_payload: u32,
+    ) -> RdmaService {
+        let mut opened: Vec<(String, Arc<RdmaDevice>)> = Vec::new();
+        let mut workers = Vec::new();
+        for (worker, name) in devices.iter().enumerate() {
+            let Some(name) = name else {
+                workers.push(None);
+                continue;
+            };
+            let device = match opened.iter().find(|(opened, _)| opened == name) {
+                Some((_, device)) => Ok(device.clone()),
+                None => RdmaDevice::open(Some(name)).inspect(|device| {
+                    opened.push((name.clone(), device.clone()));
+                }),
+            };
+            let built = device.and_then(|device| {
+                RdmaSource::new(device, stores.clone(), node, max_payload, worker)
+            });
+            match built {
+                Ok(pair) => workers.push(Some(pair)),
+                Err(error) => {
+                    tracing::warn!(worker, device = name, %error, "no RDMA for this worker: TCP only");
+                    workers.push(None);
+                }
+            }
+        }
+        RdmaService { workers }
+    }
+
+    /// The device each worker posts to.
+    pub fn devices(&self) -> Vec<Option<String>> {
+        self.workers
+            .iter()
+            .map(|worker| {
+                worker
+                    .as_ref()
+                    .map(|(acceptor, _)| acceptor.device.name().to_string())
+            })
+            .collect()
+    }
+}
+
+/// A queue pair set up by the handshake, not yet adopted by its worker.
+pub(crate) struct Session {
+    // Field order is drop order: the queue pair goes before the memory it points into.
+    qp: ExtendedQueuePair,
+    slab_mr: Arc<MemoryRegion>,
+    slab: Box<[u8]>,
+    credits: u32,
+    stream: Option<TcpStream>,
+    peer: Option<SocketAddr>,
+}
+
+/// Sets sessions up for one worker, from the handshake threads.
+pub struct RdmaAcceptor {
+    device: Arc<RdmaDevice>,
+    cq: verbs::CompletionQueueHandle,
+    inbox: Sender<Session>,
+    notify: Arc<EventFd>,
+    sessions: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for RdmaAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaAcceptor")
+            .field("device", &self.device.name())
+            .finish()
+    }
+}
+
+impl RdmaAcceptor {
+    /// Creates this side's queue pair for the client's endpoint, posts its receives, and
+    /// brings it to RTS. Returns the endpoint to send back in `Welcome`.
+    pub(crate) fn accept(
+        &self,
+        remote: &RdmaEndpoint,
+    ) -> Result<(RdmaEndpoint, Session), RdmaError> {
+        if self.sessions.load(Ordering::SeqCst) >= MAX_SESSIONS {
+            return Err(RdmaError::Unavailable(format!(
+                "this worker already serves {MAX_SESSIONS} RDMA sessions"
+            )));
+        }
+        if remote.credits == 0 {
+            return Err(RdmaError::BadEndpoint(
+                "the client offers no credits".into(),
+            ));
+        }
+        let credits = remote.credits.min(DEFAULT_CREDITS);
+        let sends = 2 * credits;
+        let mut slab = vec![0u8; (credits + sends) as usize * MESSAGE_SLOT].into_boxed_slice();
+        // SAFETY: the slab lives in the session next to its region and is dropped after it.
+        let slab_mr = unsafe { self.device.register(slab.as_mut_ptr(), slab.len(), false)? };
+        // Each reply is at most a WRITE and a SEND.
+        let mut qp = self
+            .device
+            .queue_pair(&self.cq, 2 * sends, credits, false)?;
+        for index in 0..credits {
+            let addr = slab.as_ptr() as u64 + u64::from(index) * MESSAGE_SLOT as u64;
+            verbs::post_recv(
+                &mut qp,
+                recv_wr_id(index as u16),
+                slab_mr.lkey(),
+                addr,
+                MESSAGE_SLOT as u32,
+            )?;
+        }
+        let psn = verbs::random_psn();
+        self.device.connect(&mut qp, psn, remote)?;
+        let local = self.device.endpoint(&qp, psn, credits);
+        Ok((
+            local,
+            Session {
+                qp,
+                slab_mr,
+                slab,
+                credits,
+                stream: None,
+                peer: None,
+            },
+        ))
+    }
+
+    /// Gives the session, with its side channel, to the worker. Called before the `Welcome`
+    /// goes out, so the worker knows the queue pair before any request can arrive on it.
+    pub(crate) fn hand_over(&self, mut session: Session, stream: TcpStream, peer: SocketAddr) {
+        session.stream = Some(stream);
+        session.peer = Some(peer);
+        self.sessions.fetch_add(1, Ordering::SeqCst);
+        if self.inbox.send(session).is_ok() {
+            self.notify.signal();
+        } else {
+            self.sessions.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A work request's id: the message slot it uses, and whether it is a receive. Completions
+/// find their session by queue pair number.
+const RECV_BIT: u64 = 1 << 31;
+
+fn recv_wr_id(index: u16) -> u64 {
+    RECV_BIT | u64::from(index)
+}
+
+fn send_wr_id(index: u16) -> u64 {
+    u64::from(index)
+}
+
+/// A reply waiting for a free send slot.
+enum Reply {
+    Read {
+        lease: BufferLease,
+        addr: u64,
+        rkey: u32,
+    },
+    Message(Message),
+}
+
+struct Live {
+    session: Session,
+    /// Tells this session from earlier ones in the same slot, so a late worker completion
+    /// never reaches the wrong client.
+    generation: u16,
+    qp_num: u32,
+    free_sends: Vec<u16>,
+    /// The pool buffer each send slot's WRITE reads from, held until its SEND completes.
+    send_leases: Vec<Option<BufferLease>>,
+    sends_posted: usize,
+    backlog: VecDeque<(u64, Reply)>,
+    in_flight: usize,
+    /// No more requests: the side channel closed or the server stops.
+    closing: bool,
+    /// The queue pair is in the error state (or must be put there).
+    broken: Option<Instant>,
+}
+
+/// A worker's request in flight: which session, and where its bytes go.
+#[derive(Clone, Copy)]
+struct Pending {
+    slot: usize,
+    generation: u16,
+    request_id: u64,
+    addr: u64,
+    rkey: u32,
+}
+
+/// Epoll keys besides session slots.
+const NOTIFY_KEY: u64 = u64::MAX;
+const CQ_KEY: u64 = u64::MAX - 1;
+/// How long a broken session waits for its flushed work requests before it is dropped anyway.
+const FLUSH_GRACE: Duration = Duration::from_secs(1);
+
+/// The RDMA sessions one worker serves, as a [`RequestSource`].
+pub struct RdmaSource {
+    device: Arc<RdmaDevice>,
+    completions: Completions,
+    armed: bool,
+    pool_mr: Option<Arc<MemoryRegion>>,
+    epoll: OwnedFd,
+    notify: Arc<EventFd>,
+    incoming: Receiver<Session>,
+    accepting: bool,
+    sessions: Vec<Option<Live>>,
+    session_count: Arc<AtomicUsize>,
+    generations: u16,
+    pending: Vec<Option<Pending>>,
+    free_tags: Vec<usize>,
+    ready: VecDeque<(u64, usize, Op)>,
+    stores: Arc<[Arc<ChunkStore>]>,
+    node: String,
+    max_payload: u32,
+    wcs: Vec<WorkCompletion>,
+    events: Vec<libc::epoll_event>,
+}
+
+impl std::fmt::Debug for RdmaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaSource")
+            .field("device", &self.device.name())
+            .field("sessions", &self.sessions.iter().flatten().count())
+            .finish()
+    }
+}
+
+impl RdmaSource {
+    fn new(
+        device: Arc<RdmaDevice>,
+        stores: Arc<[Arc<ChunkStore>]>,
+        node: &str,
+        max_payload: u32,
+        worker: usize,
+    ) -> Result<(Arc<RdmaAcceptor>, RdmaSource), RdmaError> {
+        let device_name = device.name().to_string();
+        let io_error = |what: &'static str| {
+            let device = device_name.clone();
+            move |error: io::Error| RdmaError::Verbs {
+                device,
+                what,
+                reason: error.to_string(),
+            }
+        };
+        // Every session: its receives, and a send per send slot (the WRITEs are unsignaled).
+        let entries = (MAX_SESSIONS as u32) * 3 * DEFAULT_CREDITS;
+        let completions = device.completion_queue(entries)?;
+        let notify = Arc::new(EventFd::new().map_err(io_error("creating an eventfd"))?);
+        // SAFETY: epoll_create1 takes a flag and returns a new fd or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io_error("creating an epoll set")(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let acceptor = Arc::new(RdmaAcceptor {
+            device: device.clone(),
+            cq: completions.handle(),
+            inbox: sender,
+            notify: notify.clone(),
+            sessions: sessions.clone(),
+        });
+        let source = RdmaSource {
+            device,
+            completions,
+            armed: false,
+            pool_mr: None,
+            epoll,
+            notify,
+            incoming: receiver,
+            accepting: true,
+            sessions: Vec::new(),
+            session_count: sessions,
+            generations: 0,
+            pending: Vec::new(),
+            free_tags: Vec::new(),
+            ready: VecDeque::new(),
+            stores,
+            node: node.to_string(),
+            max_payload,
+            wcs: Vec::with_capacity(256),
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 64],
+        };
+        source
+            .watch(source.notify.as_raw_fd(), NOTIFY_KEY)
+            .map_err(io_error("watching an eventfd"))?;
+        source
+            .watch(source.completions.fd(), CQ_KEY)
+            .map_err(io_error("watching a completion channel"))?;
+        tracing::info!(
+            worker,
+            device = source.device.name(),
+            gid_index = source.device.gid_index(),
+            "RDMA ready"
+        );
+        Ok((acceptor, source))
+    }
+
+    fn watch(&self, fd: RawFd, key: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: key,
+        };
+        // SAFETY: registers `fd` in our epoll set; `event` is read during the call only.
+        let result =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn adopt(&mut self, session: Session) {
+        let peer = session.peer.expect("handed over with its peer");
+        let slot = match self.sessions.iter().position(Option::is_none) {
+            Some(slot) => slot,
+            None => {
+                self.sessions.push(None);
+                self.sessions.len() - 1
+            }
+        };
+        let stream = session
+            .stream
+            .as_ref()
+            .expect("handed over with its stream");
+        if let Err(error) = stream
+            .set_nonblocking(true)
+            .and_then(|()| self.watch(stream.as_raw_fd(), slot as u64))
+        {
+            tracing::warn!(%peer, %error, "cannot watch an RDMA side channel: session dropped");
+            self.session_count.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        self.generations = self.generations.wrapping_add(1);
+        let generation = self.generations;
+        let sends = 2 * session.credits as usize;
+        let qp_num = {
+            use sideway::ibverbs::queue_pair::QueuePair as _;
+            session.qp.qp_number()
+        };
+        let live = Live {
+            generation,
+            qp_num,
+            free_sends: (0..sends as u16).rev().collect(),
+            send_leases: (0..sends).map(|_| None).collect(),
+            sends_posted: 0,
+            backlog: VecDeque::new(),
+            in_flight: 0,
+            closing: false,
+            broken: None,
+            session,
+        };
+        tracing::info!(%peer, slot, qp_num, credits = live.session.credits, "RDMA session started");
+        self.sessions[slot] = Some(live);
+    }
+
+    /// Reads the side channels that epoll reported, the new-session signal and the CQ event.
+    fn harvest(&mut self) -> bool {
+        let mut cq_event = false;
+        loop {
+            // SAFETY: epoll_wait writes at most `events.len()` entries into our vector.
+            let count = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    self.events.as_mut_ptr(),
+                    self.events.len() as i32,
+                    0,
+                )
+            };
+            if count <= 0 {
+                return cq_event;
+            }
+            for index in 0..count as usize {
+                match self.events[index].u64 {
+                    NOTIFY_KEY => self.notify.clear(),
+                    CQ_KEY => {
+                        cq_event = true;
+                        self.armed = false;
+                    }
+                    slot => {
+                        if let Some(Some(live)) = self.sessions.get_mut(slot as usize) {
+                            read_side_channel(live);
+                        }
+                    }
+                }
+            }
+            if (count as usize) < self.events.len() {
+                return cq_event;
+            }
+        }
+    }
+
+    fn session_of(&self, qp_num: u32) -> Option<usize> {
+        self.sessions
+            .iter()
+            .position(|live| live.as_ref().is_some_and(|live| live.qp_num == qp_num))
+    }
+
+    fn adopt_new(&mut self) {
+        loop {
+            match self.incoming.try_recv() {
+                Ok(session) => self.adopt(session),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.accepting = false;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, wc: WorkCompletion) {
+        let is_recv = wc.wr_id & RECV_BIT != 0;
+        let index = (wc.wr_id & 0xFFFF) as usize;
+        let mut slot = self.session_of(wc.qp_num);
+        if slot.is_none() && self.accepting {
+            // The session was handed over after this poll looked at the inbox, but before
+            // its Welcome went out: it is there now.
+            self.adopt_new();
+            slot = self.session_of(wc.qp_num);
+        }
+        let Some(slot) = slot else {
+            return; // A session that is gone (its flushed work requests).
+        };
+        let live = self.sessions[slot].as_mut().expect("found");
+        if !is_recv {
+            live.sends_posted -= 1;
+            if let Some(lease) = live.send_leases.get_mut(index) {
+                lease.take();
+            }
+            live.free_sends.push(index as u16);
+        }
+        if !wc.ok() {
+            if live.broken.is_none() {
+                let peer = live.session.peer.expect("adopted with its peer");
+                tracing::warn!(%peer, status = wc.status_text(), "RDMA session failed");
+                break_session(live);
+            }
+            return;
+        }
+        if is_recv {
+            self.receive(slot, index, wc.byte_len as usize);
+        } else {
+            flush_backlog(live, &self.pool_mr);
+        }
+    }
+
+    /// One request arrived in receive slot `index` of session `slot`.
+    fn receive(&mut self, slot: usize, index: usize, len: usize) {
+        let live = self.sessions[slot].as_mut().expect("checked by the caller");
+        let base = live.session.slab.as_ptr() as u64 + (index * MESSAGE_SLOT) as u64;
+        let parsed = parse_request(&live.session.slab[index * MESSAGE_SLOT..][..len]);
+        // The slot is free again as soon as the request is parsed.
+        let repost = verbs::post_recv(
+            &mut live.session.qp,
+            recv_wr_id(index as u16),
+            live.session.slab_mr.lkey(),
+            base,
+            MESSAGE_SLOT as u32,
+        );
+        if let Err(error) = repost {
+            tracing::warn!(%error, "re-posting a receive failed");
+            break_session(live);
+            return;
+        }
+        if live.closing {
+            return;
+        }
+        let (request_id, message) = match parsed {
+            Ok(parsed) => parsed,
+            Err((request_id, error)) => {
+                let peer = live.session.peer.expect("adopted with its peer");
+                tracing::warn!(%peer, %error, "malformed RDMA request: closing the session");
+                let text = format!("{}: {error}", self.node);
+                reply(
+                    live,
+                    &self.pool_mr,
+                    request_id,
+                    error_reply(libc::EPROTO, text),
+                );
+                live.closing = true;
+                return;
+            }
+        };
+        let (op, addr, rkey) = match request(self.max_payload, &message) {
+            Ok(request) => request,
+            Err((errno, text)) => {
+                let text = format!("{}: {text}", self.node);
+                reply(live, &self.pool_mr, request_id, error_reply(errno, text));
+                return;
+            }
+        };
+        let drive = match &op {
+            Op::Read { chunk, .. } | Op::Delete { chunk } => locate(&self.stores, *chunk),
+            Op::Write { .. } => unreachable!("requests over RDMA never write"),
+        };
+        let drive = match drive {
+            Ok(drive) => drive,
+            Err((errno, text)) => {
+                let text = format!("{}: {text}", self.node);
+                reply(live, &self.pool_mr, request_id, error_reply(errno, text));
+                return;
+            }
+        };
+        live.in_flight += 1;
+        let pending = Pending {
+            slot,
+            generation: live.generation,
+            request_id,
+            addr,
+            rkey,
+        };
+        let tag = match self.free_tags.pop() {
+            Some(tag) => {
+                self.pending[tag] = Some(pending);
+                tag
+            }
+            None => {
+                self.pending.push(Some(pending));
+                self.pending.len() - 1
+            }
+        };
+        self.ready.push_back((tag as u64, drive, op));
+    }
+}
+
+/// What a request frame asks, with the client's destination for a read.
+fn request(max_payload: u32, message: &Message) -> Result<(Op, u64, u32), (i32, String)> {
+    match message {
+        Message::RdmaRead(read) => {
+            if read.len > max_payload {
+                return Err((
+                    libc::EINVAL,
+                    format!(
+                        "read of {} bytes exceeds the {}-byte limit",
+                        read.len, max_payload
+                    ),
+                ));
+            }
+            Ok((
+                Op::Read {
+                    chunk: read.chunk,
+                    offset: read.offset,
+                    len: read.len,
+                },
+                read.addr,
+                read.rkey,
+            ))
+        }
+        Message::Delete(delete) => Ok((
+            Op::Delete {
+                chunk: delete.chunk,
+            },
+            0,
+            0,
+        )),
+        Message::Write(_) => Err((
+            libc::EOPNOTSUPP,
+            "writes go over TCP; an RDMA session serves reads and deletes".into(),
+        )),
+        other => Err((
+            libc::EPROTO,
+            format!("{:?} is not a request over RDMA", other.opcode()),
+        )),
+    }
+}
+
+impl RdmaSource {
+    /// Ends sessions that are done: their queue pair goes to the error state once nothing of
+    /// theirs is in the worker, and they are dropped once its sends are flushed.
+    fn reap(&mut self) {
+        for slot in 0..self.sessions.len() {
+            let Some(live) = self.sessions[slot].as_mut() else {
+                continue;
+            };
+            if !self.accepting {
+                live.closing = true;
+            }
+            if live.in_flight > 0 || (!live.closing && live.broken.is_none()) {
+                continue;
+            }
+            if live.broken.is_none() && live.sends_posted > 0 && live.closing {
+                // Let the last replies go out before tearing down.
+                continue;
+            }
+            if live.broken.is_none() {
+                break_session(live);
+            }
+            let flushed = live.sends_posted == 0;
+            let overdue = live
+                .broken
+                .is_some_and(|since| since.elapsed() > FLUSH_GRACE);
+            if flushed || overdue {
+                let live = self.sessions[slot].take().expect("checked");
+                let peer = live.session.peer.expect("adopted with its peer");
+                tracing::info!(%peer, "RDMA session ended");
+                self.session_count.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Any byte on the side channel breaks the protocol (nothing is sent there once the session
+/// is set up); EOF means the client left.
+fn read_side_channel(live: &mut Live) {
+    let Some(stream) = live.session.stream.as_mut() else {
+        return;
+    };
+    let mut byte = [0u8; 64];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => {
+                live.closing = true;
+                return;
+            }
+            Ok(_) => {
+                let peer = live.session.peer.expect("adopted with its peer");
+                tracing::warn!(%peer, "bytes on an RDMA side channel: closing the session");
+                live.closing = true;
+                return;
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                live.closing = true;
+                return;
+            }
+        }
+    }
+}
+
+fn break_session(live: &mut Live) {
+    live.closing = true;
+    if live.broken.is_none() {
+        verbs::disconnect(&mut live.session.qp);
+        live.broken = Some(Instant::now());
+        live.backlog.clear();
+    }
+}
+
+/// A request frame from a receive slot: header and body, no payload.
+fn parse_request(bytes: &[u8]) -> Result<(u64, Message), (u64, wire::WireError)> {
+    let truncated = || (0, wire::WireError::Truncated { len: bytes.len() });
+    let head: &[u8; HEADER_SIZE] = bytes
+        .get(..HEADER_SIZE)
+        .and_then(|head| head.try_into().ok())
+        .ok_or_else(truncated)?;
+    let header = Header::decode(head, 0).map_err(|error| (0, error))?;
+    let body = bytes
+        .get(HEADER_SIZE..HEADER_SIZE + header.body_len as usize)
+        .ok_or((
+            header.request_id,
+            wire::WireError::Truncated { len: bytes.len() },
+        ))?;
+    let message = wire::decode_body(&header, body).map_err(|error| (header.request_id, error))?;
+    Ok((header.request_id, message))
+}
+
+fn error_reply(errno: i32, mut message: String) -> Reply {
+    // The frame must fit one message slot.
+    let limit = MESSAGE_SLOT - HEADER_SIZE - 32;
+    if message.len() > limit {
+        let mut cut = limit;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    Reply::Message(Message::Error(ErrorReply { errno, message }))
+}
+
+/// Sends a reply now if a send slot is free, else queues it behind the others.
+fn reply(live: &mut Live, pool_mr: &Option<Arc<MemoryRegion>>, request_id: u64, reply: Reply) {
+    if live.broken.is_some() {
+        return;
+    }
+    live.backlog.push_back((request_id, reply));
+    flush_backlog(live, pool_mr);
+}
+
+fn flush_backlog(live: &mut Live, pool_mr: &Option<Arc<MemoryRegion>>) {
+    while live.broken.is_none() && !live.backlog.is_empty() {
+        let Some(index) = live.free_sends.pop() else {
+            return;
+        };
+        let (request_id, reply) = live.backlog.pop_front().expect("not empty");
+        let credits = live.session.credits as usize;
+        let offset = (credits + usize::from(index)) * MESSAGE_SLOT;
+        let message_addr = live.session.slab.as_ptr() as u64 + offset as u64;
+        let (message, data) = match reply {
+            Reply::Read { lease, addr, rkey } => {
+                let done = Message::RdmaReadDone(RdmaReadDone {
+                    len: lease.len() as u32,
+                    crc: crc32c(lease.as_slice()),
+                });
+                (done, Some((lease, addr, rkey)))
+            }
+            Reply::Message(message) => (message, None),
+        };
+        let mut frame = Vec::with_capacity(MESSAGE_SLOT);
+        if let Err(error) = wire::encode(request_id, &message, &mut frame) {
+            tracing::error!(%error, "RDMA reply not encodable");
+            live.free_sends.push(index);
+            continue;
+        }
+        if frame.len() > MESSAGE_SLOT {
+            tracing::error!(len = frame.len(), "RDMA reply larger than a message slot");
+            live.free_sends.push(index);
+            continue;
+        }
+        live.session.slab[offset..offset + frame.len()].copy_from_slice(&frame);
+        let lkey = live.session.slab_mr.lkey();
+        let wr_id = send_wr_id(index);
+        let posted = match data {
+            Some((lease, addr, rkey)) => {
+                let Some(pool_mr) = pool_mr else {
+                    tracing::error!("the buffer pool is not registered with the RDMA device");
+                    live.free_sends.push(index);
+                    continue;
+                };
+                let local = (
+                    pool_mr.lkey(),
+                    lease.as_slice().as_ptr() as u64,
+                    lease.len() as u32,
+                );
+                let result = verbs::post_write_and_send(
+                    &mut live.session.qp,
+                    wr_id,
+                    local,
+                    rkey,
+                    addr,
+                    (lkey, message_addr, frame.len() as u32),
+                );
+                live.send_leases[usize::from(index)] = Some(lease);
+                result
+            }
+            None => verbs::post_send(
+                &mut live.session.qp,
+                wr_id,
+                (lkey, message_addr, frame.len() as u32),
+            ),
+        };
+        match posted {
+            Ok(()) => live.sends_posted += 1,
+            Err(error) => {
+                tracing::warn!(%error, "posting an RDMA reply failed");
+                live.send_leases[usize::from(index)] = None;
+                live.free_sends.push(index);
+                break_session(live);
+            }
+        }
+    }
+}
+
+impl RequestSource for RdmaSource {
+    fn poll(&mut self, max: usize, requests: &mut Vec<(u64, usize, Op)>) -> bool {
+        if self.accepting {
+            self.adopt_new();
+        }
+        self.harvest();
+        let mut wcs = std::mem::take(&mut self.wcs);
+        let polled = self.completions.poll(&mut wcs);
+        if matches!(polled, Ok(0)) && !self.armed {
+            // About to go idle: ask for an event on the next completion, then look once more
+            // (one that landed before arming raises none).
+            match self.completions.arm() {
+                Ok(()) => self.armed = true,
+                Err(error) => tracing::warn!(%error, "arming the RDMA completion queue failed"),
+            }
+            let _ = self.completions.poll(&mut wcs);
+        }
+        if let Err(error) = polled {
+            tracing::error!(%error, "polling the RDMA completion queue failed");
+        }
+        for wc in wcs.drain(..) {
+            self.handle(wc);
+        }
+        self.wcs = wcs;
+        let take = max.min(self.ready.len());
+        requests.extend(self.ready.drain(..take));
+        self.reap();
+        self.accepting || self.sessions.iter().any(Option::is_some)
+    }
+
+    fn complete(&mut self, completion: Completion) {
+        let Some(pending) = self
+            .pending
+            .get_mut(completion.tag as usize)
+            .and_then(Option::take)
+        else {
+            tracing::error!(
+                tag = completion.tag,
+                "completion for an unknown RDMA request"
+            );
+            return;
+        };
+        self.free_tags.push(completion.tag as usize);
+        let Some(live) = self.sessions[pending.slot]
+            .as_mut()
+            .filter(|live| live.generation == pending.generation)
+        else {
+            return; // The session ended; the lease goes back to the pool here.
+        };
+        live.in_flight -= 1;
+        let answer = match completion.result {
+            Ok(Output::Read(lease)) => Reply::Read {
+                lease,
+                addr: pending.addr,
+                rkey: pending.rkey,
+            },
+            Ok(Output::Deleted) => Reply::Message(Message::DeleteDone),
+            Ok(Output::Written) => Reply::Message(Message::WriteDone),
+            Err(error) => error_reply(
+                error.errno(),
+                format!("{}: {}", self.node, crate::error_chain(&error)),
+            ),
+        };
+        reply(live, &self.pool_mr, pending.request_id, answer);
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+
+    unsafe fn register_buffers(&mut self, base: *mut u8, len: usize) -> Result<(), String> {
+        // SAFETY: the worker keeps its pool mapped while its sources live.
+        let region =
+            unsafe { self.device.register(base, len, false) }.map_err(|error| error.to_string())?;
+        self.pool_mr = Some(region);
+        Ok(())
+    }
+
+    fn close(self: Box<Self>) {}
+}

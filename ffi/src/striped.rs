@@ -1,0 +1,484 @@
+//! Striped reads: one file's chunks spread over N daemons, read concurrently into one
+//! buffer, every byte checksum-verified, with failover between replicas.
+//!
+//! Each chunk goes to its nearest live replica (lowest distance; equally near replicas take
+//! turns, so load spreads). Every daemon with work gets its own thread and connection, and
+//! reads its chunks pipelined, in windows, straight into their places in the buffer. When a
+//! daemon fails (connection lost, framing error, a chunk it cannot serve), its unfinished
+//! chunks move to their next replica in a new round; the failed connection is fenced first,
+//! so a late RDMA WRITE from a daemon presumed dead cannot land on bytes another replica
+//! delivered. A read fails only when some chunk has no replica left, and then says which
+//! chunk and what each replica answered.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tier0_dataplane::store::ChunkId;
+
+use crate::buffer::ReadBuffer;
+use crate::daemon::{ClientError, ReadInto};
+use crate::rdma::RdmaClient;
+use crate::transport::{self, Transport, TransportChoice, TransportKind};
+
+/// A daemon the file is striped over.
+#[derive(Clone, Debug)]
+pub struct DaemonEndpoint {
+    pub addr: SocketAddr,
+    /// How far it is from this client (topology distance: 0 on this host; the control plane
+    /// fills it in). Lower is preferred.
+    pub distance: u32,
+}
+
+/// One chunk of a striped file: where its bytes sit in the file, and which daemons hold it.
+#[derive(Clone, Debug)]
+pub struct StripedChunk {
+    pub chunk: ChunkId,
+    /// Offset of this chunk's first byte in the file (and in the read buffer).
+    pub file_offset: u64,
+    pub len: u32,
+    /// Indices into the reader's daemons; any order (the reader ranks them).
+    pub replicas: Vec<usize>,
+}
+
+/// The layout of one file over the reader's daemons.
+#[derive(Clone, Debug, Default)]
+pub struct StripedFile {
+    pub chunks: Vec<StripedChunk>,
+}
+
+impl StripedFile {
+    pub fn len(&self) -> u64 {
+        self.chunks
+            .iter()
+            .map(|chunk| chunk.file_offset + u64::from(chunk.len))
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StripedError {
+    #[error("the buffer holds {buffer} bytes, the file {file}")]
+    BufferTooSmall { buffer: usize, file: u64 },
+    #[error("chunks {first} and {second} overlap in the file")]
+    Overlap { first: usize, second: usize },
+    #[error("chunk {index} names daemon {daemon}, but there are {daemons}")]
+    NoSuchDaemon {
+        index: usize,
+        daemon: usize,
+        daemons: usize,
+    },
+    #[error("chunk {index} ({chunk}) could not be read from any replica: {}", attempts.join("; "))]
+    Unreadable {
+        index: usize,
+        chunk: ChunkId,
+        attempts: Vec<String>,
+    },
+    #[error("registering the read buffer: {0}")]
+    Register(#[from] tier0_dataplane::net::rdma::RdmaError),
+}
+
+/// What a striped read did.
+#[derive(Clone, Debug, Default)]
+pub struct ReadReport {
+    pub bytes: u64,
+    /// Chunks read from a replica other than the first one chosen.
+    pub failovers: usize,
+    /// Rounds: 1 when nothing failed.
+    pub rounds: usize,
+    /// Bytes each daemon delivered, by daemon index.
+    pub per_daemon: Vec<u64>,
+}
+
+struct Daemon {
+    endpoint: DaemonEndpoint,
+    transport: Option<Box<dyn Transport>>,
+    /// Failed as a connection in this reader: skipped while other replicas remain.
+    dead: bool,
+}
+
+/// Called after each chunk lands, with its index in the file's chunk list and the index of
+/// the daemon that delivered it, from that daemon's reading thread.
+pub type Progress = Arc<dyn Fn(usize, usize) + Send + Sync>;
+
+/// Reads striped files from a set of daemons; keeps one connection per daemon across reads.
+pub struct StripedReader {
+    daemons: Vec<Daemon>,
+    token: Vec<u8>,
+    client: String,
+    choice: TransportChoice,
+    rdma: Option<Arc<RdmaClient>>,
+    timeout: Duration,
+    /// Requests one connection has in flight at most.
+    window: usize,
+    progress: Option<Progress>,
+}
+
+impl std::fmt::Debug for StripedReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripedReader")
+            .field("daemons", &self.daemons.len())
+            .field("choice", &self.choice)
+            .finish()
+    }
+}
+
+impl StripedReader {
+    /// `rdma`: this host's device (`None`: TCP). `choice` may force a transport.
+    pub fn new(
+        daemons: Vec<DaemonEndpoint>,
+        token: &[u8],
+        client: &str,
+        choice: TransportChoice,
+        rdma: Option<Arc<RdmaClient>>,
+    ) -> StripedReader {
+        StripedReader {
+            daemons: daemons
+                .into_iter()
+                .map(|endpoint| Daemon {
+                    endpoint,
+                    transport: None,
+                    dead: false,
+                })
+                .collect(),
+            token: token.to_vec(),
+            client: client.to_string(),
+            choice,
+            rdma,
+            timeout: Duration::from_secs(10),
+            window: 16,
+            progress: None,
+        }
+    }
+
+    /// How long a connection may make no progress before it counts as dead.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Requests in flight per connection.
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.window = window.max(1);
+        self
+    }
+
+    /// Called after every chunk that landed (from the reading threads).
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// The transport each daemon is connected with, if it is.
+    pub fn transports(&self) -> Vec<Option<TransportKind>> {
+        self.daemons
+            .iter()
+            .map(|daemon| daemon.transport.as_ref().map(|t| t.kind()))
+            .collect()
+    }
+
+    /// Reads all of `file` into `buffer` (at each chunk's file offset).
+    pub fn read(
+        &mut self,
+        file: &StripedFile,
+        buffer: &mut ReadBuffer,
+    ) -> Result<ReadReport, StripedError> {
+        self.check(file, buffer)?;
+        if let Some(rdma) = &self.rdma
+            && self.choice != TransportChoice::Tcp
+        {
+            rdma.register(buffer)?;
+        }
+        let chunks = &file.chunks;
+        let mut report = ReadReport {
+            per_daemon: vec![0; self.daemons.len()],
+            ..ReadReport::default()
+        };
+        // Per chunk: replicas not yet tried, nearest first, and what the tried ones said.
+        let mut untried: Vec<Vec<usize>> = chunks
+            .iter()
+            .enumerate()
+            .map(|(index, chunk)| self.rank(index, &chunk.replicas))
+            .collect();
+        let mut attempts: Vec<Vec<String>> = vec![Vec::new(); chunks.len()];
+        let mut todo: Vec<usize> = (0..chunks.len()).collect();
+        let mut first_round = true;
+        while !todo.is_empty() {
+            report.rounds += 1;
+            // Assign each chunk to its best untried replica, preferring live daemons.
+            let mut plan: Vec<Vec<usize>> = vec![Vec::new(); self.daemons.len()];
+            for &index in &todo {
+                let candidates = &mut untried[index];
+                let pick = candidates
+                    .iter()
+                    .position(|&daemon| !self.daemons[daemon].dead)
+                    .or(if candidates.is_empty() { None } else { Some(0) });
+                let Some(pick) = pick else {
+                    return Err(StripedError::Unreadable {
+                        index,
+                        chunk: chunks[index].chunk,
+                        attempts: std::mem::take(&mut attempts[index]),
+                    });
+                };
+                let daemon = candidates.remove(pick);
+                if !first_round {
+                    report.failovers += 1;
+                }
+                plan[daemon].push(index);
+            }
+            first_round = false;
+            // Carve the buffer into each chunk's destination, then hand each daemon its own.
+            let mut dests: Vec<Option<&mut [u8]>> = carve(buffer, chunks);
+            let mut work: Vec<Share<'_>> = Vec::new();
+            for (daemon_index, daemon) in self.daemons.iter_mut().enumerate() {
+                let assigned = std::mem::take(&mut plan[daemon_index]);
+                if assigned.is_empty() {
+                    continue;
+                }
+                let slices = assigned
+                    .into_iter()
+                    .map(|index| (index, dests[index].take().expect("one owner per chunk")))
+                    .collect();
+                work.push(Share {
+                    daemon_index,
+                    daemon,
+                    slices,
+                });
+            }
+            let settings = Settings {
+                token: &self.token,
+                client: &self.client,
+                choice: self.choice,
+                rdma: self.rdma.as_ref(),
+                timeout: self.timeout,
+                window: self.window,
+                progress: self.progress.as_ref(),
+            };
+            let outcomes: Vec<(usize, ChunkResults)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = work
+                    .into_iter()
+                    .map(
+                        |Share {
+                             daemon_index,
+                             daemon,
+                             slices,
+                         }| {
+                            let settings = &settings;
+                            scope.spawn(move || {
+                                let results =
+                                    read_from(daemon_index, daemon, slices, chunks, settings);
+                                (daemon_index, results)
+                            })
+                        },
+                    )
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|handle| handle.join().expect("a reading thread panicked"))
+                    .collect()
+            });
+            todo.clear();
+            for (daemon_index, results) in outcomes {
+                let daemon = &mut self.daemons[daemon_index];
+                let mut failed_connection = false;
+                for (index, result) in results {
+                    match result {
+                        Ok(()) => report.per_daemon[daemon_index] += u64::from(chunks[index].len),
+                        Err(error) => {
+                            failed_connection |= error.is_connection_failure();
+                            attempts[index].push(error.to_string());
+                            todo.push(index);
+                        }
+                    }
+                }
+                if failed_connection {
+                    daemon.dead = true;
+                    // No late write from it may land where another replica's bytes go.
+                    if let Some(mut transport) = daemon.transport.take() {
+                        transport.fence();
+                    }
+                }
+            }
+            todo.sort_unstable();
+        }
+        report.bytes = file.len();
+        Ok(report)
+    }
+
+    fn check(&self, file: &StripedFile, buffer: &ReadBuffer) -> Result<(), StripedError> {
+        if (buffer.len() as u64) < file.len() {
+            return Err(StripedError::BufferTooSmall {
+                buffer: buffer.len(),
+                file: file.len(),
+            });
+        }
+        for (index, chunk) in file.chunks.iter().enumerate() {
+            if let Some(&daemon) = chunk.replicas.iter().find(|&&d| d >= self.daemons.len()) {
+                return Err(StripedError::NoSuchDaemon {
+                    index,
+                    daemon,
+                    daemons: self.daemons.len(),
+                });
+            }
+        }
+        let mut order: Vec<usize> = (0..file.chunks.len()).collect();
+        order.sort_by_key(|&index| file.chunks[index].file_offset);
+        for pair in order.windows(2) {
+            let (a, b) = (&file.chunks[pair[0]], &file.chunks[pair[1]]);
+            if a.file_offset + u64::from(a.len) > b.file_offset {
+                return Err(StripedError::Overlap {
+                    first: pair[0],
+                    second: pair[1],
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Replicas nearest first; among equally near ones, rotated by chunk so they share load.
+    fn rank(&self, index: usize, replicas: &[usize]) -> Vec<usize> {
+        let mut ranked: Vec<usize> = replicas.to_vec();
+        ranked.sort_unstable();
+        ranked.dedup();
+        let turn = index % ranked.len().max(1);
+        ranked.rotate_left(turn);
+        ranked.sort_by_key(|&daemon| self.daemons[daemon].endpoint.distance);
+        ranked
+    }
+}
+
+/// Each chunk's destination slice in the buffer (disjoint: checked before).
+fn carve<'a>(buffer: &'a mut ReadBuffer, chunks: &[StripedChunk]) -> Vec<Option<&'a mut [u8]>> {
+    let mut order: Vec<usize> = (0..chunks.len()).collect();
+    order.sort_by_key(|&index| chunks[index].file_offset);
+    let mut dests: Vec<Option<&mut [u8]>> = (0..chunks.len()).map(|_| None).collect();
+    let mut rest: &mut [u8] = &mut buffer[..];
+    let mut position = 0u64;
+    for index in order {
+        let chunk = &chunks[index];
+        let skip = (chunk.file_offset - position) as usize;
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
+        let (dest, tail) = tail.split_at_mut(chunk.len as usize);
+        dests[index] = Some(dest);
+        rest = tail;
+        position = chunk.file_offset + u64::from(chunk.len);
+    }
+    dests
+}
+
+/// One daemon's part of a round: the chunks it reads and where they go.
+struct Share<'a> {
+    daemon_index: usize,
+    daemon: &'a mut Daemon,
+    slices: Vec<(usize, &'a mut [u8])>,
+}
+
+/// Each chunk's index and how its read went.
+type ChunkResults = Vec<(usize, Result<(), ClientError>)>;
+
+struct Settings<'a> {
+    token: &'a [u8],
+    client: &'a str,
+    choice: TransportChoice,
+    rdma: Option<&'a Arc<RdmaClient>>,
+    timeout: Duration,
+    window: usize,
+    progress: Option<&'a Progress>,
+}
+
+/// One daemon's share of a round: connect if needed, then read in windows.
+fn read_from(
+    daemon_index: usize,
+    daemon: &mut Daemon,
+    slices: Vec<(usize, &mut [u8])>,
+    chunks: &[StripedChunk],
+    settings: &Settings<'_>,
+) -> ChunkResults {
+    if daemon.transport.as_ref().is_none_or(|t| !t.is_healthy()) {
+        daemon.transport = None;
+        match transport::connect(
+            daemon.endpoint.addr,
+            settings.token,
+            settings.client,
+            settings.timeout,
+            settings.choice,
+            settings.rdma,
+        ) {
+            Ok(transport) => daemon.transport = Some(transport),
+            Err(error) => {
+                let text = error.to_string();
+                return slices
+                    .into_iter()
+                    .map(|(index, _)| {
+                        (
+                            index,
+                            Err(ClientError::Io {
+                                addr: daemon.endpoint.addr.to_string(),
+                                operation: "connecting",
+                                source: std::io::Error::new(
+                                    std::io::ErrorKind::ConnectionRefused,
+                                    text.clone(),
+                                ),
+                            }),
+                        )
+                    })
+                    .collect();
+            }
+        }
+    }
+    let transport = daemon.transport.as_mut().expect("connected above");
+    let mut results = Vec::with_capacity(slices.len());
+    let mut slices = slices.into_iter().peekable();
+    while slices.peek().is_some() {
+        let window: Vec<(usize, &mut [u8])> = slices.by_ref().take(settings.window).collect();
+        let indices: Vec<usize> = window.iter().map(|(index, _)| *index).collect();
+        let mut reads: Vec<ReadInto<'_>> = window
+            .into_iter()
+            .map(|(index, dest)| ReadInto {
+                chunk: chunks[index].chunk,
+                offset: 0,
+                dest,
+            })
+            .collect();
+        let outcome = transport.read_many(&mut reads);
+        for (index, result) in indices.into_iter().zip(outcome) {
+            if result.is_ok()
+                && let Some(progress) = settings.progress
+            {
+                progress(index, daemon_index);
+            }
+            results.push((index, result));
+        }
+        if !transport.is_healthy() {
+            // The rest would fail the same way: hand them back for another replica.
+            let error = ClientError::Io {
+                addr: transport.addr().to_string(),
+                operation: "reading",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the connection failed earlier in this read",
+                ),
+            };
+            for (index, _) in slices.by_ref() {
+                results.push((
+                    index,
+                    Err(ClientError::Io {
+                        addr: error.addr().to_string(),
+                        operation: "reading",
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            error.to_string(),
+                        ),
+                    }),
+                ));
+            }
+            break;
+        }
+    }
+    results
+}

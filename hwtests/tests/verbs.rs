@@ -1,0 +1,308 @@
+//! RDMA verbs on a real device: soft-RoCE (rdma_rxe) in CI, through `hwtests/run rdma`, which
+//! sets one up where the kernel has rdma_rxe and otherwise runs this suite inside
+//! `../shared/tools/softroce-vm`. Ignored in the plain test run: they need an RDMA device.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sideway::ibverbs::queue_pair::ExtendedQueuePair;
+use tier0_client::{
+    DaemonEndpoint, RdmaClient, ReadBuffer, ReadInto, StripedReader, TransportChoice, TransportKind,
+};
+use tier0_dataplane::daemon::RdmaMode;
+use tier0_dataplane::net::rdma::verbs::{self, Completions, WorkCompletion};
+use tier0_dataplane::net::rdma::{RdmaDevice, device_names};
+use tier0_dataplane::store::ChunkId;
+use tier0_perf::cluster::{ClusterConfig, LocalCluster};
+
+const NEEDS: &str = "needs an RDMA device (soft-RoCE): run by hwtests/run rdma";
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn wait_for(completions: &mut Completions, count: usize) -> Vec<WorkCompletion> {
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "completions timed out: {got:?}"
+        );
+        completions
+            .wait(&mut got, Duration::from_millis(50))
+            .unwrap();
+    }
+    got
+}
+
+#[test]
+#[ignore = "needs an RDMA device (soft-RoCE): run by hwtests/run rdma"]
+fn devices_are_listed_and_open() {
+    let names = device_names().unwrap();
+    assert!(!names.is_empty(), "{NEEDS}");
+    let device = RdmaDevice::open(Some(&names[0])).unwrap();
+    assert_eq!(device.name(), names[0]);
+    assert!(RdmaDevice::open(Some("no-such-device")).is_err());
+}
+
+/// Two queue pairs on one device, connected to each other: a SEND arrives, and an RDMA WRITE
+/// followed by a SEND lands its bytes in the other side's registered region first.
+#[test]
+#[ignore = "needs an RDMA device (soft-RoCE): run by hwtests/run rdma"]
+fn loopback_queue_pair_registration_and_write() {
+    let device = RdmaDevice::open(None).unwrap();
+    let mut cq_a = device.completion_queue(64).unwrap();
+    let mut cq_b = device.completion_queue(64).unwrap();
+    let mut a: ExtendedQueuePair = device.queue_pair(&cq_a.handle(), 16, 16, false).unwrap();
+    let mut b: ExtendedQueuePair = device.queue_pair(&cq_b.handle(), 16, 16, true).unwrap();
+    let (psn_a, psn_b) = (verbs::random_psn(), verbs::random_psn());
+    let end_a = device.endpoint(&a, psn_a, 16);
+    let end_b = device.endpoint(&b, psn_b, 16);
+    device.connect(&mut a, psn_a, &end_b).unwrap();
+    device.connect(&mut b, psn_b, &end_a).unwrap();
+
+    // A's source memory, B's target region (remote-writable) and B's receive slot.
+    let mut source = pattern(1 << 20, 1);
+    let mut target = vec![0u8; 1 << 20];
+    let mut message = b"write done".to_vec();
+    let mut inbox = vec![0u8; 64];
+    // SAFETY: each of the four buffers outlives its region (dropped explicitly at the end).
+    let source_mr = unsafe { device.register(source.as_mut_ptr(), source.len(), false) }.unwrap();
+    // SAFETY: as above.
+    let message_mr =
+        unsafe { device.register(message.as_mut_ptr(), message.len(), false) }.unwrap();
+    // SAFETY: as above.
+    let target_mr = unsafe { device.register(target.as_mut_ptr(), target.len(), true) }.unwrap();
+    // SAFETY: as above.
+    let inbox_mr = unsafe { device.register(inbox.as_mut_ptr(), inbox.len(), false) }.unwrap();
+
+    verbs::post_recv(&mut b, 7, inbox_mr.lkey(), inbox.as_ptr() as u64, 64).unwrap();
+    verbs::post_write_and_send(
+        &mut a,
+        42,
+        (
+            source_mr.lkey(),
+            source.as_ptr() as u64,
+            source.len() as u32,
+        ),
+        target_mr.rkey(),
+        target.as_ptr() as u64,
+        (
+            message_mr.lkey(),
+            message.as_ptr() as u64,
+            message.len() as u32,
+        ),
+    )
+    .unwrap();
+    let sent = wait_for(&mut cq_a, 1);
+    assert!(sent[0].ok(), "{}", sent[0].status_text());
+    assert_eq!(sent[0].wr_id, 42);
+    let received = wait_for(&mut cq_b, 1);
+    assert!(received[0].ok(), "{}", received[0].status_text());
+    assert_eq!(received[0].wr_id, 7);
+    assert_eq!(received[0].byte_len as usize, message.len());
+    assert_eq!(&inbox[..message.len()], b"write done");
+    assert!(target == source, "the RDMA WRITE's bytes differ");
+
+    // A WRITE with a wrong key fails the work request (the NIC checks, nothing lands).
+    verbs::post_write_and_send(
+        &mut a,
+        43,
+        (source_mr.lkey(), source.as_ptr() as u64, 4096),
+        target_mr.rkey() ^ 0x5555,
+        target.as_ptr() as u64,
+        (
+            message_mr.lkey(),
+            message.as_ptr() as u64,
+            message.len() as u32,
+        ),
+    )
+    .unwrap();
+    let failed = wait_for(&mut cq_a, 1);
+    assert!(!failed[0].ok(), "a write with a bad rkey succeeded");
+    drop((source_mr, message_mr, target_mr, inbox_mr));
+}
+
+fn rdma_cluster(daemons: usize, chunk: u32) -> LocalCluster {
+    let mut config = ClusterConfig::for_tests(daemons, chunk);
+    config.rdma = RdmaMode::Auto;
+    LocalCluster::start(&config).unwrap()
+}
+
+/// A daemon serves reads over RDMA into a registered buffer; unregistered memory, a missing
+/// chunk and an oversized read are clean errors, and the session keeps working after them.
+#[test]
+#[ignore = "needs an RDMA device (soft-RoCE): run by hwtests/run rdma"]
+fn daemon_reads_into_registered_memory() {
+    let chunk = 256 << 10;
+    let cluster = rdma_cluster(1, chunk);
+    let data = pattern(4 * chunk as usize + 1000, 2);
+    let layout = cluster.write_striped(9, &data, 1).unwrap();
+    let rdma = RdmaClient::open(None).unwrap();
+    let mut transport = tier0_client::transport::connect(
+        cluster.addr(0),
+        cluster.token(),
+        "hwtest",
+        Duration::from_secs(10),
+        TransportChoice::Rdma,
+        Some(&rdma),
+    )
+    .unwrap();
+    assert_eq!(transport.kind(), TransportKind::Rdma);
+    let mut buffer = ReadBuffer::new(data.len()).unwrap();
+    rdma.register(&buffer).unwrap();
+    {
+        let mut rest: &mut [u8] = &mut buffer[..];
+        let mut reads = Vec::new();
+        for entry in &layout.chunks {
+            let (dest, tail) = std::mem::take(&mut rest).split_at_mut(entry.len as usize);
+            rest = tail;
+            reads.push(ReadInto {
+                chunk: entry.chunk,
+                offset: 0,
+                dest,
+            });
+        }
+        for result in transport.read_many(&mut reads) {
+            result.unwrap();
+        }
+    }
+    assert!(buffer[..] == data[..], "bytes read over RDMA differ");
+
+    let missing = ChunkId {
+        file: 9,
+        index: 999,
+        generation: 1,
+    };
+    let dest = &mut buffer[..4096];
+    let error = transport
+        .read_many(&mut [ReadInto {
+            chunk: missing,
+            offset: 0,
+            dest,
+        }])
+        .pop()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(error.errno(), libc::ENOENT, "{error}");
+
+    let mut unregistered = vec![0u8; 4096];
+    let error = transport
+        .read_many(&mut [ReadInto {
+            chunk: layout.chunks[0].chunk,
+            offset: 0,
+            dest: &mut unregistered,
+        }])
+        .pop()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("not in memory registered"),
+        "{error}"
+    );
+    assert!(transport.is_healthy());
+
+    // Still serving: a partial read at an offset.
+    let dest = &mut buffer[..1000];
+    transport
+        .read_many(&mut [ReadInto {
+            chunk: layout.chunks[4].chunk,
+            offset: 0,
+            dest,
+        }])
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buffer[..1000], &data[4 * chunk as usize..]);
+    rdma.unregister(&buffer);
+}
+
+/// A file striped over 3 daemons with 2 replicas, read over RDMA into one registered buffer;
+/// one daemon is stopped mid-read and its chunks come from their other replica.
+#[test]
+#[ignore = "needs an RDMA device (soft-RoCE): run by hwtests/run rdma"]
+fn three_daemon_striped_read_with_failover() {
+    let chunk = 128 << 10;
+    let cluster = Arc::new(std::sync::Mutex::new(rdma_cluster(3, chunk)));
+    let data = pattern(36 * chunk as usize, 3);
+    let (layout, endpoints, token) = {
+        let cluster = cluster.lock().unwrap();
+        (
+            cluster.write_striped(11, &data, 2).unwrap(),
+            cluster.endpoints(),
+            cluster.token().to_vec(),
+        )
+    };
+    let rdma = RdmaClient::open(None).unwrap();
+    let mut buffer = ReadBuffer::new(data.len()).unwrap();
+
+    let mut reader = StripedReader::new(
+        endpoints.clone(),
+        &token,
+        "hwtest",
+        TransportChoice::Rdma,
+        Some(rdma.clone()),
+    )
+    .with_window(2);
+    let report = reader.read(&layout, &mut buffer).unwrap();
+    assert!(buffer[..] == data[..], "striped RDMA read differs");
+    assert_eq!(report.failovers, 0);
+    assert!(
+        report.per_daemon.iter().all(|&bytes| bytes > 0),
+        "{report:?}"
+    );
+    assert!(
+        reader
+            .transports()
+            .iter()
+            .all(|kind| *kind == Some(TransportKind::Rdma))
+    );
+
+    // Again, stopping daemon 1 as soon as the first chunk lands.
+    buffer.fill(0);
+    let stopped = Arc::new(AtomicBool::new(false));
+    let progress = {
+        let cluster = cluster.clone();
+        let stopped = stopped.clone();
+        // Runs in daemon 1's reading thread, between two of its windows: the next window
+        // meets a stopped daemon.
+        Arc::new(move |_chunk: usize, daemon: usize| {
+            if daemon == 1 && !stopped.swap(true, Ordering::SeqCst) {
+                cluster.lock().unwrap().stop(1);
+            }
+        })
+    };
+    let mut reader = StripedReader::new(
+        endpoints
+            .into_iter()
+            .map(|endpoint| DaemonEndpoint {
+                distance: 0,
+                ..endpoint
+            })
+            .collect(),
+        &token,
+        "hwtest",
+        TransportChoice::Rdma,
+        Some(rdma),
+    )
+    .with_window(2)
+    .with_timeout(Duration::from_secs(5))
+    .with_progress(progress);
+    let report = reader.read(&layout, &mut buffer).unwrap();
+    assert!(stopped.load(Ordering::SeqCst));
+    assert!(buffer[..] == data[..], "bytes differ after failover");
+    assert!(
+        report.failovers > 0,
+        "daemon 1 stopped but nothing failed over: {report:?}"
+    );
+}

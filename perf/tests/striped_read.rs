@@ -1,0 +1,230 @@
+//! Striped reads over TCP against a local cluster of real daemons (real sockets, real
+//! io_uring stores): spread over replicas, nearest replica first, failover when a daemon
+//! stops mid-read or lacks a chunk, and a clear error when no replica is left. The same over
+//! RDMA is in hwtests/tests/verbs.rs (it needs soft-RoCE).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tier0_client::{
+    ClientError, DaemonEndpoint, ReadBuffer, StripedError, StripedReader, TransportChoice,
+    TransportKind,
+};
+use tier0_perf::cluster::{ClusterConfig, LocalCluster};
+
+const CHUNK: u32 = 64 << 10;
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn cluster(daemons: usize) -> LocalCluster {
+    LocalCluster::start(&ClusterConfig::for_tests(daemons, CHUNK)).unwrap()
+}
+
+fn reader(cluster: &LocalCluster, endpoints: Vec<DaemonEndpoint>) -> StripedReader {
+    StripedReader::new(
+        endpoints,
+        cluster.token(),
+        "test",
+        TransportChoice::Auto,
+        None,
+    )
+    .with_timeout(Duration::from_secs(5))
+}
+
+#[test]
+fn reads_a_striped_file_from_every_daemon() {
+    let cluster = cluster(3);
+    // Not a whole number of chunks: the last one is short.
+    let data = pattern(30 * CHUNK as usize + 777, 1);
+    let layout = cluster.write_striped(1, &data, 2).unwrap();
+    let mut buffer = ReadBuffer::new(data.len()).unwrap();
+    let mut reader = reader(&cluster, cluster.endpoints());
+    let report = reader.read(&layout, &mut buffer).unwrap();
+    assert!(buffer[..] == data[..], "striped read differs");
+    assert_eq!(report.bytes, data.len() as u64);
+    assert_eq!((report.failovers, report.rounds), (0, 1));
+    // Equally near replicas take turns: every daemon serves a share.
+    assert!(
+        report.per_daemon.iter().all(|&bytes| bytes > 0),
+        "{report:?}"
+    );
+    assert_eq!(report.per_daemon.iter().sum::<u64>(), data.len() as u64);
+    assert!(
+        reader
+            .transports()
+            .iter()
+            .all(|kind| *kind == Some(TransportKind::Tcp))
+    );
+}
+
+#[test]
+fn the_nearest_replica_serves() {
+    let cluster = cluster(3);
+    let data = pattern(12 * CHUNK as usize, 2);
+    let layout = cluster.write_striped(2, &data, 2).unwrap();
+    let mut endpoints = cluster.endpoints();
+    endpoints[0].distance = 0;
+    endpoints[1].distance = 10;
+    endpoints[2].distance = 20;
+    let mut buffer = ReadBuffer::new(data.len()).unwrap();
+    let report = reader(&cluster, endpoints)
+        .read(&layout, &mut buffer)
+        .unwrap();
+    assert!(buffer[..] == data[..]);
+    // Chunk i is on daemons i%3 and (i+1)%3: the nearer of the two serves it.
+    let mut expected = [0u64; 3];
+    for chunk in &layout.chunks {
+        let nearest = *chunk.replicas.iter().min().unwrap();
+        expected[nearest] += u64::from(chunk.len);
+    }
+    assert_eq!(report.per_daemon, expected.to_vec());
+}
+
+#[test]
+fn a_daemon_stopped_mid_read_fails_over_with_no_wrong_byte() {
+    let cluster = Arc::new(Mutex::new(cluster(3)));
+    let data = pattern(48 * CHUNK as usize, 3);
+    let (layout, endpoints) = {
+        let cluster = cluster.lock().unwrap();
+        (
+            cluster.write_striped(3, &data, 2).unwrap(),
+            cluster.endpoints(),
+        )
+    };
+    let stopped = Arc::new(AtomicBool::new(false));
+    let progress = {
+        let (cluster, stopped) = (cluster.clone(), stopped.clone());
+        // Runs in daemon 1's reading thread, between two of its windows: the next window
+        // meets a stopped daemon.
+        Arc::new(move |_chunk: usize, daemon: usize| {
+            if daemon == 1 && !stopped.swap(true, Ordering::SeqCst) {
+                cluster.lock().unwrap().stop(1);
+            }
+        })
+    };
+    let token = cluster.lock().unwrap().token().to_vec();
+    let mut reader = StripedReader::new(endpoints, &token, "test", TransportChoice::Tcp, None)
+        .with_window(2)
+        .with_timeout(Duration::from_secs(5))
+        .with_progress(progress);
+    let mut buffer = ReadBuffer::new(data.len()).unwrap();
+    let report = reader.read(&layout, &mut buffer).unwrap();
+    assert!(stopped.load(Ordering::SeqCst));
+    assert!(buffer[..] == data[..], "bytes differ after failover");
+    assert!(report.failovers > 0, "{report:?}");
+    assert!(report.rounds >= 2, "{report:?}");
+    // The stopped daemon delivered less than its share (a third).
+    assert!(report.per_daemon[1] < data.len() as u64 / 3, "{report:?}");
+
+    // A later read with daemon 1 still down goes straight to the live replicas.
+    buffer.fill(0);
+    let report = reader.read(&layout, &mut buffer).unwrap();
+    assert!(buffer[..] == data[..]);
+    assert_eq!(report.per_daemon[1], 0);
+}
+
+#[test]
+fn a_replica_without_the_chunk_is_skipped_and_stays_in_use() {
+    let cluster = cluster(2);
+    let data = pattern(4 * CHUNK as usize, 4);
+    // Written once, round-robin (chunks 0 and 2 on daemon 0, 1 and 3 on daemon 1), but the
+    // layout claims both daemons hold every chunk.
+    let mut layout = cluster.write_striped(4, &data, 1).unwrap();
+    for chunk in &mut layout.chunks {
+        chunk.replicas = vec![0, 1];
+    }
+    let mut endpoints = cluster.endpoints();
+    endpoints[0].distance = 0;
+    endpoints[1].distance = 5;
+    let mut buffer = ReadBuffer::new(data.len()).unwrap();
+    let mut reader = reader(&cluster, endpoints);
+    let report = reader.read(&layout, &mut buffer).unwrap();
+    assert!(buffer[..] == data[..]);
+    // Daemon 0 is nearer: it serves 0 and 2, answers ENOENT for 1 and 3, which then come
+    // from daemon 1; ENOENT is the daemon's answer, not a failed connection.
+    assert_eq!(report.failovers, 2, "{report:?}");
+    let chunk = u64::from(CHUNK);
+    assert_eq!(report.per_daemon, vec![2 * chunk, 2 * chunk]);
+    assert_eq!(reader.transports(), vec![Some(TransportKind::Tcp); 2]);
+}
+
+#[test]
+fn no_replica_left_is_an_error_naming_the_chunk() {
+    let mut cluster = cluster(2);
+    let data = pattern(4 * CHUNK as usize, 5);
+    let layout = cluster.write_striped(5, &data, 1).unwrap();
+    cluster.stop(1);
+    let mut buffer = ReadBuffer::new(data.len()).unwrap();
+    let error = reader(&cluster, cluster.endpoints())
+        .read(&layout, &mut buffer)
+        .unwrap_err();
+    match &error {
+        StripedError::Unreadable {
+            index, attempts, ..
+        } => {
+            assert_eq!(layout.chunks[*index].replicas, vec![1]);
+            assert!(!attempts.is_empty());
+        }
+        other => panic!("expected Unreadable, got {other}"),
+    }
+    assert!(
+        error
+            .to_string()
+            .contains("could not be read from any replica")
+    );
+
+    // A buffer too small for the file is refused before anything is read.
+    let mut small = ReadBuffer::new(100).unwrap();
+    let error = reader(&cluster, cluster.endpoints())
+        .read(&layout, &mut small)
+        .unwrap_err();
+    assert!(
+        matches!(error, StripedError::BufferTooSmall { .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn forcing_rdma_without_a_device_is_a_clear_error() {
+    let cluster = cluster(1);
+    let error = tier0_client::transport::connect(
+        cluster.addr(0),
+        cluster.token(),
+        "test",
+        Duration::from_secs(5),
+        TransportChoice::Rdma,
+        None,
+    )
+    .unwrap_err();
+    assert!(matches!(error, ClientError::Unusable { .. }), "{error}");
+    assert!(error.to_string().contains("RDMA"), "{error}");
+    // Auto without a device is TCP.
+    let transport = tier0_client::transport::connect(
+        cluster.addr(0),
+        cluster.token(),
+        "test",
+        Duration::from_secs(5),
+        TransportChoice::Auto,
+        None,
+    )
+    .unwrap();
+    assert_eq!(transport.kind(), TransportKind::Tcp);
+    // Without RDMA in the kernel, listing devices is "none", never an error.
+    if !std::path::Path::new("/sys/class/infiniband").exists() {
+        let devices = tier0_dataplane::net::rdma::device_names().unwrap();
+        assert_eq!(devices, Vec::<String>::new());
+        let error = tier0_client::RdmaClient::open(None).unwrap_err();
+        assert!(error.to_string().contains("no RDMA device"), "{error}");
+    }
+}
