@@ -104,3 +104,56 @@ fn bad_bench_arguments_are_one_clear_error() {
         assert!(!message.contains("panicked"), "{args:?}: {message}");
     }
 }
+
+#[test]
+fn a_short_net_bench_over_tcp_reports_the_striped_read_and_its_baseline() {
+    let output = tier0(&[
+        "bench",
+        "net",
+        "--transport",
+        "tcp",
+        "--size",
+        "6MiB",
+        "--chunk-size",
+        "1MiB",
+        "--repeats",
+        "1",
+        "--small-reads",
+        "20",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let results: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let results = results.as_array().unwrap();
+    assert_eq!(results.len(), 2, "{results:?}");
+    let striped = &results[0];
+    assert_eq!(striped["scenario"], "striped-read-1m");
+    assert_eq!(striped["unit"], "MiB/s");
+    assert_eq!(striped["baseline_name"], "socket blaster (loopback TCP)");
+    for result in results {
+        for field in ["tier0", "baseline", "ratio"] {
+            assert!(result[field].as_f64().unwrap() > 0.0, "{field}: {result}");
+        }
+        let ratio = result["tier0"].as_f64().unwrap() / result["baseline"].as_f64().unwrap();
+        assert!((ratio - result["ratio"].as_f64().unwrap()).abs() < 1e-6);
+    }
+    assert_eq!(results[1]["scenario"], "read-4k-qd1");
+}
+
+#[test]
+fn net_bench_arguments_are_checked() {
+    let output = tier0(&["bench", "net", "--transport", "carrier-pigeon"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("carrier-pigeon"),
+        "{}",
+        stderr(&output)
+    );
+    let output = tier0(&["bench", "net", "--size", "1MiB", "--chunk-size", "1MiB"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("at least one chunk per daemon"),
+        "{}",
+        stderr(&output)
+    );
+}

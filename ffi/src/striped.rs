@@ -93,6 +93,9 @@ pub struct ReadReport {
     pub rounds: usize,
     /// Bytes each daemon delivered, by daemon index.
     pub per_daemon: Vec<u64>,
+    /// How long each window of pipelined requests took, from its first request to its last
+    /// reply, over every connection.
+    pub window_latencies: Vec<Duration>,
 }
 
 struct Daemon {
@@ -259,7 +262,7 @@ impl StripedReader {
                 window: self.window,
                 progress: self.progress.as_ref(),
             };
-            let outcomes: Vec<(usize, ChunkResults)> = std::thread::scope(|scope| {
+            let outcomes: Vec<(usize, DaemonOutcome)> = std::thread::scope(|scope| {
                 let handles: Vec<_> = work
                     .into_iter()
                     .map(
@@ -283,7 +286,8 @@ impl StripedReader {
                     .collect()
             });
             todo.clear();
-            for (daemon_index, results) in outcomes {
+            for (daemon_index, (results, windows)) in outcomes {
+                report.window_latencies.extend(windows);
                 let daemon = &mut self.daemons[daemon_index];
                 let mut failed_connection = false;
                 for (index, result) in results {
@@ -381,6 +385,9 @@ struct Share<'a> {
 /// Each chunk's index and how its read went.
 type ChunkResults = Vec<(usize, Result<(), ClientError>)>;
 
+/// A daemon's results for a round, and how long each of its windows took.
+type DaemonOutcome = (ChunkResults, Vec<Duration>);
+
 struct Settings<'a> {
     token: &'a [u8],
     client: &'a str,
@@ -398,7 +405,7 @@ fn read_from(
     slices: Vec<(usize, &mut [u8])>,
     chunks: &[StripedChunk],
     settings: &Settings<'_>,
-) -> ChunkResults {
+) -> DaemonOutcome {
     if daemon.transport.as_ref().is_none_or(|t| !t.is_healthy()) {
         daemon.transport = None;
         match transport::connect(
@@ -412,7 +419,7 @@ fn read_from(
             Ok(transport) => daemon.transport = Some(transport),
             Err(error) => {
                 let text = error.to_string();
-                return slices
+                let results = slices
                     .into_iter()
                     .map(|(index, _)| {
                         (
@@ -428,11 +435,13 @@ fn read_from(
                         )
                     })
                     .collect();
+                return (results, Vec::new());
             }
         }
     }
     let transport = daemon.transport.as_mut().expect("connected above");
     let mut results = Vec::with_capacity(slices.len());
+    let mut windows = Vec::new();
     let mut slices = slices.into_iter().peekable();
     while slices.peek().is_some() {
         let window: Vec<(usize, &mut [u8])> = slices.by_ref().take(settings.window).collect();
@@ -445,7 +454,9 @@ fn read_from(
                 dest,
             })
             .collect();
+        let began = std::time::Instant::now();
         let outcome = transport.read_many(&mut reads);
+        windows.push(began.elapsed());
         for (index, result) in indices.into_iter().zip(outcome) {
             if result.is_ok()
                 && let Some(progress) = settings.progress
@@ -480,5 +491,5 @@ fn read_from(
             break;
         }
     }
-    results
+    (results, windows)
 }

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod fio;
 pub mod local;
 pub mod measure;
+pub mod net;
 pub mod report;
 
 pub use report::{Latency, ScenarioResult, render_table};

@@ -8,12 +8,50 @@ use clap::{Args, Subcommand};
 use super::parse_bytes;
 use tier0_dataplane::worker::PollMode;
 use tier0_perf::local::{LocalBenchOptions, Target};
+use tier0_perf::net::{NetBenchOptions, NetTransport};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Sequential 1 MiB and random 4 KiB reads through the chunk store and the workers, next
     /// to fio on the same file.
     Local(LocalArgs),
+    /// Striped reads over 3 local daemons, over TCP or RDMA, next to a socket blaster (TCP)
+    /// or perftest on the same device (RDMA; run it inside ../shared/tools/softroce-vm).
+    Net(NetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// tcp or rdma.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
+    transport: String,
+    /// Bytes of the striped file (default: 256MiB over TCP, 64MiB over RDMA).
+    #[arg(long, value_parser = parse_bytes)]
+    size: Option<u64>,
+    /// Daemons the file is striped over.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    daemons: u32,
+    /// Chunk size (and request size).
+    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    chunk_size: u64,
+    /// Requests in flight per connection, for tier0 and the baseline alike.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=32))]
+    window: u32,
+    /// Runs of each side per scenario; each side's median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeats: u32,
+    /// 4 KiB reads per run of the latency scenario.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+    small_reads: u32,
+    /// Folder for the daemons' store files (default: /dev/shm, else the temp folder).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Worker poll mode of the daemons: busy, adaptive or interrupt.
+    #[arg(long, default_value = "adaptive")]
+    poll_mode: PollMode,
+    /// Print a JSON array, one object per scenario.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -56,7 +94,54 @@ pub struct LocalArgs {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Local(args) => local(args),
+        BenchCommand::Net(args) => net(args),
     }
+}
+
+fn net(args: NetArgs) -> anyhow::Result<()> {
+    let transport = match args.transport.as_str() {
+        "rdma" => NetTransport::Rdma,
+        _ => NetTransport::Tcp,
+    };
+    let chunk_size = u32::try_from(args.chunk_size)
+        .ok()
+        .filter(|size| *size >= 4096 && size % 4096 == 0 && *size <= 64 << 20)
+        .context("--chunk-size must be a multiple of 4 KiB, at most 64 MiB")?;
+    let defaults = NetBenchOptions::default();
+    let size = args.size.unwrap_or(match transport {
+        NetTransport::Tcp => 256 << 20,
+        // Soft-RoCE moves ~50-70 MB/s.
+        NetTransport::Rdma => 64 << 20,
+    });
+    if size < u64::from(chunk_size) * u64::from(args.daemons) {
+        anyhow::bail!("--size must hold at least one chunk per daemon");
+    }
+    let options = NetBenchOptions {
+        transport,
+        daemons: args.daemons as usize,
+        size,
+        chunk_size,
+        window: args.window as usize,
+        repeats: args.repeats,
+        small_reads: args.small_reads as usize,
+        dir: args.dir.unwrap_or(defaults.dir),
+        poll_mode: args.poll_mode,
+    };
+    let results = tier0_perf::net::run(&options, &mut |line| eprintln!("bench: {line}"))?;
+    print_results(&results, args.json)
+}
+
+fn print_results(results: &[tier0_perf::ScenarioResult], json: bool) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut stdout, results).context("writing JSON")?;
+        writeln!(stdout).context("writing JSON")?;
+    } else {
+        stdout
+            .write_all(tier0_perf::render_table(results).as_bytes())
+            .context("writing the table")?;
+    }
+    Ok(())
 }
 
 fn local(args: LocalArgs) -> anyhow::Result<()> {
@@ -84,14 +169,5 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
         keep: args.keep,
     };
     let results = tier0_perf::local::run(&options, &mut |line| eprintln!("bench: {line}"))?;
-    let mut stdout = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut stdout, &results).context("writing JSON")?;
-        writeln!(stdout).context("writing JSON")?;
-    } else {
-        stdout
-            .write_all(tier0_perf::render_table(&results).as_bytes())
-            .context("writing the table")?;
-    }
-    Ok(())
+    print_results(&results, args.json)
 }

@@ -812,22 +812,35 @@ impl RequestSource for RdmaSource {
             self.adopt_new();
         }
         self.harvest();
+        // Drain the CQ, and leave it armed: the worker may sleep right after this call (or
+        // after a `complete` that posts a reply), and only an armed CQ wakes it.
         let mut wcs = std::mem::take(&mut self.wcs);
-        let polled = self.completions.poll(&mut wcs);
-        if matches!(polled, Ok(0)) && !self.armed {
-            // About to go idle: ask for an event on the next completion, then look once more
-            // (one that landed before arming raises none).
+        for _ in 0..8 {
+            let got = match self.completions.poll(&mut wcs) {
+                Ok(got) => got,
+                Err(error) => {
+                    tracing::error!(%error, "polling the RDMA completion queue failed");
+                    0
+                }
+            };
+            for wc in wcs.drain(..) {
+                self.handle(wc);
+            }
+            if got > 0 {
+                continue;
+            }
+            if self.armed {
+                break;
+            }
+            // Arm, then look once more: a completion that landed before arming raises no
+            // event.
             match self.completions.arm() {
                 Ok(()) => self.armed = true,
-                Err(error) => tracing::warn!(%error, "arming the RDMA completion queue failed"),
+                Err(error) => {
+                    tracing::warn!(%error, "arming the RDMA completion queue failed");
+                    break;
+                }
             }
-            let _ = self.completions.poll(&mut wcs);
-        }
-        if let Err(error) = polled {
-            tracing::error!(%error, "polling the RDMA completion queue failed");
-        }
-        for wc in wcs.drain(..) {
-            self.handle(wc);
         }
         self.wcs = wcs;
         let take = max.min(self.ready.len());

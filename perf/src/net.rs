@@ -1,0 +1,603 @@
+//! `tier0 bench net`: striped reads over a local cluster of 3 daemons, next to a baseline
+//! from the same run that moves the same bytes with no storage and no protocol:
+//! - TCP: a plain socket blaster on loopback, one connection per daemon, the same request
+//!   window and size (a 16-byte request, the bytes back from memory);
+//! - RDMA: perftest `ib_write_bw` and `ib_read_bw` on the same device (soft-RoCE in the VM).
+//!
+//! Scenarios: `striped-read-<chunk>` (throughput, MiB/s; latency per window of requests) and
+//! `read-4k-qd1` (one 4 KiB read at a time: latency, with reads/s as the figure). Every pass
+//! of tier0 checks the bytes it read against what was written.
+
+use std::io::{Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tier0_client::{RdmaClient, ReadBuffer, ReadInto, StripedFile, StripedReader, TransportChoice};
+use tier0_dataplane::daemon::RdmaMode;
+use tier0_dataplane::net::rdma::{RdmaDevice, device_names};
+use tier0_dataplane::worker::PollMode;
+
+use crate::cluster::{ClusterConfig, LocalCluster};
+use crate::measure::{LatencyRecorder, Who, cpu_seconds};
+use crate::report::{Latency, ScenarioResult};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetTransport {
+    Tcp,
+    Rdma,
+}
+
+#[derive(Clone, Debug)]
+pub struct NetBenchOptions {
+    pub transport: NetTransport,
+    pub daemons: usize,
+    /// Bytes of the striped file.
+    pub size: u64,
+    pub chunk_size: u32,
+    /// Requests in flight per connection, for tier0 and the blaster alike.
+    pub window: usize,
+    /// Runs of each side per scenario; each side's median is reported.
+    pub repeats: u32,
+    /// 4 KiB reads per run of the latency scenario.
+    pub small_reads: usize,
+    /// Where the daemons' store files go.
+    pub dir: PathBuf,
+    pub poll_mode: PollMode,
+}
+
+impl Default for NetBenchOptions {
+    fn default() -> Self {
+        let shm = PathBuf::from("/dev/shm");
+        NetBenchOptions {
+            transport: NetTransport::Tcp,
+            daemons: 3,
+            size: 256 << 20,
+            chunk_size: 1 << 20,
+            window: 16,
+            repeats: 3,
+            small_reads: 2000,
+            dir: if shm.is_dir() {
+                shm
+            } else {
+                std::env::temp_dir()
+            },
+            poll_mode: PollMode::Adaptive,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetBenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("tier0 read failed: {0}")]
+    Read(String),
+    #[error("the bytes read differ from those written (pass {pass})")]
+    Mismatch { pass: u32 },
+    #[error("baseline {name}: {reason}")]
+    Baseline { name: String, reason: String },
+}
+
+struct Run {
+    seconds: f64,
+    cpu: f64,
+    latency: Latency,
+}
+
+/// Runs both scenarios; `log` gets a line per step.
+pub fn run(
+    options: &NetBenchOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<Vec<ScenarioResult>, NetBenchError> {
+    if options.daemons == 0 || options.size == 0 {
+        return Err(NetBenchError::Setup(
+            "need at least one daemon and some bytes".into(),
+        ));
+    }
+    let rdma = match options.transport {
+        NetTransport::Tcp => None,
+        NetTransport::Rdma => Some(RdmaClient::open(None).map_err(|error| {
+            NetBenchError::Setup(format!(
+                "{error}: the RDMA bench needs a device (run it inside ../shared/tools/softroce-vm)"
+            ))
+        })?),
+    };
+    let per_daemon = options.size / options.daemons as u64;
+    let config = ClusterConfig {
+        daemons: options.daemons,
+        chunk_size: options.chunk_size,
+        store_size: per_daemon + 16 * u64::from(options.chunk_size) + (64 << 20),
+        dir: options.dir.clone(),
+        rdma: match options.transport {
+            NetTransport::Tcp => RdmaMode::Off,
+            NetTransport::Rdma => RdmaMode::Auto,
+        },
+        poll_mode: options.poll_mode,
+        buffers_per_worker: options.window.max(8) * 2,
+    };
+    log(format!(
+        "starting {} daemons, stores in {}",
+        options.daemons,
+        options.dir.display()
+    ));
+    let cluster = LocalCluster::start(&config).map_err(|e| NetBenchError::Setup(e.to_string()))?;
+    let data: Vec<u8> = {
+        let mut rng = fastrand::Rng::with_seed(7);
+        (0..options.size).map(|_| rng.u8(..)).collect()
+    };
+    log(format!(
+        "writing {} MiB striped over the daemons",
+        options.size >> 20
+    ));
+    let layout = cluster
+        .write_striped(1, &data, 1)
+        .map_err(|e| NetBenchError::Setup(e.to_string()))?;
+    let choice = match options.transport {
+        NetTransport::Tcp => TransportChoice::Tcp,
+        NetTransport::Rdma => TransportChoice::Rdma,
+    };
+    let mut reader = StripedReader::new(
+        cluster.endpoints(),
+        cluster.token(),
+        "bench-net",
+        choice,
+        rdma.clone(),
+    )
+    .with_window(options.window);
+    let mut buffer = ReadBuffer::new(data.len())
+        .map_err(|e| NetBenchError::Setup(format!("allocating the read buffer: {e}")))?;
+
+    let mut results = Vec::new();
+    // Throughput.
+    let mut ours = Vec::new();
+    let mut theirs: Vec<Vec<Run>> = Vec::new();
+    for pass in 0..options.repeats.max(1) {
+        buffer.fill(0);
+        ours.push(striped_pass(&mut reader, &layout, &mut buffer)?);
+        if buffer[..] != data[..] {
+            return Err(NetBenchError::Mismatch { pass });
+        }
+        log(format!(
+            "tier0 striped read {}: {:.1} MiB/s",
+            pass + 1,
+            mib_per_s(options.size, ours.last().expect("pushed").seconds)
+        ));
+        let baseline = match options.transport {
+            NetTransport::Tcp => vec![blaster(options, options.chunk_size as usize, false)?],
+            NetTransport::Rdma => vec![
+                perftest("ib_write_bw", options)?,
+                perftest("ib_read_bw", options)?,
+            ],
+        };
+        for (index, run) in baseline.into_iter().enumerate() {
+            if theirs.len() <= index {
+                theirs.push(Vec::new());
+            }
+            log(format!(
+                "baseline {index} run {}: {:.1} MiB/s",
+                pass + 1,
+                mib_per_s(options.size, run.seconds)
+            ));
+            theirs[index].push(run);
+        }
+    }
+    let names = match options.transport {
+        NetTransport::Tcp => vec!["socket blaster (loopback TCP)"],
+        NetTransport::Rdma => vec!["ib_write_bw", "ib_read_bw"],
+    };
+    let ours = median(ours);
+    for (index, runs) in theirs.into_iter().enumerate() {
+        let base = median(runs);
+        let scenario = match index {
+            0 => format!("striped-read-{}", size_name(options.chunk_size)),
+            _ => format!("striped-read-{}-vs-read", size_name(options.chunk_size)),
+        };
+        results.push(
+            ScenarioResult {
+                scenario,
+                unit: "MiB/s".into(),
+                tier0: mib_per_s(options.size, ours.seconds),
+                baseline: mib_per_s(options.size, base.seconds),
+                baseline_name: names[index].into(),
+                ratio: 0.0,
+                tier0_cpu_s_per_gib: per_gib(ours.cpu, options.size),
+                baseline_cpu_s_per_gib: per_gib(base.cpu, options.size),
+                cpu_ratio: 0.0,
+                tier0_latency: ours.latency,
+                baseline_latency: base.latency,
+                block_size: u64::from(options.chunk_size),
+                queue_depth: options.window as u32,
+                bytes: options.size,
+                seconds: ours.seconds,
+                repeats: options.repeats,
+            }
+            .with_ratios(),
+        );
+    }
+
+    // Latency: one 4 KiB read at a time, round-robin over the chunks (so the daemons).
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for _ in 0..options.repeats.max(1) {
+        ours.push(small_reads(
+            &cluster,
+            &layout,
+            options,
+            choice,
+            rdma.as_ref(),
+        )?);
+        theirs.push(match options.transport {
+            NetTransport::Tcp => blaster(options, 4096, true)?,
+            NetTransport::Rdma => perftest_latency(options)?,
+        });
+    }
+    let (ours, base) = (median(ours), median(theirs));
+    let reads = options.small_reads as f64;
+    results.push(
+        ScenarioResult {
+            scenario: "read-4k-qd1".into(),
+            unit: "reads/s".into(),
+            tier0: reads / ours.seconds,
+            baseline: reads / base.seconds,
+            baseline_name: match options.transport {
+                NetTransport::Tcp => "socket ping-pong (loopback TCP)".into(),
+                NetTransport::Rdma => "ib_read_lat".into(),
+            },
+            ratio: 0.0,
+            tier0_cpu_s_per_gib: per_gib(ours.cpu, options.small_reads as u64 * 4096),
+            baseline_cpu_s_per_gib: per_gib(base.cpu, options.small_reads as u64 * 4096),
+            cpu_ratio: 0.0,
+            tier0_latency: ours.latency,
+            baseline_latency: base.latency,
+            block_size: 4096,
+            queue_depth: 1,
+            bytes: options.small_reads as u64 * 4096,
+            seconds: ours.seconds,
+            repeats: options.repeats,
+        }
+        .with_ratios(),
+    );
+    if let Some(rdma) = &rdma {
+        rdma.unregister(&buffer);
+    }
+    Ok(results)
+}
+
+fn striped_pass(
+    reader: &mut StripedReader,
+    layout: &StripedFile,
+    buffer: &mut ReadBuffer,
+) -> Result<Run, NetBenchError> {
+    let cpu = cpu_seconds(Who::Process);
+    let start = Instant::now();
+    let report = reader
+        .read(layout, buffer)
+        .map_err(|error| NetBenchError::Read(error.to_string()))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let mut latency = LatencyRecorder::default();
+    for window in &report.window_latencies {
+        latency.record(*window);
+    }
+    Ok(Run {
+        seconds,
+        cpu: cpu_seconds(Who::Process) - cpu,
+        latency: latency.summary(),
+    })
+}
+
+fn small_reads(
+    cluster: &LocalCluster,
+    layout: &StripedFile,
+    options: &NetBenchOptions,
+    choice: TransportChoice,
+    rdma: Option<&Arc<RdmaClient>>,
+) -> Result<Run, NetBenchError> {
+    let mut transports = Vec::new();
+    for daemon in 0..options.daemons {
+        transports.push(
+            tier0_client::transport::connect(
+                cluster.addr(daemon),
+                cluster.token(),
+                "bench-net",
+                Duration::from_secs(10),
+                choice,
+                rdma,
+            )
+            .map_err(|error| NetBenchError::Read(error.to_string()))?,
+        );
+    }
+    let mut buffer = ReadBuffer::new(4096).map_err(|e| NetBenchError::Setup(e.to_string()))?;
+    if let Some(rdma) = rdma {
+        rdma.register(&buffer)
+            .map_err(|e| NetBenchError::Setup(e.to_string()))?;
+    }
+    let mut latency = LatencyRecorder::default();
+    let cpu = cpu_seconds(Who::Process);
+    let start = Instant::now();
+    for read in 0..options.small_reads {
+        let chunk = &layout.chunks[read % layout.chunks.len()];
+        // write_striped with one replica: chunk i lives on daemon i % daemons.
+        let transport = &mut transports[chunk.replicas[0]];
+        // A different 4 KiB block of the chunk each time round.
+        let blocks = u64::from(chunk.len / 4096).max(1);
+        let offset = (read / layout.chunks.len()) as u64 % blocks * 4096;
+        let len = (chunk.len as usize).min(4096);
+        let began = Instant::now();
+        let result = transport
+            .read_many(&mut [ReadInto {
+                chunk: chunk.chunk,
+                offset,
+                dest: &mut buffer[..len],
+            }])
+            .pop()
+            .expect("one result");
+        latency.record(began.elapsed());
+        result.map_err(|error| NetBenchError::Read(error.to_string()))?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    if let Some(rdma) = rdma {
+        rdma.unregister(&buffer);
+    }
+    Ok(Run {
+        seconds,
+        cpu: cpu_seconds(Who::Process) - cpu,
+        latency: latency.summary(),
+    })
+}
+
+/// The TCP baseline: `daemons` loopback connections, each served by a thread that answers a
+/// 16-byte request with `size` bytes from memory; the client keeps `window` requests in flight
+/// per connection (one connection, one request at a time with `ping_pong`) and reads each
+/// reply into its buffer. Latency: per window of requests, as for tier0.
+fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Run, NetBenchError> {
+    let error = |reason: std::io::Error| NetBenchError::Baseline {
+        name: "socket blaster".into(),
+        reason: reason.to_string(),
+    };
+    let (per_connection, window, connections) = if ping_pong {
+        (options.small_reads, 1, 1)
+    } else {
+        let total = (options.size / size as u64) as usize;
+        (
+            total.div_ceil(options.daemons),
+            options.window,
+            options.daemons,
+        )
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(error)?;
+    let addr = listener.local_addr().map_err(error)?;
+    let server = std::thread::spawn(move || {
+        let mut handlers = Vec::new();
+        for _ in 0..connections {
+            let Ok((mut stream, _)) = listener.accept() else {
+                break;
+            };
+            handlers.push(std::thread::spawn(move || {
+                let payload = vec![0x5au8; size];
+                let mut request = [0u8; 16];
+                let _ = stream.set_nodelay(true);
+                while stream.read_exact(&mut request).is_ok() {
+                    if stream.write_all(&payload).is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        for handler in handlers {
+            let _ = handler.join();
+        }
+    });
+    // Every client connects and faults its buffer in before the clock starts, as tier0's
+    // buffer is before its passes.
+    let ready = Arc::new(std::sync::Barrier::new(connections + 1));
+    let clients: Vec<_> = (0..connections)
+        .map(|_| {
+            let ready = ready.clone();
+            std::thread::spawn(move || -> std::io::Result<Vec<Duration>> {
+                let connected = TcpStream::connect(addr).and_then(|stream| {
+                    stream.set_nodelay(true)?;
+                    Ok(stream)
+                });
+                let mut dest = vec![1u8; size * window];
+                dest.fill(0);
+                ready.wait();
+                let mut stream = connected?;
+                let mut windows = Vec::new();
+                let mut left = per_connection;
+                while left > 0 {
+                    let batch = left.min(window);
+                    let began = Instant::now();
+                    stream.write_all(&vec![1u8; 16 * batch])?;
+                    for slot in 0..batch {
+                        stream.read_exact(&mut dest[slot * size..(slot + 1) * size])?;
+                    }
+                    windows.push(began.elapsed());
+                    left -= batch;
+                }
+                Ok(windows)
+            })
+        })
+        .collect();
+    ready.wait();
+    let cpu = cpu_seconds(Who::Process);
+    let start = Instant::now();
+    let mut latency = LatencyRecorder::default();
+    for client in clients {
+        let windows = client
+            .join()
+            .map_err(|_| error(std::io::Error::other("a client thread panicked")))?
+            .map_err(error)?;
+        for window in windows {
+            latency.record(window);
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(Who::Process) - cpu;
+    let _ = server.join();
+    Ok(Run {
+        seconds,
+        cpu,
+        latency: latency.summary(),
+    })
+}
+
+/// The device and GID index perftest should use: the ones tier0 picks.
+fn perftest_device() -> Result<(String, u32), NetBenchError> {
+    let names = device_names().map_err(|e| NetBenchError::Setup(e.to_string()))?;
+    let name = names
+        .first()
+        .ok_or_else(|| NetBenchError::Setup("no RDMA device".into()))?
+        .clone();
+    let device = RdmaDevice::open(Some(&name)).map_err(|e| NetBenchError::Setup(e.to_string()))?;
+    Ok((name, device.gid_index()))
+}
+
+/// Runs a perftest pair (server, then client on 127.0.0.1 for the out-of-band exchange) and
+/// returns the client's output.
+fn perftest_pair(tool: &str, args: &[String]) -> Result<String, NetBenchError> {
+    let error = |reason: String| NetBenchError::Baseline {
+        name: tool.into(),
+        reason,
+    };
+    let port = {
+        let probe = TcpListener::bind("127.0.0.1:0").map_err(|e| error(e.to_string()))?;
+        probe.local_addr().map_err(|e| error(e.to_string()))?.port()
+    };
+    let port_args = ["-p".to_string(), port.to_string()];
+    let mut server: Child = Command::new(tool)
+        .args(args)
+        .args(&port_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| error(format!("starting it: {e} (install perftest)")))?;
+    let mut output = None;
+    // The server needs a moment to listen; the client retries its connection.
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let run = Command::new(tool)
+            .args(args)
+            .args(&port_args)
+            .arg("127.0.0.1")
+            .output()
+            .map_err(|e| error(e.to_string()))?;
+        if run.status.success() {
+            output = Some(String::from_utf8_lossy(&run.stdout).into_owned());
+            break;
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    output.ok_or_else(|| error("the client never completed a run".into()))
+}
+
+/// The first data line after perftest's column header `header`, split into numbers.
+fn perftest_numbers(output: &str, header: &str) -> Option<Vec<f64>> {
+    let mut lines = output.lines().skip_while(|line| !line.contains(header));
+    lines.next()?;
+    lines
+        .map(|line| {
+            line.split_whitespace()
+                .filter_map(|field| field.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .find(|numbers| numbers.len() >= 4)
+}
+
+/// `ib_write_bw` / `ib_read_bw` with the chunk size as message size, moving the file's bytes.
+fn perftest(tool: &str, options: &NetBenchOptions) -> Result<Run, NetBenchError> {
+    let (device, gid) = perftest_device()?;
+    let iterations = (options.size / u64::from(options.chunk_size)).max(5);
+    let args = vec![
+        "-d".into(),
+        device,
+        "-x".into(),
+        gid.to_string(),
+        "-s".into(),
+        options.chunk_size.to_string(),
+        "-n".into(),
+        iterations.to_string(),
+        "-F".into(),
+    ];
+    let output = perftest_pair(tool, &args)?;
+    // "#bytes #iterations BW peak[MB/sec] BW average[MB/sec] MsgRate[Mpps]"; perftest's MB is
+    // 2^20 bytes.
+    let numbers =
+        perftest_numbers(&output, "BW average").ok_or_else(|| NetBenchError::Baseline {
+            name: tool.into(),
+            reason: format!("no result line in its output:\n{output}"),
+        })?;
+    let mib_per_s = numbers[3];
+    Ok(Run {
+        seconds: (options.size as f64 / (1 << 20) as f64) / mib_per_s.max(1e-9),
+        cpu: 0.0,
+        latency: Latency::default(),
+    })
+}
+
+/// `ib_read_lat` with 4 KiB reads: a full round trip, like a tier0 4 KiB read.
+fn perftest_latency(options: &NetBenchOptions) -> Result<Run, NetBenchError> {
+    let (device, gid) = perftest_device()?;
+    let args = vec![
+        "-d".into(),
+        device,
+        "-x".into(),
+        gid.to_string(),
+        "-s".into(),
+        "4096".into(),
+        "-n".into(),
+        options.small_reads.to_string(),
+        "-F".into(),
+    ];
+    let output = perftest_pair("ib_read_lat", &args)?;
+    // "#bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%" (µs).
+    let numbers =
+        perftest_numbers(&output, "t_typical").ok_or_else(|| NetBenchError::Baseline {
+            name: "ib_read_lat".into(),
+            reason: format!("no result line in its output:\n{output}"),
+        })?;
+    let get = |index: usize| numbers.get(index).copied().unwrap_or(0.0);
+    let average_us = get(5);
+    Ok(Run {
+        seconds: options.small_reads as f64 * average_us / 1e6,
+        cpu: 0.0,
+        latency: Latency {
+            p50_us: get(4),
+            p99_us: get(7),
+            p999_us: get(8),
+        },
+    })
+}
+
+fn median(mut runs: Vec<Run>) -> Run {
+    runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+    let middle = runs.len() / 2;
+    runs.swap_remove(middle)
+}
+
+fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        bytes as f64 / (1 << 20) as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+fn per_gib(cpu: f64, bytes: u64) -> f64 {
+    if bytes == 0 {
+        0.0
+    } else {
+        cpu / (bytes as f64 / (1u64 << 30) as f64)
+    }
+}
+
+fn size_name(bytes: u32) -> String {
+    if bytes % (1 << 20) == 0 {
+        format!("{}m", bytes >> 20)
+    } else {
+        format!("{}k", bytes >> 10)
+    }
+}
