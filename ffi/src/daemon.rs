@@ -459,7 +459,8 @@ impl DaemonConnection {
     }
 }
 
-fn fail_rest(
+/// Fails every request of a batch that has no result yet with `error`'s text.
+pub(crate) fn fail_rest(
     results: Vec<Option<Result<(), ClientError>>>,
     error: &ClientError,
 ) -> Vec<Result<(), ClientError>> {

@@ -23,7 +23,7 @@ use tier0_dataplane::net::wire::{self, Delete, HEADER_SIZE, Header, Message, Rdm
 use tier0_dataplane::store::ChunkId;
 
 use crate::buffer::{Allocation, ReadBuffer};
-use crate::daemon::{ClientError, DaemonConnection, ReadInto};
+use crate::daemon::{ClientError, DaemonConnection, ReadInto, fail_rest};
 use crate::transport::{Transport, TransportKind};
 
 /// This host's RDMA device, and the memory registered with it for daemons to write into.
@@ -247,7 +247,7 @@ impl RdmaConnection {
         let mut results: Vec<Option<Result<(), ClientError>>> = (0..count).map(|_| None).collect();
         if self.broken {
             let error = self.broken_error("the session failed earlier".into());
-            return fail_all(results, &error);
+            return fail_rest(results, &error);
         }
         let base = self.next_id;
         self.next_id += count as u64;
@@ -287,7 +287,7 @@ impl RdmaConnection {
                         addr: self.addr.clone(),
                         source,
                     };
-                    return fail_all(results, &error);
+                    return fail_rest(results, &error);
                 }
                 self.free_sends.pop();
                 next += 1;
@@ -301,7 +301,7 @@ impl RdmaConnection {
                 self.broken = true;
                 self.wcs = wcs;
                 let error = self.broken_error(what);
-                return fail_all(results, &error);
+                return fail_rest(results, &error);
             }
             if wcs.is_empty() {
                 if last_progress.elapsed() > self.timeout {
@@ -311,7 +311,7 @@ impl RdmaConnection {
                         "no completion for {:?} with {outstanding} requests outstanding",
                         self.timeout
                     ));
-                    return fail_all(results, &error);
+                    return fail_rest(results, &error);
                 }
                 continue;
             }
@@ -322,7 +322,7 @@ impl RdmaConnection {
                     let error =
                         self.broken_error(format!("work request failed: {}", wc.status_text()));
                     self.wcs = std::mem::take(&mut wcs);
-                    return fail_all(results, &error);
+                    return fail_rest(results, &error);
                 }
                 if wc.wr_id & RECV_BIT == 0 {
                     self.free_sends.push(wc.wr_id as u16);
@@ -345,7 +345,7 @@ impl RdmaConnection {
                         addr: self.addr.clone(),
                         source,
                     };
-                    return fail_all(results, &error);
+                    return fail_rest(results, &error);
                 }
                 let (request_id, message) = match parsed {
                     Ok(parsed) => parsed,
@@ -356,7 +356,7 @@ impl RdmaConnection {
                             addr: self.addr.clone(),
                             source,
                         };
-                        return fail_all(results, &error);
+                        return fail_rest(results, &error);
                     }
                 };
                 let request = request_id.wrapping_sub(base) as usize;
@@ -368,7 +368,7 @@ impl RdmaConnection {
                         request_id,
                         got: message.opcode(),
                     };
-                    return fail_all(results, &error);
+                    return fail_rest(results, &error);
                 }
                 outstanding -= 1;
                 results[request] = Some(match message {
@@ -451,24 +451,6 @@ fn parse_reply(bytes: &[u8]) -> Result<(u64, Message), WireError> {
         .get(HEADER_SIZE..HEADER_SIZE + header.body_len as usize)
         .ok_or(WireError::Truncated { len: bytes.len() })?;
     Ok((header.request_id, wire::decode_body(&header, body)?))
-}
-
-fn fail_all(
-    results: Vec<Option<Result<(), ClientError>>>,
-    error: &ClientError,
-) -> Vec<Result<(), ClientError>> {
-    results
-        .into_iter()
-        .map(|result| {
-            result.unwrap_or_else(|| {
-                Err(ClientError::Io {
-                    addr: error.addr().to_string(),
-                    operation: "batch failed",
-                    source: std::io::Error::other(error.to_string()),
-                })
-            })
-        })
-        .collect()
 }
 
 impl Transport for RdmaConnection {

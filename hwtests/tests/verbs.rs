@@ -14,21 +14,9 @@ use tier0_dataplane::daemon::RdmaMode;
 use tier0_dataplane::net::rdma::verbs::{self, Completions, WorkCompletion};
 use tier0_dataplane::net::rdma::{RdmaDevice, device_names};
 use tier0_dataplane::store::ChunkId;
-use tier0_perf::cluster::{ClusterConfig, LocalCluster};
+use tier0_perf::cluster::{ClusterConfig, LocalCluster, pattern};
 
 const NEEDS: &str = "needs an RDMA device (soft-RoCE): run by hwtests/run rdma";
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 fn wait_for(completions: &mut Completions, count: usize) -> Vec<WorkCompletion> {
     let mut got = Vec::new();

@@ -206,3 +206,16 @@ impl Drop for LocalCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Deterministic pseudo-random bytes (xorshift), for files whose every byte is checked.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}

@@ -11,21 +11,9 @@ use tier0_client::{
     ClientError, DaemonEndpoint, ReadBuffer, StripedError, StripedReader, TransportChoice,
     TransportKind,
 };
-use tier0_perf::cluster::{ClusterConfig, LocalCluster};
+use tier0_perf::cluster::{ClusterConfig, LocalCluster, pattern};
 
 const CHUNK: u32 = 64 << 10;
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 fn cluster(daemons: usize) -> LocalCluster {
     LocalCluster::start(&ClusterConfig::for_tests(daemons, CHUNK)).unwrap()
