@@ -218,6 +218,23 @@ fn every_wire_message_round_trips_with_its_payload() {
     }
 }
 
+/// Encoding into a message slot (RDMA) gives the same bytes as encoding into a Vec, and a
+/// frame that does not fit its slot is an error, not a cut frame.
+#[test]
+fn encoding_into_a_slot_matches_and_refuses_what_does_not_fit() {
+    for (id, message) in every_message().into_iter().enumerate() {
+        let mut vec = Vec::new();
+        wire::encode(id as u64, &message, &mut vec).unwrap();
+        let mut slot = [0u8; 512];
+        let len = wire::encode_into(id as u64, &message, &mut slot).unwrap();
+        assert_eq!(&slot[..len], &vec[..], "{message:?}");
+        if len > wire::HEADER_SIZE {
+            let mut short = vec![0u8; len - 1];
+            assert!(wire::encode_into(id as u64, &message, &mut short).is_err());
+        }
+    }
+}
+
 #[test]
 fn wire_decoder_survives_random_and_mutated_bytes() {
     let mut rng = Rng(4);

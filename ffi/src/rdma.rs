@@ -88,12 +88,20 @@ impl RdmaClient {
         self.lock().retain(|registration| registration.base != base);
     }
 
-    /// The remote key covering `len` bytes at `addr`, if that memory is registered.
-    fn rkey_for(&self, addr: usize, len: usize) -> Option<u32> {
-        self.lock()
+    /// The remote key covering each (address, length), if that memory is registered: one
+    /// lock per batch, not per read.
+    fn rkeys_for(&self, ranges: &[(u64, usize)]) -> Vec<Option<u32>> {
+        let registrations = self.lock();
+        ranges
             .iter()
-            .find(|r| addr >= r.base && addr + len <= r.base + r.len)
-            .map(|r| r.region.rkey())
+            .map(|&(addr, len)| {
+                let addr = addr as usize;
+                registrations
+                    .iter()
+                    .find(|r| addr >= r.base && addr + len <= r.base + r.len)
+                    .map(|r| r.region.rkey())
+            })
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Registration>> {
@@ -269,16 +277,18 @@ impl RdmaConnection {
                         continue;
                     }
                 };
-                let mut frame = Vec::with_capacity(64);
-                wire::encode(base + next as u64, &message, &mut frame)
-                    .expect("a request frame is a few bytes");
                 let offset = (self.credits as usize + usize::from(slot)) * MESSAGE_SLOT;
-                self.slab[offset..offset + frame.len()].copy_from_slice(&frame);
+                let frame_len = wire::encode_into(
+                    base + next as u64,
+                    &message,
+                    &mut self.slab[offset..offset + MESSAGE_SLOT],
+                )
+                .expect("a request frame is a few bytes");
                 let at = self.slab.as_ptr() as u64 + offset as u64;
                 let posted = verbs::post_send(
                     &mut self.qp,
                     u64::from(slot),
-                    (self.slab_mr.lkey(), at, frame.len() as u32),
+                    (self.slab_mr.lkey(), at, frame_len as u32),
                 );
                 if let Err(source) = posted {
                     self.broken = true;
@@ -478,6 +488,7 @@ impl Transport for RdmaConnection {
             .iter_mut()
             .map(|read| (read.dest.as_mut_ptr() as u64, read.dest.len()))
             .collect();
+        let rkeys = client.rkeys_for(&targets);
         let requests: Vec<(ChunkId, u64)> = reads.iter().map(|r| (r.chunk, r.offset)).collect();
         let make = |index: usize| {
             let (dest, len) = targets[index];
@@ -488,7 +499,7 @@ impl Transport for RdmaConnection {
                     max: max_payload,
                 });
             }
-            let rkey = client.rkey_for(dest as usize, len).ok_or_else(|| ClientError::Unusable {
+            let rkey = rkeys[index].ok_or_else(|| ClientError::Unusable {
                 addr: addr.clone(),
                 what: format!(
                     "destination of {len} bytes at {dest:#x} is not in memory registered with {}",

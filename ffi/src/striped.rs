@@ -418,22 +418,11 @@ fn read_from(
         ) {
             Ok(transport) => daemon.transport = Some(transport),
             Err(error) => {
+                let addr = daemon.endpoint.addr.to_string();
                 let text = error.to_string();
                 let results = slices
                     .into_iter()
-                    .map(|(index, _)| {
-                        (
-                            index,
-                            Err(ClientError::Io {
-                                addr: daemon.endpoint.addr.to_string(),
-                                operation: "connecting",
-                                source: std::io::Error::new(
-                                    std::io::ErrorKind::ConnectionRefused,
-                                    text.clone(),
-                                ),
-                            }),
-                        )
-                    })
+                    .map(|(index, _)| (index, aborted(&addr, "connecting", &text)))
                     .collect();
                 return (results, Vec::new());
             }
@@ -467,29 +456,23 @@ fn read_from(
         }
         if !transport.is_healthy() {
             // The rest would fail the same way: hand them back for another replica.
-            let error = ClientError::Io {
-                addr: transport.addr().to_string(),
-                operation: "reading",
-                source: std::io::Error::new(
-                    std::io::ErrorKind::ConnectionAborted,
-                    "the connection failed earlier in this read",
-                ),
-            };
+            let addr = transport.addr().to_string();
+            let text = "the connection failed earlier in this read";
             for (index, _) in slices.by_ref() {
-                results.push((
-                    index,
-                    Err(ClientError::Io {
-                        addr: error.addr().to_string(),
-                        operation: "reading",
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::ConnectionAborted,
-                            error.to_string(),
-                        ),
-                    }),
-                ));
+                results.push((index, aborted(&addr, "reading", text)));
             }
             break;
         }
     }
     (results, windows)
+}
+
+/// A chunk this daemon's connection could not read: a connection failure, so the chunk goes
+/// to another replica and the daemon counts as dead.
+fn aborted(addr: &str, operation: &'static str, why: &str) -> Result<(), ClientError> {
+    Err(ClientError::Io {
+        addr: addr.to_string(),
+        operation,
+        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why.to_string()),
+    })
 }

@@ -455,6 +455,23 @@ fn perftest_device() -> Result<(String, u32), NetBenchError> {
     Ok((name, device.gid_index()))
 }
 
+/// perftest's arguments for `iterations` messages of `size` bytes on tier0's device and GID.
+fn perftest_args(size: u32, iterations: u64) -> Result<Vec<String>, NetBenchError> {
+    let (device, gid) = perftest_device()?;
+    Ok(vec![
+        "-d".into(),
+        device,
+        "-x".into(),
+        gid.to_string(),
+        "-s".into(),
+        size.to_string(),
+        "-n".into(),
+        iterations.to_string(),
+        // No CPU-frequency check: the VM's and shared hosts' governors are not ours to set.
+        "-F".into(),
+    ])
+}
+
 /// Runs a perftest pair (server, then client on 127.0.0.1 for the out-of-band exchange) and
 /// returns the client's output.
 fn perftest_pair(tool: &str, args: &[String]) -> Result<String, NetBenchError> {
@@ -509,20 +526,8 @@ fn perftest_numbers(output: &str, header: &str) -> Option<Vec<f64>> {
 
 /// `ib_write_bw` / `ib_read_bw` with the chunk size as message size, moving the file's bytes.
 fn perftest(tool: &str, options: &NetBenchOptions) -> Result<Run, NetBenchError> {
-    let (device, gid) = perftest_device()?;
     let iterations = (options.size / u64::from(options.chunk_size)).max(5);
-    let args = vec![
-        "-d".into(),
-        device,
-        "-x".into(),
-        gid.to_string(),
-        "-s".into(),
-        options.chunk_size.to_string(),
-        "-n".into(),
-        iterations.to_string(),
-        "-F".into(),
-    ];
-    let output = perftest_pair(tool, &args)?;
+    let output = perftest_pair(tool, &perftest_args(options.chunk_size, iterations)?)?;
     // "#bytes #iterations BW peak[MB/sec] BW average[MB/sec] MsgRate[Mpps]"; perftest's MB is
     // 2^20 bytes.
     let numbers =
@@ -540,18 +545,7 @@ fn perftest(tool: &str, options: &NetBenchOptions) -> Result<Run, NetBenchError>
 
 /// `ib_read_lat` with 4 KiB reads: a full round trip, like a tier0 4 KiB read.
 fn perftest_latency(options: &NetBenchOptions) -> Result<Run, NetBenchError> {
-    let (device, gid) = perftest_device()?;
-    let args = vec![
-        "-d".into(),
-        device,
-        "-x".into(),
-        gid.to_string(),
-        "-s".into(),
-        "4096".into(),
-        "-n".into(),
-        options.small_reads.to_string(),
-        "-F".into(),
-    ];
+    let args = perftest_args(4096, options.small_reads as u64)?;
     let output = perftest_pair("ib_read_lat", &args)?;
     // "#bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%" (µs).
     let numbers =

@@ -2,5 +2,6 @@
 //! (TCP everywhere, RDMA verbs where there is an HCA).
 
 pub mod rdma;
+mod tags;
 pub mod tcp;
 pub mod wire;

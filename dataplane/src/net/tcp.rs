@@ -19,6 +19,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use super::rdma::{RdmaAcceptor, RdmaService, Session};
+use super::tags::Tags;
 use super::wire::{
     self, ErrorReply, HEADER_SIZE, Header, Hello, MAX_BODY, Message, Opcode, ReadDone, Welcome,
 };
@@ -394,8 +395,7 @@ pub struct TcpSource {
     accepting: bool,
     connections: Vec<Option<Connection>>,
     generations: u64,
-    pending: Vec<Option<Pending>>,
-    free_tags: Vec<usize>,
+    pending: Tags<Pending>,
     stores: Arc<[Arc<ChunkStore>]>,
     node: String,
     max_payload: u32,
@@ -432,8 +432,7 @@ impl TcpSource {
             accepting: true,
             connections: Vec::new(),
             generations: 0,
-            pending: Vec::new(),
-            free_tags: Vec::new(),
+            pending: Tags::default(),
             stores,
             node: config.node.clone(),
             max_payload: config.max_payload,
@@ -565,17 +564,8 @@ impl TcpSource {
                         generation: connection.generation,
                         request_id: header.request_id,
                     };
-                    let tag = match self.free_tags.pop() {
-                        Some(tag) => {
-                            self.pending[tag] = Some(pending);
-                            tag
-                        }
-                        None => {
-                            self.pending.push(Some(pending));
-                            self.pending.len() - 1
-                        }
-                    };
-                    requests.push((tag as u64, drive, op));
+                    let tag = self.pending.insert(pending);
+                    requests.push((tag, drive, op));
                 }
                 Err((errno, text)) => {
                     let message = format!("{}: {text}", self.node);
@@ -859,18 +849,13 @@ impl RequestSource for TcpSource {
     }
 
     fn complete(&mut self, completion: Completion) {
-        let Some(pending) = self
-            .pending
-            .get_mut(completion.tag as usize)
-            .and_then(Option::take)
-        else {
+        let Some(pending) = self.pending.take(completion.tag) else {
             tracing::error!(
                 tag = completion.tag,
                 "completion for an unknown TCP request"
             );
             return;
         };
-        self.free_tags.push(completion.tag as usize);
         let Some(connection) = self.connections[pending.connection]
             .as_mut()
             .filter(|connection| connection.generation == pending.generation)

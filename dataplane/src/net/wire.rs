@@ -323,19 +323,7 @@ fn bincode_config() -> impl bincode::config::Config {
 pub fn encode(request_id: u64, message: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
     let start = out.len();
     out.resize(start + HEADER_SIZE, 0);
-    let encoded = match message {
-        Message::Hello(body) => encode_body(body, out),
-        Message::Welcome(body) => encode_body(body, out),
-        Message::Read(body) => encode_body(body, out),
-        Message::ReadDone(body) => encode_body(body, out),
-        Message::Write(body) => encode_body(body, out),
-        Message::Delete(body) => encode_body(body, out),
-        Message::Error(body) => encode_body(body, out),
-        Message::RdmaRead(body) => encode_body(body, out),
-        Message::RdmaReadDone(body) => encode_body(body, out),
-        Message::WriteDone | Message::DeleteDone => Ok(0),
-    };
-    let body = match encoded {
+    let body = match encode_body(message, out) {
         Ok(len) if len <= MAX_BODY as usize => len,
         _ => {
             let len = out.len() - start - HEADER_SIZE;
@@ -347,22 +335,68 @@ pub fn encode(request_id: u64, message: &Message, out: &mut Vec<u8>) -> Result<(
             });
         }
     };
-    let body_crc = crc32c(&out[start + HEADER_SIZE..]);
-    let header = Header {
-        opcode: message.opcode(),
-        request_id,
-        body_len: body as u32,
-        payload_len: message.payload_len(),
-        body_crc,
-    };
+    let header = header_for(request_id, message, &out[start + HEADER_SIZE..][..body]);
     out[start..start + HEADER_SIZE].copy_from_slice(&header.encode());
     Ok(())
 }
 
-/// Writing into a Vec cannot fail; the size limit is checked by the caller (bincode's limit
-/// guards only decoding).
-fn encode_body<T: Serialize>(body: &T, out: &mut Vec<u8>) -> Result<usize, ()> {
-    bincode::serde::encode_into_std_write(body, out, bincode_config()).map_err(|_| ())
+/// Encodes a whole frame (no payload) into `slot`, a registered message slot, and returns
+/// its length: nothing is allocated or copied on the way. A frame that does not fit is an
+/// error, and what `slot` then holds is unspecified.
+pub fn encode_into(
+    request_id: u64,
+    message: &Message,
+    slot: &mut [u8],
+) -> Result<usize, WireError> {
+    let max = slot
+        .len()
+        .saturating_sub(HEADER_SIZE)
+        .min(MAX_BODY as usize) as u32;
+    let too_long = |len: usize| WireError::BodyTooLong {
+        opcode: message.opcode(),
+        len: len as u32,
+        max,
+    };
+    if slot.len() < HEADER_SIZE {
+        return Err(too_long(0));
+    }
+    let (head, body) = slot.split_at_mut(HEADER_SIZE);
+    let body = &mut body[..max as usize];
+    let mut cursor: &mut [u8] = body;
+    let len = encode_body(message, &mut cursor).map_err(|()| too_long(max as usize + 1))?;
+    let header = header_for(request_id, message, &body[..len]);
+    head.copy_from_slice(&header.encode());
+    Ok(HEADER_SIZE + len)
+}
+
+fn header_for(request_id: u64, message: &Message, body: &[u8]) -> Header {
+    Header {
+        opcode: message.opcode(),
+        request_id,
+        body_len: body.len() as u32,
+        payload_len: message.payload_len(),
+        body_crc: crc32c(body),
+    }
+}
+
+/// Writes a message's bincode body; fails only when the writer is full (a slice) — the size
+/// limit is checked by the caller (bincode's limit guards only decoding).
+fn encode_body(message: &Message, out: &mut impl std::io::Write) -> Result<usize, ()> {
+    fn body<T: Serialize>(body: &T, out: &mut impl std::io::Write) -> Result<usize, ()> {
+        bincode::serde::encode_into_std_write(body, out, bincode_config()).map_err(|_| ())
+    }
+    match message {
+        Message::Hello(message) => body(message, out),
+        Message::Welcome(message) => body(message, out),
+        Message::Read(message) => body(message, out),
+        Message::ReadDone(message) => body(message, out),
+        Message::Write(message) => body(message, out),
+        Message::Delete(message) => body(message, out),
+        Message::Error(message) => body(message, out),
+        Message::RdmaRead(message) => body(message, out),
+        Message::RdmaReadDone(message) => body(message, out),
+        Message::WriteDone | Message::DeleteDone => Ok(0),
+    }
 }
 
 /// Decodes and checks a body for `header` (whose body CRC is checked here).

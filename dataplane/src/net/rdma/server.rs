@@ -27,6 +27,7 @@ use super::verbs::{
     self, Completions, DEFAULT_CREDITS, MESSAGE_SLOT, RdmaDevice, RdmaError, WorkCompletion,
 };
 use crate::buffer::BufferLease;
+use crate::net::tags::Tags;
 use crate::net::tcp::{EventFd, locate};
 use crate::net::wire::{
     self, ErrorReply, HEADER_SIZE, Header, Message, RdmaEndpoint, RdmaReadDone,
@@ -258,8 +259,7 @@ pub struct RdmaSource {
     sessions: Vec<Option<Live>>,
     session_count: Arc<AtomicUsize>,
     generations: u16,
-    pending: Vec<Option<Pending>>,
-    free_tags: Vec<usize>,
+    pending: Tags<Pending>,
     ready: VecDeque<(u64, usize, Op)>,
     stores: Arc<[Arc<ChunkStore>]>,
     node: String,
@@ -326,8 +326,7 @@ impl RdmaSource {
             sessions: Vec::new(),
             session_count: sessions,
             generations: 0,
-            pending: Vec::new(),
-            free_tags: Vec::new(),
+            pending: Tags::default(),
             ready: VecDeque::new(),
             stores,
             node: node.to_string(),
@@ -564,17 +563,8 @@ impl RdmaSource {
             addr,
             rkey,
         };
-        let tag = match self.free_tags.pop() {
-            Some(tag) => {
-                self.pending[tag] = Some(pending);
-                tag
-            }
-            None => {
-                self.pending.push(Some(pending));
-                self.pending.len() - 1
-            }
-        };
-        self.ready.push_back((tag as u64, drive, op));
+        let tag = self.pending.insert(pending);
+        self.ready.push_back((tag, drive, op));
     }
 }
 
@@ -751,18 +741,15 @@ fn flush_backlog(live: &mut Live, pool_mr: &Option<Arc<MemoryRegion>>) {
             }
             Reply::Message(message) => (message, None),
         };
-        let mut frame = Vec::with_capacity(MESSAGE_SLOT);
-        if let Err(error) = wire::encode(request_id, &message, &mut frame) {
-            tracing::error!(%error, "RDMA reply not encodable");
-            live.free_sends.push(index);
-            continue;
-        }
-        if frame.len() > MESSAGE_SLOT {
-            tracing::error!(len = frame.len(), "RDMA reply larger than a message slot");
-            live.free_sends.push(index);
-            continue;
-        }
-        live.session.slab[offset..offset + frame.len()].copy_from_slice(&frame);
+        let slot = &mut live.session.slab[offset..offset + MESSAGE_SLOT];
+        let frame_len = match wire::encode_into(request_id, &message, slot) {
+            Ok(len) => len as u32,
+            Err(error) => {
+                tracing::error!(%error, "RDMA reply does not fit a message slot");
+                live.free_sends.push(index);
+                continue;
+            }
+        };
         let lkey = live.session.slab_mr.lkey();
         let wr_id = send_wr_id(index);
         let posted = match data {
@@ -783,16 +770,12 @@ fn flush_backlog(live: &mut Live, pool_mr: &Option<Arc<MemoryRegion>>) {
                     local,
                     rkey,
                     addr,
-                    (lkey, message_addr, frame.len() as u32),
+                    (lkey, message_addr, frame_len),
                 );
                 live.send_leases[usize::from(index)] = Some(lease);
                 result
             }
-            None => verbs::post_send(
-                &mut live.session.qp,
-                wr_id,
-                (lkey, message_addr, frame.len() as u32),
-            ),
+            None => verbs::post_send(&mut live.session.qp, wr_id, (lkey, message_addr, frame_len)),
         };
         match posted {
             Ok(()) => live.sends_posted += 1,
@@ -850,18 +833,13 @@ impl RequestSource for RdmaSource {
     }
 
     fn complete(&mut self, completion: Completion) {
-        let Some(pending) = self
-            .pending
-            .get_mut(completion.tag as usize)
-            .and_then(Option::take)
-        else {
+        let Some(pending) = self.pending.take(completion.tag) else {
             tracing::error!(
                 tag = completion.tag,
                 "completion for an unknown RDMA request"
             );
             return;
         };
-        self.free_tags.push(completion.tag as usize);
         let Some(live) = self.sessions[pending.slot]
             .as_mut()
             .filter(|live| live.generation == pending.generation)
