@@ -7,7 +7,8 @@ use tier0_dataplane::buffer::BufferPoolConfig;
 use tier0_dataplane::device::{BlockDevice, MemoryDevice};
 use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{
-    DeviceFactory, DriveSpec, Op, Output, PollMode, Request, WorkerPool, WorkerPoolConfig,
+    DeviceFactory, DriveSpec, Op, Output, PollMode, ReadCheck, Request, WorkerPool,
+    WorkerPoolConfig,
 };
 use tier0_topology::WorkerPlan;
 
@@ -63,12 +64,13 @@ fn bytes_ops_latency_and_queue_depth_are_exported_per_worker() {
                 chunk,
                 offset: 0,
                 len: 10_000,
+                check: ReadCheck::Worker,
             },
             reply: reply.clone(),
         })
         .unwrap();
         let completion = completions.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert!(matches!(completion.result, Ok(Output::Read(_))));
+        assert!(matches!(completion.result, Ok(Output::Read { .. })));
     }
     pool.shutdown();
     let text = handle.render();

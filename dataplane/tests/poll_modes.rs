@@ -8,7 +8,8 @@ use tier0_dataplane::buffer::BufferPoolConfig;
 use tier0_dataplane::device::{BlockDevice, UringDevice, UringOptions, preallocate_file};
 use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{
-    DeviceFactory, DriveSpec, Op, Output, PollMode, Request, WorkerPool, WorkerPoolConfig,
+    DeviceFactory, DriveSpec, Op, Output, PollMode, ReadCheck, Request, WorkerPool,
+    WorkerPoolConfig,
 };
 use tier0_topology::WorkerPlan;
 
@@ -88,12 +89,13 @@ fn every_poll_mode_serves_and_adaptive_sleeps_when_idle() {
                 chunk: chunk(),
                 offset: 100,
                 len: 5000,
+                check: ReadCheck::Worker,
             },
             reply,
         })
         .unwrap();
         let completion = completions.recv_timeout(Duration::from_secs(10)).unwrap();
-        let Ok(Output::Read(lease)) = completion.result else {
+        let Ok(Output::Read { lease, .. }) = completion.result else {
             panic!("{mode:?}: read failed");
         };
         assert_eq!(lease.as_slice(), &data()[100..5100]);

@@ -359,3 +359,59 @@ fn reformatting_forgets_old_chunks_without_zeroing_the_table() {
     );
     assert!(store.is_empty());
 }
+
+#[test]
+fn the_crc_of_a_read_comes_from_the_stored_checksums_and_a_wrong_byte_fails_it() {
+    use tier0_dataplane::buffer::AlignedBuf;
+    use tier0_dataplane::store::format::crc32c;
+    let mut device = MemoryDevice::new("memory", 1 << 20, 8);
+    let store = ChunkStore::format(&mut device, SMALL).unwrap();
+    // The last checksum block is short: 65,535 bytes is 15 blocks and 4095 bytes.
+    let data = pattern(11, 65_535);
+    store.put(&mut device, chunk(4, 0), &data).unwrap();
+    let info = store.lookup(chunk(4, 0)).unwrap();
+    let ranges = [
+        (0u64, 65_535usize),
+        (0, 4096),
+        (4096, 8192),
+        (61_440, 4095),
+        (100, 50),
+        (4000, 200),
+        (3000, 60_000),
+        (65_534, 1),
+    ];
+    for (offset, len) in ranges {
+        let span = store.read_span(&info, offset, len as u64).unwrap();
+        let mut raw = AlignedBuf::zeroed(span.device_len as usize);
+        device.read_at(span.device_offset, &mut raw).unwrap();
+        let want = crc32c(&data[offset as usize..offset as usize + len]);
+        assert_eq!(
+            store.verify(&info, &span, &raw).unwrap(),
+            want,
+            "{offset}+{len}"
+        );
+        assert_eq!(
+            store.payload_crc(&info, &span, &raw).unwrap(),
+            want,
+            "{offset}+{len}"
+        );
+        // A flipped bit anywhere in the requested bytes: `verify` refuses the read, and
+        // `payload_crc` either refuses it (a block covered in part) or gives a CRC the
+        // damaged bytes do not have; never both silent.
+        for bit in (0..len * 8).step_by(1231) {
+            let mut bad = AlignedBuf::zeroed(raw.len());
+            bad.copy_from_slice(&raw);
+            bad[span.skip as usize + bit / 8] ^= 1 << (bit % 8);
+            assert!(matches!(
+                store.verify(&info, &span, &bad),
+                Err(StoreError::Corrupt { .. })
+            ));
+            let got = &bad[span.skip as usize..span.skip as usize + len];
+            match store.payload_crc(&info, &span, &bad) {
+                Err(StoreError::Corrupt { .. }) => {}
+                Ok(expected) => assert_ne!(crc32c(got), expected, "{offset}+{len} bit {bit}"),
+                Err(other) => panic!("{other}"),
+            }
+        }
+    }
+}

@@ -13,8 +13,8 @@ use tier0_dataplane::device::{
 };
 use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig, StoreError};
 use tier0_dataplane::worker::{
-    Completion, DeviceFactory, DriveSpec, Op, Output, PollMode, Request, RequestError, WorkerPool,
-    WorkerPoolConfig,
+    Completion, DeviceFactory, DriveSpec, Op, Output, PollMode, ReadCheck, Request, RequestError,
+    WorkerPool, WorkerPoolConfig,
 };
 use tier0_topology::WorkerPlan;
 
@@ -109,6 +109,7 @@ fn read(pool: &WorkerPool, tag: u64, index: u32, offset: u64, len: u32) -> Recei
             chunk: chunk(index),
             offset,
             len,
+            check: ReadCheck::Worker,
         },
         reply,
     })
@@ -153,6 +154,7 @@ fn two_workers_serve_concurrent_reads_with_verified_bytes() {
                     chunk: chunk(index),
                     offset,
                     len: size,
+                    check: ReadCheck::Worker,
                 },
                 reply: reply.clone(),
             })
@@ -162,7 +164,7 @@ fn two_workers_serve_concurrent_reads_with_verified_bytes() {
     for _ in 0..wanted.len() {
         let completion = wait(&completions);
         let (_, index, offset, size) = *wanted.iter().find(|w| w.0 == completion.tag).unwrap();
-        let Ok(Output::Read(lease)) = completion.result else {
+        let Ok(Output::Read { lease, .. }) = completion.result else {
             panic!("read {} failed: {:?}", completion.tag, completion.result);
         };
         let start = offset as usize;
@@ -258,6 +260,7 @@ fn an_empty_buffer_pool_makes_requests_wait_instead_of_allocating() {
                 chunk: chunk(tag as u32 % 4),
                 offset: 0,
                 len: 4096,
+                check: ReadCheck::Worker,
             },
             reply: reply.clone(),
         })
@@ -273,7 +276,7 @@ fn an_empty_buffer_pool_makes_requests_wait_instead_of_allocating() {
     );
     drop(held);
     for _ in 0..4 {
-        assert!(matches!(wait(&completions).result, Ok(Output::Read(_))));
+        assert!(matches!(wait(&completions).result, Ok(Output::Read { .. })));
     }
     pool.shutdown();
     std::fs::remove_dir_all(dir).unwrap();
@@ -368,7 +371,7 @@ fn faults_become_errors_and_never_wrong_bytes() {
     let error = wait(&read(&pool, 2, 0, 0, 4096)).result.unwrap_err();
     assert_eq!(error.errno(), libc::EIO, "{error}");
 
-    let Ok(Output::Read(lease)) = wait(&read(&pool, 3, 0, 0, CHUNK)).result else {
+    let Ok(Output::Read { lease, .. }) = wait(&read(&pool, 3, 0, 0, CHUNK)).result else {
         panic!("a healthy read failed");
     };
     assert_eq!(lease.as_slice(), expected(0));

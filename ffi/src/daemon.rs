@@ -5,12 +5,13 @@
 //! against the CRC32C the daemon sent. A read whose bytes fail that check is an error; the
 //! destination's contents are then unspecified, and never reported as data.
 
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tier0_dataplane::net::wire::{
-    self, Delete, HEADER_SIZE, Header, Hello, Message, RdmaEndpoint, Read, WireError, Write,
+    self, Delete, HEADER_SIZE, Header, Hello, Message, RdmaEndpoint, Read, ReadDone, WireError,
+    Write,
 };
 use tier0_dataplane::store::ChunkId;
 use tier0_dataplane::store::format::crc32c;
@@ -57,6 +58,19 @@ pub enum ClientError {
     },
     #[error("{addr}: {what}")]
     Unusable { addr: String, what: String },
+    /// The bytes of a read do not have the CRC32C the daemon derived from its stored
+    /// checksums: corrupt on its drive, in its memory or on the wire. Nothing wrong is kept:
+    /// the read fails (or moves to another replica), the connection stays usable.
+    #[error(
+        "{addr}: chunk {chunk}: the bytes read fail their checksum (CRC32C {computed:#010x}, \
+         expected {expected:#010x}): corrupt on the daemon's drive or in transit"
+    )]
+    Corrupt {
+        addr: String,
+        chunk: ChunkId,
+        expected: u32,
+        computed: u32,
+    },
 }
 
 impl ClientError {
@@ -67,7 +81,8 @@ impl ClientError {
             ClientError::Wire {
                 source: WireError::PayloadChecksum { .. },
                 ..
-            } => libc::EBADMSG,
+            }
+            | ClientError::Corrupt { .. } => libc::EBADMSG,
             ClientError::Wire { .. } | ClientError::Unexpected { .. } => libc::EPROTO,
             ClientError::Remote { errno, .. } => *errno,
             ClientError::TooLarge { .. } => libc::EINVAL,
@@ -87,7 +102,8 @@ impl ClientError {
             | ClientError::TooLarge { addr, .. }
             | ClientError::NoRdma { addr, .. }
             | ClientError::Rdma { addr, .. }
-            | ClientError::Unusable { addr, .. } => addr,
+            | ClientError::Unusable { addr, .. }
+            | ClientError::Corrupt { addr, .. } => addr,
         }
     }
 
@@ -99,7 +115,28 @@ impl ClientError {
             ClientError::Remote { .. }
                 | ClientError::TooLarge { .. }
                 | ClientError::Unusable { .. }
+                | ClientError::Corrupt { .. }
         )
+    }
+
+    /// Checks the bytes of a read of `chunk` against the CRC32C its reply announced.
+    pub(crate) fn check_read(
+        addr: &str,
+        chunk: ChunkId,
+        expected: u32,
+        bytes: &[u8],
+    ) -> Result<(), ClientError> {
+        let computed = crc32c(bytes);
+        if computed == expected {
+            Ok(())
+        } else {
+            Err(ClientError::Corrupt {
+                addr: addr.to_string(),
+                chunk,
+                expected,
+                computed,
+            })
+        }
     }
 }
 
@@ -111,10 +148,17 @@ pub struct ReadInto<'a> {
     pub dest: &'a mut [u8],
 }
 
+/// Bytes of the reply buffer: a 4 KiB read's whole reply fits, and a large payload loses at
+/// most this much to a copy before it bypasses the buffer.
+const RECEIVE_BUFFER: usize = 16 << 10;
+
 /// An authenticated connection to one data daemon.
 #[derive(Debug)]
 pub struct DaemonConnection {
-    stream: TcpStream,
+    /// Replies are read through a small buffer, so a small read's header, body and payload
+    /// come in one system call; large payloads bypass it and land straight in the caller's
+    /// destination (`BufReader` reads past its buffer when the request is larger).
+    stream: BufReader<TcpStream>,
     addr: String,
     node: String,
     max_payload: u32,
@@ -176,7 +220,7 @@ impl DaemonConnection {
             .set_write_timeout(Some(timeout))
             .map_err(io("setting a timeout"))?;
         let mut connection = DaemonConnection {
-            stream,
+            stream: BufReader::with_capacity(RECEIVE_BUFFER, stream),
             addr: name,
             node: String::new(),
             max_payload: 0,
@@ -213,76 +257,80 @@ impl DaemonConnection {
     /// once. One result per read, in order; a transport failure fails the reads it left
     /// unanswered.
     pub fn read_many(&mut self, reads: &mut [ReadInto<'_>]) -> Vec<Result<(), ClientError>> {
+        self.read_window(reads, usize::MAX, &mut |_, _| {})
+    }
+
+    /// As [`read_many`](Self::read_many), with at most `window` requests in flight: the next
+    /// request goes out as each reply lands, so the daemon never waits for a whole batch to
+    /// drain. `landed` is called, as it happens, for each read whose bytes landed and passed
+    /// their check, with its index and its time from request to last byte.
+    pub fn read_window(
+        &mut self,
+        reads: &mut [ReadInto<'_>],
+        window: usize,
+        landed: &mut dyn FnMut(usize, Duration),
+    ) -> Vec<Result<(), ClientError>> {
+        let window = window.max(1);
         let mut results: Vec<Option<Result<(), ClientError>>> =
             (0..reads.len()).map(|_| None).collect();
+        let mut sent_at: Vec<Option<Instant>> = vec![None; reads.len()];
         let base = self.next_id;
         self.next_id += reads.len() as u64;
+        let mut next = 0;
         let mut outstanding = 0;
-        let mut requests = Vec::with_capacity(reads.len() * 64);
-        for (index, read) in reads.iter().enumerate() {
-            if read.dest.len() > self.max_payload as usize {
-                results[index] = Some(Err(ClientError::TooLarge {
-                    addr: self.addr.clone(),
-                    len: read.dest.len(),
-                    max: self.max_payload,
-                }));
-                continue;
+        let mut requests = Vec::with_capacity(window.min(reads.len()) * 64);
+        loop {
+            // Top the window up, in one write.
+            requests.clear();
+            while next < reads.len() && outstanding < window {
+                let read = &reads[next];
+                if read.dest.len() > self.max_payload as usize {
+                    results[next] = Some(Err(ClientError::TooLarge {
+                        addr: self.addr.clone(),
+                        len: read.dest.len(),
+                        max: self.max_payload,
+                    }));
+                } else {
+                    let message = Message::Read(Read {
+                        chunk: read.chunk,
+                        offset: read.offset,
+                        len: read.dest.len() as u32,
+                    });
+                    wire::encode(base + next as u64, &message, &mut requests)
+                        .expect("a read request is a few bytes");
+                    outstanding += 1;
+                }
+                next += 1;
             }
-            let message = Message::Read(Read {
-                chunk: read.chunk,
-                offset: read.offset,
-                len: read.dest.len() as u32,
-            });
-            wire::encode(base + index as u64, &message, &mut requests)
-                .expect("a read request is a few bytes");
-            outstanding += 1;
-        }
-        if let Err(error) = self.send_raw(&requests) {
-            return fail_rest(results, &error);
-        }
-        while outstanding > 0 {
+            if !requests.is_empty() {
+                let now = Instant::now();
+                for stamp in sent_at[..next].iter_mut().rev().take_while(|s| s.is_none()) {
+                    *stamp = Some(now);
+                }
+                if let Err(error) = self.send_raw(&requests) {
+                    self.broken = true;
+                    return fail_rest(results, &error);
+                }
+            }
+            if outstanding == 0 {
+                break;
+            }
             let (header, message) = match self.receive_head(self.max_payload) {
                 Ok(received) => received,
                 Err(error) => return fail_rest(results, &error),
             };
             let index = header.request_id.wrapping_sub(base) as usize;
-            if index >= reads.len() || results[index].is_some() {
+            if index >= next || results[index].is_some() {
                 self.broken = true;
                 let error = self.unexpected(header.request_id, message);
                 return fail_rest(results, &error);
             }
             outstanding -= 1;
-            results[index] = Some(match message {
+            let result = match message {
                 Message::ReadDone(done) => {
-                    let dest = &mut *reads[index].dest;
-                    if done.len as usize != dest.len() {
-                        // Framing still holds: skip the bytes, fail this read.
-                        if let Err(error) = self.skip(done.len as usize) {
-                            return fail_rest(results, &error);
-                        }
-                        Err(ClientError::Unexpected {
-                            addr: self.addr.clone(),
-                            request_id: header.request_id,
-                            got: header.opcode,
-                        })
-                    } else {
-                        match self.stream.read_exact(dest) {
-                            Err(source) => {
-                                self.broken = true;
-                                let error = ClientError::Io {
-                                    addr: self.addr.clone(),
-                                    operation: "receiving chunk bytes",
-                                    source,
-                                };
-                                return fail_rest(results, &error);
-                            }
-                            Ok(()) => wire::check_payload(done.crc, dest).map_err(|source| {
-                                ClientError::Wire {
-                                    addr: self.addr.clone(),
-                                    source,
-                                }
-                            }),
-                        }
+                    match self.receive_payload(header.request_id, &mut reads[index], &done) {
+                        Ok(result) => result,
+                        Err(error) => return fail_rest(results, &error),
                     }
                 }
                 Message::Error(error) => Err(ClientError::Remote {
@@ -291,12 +339,41 @@ impl DaemonConnection {
                     message: error.message,
                 }),
                 other => Err(self.unexpected(header.request_id, other)),
-            });
+            };
+            if result.is_ok()
+                && let Some(sent) = sent_at[index]
+            {
+                landed(index, sent.elapsed());
+            }
+            results[index] = Some(result);
         }
         results
             .into_iter()
             .map(|result| result.expect("every read answered"))
             .collect()
+    }
+
+    /// Takes a `ReadDone`'s payload into the read's destination and checks it. The outer
+    /// error is the connection's (the stream is unusable); the inner one only this read's.
+    fn receive_payload(
+        &mut self,
+        request_id: u64,
+        read: &mut ReadInto<'_>,
+        done: &ReadDone,
+    ) -> Result<Result<(), ClientError>, ClientError> {
+        if done.len as usize != read.dest.len() {
+            // Framing still holds: skip the bytes, fail this read.
+            self.skip(done.len as usize)?;
+            return Ok(Err(ClientError::Unexpected {
+                addr: self.addr.clone(),
+                request_id,
+                got: wire::Opcode::ReadDone,
+            }));
+        }
+        self.read_exact(read.dest, "receiving chunk bytes")?;
+        Ok(ClientError::check_read(
+            &self.addr, read.chunk, done.crc, read.dest,
+        ))
     }
 
     /// Reads `dest.len()` bytes at `offset` of `chunk` into `dest`.
@@ -341,6 +418,7 @@ impl DaemonConnection {
     /// Sends raw bytes as they are: for tests of the daemon's handling of bad frames.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.stream
+            .get_mut()
             .write_all(bytes)
             .map_err(|source| ClientError::Io {
                 addr: self.addr.clone(),
@@ -455,7 +533,8 @@ impl DaemonConnection {
 
     /// The socket, for a session that uses it only as its side channel (RDMA).
     pub(crate) fn into_stream(self) -> TcpStream {
-        self.stream
+        // Nothing is read on the side channel once the session is set up: no bytes are lost.
+        self.stream.into_inner()
     }
 }
 

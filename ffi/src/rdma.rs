@@ -8,6 +8,7 @@
 //! RDMA-WRITEs the bytes there and SENDs `RdmaReadDone` with their CRC32C, which is checked
 //! here before the read counts as done.
 
+use std::cell::Cell;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -246,9 +247,12 @@ impl RdmaConnection {
 
     /// Sends `count` requests (`make(index)` builds each), at most the daemon's credits
     /// outstanding, and hands each reply to `done(index, reply)`. One result per request.
+    /// Sends `count` requests made by `make`, at most `window` (and the daemon's credits)
+    /// outstanding, and hands each reply to `done`.
     fn pipeline(
         &mut self,
         count: usize,
+        window: usize,
         mut make: impl FnMut(usize) -> Result<Message, ClientError>,
         mut done: impl FnMut(usize, Message) -> Result<(), ClientError>,
     ) -> Vec<Result<(), ClientError>> {
@@ -265,7 +269,7 @@ impl RdmaConnection {
         let mut wcs = std::mem::take(&mut self.wcs);
         loop {
             // Send while credits and send slots allow.
-            while next < count && outstanding < self.remote_credits as usize {
+            while next < count && outstanding < window.min(self.remote_credits as usize) {
                 let Some(slot) = self.free_sends.last().copied() else {
                     break;
                 };
@@ -480,7 +484,13 @@ impl Transport for RdmaConnection {
         self.max_payload
     }
 
-    fn read_many(&mut self, reads: &mut [ReadInto<'_>]) -> Vec<Result<(), ClientError>> {
+    fn read_window(
+        &mut self,
+        reads: &mut [ReadInto<'_>],
+        window: usize,
+        landed: &mut dyn FnMut(usize, Duration),
+    ) -> Vec<Result<(), ClientError>> {
+        let sent_at: Vec<Cell<Option<Instant>>> = reads.iter().map(|_| Cell::new(None)).collect();
         let addr = self.addr.clone();
         let max_payload = self.max_payload;
         let client = self.client.clone();
@@ -507,6 +517,7 @@ impl Transport for RdmaConnection {
                 ),
             })?;
             let (chunk, offset) = requests[index];
+            sent_at[index].set(Some(Instant::now()));
             Ok(Message::RdmaRead(RdmaRead {
                 chunk,
                 offset,
@@ -529,10 +540,14 @@ impl Transport for RdmaConnection {
                 // SAFETY: the daemon's WRITE into this range completed before its SEND (RC
                 // ordering); the range is the caller's `dest`, borrowed for this call.
                 let bytes = unsafe { std::slice::from_raw_parts(dest as *const u8, len) };
-                wire::check_payload(done.crc, bytes).map_err(|source| ClientError::Wire {
-                    addr: reply_addr.clone(),
-                    source,
-                })
+                let checked =
+                    ClientError::check_read(&reply_addr, requests[index].0, done.crc, bytes);
+                if checked.is_ok()
+                    && let Some(sent) = sent_at[index].get()
+                {
+                    landed(index, sent.elapsed());
+                }
+                checked
             }
             other => Err(ClientError::Unexpected {
                 addr: reply_addr.clone(),
@@ -540,7 +555,7 @@ impl Transport for RdmaConnection {
                 got: other.opcode(),
             }),
         };
-        self.pipeline(reads.len(), make, done)
+        self.pipeline(reads.len(), window.max(1), make, done)
     }
 
     fn write(&mut self, chunk: ChunkId, data: &[u8]) -> Result<(), ClientError> {
@@ -565,6 +580,7 @@ impl Transport for RdmaConnection {
     fn delete(&mut self, chunk: ChunkId) -> Result<(), ClientError> {
         let addr = self.addr.clone();
         self.pipeline(
+            1,
             1,
             |_| Ok(Message::Delete(Delete { chunk })),
             |_, message| match message {

@@ -3,7 +3,8 @@
 //!
 //! Each chunk goes to its nearest live replica (lowest distance; equally near replicas take
 //! turns, so load spreads). Every daemon with work gets its own thread and connection, and
-//! reads its chunks pipelined, in windows, straight into their places in the buffer. When a
+//! reads its chunks pipelined (a sliding window of requests in flight), straight into their
+//! places in the buffer. When a
 //! daemon fails (connection lost, framing error, a chunk it cannot serve), its unfinished
 //! chunks move to their next replica in a new round; the failed connection is fenced first,
 //! so a late RDMA WRITE from a daemon presumed dead cannot land on bytes another replica
@@ -93,9 +94,9 @@ pub struct ReadReport {
     pub rounds: usize,
     /// Bytes each daemon delivered, by daemon index.
     pub per_daemon: Vec<u64>,
-    /// How long each window of pipelined requests took, from its first request to its last
-    /// reply, over every connection.
-    pub window_latencies: Vec<Duration>,
+    /// How long each chunk read took, from its request to its last byte, over every
+    /// connection (requests are pipelined, `window` in flight per connection).
+    pub read_latencies: Vec<Duration>,
 }
 
 struct Daemon {
@@ -287,7 +288,7 @@ impl StripedReader {
             });
             todo.clear();
             for (daemon_index, (results, windows)) in outcomes {
-                report.window_latencies.extend(windows);
+                report.read_latencies.extend(windows);
                 let daemon = &mut self.daemons[daemon_index];
                 let mut failed_connection = false;
                 for (index, result) in results {
@@ -398,7 +399,7 @@ struct Settings<'a> {
     progress: Option<&'a Progress>,
 }
 
-/// One daemon's share of a round: connect if needed, then read in windows.
+/// One daemon's share of a round: connect if needed, then read it through a sliding window.
 fn read_from(
     daemon_index: usize,
     daemon: &mut Daemon,
@@ -429,42 +430,26 @@ fn read_from(
         }
     }
     let transport = daemon.transport.as_mut().expect("connected above");
-    let mut results = Vec::with_capacity(slices.len());
-    let mut windows = Vec::new();
-    let mut slices = slices.into_iter().peekable();
-    while slices.peek().is_some() {
-        let window: Vec<(usize, &mut [u8])> = slices.by_ref().take(settings.window).collect();
-        let indices: Vec<usize> = window.iter().map(|(index, _)| *index).collect();
-        let mut reads: Vec<ReadInto<'_>> = window
-            .into_iter()
-            .map(|(index, dest)| ReadInto {
-                chunk: chunks[index].chunk,
-                offset: 0,
-                dest,
-            })
-            .collect();
-        let began = std::time::Instant::now();
-        let outcome = transport.read_many(&mut reads);
-        windows.push(began.elapsed());
-        for (index, result) in indices.into_iter().zip(outcome) {
-            if result.is_ok()
-                && let Some(progress) = settings.progress
-            {
-                progress(index, daemon_index);
-            }
-            results.push((index, result));
+    let indices: Vec<usize> = slices.iter().map(|(index, _)| *index).collect();
+    let mut reads: Vec<ReadInto<'_>> = slices
+        .into_iter()
+        .map(|(index, dest)| ReadInto {
+            chunk: chunks[index].chunk,
+            offset: 0,
+            dest,
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(reads.len());
+    // One sliding window over all of this daemon's chunks; a transport failure fails the
+    // reads it left unanswered, which then go to other replicas.
+    let outcome = transport.read_window(&mut reads, settings.window, &mut |read, latency| {
+        latencies.push(latency);
+        if let Some(progress) = settings.progress {
+            progress(indices[read], daemon_index);
         }
-        if !transport.is_healthy() {
-            // The rest would fail the same way: hand them back for another replica.
-            let addr = transport.addr().to_string();
-            let text = "the connection failed earlier in this read";
-            for (index, _) in slices.by_ref() {
-                results.push((index, aborted(&addr, "reading", text)));
-            }
-            break;
-        }
-    }
-    (results, windows)
+    });
+    let results = indices.iter().copied().zip(outcome).collect();
+    (results, latencies)
 }
 
 /// A chunk this daemon's connection could not read: a connection failure, so the chunk goes

@@ -67,7 +67,20 @@ pub trait Transport: Send + std::fmt::Debug {
     /// CRC32C the daemon computed. One result per read; a transport failure fails the reads it
     /// left unanswered. Over RDMA each destination must lie in memory registered with
     /// [`RdmaClient::register`].
-    fn read_many(&mut self, reads: &mut [ReadInto<'_>]) -> Vec<Result<(), ClientError>>;
+    fn read_many(&mut self, reads: &mut [ReadInto<'_>]) -> Vec<Result<(), ClientError>> {
+        self.read_window(reads, usize::MAX, &mut |_, _| {})
+    }
+
+    /// As [`read_many`](Self::read_many), with at most `window` requests in flight (RDMA:
+    /// also at most the daemon's credits): the next goes out as each reply lands. `landed`
+    /// is called, as it happens, for each read whose bytes landed and passed their check,
+    /// with its index in `reads` and its time from request to last byte.
+    fn read_window(
+        &mut self,
+        reads: &mut [ReadInto<'_>],
+        window: usize,
+        landed: &mut dyn FnMut(usize, Duration),
+    ) -> Vec<Result<(), ClientError>>;
 
     /// Stores a new chunk.
     fn write(&mut self, chunk: ChunkId, data: &[u8]) -> Result<(), ClientError>;
@@ -141,8 +154,13 @@ impl Transport for DaemonConnection {
         DaemonConnection::max_payload(self)
     }
 
-    fn read_many(&mut self, reads: &mut [ReadInto<'_>]) -> Vec<Result<(), ClientError>> {
-        DaemonConnection::read_many(self, reads)
+    fn read_window(
+        &mut self,
+        reads: &mut [ReadInto<'_>],
+        window: usize,
+        landed: &mut dyn FnMut(usize, Duration),
+    ) -> Vec<Result<(), ClientError>> {
+        DaemonConnection::read_window(self, reads, window, landed)
     }
 
     fn write(&mut self, chunk: ChunkId, data: &[u8]) -> Result<(), ClientError> {

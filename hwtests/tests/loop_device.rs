@@ -11,7 +11,8 @@ use tier0_dataplane::buffer::{AlignedBuf, BufferPoolConfig};
 use tier0_dataplane::device::{BlockDevice, UringDevice, UringOptions};
 use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{
-    DeviceFactory, DriveSpec, Op, Output, PollMode, Request, WorkerPool, WorkerPoolConfig,
+    DeviceFactory, DriveSpec, Op, Output, PollMode, ReadCheck, Request, WorkerPool,
+    WorkerPoolConfig,
 };
 use tier0_topology::WorkerPlan;
 
@@ -159,6 +160,7 @@ fn chunk_store_on_a_raw_block_device_survives_reopening_and_serves_workers() {
                 chunk: chunk(index),
                 offset: 1000,
                 len: 200_000,
+                check: ReadCheck::Worker,
             },
             reply: reply.clone(),
         })
@@ -169,7 +171,7 @@ fn chunk_store_on_a_raw_block_device_survives_reopening_and_serves_workers() {
             .recv_timeout(Duration::from_secs(10))
             .expect("a completion");
         let index = completion.tag as u32;
-        let Ok(Output::Read(lease)) = completion.result else {
+        let Ok(Output::Read { lease, .. }) = completion.result else {
             panic!("read {index} failed: {:?}", completion.result);
         };
         let len = CHUNK as usize - index as usize * 4099;

@@ -97,7 +97,7 @@ impl LocalCluster {
                 listen: "127.0.0.1:0".parse().expect("a literal address"),
                 token: cluster.token.clone(),
                 drives: vec![DriveConfig {
-                    path: cluster.dir.join(format!("node-{index}.store")),
+                    path: cluster.store_path(index),
                     create_size: Some(config.store_size),
                     numa_node: 0,
                 }],
@@ -140,6 +140,11 @@ impl LocalCluster {
 
     pub fn addr(&self, index: usize) -> std::net::SocketAddr {
         self.addrs[index]
+    }
+
+    /// The store file of daemon `index` (for tests that damage it).
+    pub fn store_path(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("node-{index}.store"))
     }
 
     /// Writes `data` as file `file`: chunk i on daemons i, i+1, … (`replicas` of them,

@@ -10,8 +10,8 @@ use tier0_dataplane::device::{BlockDevice, UringDevice, UringOptions, preallocat
 use tier0_dataplane::store::format::{Superblock, entry_size_for};
 use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{
-    Completion, DeviceFactory, DriveSpec, Op, Output, PollMode, RequestSource, SourceFactory,
-    WorkerPool, WorkerPoolConfig,
+    Completion, DeviceFactory, DriveSpec, Op, Output, PollMode, ReadCheck, RequestSource,
+    SourceFactory, WorkerPool, WorkerPoolConfig,
 };
 use tier0_topology::{WorkerPlan, WorkerPolicy, plan_workers};
 
@@ -237,7 +237,16 @@ impl RequestSource for LoadSource {
             let Some((chunk, offset, len)) = (self.next)() else {
                 return false;
             };
-            requests.push((0, 0, Op::Read { chunk, offset, len }));
+            requests.push((
+                0,
+                0,
+                Op::Read {
+                    chunk,
+                    offset,
+                    len,
+                    check: ReadCheck::Worker,
+                },
+            ));
             self.in_flight += 1;
         }
         true
@@ -246,7 +255,7 @@ impl RequestSource for LoadSource {
     fn complete(&mut self, completion: Completion) {
         self.in_flight -= 1;
         match completion.result {
-            Ok(Output::Read(lease)) => {
+            Ok(Output::Read { lease, .. }) => {
                 self.measured.bytes += lease.len() as u64;
                 self.measured.ops += 1;
                 self.measured.latency.record(completion.latency);

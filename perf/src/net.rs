@@ -4,7 +4,7 @@
 //!   window and size (a 16-byte request, the bytes back from memory);
 //! - RDMA: perftest `ib_write_bw` and `ib_read_bw` on the same device (soft-RoCE in the VM).
 //!
-//! Scenarios: `striped-read-<chunk>` (throughput, MiB/s; latency per window of requests) and
+//! Scenarios: `striped-read-<chunk>` (throughput, MiB/s; latency per request, a sliding window of them in flight) and
 //! `read-4k-qd1` (one 4 KiB read at a time: latency, with reads/s as the figure). Every pass
 //! of tier0 checks the bytes it read against what was written.
 
@@ -278,8 +278,8 @@ fn striped_pass(
         .map_err(|error| NetBenchError::Read(error.to_string()))?;
     let seconds = start.elapsed().as_secs_f64();
     let mut latency = LatencyRecorder::default();
-    for window in &report.window_latencies {
-        latency.record(*window);
+    for read in &report.read_latencies {
+        latency.record(*read);
     }
     Ok(Run {
         seconds,
@@ -350,8 +350,8 @@ fn small_reads(
 
 /// The TCP baseline: `daemons` loopback connections, each served by a thread that answers a
 /// 16-byte request with `size` bytes from memory; the client keeps `window` requests in flight
-/// per connection (one connection, one request at a time with `ping_pong`) and reads each
-/// reply into its buffer. Latency: per window of requests, as for tier0.
+/// per connection, sending the next as each reply lands (one connection, one request at a time
+/// with `ping_pong`), and reads each reply into its buffer. Latency: per request, as for tier0.
 fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Run, NetBenchError> {
     let error = |reason: std::io::Error| NetBenchError::Baseline {
         name: "socket blaster".into(),
@@ -403,21 +403,28 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
                 });
                 let mut dest = vec![1u8; size * window];
                 dest.fill(0);
+                let request = vec![1u8; 16 * window];
                 ready.wait();
                 let mut stream = connected?;
-                let mut windows = Vec::new();
-                let mut left = per_connection;
-                while left > 0 {
-                    let batch = left.min(window);
-                    let began = Instant::now();
-                    stream.write_all(&vec![1u8; 16 * batch])?;
-                    for slot in 0..batch {
-                        stream.read_exact(&mut dest[slot * size..(slot + 1) * size])?;
+                // A sliding window, as tier0's reader keeps: `window` requests out, the next
+                // sent as each reply lands; latency per request, from its send to its last byte.
+                let mut latencies = Vec::with_capacity(per_connection);
+                let mut sent = std::collections::VecDeque::with_capacity(window);
+                let mut requested = 0;
+                let mut slot = 0;
+                while latencies.len() < per_connection {
+                    let more = (per_connection - requested).min(window - sent.len());
+                    if more > 0 {
+                        stream.write_all(&request[..16 * more])?;
+                        let now = Instant::now();
+                        sent.extend(std::iter::repeat_n(now, more));
+                        requested += more;
                     }
-                    windows.push(began.elapsed());
-                    left -= batch;
+                    stream.read_exact(&mut dest[slot * size..(slot + 1) * size])?;
+                    slot = (slot + 1) % window;
+                    latencies.push(sent.pop_front().expect("a request is out").elapsed());
                 }
-                Ok(windows)
+                Ok(latencies)
             })
         })
         .collect();
@@ -430,8 +437,8 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
             .join()
             .map_err(|_| error(std::io::Error::other("a client thread panicked")))?
             .map_err(error)?;
-        for window in windows {
-            latency.record(window);
+        for request in windows {
+            latency.record(request);
         }
     }
     let seconds = start.elapsed().as_secs_f64();

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tier0_client::{
-    ClientError, DaemonEndpoint, ReadBuffer, StripedError, StripedReader, TransportChoice,
-    TransportKind,
+    ClientError, DaemonConnection, DaemonEndpoint, ReadBuffer, StripedError, StripedReader,
+    TransportChoice, TransportKind,
 };
 use tier0_perf::cluster::{ClusterConfig, LocalCluster, pattern};
 
@@ -93,8 +93,8 @@ fn a_daemon_stopped_mid_read_fails_over_with_no_wrong_byte() {
     let stopped = Arc::new(AtomicBool::new(false));
     let progress = {
         let (cluster, stopped) = (cluster.clone(), stopped.clone());
-        // Runs in daemon 1's reading thread, between two of its windows: the next window
-        // meets a stopped daemon.
+        // Runs in daemon 1's reading thread as its first chunk lands: the requests it has in
+        // flight meet a stopped daemon.
         Arc::new(move |_chunk: usize, daemon: usize| {
             if daemon == 1 && !stopped.swap(true, Ordering::SeqCst) {
                 cluster.lock().unwrap().stop(1);
@@ -145,6 +145,78 @@ fn a_replica_without_the_chunk_is_skipped_and_stays_in_use() {
     let chunk = u64::from(CHUNK);
     assert_eq!(report.per_daemon, vec![2 * chunk, 2 * chunk]);
     assert_eq!(reader.transports(), vec![Some(TransportKind::Tcp); 2]);
+}
+
+/// Flips one bit of the copy of `needle`'s first byte in daemon `daemon`'s store file.
+fn damage_on_drive(cluster: &LocalCluster, daemon: usize, needle: &[u8]) {
+    use std::os::unix::fs::FileExt as _;
+    let path = cluster.store_path(daemon);
+    let image = std::fs::read(&path).unwrap();
+    let at = image
+        .windows(needle.len())
+        .position(|window| window == needle)
+        .expect("the chunk's bytes are in the store file");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&[image[at] ^ 0x10], at as u64).unwrap();
+    file.sync_all().unwrap();
+}
+
+#[test]
+fn bytes_corrupt_on_a_drive_are_caught_at_the_reader_and_read_from_another_replica() {
+    let cluster = cluster(3);
+    let data = pattern(9 * CHUNK as usize, 7);
+    let layout = cluster.write_striped(7, &data, 2).unwrap();
+    // Chunk 0 lives on daemons 0 and 1; damage daemon 0's copy inside its second 4 KiB block.
+    damage_on_drive(&cluster, 0, &data[5000..5064]);
+
+    // A whole-block read: the daemon answers with the CRC its stored checksums give, the
+    // bytes fail it here, and the connection stays usable.
+    let mut connection = DaemonConnection::connect(
+        cluster.addr(0),
+        cluster.token(),
+        "test",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let chunk0 = layout.chunks[0].chunk;
+    let mut dest = vec![0u8; CHUNK as usize];
+    let error = connection.read_into(chunk0, 0, &mut dest).unwrap_err();
+    assert!(
+        matches!(error, ClientError::Corrupt { chunk, .. } if chunk == chunk0),
+        "{error}"
+    );
+    assert_eq!(error.errno(), libc::EBADMSG);
+    assert!(!error.is_connection_failure());
+    assert!(error.to_string().contains("fail their checksum"), "{error}");
+    // A read that covers the damaged block in part: the daemon checks that block itself.
+    let mut part = vec![0u8; 100];
+    let error = connection.read_into(chunk0, 4990, &mut part).unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Remote { errno, message, .. }
+            if *errno == libc::EIO && message.contains("corrupt")),
+        "{error}"
+    );
+    // The undamaged parts of the chunk and the daemon's other chunks still read.
+    connection.read_into(chunk0, 8192, &mut part).unwrap();
+    assert_eq!(part[..], data[8192..8292]);
+    let chunk3 = &layout.chunks[3];
+    let mut other = vec![0u8; chunk3.len as usize];
+    connection.read_into(chunk3.chunk, 0, &mut other).unwrap();
+    assert!(other[..] == data[chunk3.file_offset as usize..][..other.len()]);
+
+    // A striped read with daemon 0 nearest: chunk 0 comes from daemon 1, every byte right,
+    // and daemon 0 keeps serving its other chunks.
+    let mut endpoints = cluster.endpoints();
+    endpoints[0].distance = 0;
+    endpoints[1].distance = 10;
+    endpoints[2].distance = 10;
+    let mut buffer = ReadBuffer::new(data.len()).unwrap();
+    let report = reader(&cluster, endpoints)
+        .read(&layout, &mut buffer)
+        .unwrap();
+    assert!(buffer[..] == data[..], "a corrupt byte was delivered");
+    assert_eq!(report.failovers, 1, "{report:?}");
+    assert!(report.per_daemon[0] > 0, "{report:?}");
 }
 
 #[test]

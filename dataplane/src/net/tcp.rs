@@ -24,9 +24,8 @@ use super::wire::{
     self, ErrorReply, HEADER_SIZE, Header, Hello, MAX_BODY, Message, Opcode, ReadDone, Welcome,
 };
 use crate::buffer::BufferLease;
-use crate::store::format::crc32c;
 use crate::store::{ChunkId, ChunkStore};
-use crate::worker::{Completion, Op, Output, RequestSource, SourceFactory};
+use crate::worker::{Completion, Op, Output, ReadCheck, RequestSource, SourceFactory};
 
 /// How a daemon listens.
 #[derive(Clone, Debug)]
@@ -619,6 +618,8 @@ fn request(
                     chunk: read.chunk,
                     offset: read.offset,
                     len: read.len,
+                    // The client checks the payload against ReadDone's CRC (W3).
+                    check: ReadCheck::Reader,
                 },
             ))
         }
@@ -864,10 +865,10 @@ impl RequestSource for TcpSource {
         };
         connection.in_flight -= 1;
         let (message, payload) = match completion.result {
-            Ok(Output::Read(lease)) => (
+            Ok(Output::Read { lease, crc }) => (
                 Message::ReadDone(ReadDone {
                     len: lease.len() as u32,
-                    crc: crc32c(lease.as_slice()),
+                    crc,
                 }),
                 Some(lease),
             ),

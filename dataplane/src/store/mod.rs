@@ -9,6 +9,7 @@
 //! entry is durable the slot counts as free after a restart, so a crash leaves either no chunk
 //! or the whole chunk, never a mix. See `docs/formats.md`.
 
+pub mod crc;
 pub mod format;
 
 use std::collections::HashMap;
@@ -163,6 +164,8 @@ pub struct ChunkStore {
     superblock: Superblock,
     index: RwLock<HashMap<ChunkId, Arc<ChunkInfo>>>,
     allocator: Mutex<Allocator>,
+    /// Joins checksum-block CRCs into the CRC of a read's bytes.
+    appender: crc::Appender,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -229,6 +232,7 @@ impl ChunkStore {
         ChunkStore {
             device: device.to_string(),
             superblock,
+            appender: crc::Appender::new(u64::from(superblock.checksum_block_size)),
             index: RwLock::new(HashMap::new()),
             allocator: Mutex::new(Allocator {
                 free: (0..superblock.slot_count).rev().collect(),
@@ -441,29 +445,80 @@ impl ChunkStore {
         })
     }
 
-    /// Checks the checksum blocks of a completed span read. `data` is the whole span.
-    pub fn verify(&self, info: &ChunkInfo, span: &ReadSpan, data: &[u8]) -> Result<(), StoreError> {
+    /// Checks every checksum block of a completed span read (`data` is the whole span) and
+    /// returns the CRC32C of the requested bytes, joined from the block checksums.
+    pub fn verify(
+        &self,
+        info: &ChunkInfo,
+        span: &ReadSpan,
+        data: &[u8],
+    ) -> Result<u32, StoreError> {
+        self.check_span(info, span, data, true)
+    }
+
+    /// The CRC32C the requested bytes of a completed span read must have, for a reader that
+    /// checks them itself: built from the stored checksums of the blocks the request covers
+    /// whole, without reading those bytes; the blocks it covers in part are checked here
+    /// (their stored checksum says nothing about a part), so a wrong byte fails either here
+    /// or at the reader, never neither.
+    pub fn payload_crc(
+        &self,
+        info: &ChunkInfo,
+        span: &ReadSpan,
+        data: &[u8],
+    ) -> Result<u32, StoreError> {
+        self.check_span(info, span, data, false)
+    }
+
+    fn check_span(
+        &self,
+        info: &ChunkInfo,
+        span: &ReadSpan,
+        data: &[u8],
+        every_block: bool,
+    ) -> Result<u32, StoreError> {
         let block = self.superblock.checksum_block_size as usize;
         let chunk_len = info.len as usize;
+        let (want_start, want_end) = (span.skip as usize, (span.skip + span.len) as usize);
+        let mut payload_crc = 0;
         for (i, piece) in data[..span.device_len as usize].chunks(block).enumerate() {
             let index = span.first_block + i;
             let start = index * block;
             let valid = (chunk_len - start).min(block);
-            let actual = crc32c(&piece[..valid]);
-            let expected = info.checksums[index];
-            if actual != expected {
-                return Err(StoreError::Corrupt {
-                    device: self.device.clone(),
-                    chunk: info.chunk,
-                    block: index,
-                    start: start as u64,
-                    end: (start + valid) as u64,
-                    expected,
-                    actual,
-                });
+            // The requested bytes inside this block, in block coordinates.
+            let from = want_start.saturating_sub(i * block);
+            let to = (want_end - i * block).min(valid);
+            if from >= to {
+                continue;
             }
+            let whole = from == 0 && to == valid;
+            let expected = info.checksums[index];
+            let piece_crc = if every_block || !whole {
+                let actual = crc32c(&piece[..valid]);
+                if actual != expected {
+                    return Err(StoreError::Corrupt {
+                        device: self.device.clone(),
+                        chunk: info.chunk,
+                        block: index,
+                        start: start as u64,
+                        end: (start + valid) as u64,
+                        expected,
+                        actual,
+                    });
+                }
+                if whole {
+                    actual
+                } else {
+                    crc32c(&piece[from..to])
+                }
+            } else {
+                expected
+            };
+            payload_crc = self
+                .appender
+                .append(payload_crc, piece_crc, (to - from) as u64);
         }
-        Ok(())
+        Ok(payload_crc)
     }
 
     /// Reads `buf.len()` bytes at `offset` of a chunk, verified, on an idle device.

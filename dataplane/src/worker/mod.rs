@@ -71,6 +71,7 @@ pub enum Op {
         chunk: ChunkId,
         offset: u64,
         len: u32,
+        check: ReadCheck,
     },
     Write {
         chunk: ChunkId,
@@ -91,6 +92,18 @@ impl Op {
     }
 }
 
+/// Who checks a read's bytes against the store's checksums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadCheck {
+    /// The worker checks every checksum block before answering: for readers in this process
+    /// that use the bytes as they are.
+    Worker,
+    /// The reader checks the bytes against the completion's CRC, which the worker builds from
+    /// the stored checksums without a pass over the bytes (it checks only blocks the read
+    /// covers in part): for network peers, whose check then covers the wire too.
+    Reader,
+}
+
 #[derive(Debug)]
 pub struct Request {
     /// The caller's name for this request, returned in its completion.
@@ -103,8 +116,13 @@ pub struct Request {
 
 #[derive(Debug)]
 pub enum Output {
-    /// The bytes read, verified, in a pool buffer: drop the lease to give it back.
-    Read(BufferLease),
+    /// The bytes read, in a pool buffer (drop the lease to give it back), and the CRC32C they
+    /// must have. With [`ReadCheck::Worker`] the bytes were checked; with
+    /// [`ReadCheck::Reader`] the reader must check them against `crc`.
+    Read {
+        lease: BufferLease,
+        crc: u32,
+    },
     Written,
     Deleted,
 }
@@ -241,6 +259,7 @@ enum InFlight {
         info: Arc<ChunkInfo>,
         span: ReadSpan,
         buffer: PoolBuffer,
+        check: ReadCheck,
     },
     Write {
         stage: WriteStage,
@@ -690,7 +709,12 @@ impl Worker {
         let name = op.name();
         let store = self.drives[drive].store.clone();
         let prepared = match op {
-            Op::Read { chunk, offset, len } => {
+            Op::Read {
+                chunk,
+                offset,
+                len,
+                check,
+            } => {
                 let span = store
                     .lookup(chunk)
                     .ok_or(StoreError::NotFound {
@@ -710,12 +734,22 @@ impl Worker {
                         })
                     }
                     Ok((info, span)) => match self.pool.take() {
-                        Some(buffer) => Ok(InFlight::Read { info, span, buffer }),
+                        Some(buffer) => Ok(InFlight::Read {
+                            info,
+                            span,
+                            buffer,
+                            check,
+                        }),
                         None => {
                             return Err(Pending {
                                 tag,
                                 drive,
-                                op: Op::Read { chunk, offset, len },
+                                op: Op::Read {
+                                    chunk,
+                                    offset,
+                                    len,
+                                    check,
+                                },
                                 reply,
                             });
                         }
@@ -933,21 +967,31 @@ impl Worker {
         let store = self.drives[slot.drive].store.clone();
         let latency = slot.started.elapsed();
         let result = match slot.work {
-            InFlight::Read { info, span, buffer } => {
+            InFlight::Read {
+                info,
+                span,
+                buffer,
+                check,
+            } => {
                 // SAFETY: the read completed into this buffer, which the slot owned.
                 let data = unsafe {
                     std::slice::from_raw_parts(buffer.as_mut_ptr(), span.device_len as usize)
                 };
-                match store.verify(&info, &span, data) {
-                    Ok(()) => {
+                let checked = match check {
+                    ReadCheck::Worker => store.verify(&info, &span, data),
+                    ReadCheck::Reader => store.payload_crc(&info, &span, data),
+                };
+                match checked {
+                    Ok(crc) => {
                         self.metrics.reads.increment(1);
                         self.metrics.read_bytes.increment(u64::from(span.len));
                         self.metrics.read_latency.record(latency.as_secs_f64());
-                        Ok(Output::Read(self.pool.lease(
-                            buffer,
-                            span.skip as usize,
-                            span.len as usize,
-                        )))
+                        Ok(Output::Read {
+                            lease: self
+                                .pool
+                                .lease(buffer, span.skip as usize, span.len as usize),
+                            crc,
+                        })
                     }
                     Err(error) => {
                         self.pool.put_back(buffer);

@@ -33,8 +33,7 @@ use crate::net::wire::{
     self, ErrorReply, HEADER_SIZE, Header, Message, RdmaEndpoint, RdmaReadDone,
 };
 use crate::store::ChunkStore;
-use crate::store::format::crc32c;
-use crate::worker::{Completion, Op, Output, RequestSource};
+use crate::worker::{Completion, Op, Output, ReadCheck, RequestSource};
 
 /// Sessions one worker serves at most; more are refused RDMA (and stay on TCP).
 pub const MAX_SESSIONS: usize = 64;
@@ -206,6 +205,7 @@ fn send_wr_id(index: u16) -> u64 {
 enum Reply {
     Read {
         lease: BufferLease,
+        crc: u32,
         addr: u64,
         rkey: u32,
     },
@@ -586,6 +586,8 @@ fn request(max_payload: u32, message: &Message) -> Result<(Op, u64, u32), (i32, 
                     chunk: read.chunk,
                     offset: read.offset,
                     len: read.len,
+                    // The client checks the bytes against RdmaReadDone's CRC (W9).
+                    check: ReadCheck::Reader,
                 },
                 read.addr,
                 read.rkey,
@@ -732,10 +734,15 @@ fn flush_backlog(live: &mut Live, pool_mr: &Option<Arc<MemoryRegion>>) {
         let offset = (credits + usize::from(index)) * MESSAGE_SLOT;
         let message_addr = live.session.slab.as_ptr() as u64 + offset as u64;
         let (message, data) = match reply {
-            Reply::Read { lease, addr, rkey } => {
+            Reply::Read {
+                lease,
+                crc,
+                addr,
+                rkey,
+            } => {
                 let done = Message::RdmaReadDone(RdmaReadDone {
                     len: lease.len() as u32,
-                    crc: crc32c(lease.as_slice()),
+                    crc,
                 });
                 (done, Some((lease, addr, rkey)))
             }
@@ -848,8 +855,9 @@ impl RequestSource for RdmaSource {
         };
         live.in_flight -= 1;
         let answer = match completion.result {
-            Ok(Output::Read(lease)) => Reply::Read {
+            Ok(Output::Read { lease, crc }) => Reply::Read {
                 lease,
+                crc,
                 addr: pending.addr,
                 rkey: pending.rkey,
             },
