@@ -46,9 +46,10 @@ pub struct NetArgs {
     /// Folder for the daemons' store files (default: /dev/shm, else the temp folder).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
-    /// Worker poll mode of the daemons: busy, adaptive or interrupt.
-    #[arg(long, default_value = "adaptive")]
-    poll_mode: PollMode,
+    /// Worker poll mode of the daemons: busy, adaptive or interrupt (default: adaptive when
+    /// each daemon can have a core of its own, else interrupt).
+    #[arg(long)]
+    poll_mode: Option<PollMode>,
     /// Print a JSON array, one object per scenario.
     #[arg(long)]
     json: bool,
@@ -125,7 +126,9 @@ fn net(args: NetArgs) -> anyhow::Result<()> {
         repeats: args.repeats,
         small_reads: args.small_reads as usize,
         dir: args.dir.unwrap_or(defaults.dir),
-        poll_mode: args.poll_mode,
+        poll_mode: args
+            .poll_mode
+            .unwrap_or_else(|| tier0_perf::net::default_poll_mode(args.daemons as usize)),
     };
     let results = tier0_perf::net::run(&options, &mut |line| eprintln!("bench: {line}"))?;
     print_results(&results, args.json)
