@@ -5,7 +5,7 @@ use tier0_dataplane::device::{
     BlockDevice, FaultControl, FaultyDevice, MemoryDevice, UringDevice, UringOptions,
     preallocate_file,
 };
-use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig, StoreError};
+use tier0_dataplane::store::{ChunkId, ChunkStore, ReadCheck, StoreConfig, StoreError};
 
 const SMALL: StoreConfig = StoreConfig {
     chunk_size: 64 << 10,
@@ -386,28 +386,32 @@ fn the_crc_of_a_read_comes_from_the_stored_checksums_and_a_wrong_byte_fails_it()
         device.read_at(span.device_offset, &mut raw).unwrap();
         let want = crc32c(&data[offset as usize..offset as usize + len]);
         assert_eq!(
-            store.verify(&info, &span, &raw).unwrap(),
+            store
+                .check_read(&info, &span, &raw, ReadCheck::Worker)
+                .unwrap(),
             want,
             "{offset}+{len}"
         );
         assert_eq!(
-            store.payload_crc(&info, &span, &raw).unwrap(),
+            store
+                .check_read(&info, &span, &raw, ReadCheck::Reader)
+                .unwrap(),
             want,
             "{offset}+{len}"
         );
-        // A flipped bit anywhere in the requested bytes: `verify` refuses the read, and
-        // `payload_crc` either refuses it (a block covered in part) or gives a CRC the
-        // damaged bytes do not have; never both silent.
+        // A flipped bit anywhere in the requested bytes: checked by the worker, the read is
+        // refused; left to the reader, it is refused (a block covered in part) or given a CRC
+        // the damaged bytes do not have; never both silent.
         for bit in (0..len * 8).step_by(1231) {
             let mut bad = AlignedBuf::zeroed(raw.len());
             bad.copy_from_slice(&raw);
             bad[span.skip as usize + bit / 8] ^= 1 << (bit % 8);
             assert!(matches!(
-                store.verify(&info, &span, &bad),
+                store.check_read(&info, &span, &bad, ReadCheck::Worker),
                 Err(StoreError::Corrupt { .. })
             ));
             let got = &bad[span.skip as usize..span.skip as usize + len];
-            match store.payload_crc(&info, &span, &bad) {
+            match store.check_read(&info, &span, &bad, ReadCheck::Reader) {
                 Err(StoreError::Corrupt { .. }) => {}
                 Ok(expected) => assert_ne!(crc32c(got), expected, "{offset}+{len} bit {bit}"),
                 Err(other) => panic!("{other}"),

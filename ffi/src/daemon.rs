@@ -62,14 +62,14 @@ pub enum ClientError {
     /// checksums: corrupt on its drive, in its memory or on the wire. Nothing wrong is kept:
     /// the read fails (or moves to another replica), the connection stays usable.
     #[error(
-        "{addr}: chunk {chunk}: the bytes read fail their checksum (CRC32C {computed:#010x}, \
-         expected {expected:#010x}): corrupt on the daemon's drive or in transit"
+        "{addr}: chunk {chunk}: the bytes read fail their checksum ({source}): corrupt on the \
+         daemon's drive or in transit"
     )]
     Corrupt {
         addr: String,
         chunk: ChunkId,
-        expected: u32,
-        computed: u32,
+        #[source]
+        source: WireError,
     },
 }
 
@@ -78,11 +78,7 @@ impl ClientError {
     pub fn errno(&self) -> i32 {
         match self {
             ClientError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            ClientError::Wire {
-                source: WireError::PayloadChecksum { .. },
-                ..
-            }
-            | ClientError::Corrupt { .. } => libc::EBADMSG,
+            ClientError::Corrupt { .. } => libc::EBADMSG,
             ClientError::Wire { .. } | ClientError::Unexpected { .. } => libc::EPROTO,
             ClientError::Remote { errno, .. } => *errno,
             ClientError::TooLarge { .. } => libc::EINVAL,
@@ -126,17 +122,11 @@ impl ClientError {
         expected: u32,
         bytes: &[u8],
     ) -> Result<(), ClientError> {
-        let computed = crc32c(bytes);
-        if computed == expected {
-            Ok(())
-        } else {
-            Err(ClientError::Corrupt {
-                addr: addr.to_string(),
-                chunk,
-                expected,
-                computed,
-            })
-        }
+        wire::check_payload(expected, bytes).map_err(|source| ClientError::Corrupt {
+            addr: addr.to_string(),
+            chunk,
+            source,
+        })
     }
 }
 
@@ -280,9 +270,12 @@ impl DaemonConnection {
         let mut outstanding = 0;
         let mut requests = Vec::with_capacity(window.min(reads.len()) * 64);
         loop {
-            // Top the window up, in one write.
+            // Top the window up, in one write; while a reply is already buffered, take it
+            // first, so one write carries the requests several replies made room for.
             requests.clear();
-            while next < reads.len() && outstanding < window {
+            let reply_buffered = outstanding > 0 && self.stream.buffer().len() >= HEADER_SIZE;
+            let now = Instant::now();
+            while !reply_buffered && next < reads.len() && outstanding < window {
                 let read = &reads[next];
                 if read.dest.len() > self.max_payload as usize {
                     results[next] = Some(Err(ClientError::TooLarge {
@@ -298,15 +291,12 @@ impl DaemonConnection {
                     });
                     wire::encode(base + next as u64, &message, &mut requests)
                         .expect("a read request is a few bytes");
+                    sent_at[next] = Some(now);
                     outstanding += 1;
                 }
                 next += 1;
             }
             if !requests.is_empty() {
-                let now = Instant::now();
-                for stamp in sent_at[..next].iter_mut().rev().take_while(|s| s.is_none()) {
-                    *stamp = Some(now);
-                }
                 if let Err(error) = self.send_raw(&requests) {
                     self.broken = true;
                     return fail_rest(results, &error);

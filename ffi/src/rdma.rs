@@ -245,10 +245,9 @@ impl RdmaConnection {
         }
     }
 
-    /// Sends `count` requests (`make(index)` builds each), at most the daemon's credits
-    /// outstanding, and hands each reply to `done(index, reply)`. One result per request.
-    /// Sends `count` requests made by `make`, at most `window` (and the daemon's credits)
-    /// outstanding, and hands each reply to `done`.
+    /// Sends `count` requests (`make(index)` builds each), at most `window` and the daemon's
+    /// credits outstanding, and hands each reply to `done(index, reply)`. One result per
+    /// request.
     fn pipeline(
         &mut self,
         count: usize,

@@ -3,12 +3,11 @@
 //!
 //! Each chunk goes to its nearest live replica (lowest distance; equally near replicas take
 //! turns, so load spreads). Every daemon with work gets its own thread and connection, and
-//! reads its chunks pipelined (a sliding window of requests in flight), straight into their
-//! places in the buffer. When a
-//! daemon fails (connection lost, framing error, a chunk it cannot serve), its unfinished
-//! chunks move to their next replica in a new round; the failed connection is fenced first,
-//! so a late RDMA WRITE from a daemon presumed dead cannot land on bytes another replica
-//! delivered. A read fails only when some chunk has no replica left, and then says which
+//! reads its chunks through a sliding window of requests, straight into their places in the
+//! buffer. When a daemon fails (connection lost, framing error, a chunk it cannot serve), its
+//! unfinished chunks move to their next replica in a new round; the failed connection is
+//! fenced first, so a late RDMA WRITE from a daemon presumed dead cannot land on bytes another
+//! replica delivered. A read fails only when some chunk has no replica left, and then says which
 //! chunk and what each replica answered.
 
 use std::net::SocketAddr;

@@ -4,9 +4,10 @@
 //!   window and size (a 16-byte request, the bytes back from memory);
 //! - RDMA: perftest `ib_write_bw` and `ib_read_bw` on the same device (soft-RoCE in the VM).
 //!
-//! Scenarios: `striped-read-<chunk>` (throughput, MiB/s; latency per request, a sliding window of them in flight) and
-//! `read-4k-qd1` (one 4 KiB read at a time: latency, with reads/s as the figure). Every pass
-//! of tier0 checks the bytes it read against what was written.
+//! Scenarios: `striped-read-<chunk>` (throughput, MiB/s; latency per request, with a sliding
+//! window of them in flight) and `read-4k-qd1` (one 4 KiB read at a time: latency, with
+//! reads/s as the figure). Every pass of tier0 checks the bytes it read against what was
+//! written.
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -448,11 +449,11 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
     let start = Instant::now();
     let mut latency = LatencyRecorder::default();
     for client in clients {
-        let windows = client
+        let latencies = client
             .join()
             .map_err(|_| error(std::io::Error::other("a client thread panicked")))?
             .map_err(error)?;
-        for request in windows {
+        for request in latencies {
             latency.record(request);
         }
     }

@@ -112,6 +112,18 @@ pub struct ChunkInfo {
     checksums: Box<[u32]>,
 }
 
+/// Who checks a read's bytes against the stored checksums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadCheck {
+    /// The worker checks every checksum block before answering: for readers in this process
+    /// that use the bytes as they are.
+    Worker,
+    /// The reader checks the bytes against the CRC it is given, which the worker builds from
+    /// the stored checksums without a pass over the bytes (it checks only blocks the read
+    /// covers in part): for network peers, whose check then covers the wire too.
+    Reader,
+}
+
 /// The device range to read for a byte range of a chunk: whole checksum blocks, aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadSpan {
@@ -445,37 +457,18 @@ impl ChunkStore {
         })
     }
 
-    /// Checks every checksum block of a completed span read (`data` is the whole span) and
-    /// returns the CRC32C of the requested bytes, joined from the block checksums.
-    pub fn verify(
+    /// The CRC32C of the requested bytes of a completed span read (`data` is the whole span),
+    /// joined from the block checksums, after checking the blocks `check` asks for: every
+    /// block with [`ReadCheck::Worker`]; with [`ReadCheck::Reader`] only the blocks the request
+    /// covers in part (their stored checksum says nothing about a part), the others' stored
+    /// checksums standing in for their bytes, so a wrong byte fails either here or at the
+    /// reader, never neither.
+    pub fn check_read(
         &self,
         info: &ChunkInfo,
         span: &ReadSpan,
         data: &[u8],
-    ) -> Result<u32, StoreError> {
-        self.check_span(info, span, data, true)
-    }
-
-    /// The CRC32C the requested bytes of a completed span read must have, for a reader that
-    /// checks them itself: built from the stored checksums of the blocks the request covers
-    /// whole, without reading those bytes; the blocks it covers in part are checked here
-    /// (their stored checksum says nothing about a part), so a wrong byte fails either here
-    /// or at the reader, never neither.
-    pub fn payload_crc(
-        &self,
-        info: &ChunkInfo,
-        span: &ReadSpan,
-        data: &[u8],
-    ) -> Result<u32, StoreError> {
-        self.check_span(info, span, data, false)
-    }
-
-    fn check_span(
-        &self,
-        info: &ChunkInfo,
-        span: &ReadSpan,
-        data: &[u8],
-        every_block: bool,
+        check: ReadCheck,
     ) -> Result<u32, StoreError> {
         let block = self.superblock.checksum_block_size as usize;
         let chunk_len = info.len as usize;
@@ -493,7 +486,7 @@ impl ChunkStore {
             }
             let whole = from == 0 && to == valid;
             let expected = info.checksums[index];
-            let piece_crc = if every_block || !whole {
+            let piece_crc = if check == ReadCheck::Worker || !whole {
                 let actual = crc32c(&piece[..valid]);
                 if actual != expected {
                     return Err(StoreError::Corrupt {
@@ -533,7 +526,7 @@ impl ChunkStore {
         let span = self.read_span(&info, offset, buf.len() as u64)?;
         let mut data = AlignedBuf::zeroed(span.device_len as usize);
         device.read_at(span.device_offset, &mut data)?;
-        self.verify(&info, &span, &data)?;
+        self.check_read(&info, &span, &data, ReadCheck::Worker)?;
         buf.copy_from_slice(&data[span.skip as usize..(span.skip + span.len) as usize]);
         Ok(())
     }

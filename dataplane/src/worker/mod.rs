@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use doorbell::Doorbell;
 
+pub use crate::store::ReadCheck;
 pub use pool::{DeviceFactory, DriveSpec, WorkerPool, WorkerPoolConfig, WorkerPoolError};
 
 use crate::buffer::{AlignedBuf, BufferLease, BufferPool, BufferPoolConfig, PoolBuffer};
@@ -90,18 +91,6 @@ impl Op {
             Op::Delete { .. } => "delete",
         }
     }
-}
-
-/// Who checks a read's bytes against the store's checksums.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReadCheck {
-    /// The worker checks every checksum block before answering: for readers in this process
-    /// that use the bytes as they are.
-    Worker,
-    /// The reader checks the bytes against the completion's CRC, which the worker builds from
-    /// the stored checksums without a pass over the bytes (it checks only blocks the read
-    /// covers in part): for network peers, whose check then covers the wire too.
-    Reader,
 }
 
 #[derive(Debug)]
@@ -977,11 +966,7 @@ impl Worker {
                 let data = unsafe {
                     std::slice::from_raw_parts(buffer.as_mut_ptr(), span.device_len as usize)
                 };
-                let checked = match check {
-                    ReadCheck::Worker => store.verify(&info, &span, data),
-                    ReadCheck::Reader => store.payload_crc(&info, &span, data),
-                };
-                match checked {
+                match store.check_read(&info, &span, data, check) {
                     Ok(crc) => {
                         self.metrics.reads.increment(1);
                         self.metrics.read_bytes.increment(u64::from(span.len));
