@@ -296,11 +296,11 @@ impl DaemonConnection {
                 }
                 next += 1;
             }
-            if !requests.is_empty() {
-                if let Err(error) = self.send_raw(&requests) {
-                    self.broken = true;
-                    return fail_rest(results, &error);
-                }
+            if !requests.is_empty()
+                && let Err(error) = self.send_raw(&requests)
+            {
+                self.broken = true;
+                return fail_rest(results, &error);
             }
             if outstanding == 0 {
                 break;

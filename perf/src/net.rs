@@ -612,7 +612,7 @@ fn per_gib(cpu: f64, bytes: u64) -> f64 {
 }
 
 fn size_name(bytes: u32) -> String {
-    if bytes % (1 << 20) == 0 {
+    if bytes.is_multiple_of(1 << 20) {
         format!("{}m", bytes >> 20)
     } else {
         format!("{}k", bytes >> 10)

@@ -189,7 +189,11 @@ impl PoolBuffer {
 
 impl BufferPool {
     pub fn new(config: &BufferPoolConfig) -> Result<Self, BufferPoolError> {
-        if config.buffer_size == 0 || config.buffer_size % crate::device::IO_ALIGNMENT != 0 {
+        if config.buffer_size == 0
+            || !config
+                .buffer_size
+                .is_multiple_of(crate::device::IO_ALIGNMENT)
+        {
             return Err(BufferPoolError::BufferSize(config.buffer_size));
         }
         if config.buffer_count == 0 || config.buffer_count > 1 << 14 {

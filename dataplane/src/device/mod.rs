@@ -283,9 +283,9 @@ pub(crate) fn check_request(
         return Ok(());
     }
     let len = u64::from(request.len);
-    let aligned = request.offset % IO_ALIGNMENT as u64 == 0
+    let aligned = request.offset.is_multiple_of(IO_ALIGNMENT as u64)
         && len % IO_ALIGNMENT as u64 == 0
-        && (request.buffer as usize) % IO_ALIGNMENT == 0;
+        && (request.buffer as usize).is_multiple_of(IO_ALIGNMENT);
     if !aligned {
         return Err(DeviceError::Misaligned {
             device: name.to_string(),
@@ -329,7 +329,7 @@ fn blocking<D: BlockDevice + ?Sized>(
     // Callers' slices are rarely 4 KiB-aligned in memory; bounce those through an aligned
     // buffer rather than make every caller allocate one.
     let mut bounce = None;
-    let target = if (pointer as usize) % IO_ALIGNMENT == 0 {
+    let target = if (pointer as usize).is_multiple_of(IO_ALIGNMENT) {
         pointer
     } else {
         bounce.insert(AlignedBuf::zeroed(len)).as_mut_ptr()
@@ -358,7 +358,7 @@ fn blocking_write<D: BlockDevice + ?Sized>(
     offset: u64,
     data: &[u8],
 ) -> Result<(), DeviceError> {
-    if (data.as_ptr() as usize) % IO_ALIGNMENT == 0 {
+    if (data.as_ptr() as usize).is_multiple_of(IO_ALIGNMENT) {
         blocking(
             device,
             IoOp::Write,

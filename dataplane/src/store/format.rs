@@ -24,7 +24,7 @@ const _: () = assert!(SUPERBLOCK_SIZE == IO_ALIGNMENT);
 pub fn crc32c(bytes: &[u8]) -> u32 {
     crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32
 }
-const _: () = assert!(ENTRY_HEADER_SIZE % 4 == 0);
+const _: () = assert!(ENTRY_HEADER_SIZE.is_multiple_of(4));
 
 /// Names a chunk: the `index`-th chunk of file `file`, written as part of `generation`.
 /// Chunks are immutable, so a rewrite of the same range is a new generation, not an update.
@@ -136,7 +136,7 @@ impl Superblock {
 
     fn check_sizes(&self) -> Result<(), FormatError> {
         let align = IO_ALIGNMENT as u32;
-        if self.chunk_size == 0 || self.chunk_size % align != 0 {
+        if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(align) {
             return Err(FormatError::Geometry(
                 "chunk size is not a positive multiple of 4096",
             ));
@@ -144,7 +144,7 @@ impl Superblock {
         if self.checksum_block_size < align
             || !self.checksum_block_size.is_power_of_two()
             || self.checksum_block_size > self.chunk_size
-            || self.chunk_size % self.checksum_block_size != 0
+            || !self.chunk_size.is_multiple_of(self.checksum_block_size)
         {
             return Err(FormatError::Geometry(
                 "checksum block size must be a power of two, at least 4096, dividing the chunk size",
@@ -189,7 +189,7 @@ impl Superblock {
         {
             return Err(FormatError::Geometry("data region runs past the device"));
         }
-        if self.data_offset % align != 0 {
+        if !self.data_offset.is_multiple_of(align) {
             return Err(FormatError::Geometry("data region is not aligned"));
         }
         Ok(())

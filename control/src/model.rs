@@ -1,0 +1,330 @@
+//! The control plane's records, as they are kept in the metadata store (JSON values, keys
+//! below), and the layouts it hands out. Byte layouts and key scheme: `docs/formats.md`.
+//!
+//! - `inode/<parent id>/<name>` → [`Inode`]: the namespace is a tree of inodes keyed by their
+//!   parent's id, so a rename rewrites one key, whatever is below it.
+//! - `version/<file id>/<version>` → [`FileVersion`]: the chunk list a commit published.
+//! - `chunk/<file id>/<index>/<generation>` → [`ChunkRecord`]: where a chunk's replicas are.
+//! - `node/<node id>` → [`NodeRecord`]; `snapshot/<name>` → [`Snapshot`];
+//!   `counter/inode` → the last inode id handed out.
+//!
+//! Ids and numbers in keys are fixed-width lowercase hex, so key order is numeric order.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tier0_dataplane::store::ChunkId;
+
+use crate::error::ControlError;
+
+pub const ROOT_ID: u64 = 1;
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+pub const DEFAULT_REPLICATION: u32 = 2;
+/// Largest chunk: the data daemons' default largest frame payload.
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+pub const MAX_REPLICATION: u32 = 8;
+
+pub fn inode_key(parent: u64, name: &str) -> String {
+    format!("inode/{parent:016x}/{name}")
+}
+
+pub fn children_prefix(parent: u64) -> String {
+    format!("inode/{parent:016x}/")
+}
+
+pub fn version_key(file: u64, version: u64) -> String {
+    format!("version/{file:016x}/{version:016x}")
+}
+
+pub fn versions_prefix(file: u64) -> String {
+    format!("version/{file:016x}/")
+}
+
+pub fn chunk_key(id: ChunkId) -> String {
+    format!(
+        "chunk/{:016x}/{:08x}/{:08x}",
+        id.file, id.index, id.generation
+    )
+}
+
+pub fn chunks_prefix(file: u64) -> String {
+    format!("chunk/{file:016x}/")
+}
+
+pub fn node_key(node: &str) -> String {
+    format!("node/{node}")
+}
+
+pub fn snapshot_key(name: &str) -> String {
+    format!("snapshot/{name}")
+}
+
+pub const INODE_COUNTER_KEY: &str = "counter/inode";
+pub const NODES_PREFIX: &str = "node/";
+pub const SNAPSHOTS_PREFIX: &str = "snapshot/";
+pub const CHUNKS_PREFIX: &str = "chunk/";
+pub const VERSIONS_PREFIX: &str = "version/";
+pub const INODES_PREFIX: &str = "inode/";
+
+/// How a directory's new files are laid out; a directory made without settings takes its
+/// parent's, and the root has the cluster's defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutSettings {
+    pub chunk_size: u32,
+    pub replication: u32,
+}
+
+impl Default for LayoutSettings {
+    fn default() -> Self {
+        LayoutSettings {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            replication: DEFAULT_REPLICATION,
+        }
+    }
+}
+
+impl LayoutSettings {
+    pub fn check(&self) -> Result<(), ControlError> {
+        let chunk = self.chunk_size;
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk) || !chunk.is_power_of_two() {
+            return Err(ControlError::InvalidArgument(format!(
+                "chunk_size {chunk}: must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
+            )));
+        }
+        if !(1..=MAX_REPLICATION).contains(&self.replication) {
+            return Err(ControlError::InvalidArgument(format!(
+                "replication {}: must be 1 to {MAX_REPLICATION}",
+                self.replication
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A directory or a file: the value under `inode/<parent>/<name>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub id: u64,
+    pub parent: u64,
+    pub name: String,
+    pub kind: InodeKind,
+    pub tags: BTreeMap<String, String>,
+    pub created_ms: u64,
+    pub modified_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum InodeKind {
+    Directory { settings: LayoutSettings },
+    File(FileState),
+}
+
+impl Inode {
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, InodeKind::Directory { .. })
+    }
+
+    pub fn file(&self) -> Option<&FileState> {
+        match &self.kind {
+            InodeKind::File(state) => Some(state),
+            InodeKind::Directory { .. } => None,
+        }
+    }
+}
+
+/// A file's current state. Version 0 is the empty file before its first commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileState {
+    /// The version readers open: the last commit, or the one a rollback restored.
+    pub version: u64,
+    /// The number the next commit publishes (versions are never reused, so a rollback
+    /// followed by a commit cannot collide with a version a snapshot still pins).
+    pub next_version: u64,
+    /// Bumped by every change of what the file's layout says (a commit, a rollback, a
+    /// replica moved): daemons refuse reads at an older one.
+    pub layout_version: u64,
+    pub size: u64,
+    pub settings: LayoutSettings,
+    /// The generation the next batch of placed chunks gets (chunk ids are never reused).
+    pub next_generation: u32,
+}
+
+/// One chunk of a version: chunk `index` covers `[index × chunk_size, + len)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionChunk {
+    pub id: ChunkId,
+    pub len: u32,
+}
+
+/// What one commit published: `version/<file>/<version>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileVersion {
+    pub version: u64,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub committed_ms: u64,
+    pub chunks: Vec<VersionChunk>,
+}
+
+/// Where a chunk lives: `chunk/<file>/<index>/<generation>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    pub replicas: Vec<String>,
+    pub state: ChunkState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ChunkState {
+    /// Placed for a writer that has not committed yet; garbage after `expires_ms`.
+    Pending { expires_ms: u64 },
+    /// Part of at least one committed version.
+    Committed,
+}
+
+/// A data node's health, as membership sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Heartbeating within its lease: takes new chunks and serves reads.
+    Up,
+    /// Its lease expired: takes no chunks; its chunks are re-replicated.
+    Down,
+    /// An operator asked to empty it: serves reads, takes no new chunks, its chunks are
+    /// copied elsewhere.
+    Draining,
+    /// Drained: no chunk of any version needs it.
+    Drained,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Up => "up",
+            NodeState::Down => "down",
+            NodeState::Draining => "draining",
+            NodeState::Drained => "drained",
+        }
+    }
+}
+
+/// What a data node says about itself when it registers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopologySummary {
+    pub numa_nodes: u32,
+    pub cores: u32,
+    pub gpus: u32,
+    pub rdma_devices: Vec<String>,
+    pub drives: u32,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    /// Replicas of a chunk go to distinct failure domains when there are enough (a rack, a
+    /// power feed); empty means the node is its own.
+    pub failure_domain: String,
+}
+
+/// `node/<id>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    /// The data daemon's address (`host:port`).
+    pub address: String,
+    pub topology: TopologySummary,
+    pub state: NodeState,
+    pub registered_ms: u64,
+    pub heartbeat_ms: u64,
+    pub lease_expires_ms: u64,
+}
+
+impl NodeRecord {
+    pub fn failure_domain(&self) -> &str {
+        if self.topology.failure_domain.is_empty() {
+            &self.id
+        } else {
+            &self.topology.failure_domain
+        }
+    }
+}
+
+/// One path a snapshot pins, relative to the snapshot's root (`""` is the root itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    pub path: String,
+    pub kind: SnapshotKind,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SnapshotKind {
+    Directory {
+        settings: LayoutSettings,
+    },
+    File {
+        file_id: u64,
+        version: u64,
+        size: u64,
+        settings: LayoutSettings,
+    },
+}
+
+/// `snapshot/<name>`: the versions of a subtree, all read at one instant (the snapshot's
+/// transaction checks every inode it read). Entries are in walk order, parents first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub name: String,
+    pub path: String,
+    pub created_ms: u64,
+    pub entries: Vec<SnapshotEntry>,
+}
+
+/// One chunk of a layout, with the nodes holding it (nearest first is the client's choice).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayoutChunk {
+    pub index: u32,
+    pub id: ChunkId,
+    pub len: u32,
+    pub replicas: Vec<String>,
+}
+
+/// A node a layout names, and how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayoutNode {
+    pub id: String,
+    pub address: String,
+    pub state: NodeState,
+}
+
+/// What a client needs to read one version of a file without the control plane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub path: String,
+    pub file_id: u64,
+    pub version: u64,
+    pub layout_version: u64,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub replication: u32,
+    pub chunks: Vec<LayoutChunk>,
+    pub nodes: Vec<LayoutNode>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    // Serialising these plain structs to JSON cannot fail (no maps with non-string keys).
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, ControlError> {
+    serde_json::from_slice(value)
+        .map_err(|error| ControlError::Internal(format!("metadata record {key:?}: {error}")))
+}

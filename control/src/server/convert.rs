@@ -1,0 +1,206 @@
+//! Between protobuf messages and the domain: requests are checked here, field by field, so
+//! a malformed one is refused with `InvalidArgument` naming the field, and no proto type
+//! reaches the namespace code.
+
+use tier0_dataplane::store::ChunkId;
+use tonic::Status;
+
+use crate::error::ControlError;
+use crate::model::{
+    Inode, InodeKind, Layout, LayoutChunk, LayoutNode, NodeRecord, NodeState, SnapshotEntry,
+    SnapshotKind, TopologySummary,
+};
+use crate::namespace::SettingsOverride;
+use crate::path::NsPath;
+use crate::proto;
+
+pub fn status(error: ControlError) -> Status {
+    use crate::store::StoreError;
+    let message = error.to_string();
+    match error {
+        ControlError::InvalidArgument(_) => Status::invalid_argument(message),
+        ControlError::NotFound(_) => Status::not_found(message),
+        ControlError::AlreadyExists(_) => Status::already_exists(message),
+        ControlError::FailedPrecondition(_) => Status::failed_precondition(message),
+        ControlError::Store(StoreError::Unavailable { .. }) => Status::unavailable(message),
+        ControlError::Store(StoreError::TooLarge { .. }) => Status::resource_exhausted(message),
+        ControlError::Store(StoreError::Corrupt { .. }) | ControlError::Internal(_) => {
+            Status::internal(message)
+        }
+    }
+}
+
+pub fn path(field: &str, text: &str) -> Result<NsPath, Status> {
+    NsPath::parse(field, text).map_err(status)
+}
+
+pub fn settings(settings: Option<proto::LayoutSettings>) -> SettingsOverride {
+    let settings = settings.unwrap_or_default();
+    SettingsOverride {
+        chunk_size: (settings.chunk_size != 0).then_some(settings.chunk_size),
+        replication: (settings.replication != 0).then_some(settings.replication),
+    }
+}
+
+pub fn chunk_id(field: &str, id: Option<proto::ChunkId>) -> Result<ChunkId, Status> {
+    let id = id.ok_or_else(|| Status::invalid_argument(format!("{field}: missing chunk id")))?;
+    Ok(ChunkId {
+        file: id.file,
+        index: id.index,
+        generation: id.generation,
+    })
+}
+
+fn proto_chunk_id(id: ChunkId) -> proto::ChunkId {
+    proto::ChunkId {
+        file: id.file,
+        index: id.index,
+        generation: id.generation,
+    }
+}
+
+pub fn node_state(state: NodeState) -> proto::NodeState {
+    match state {
+        NodeState::Up => proto::NodeState::Up,
+        NodeState::Down => proto::NodeState::Down,
+        NodeState::Draining => proto::NodeState::Draining,
+        NodeState::Drained => proto::NodeState::Drained,
+    }
+}
+
+pub fn entry(inode: &Inode) -> proto::Entry {
+    let (kind, size, version, layout_version, settings) = match &inode.kind {
+        InodeKind::Directory { settings } => (proto::EntryKind::Directory, 0, 0, 0, *settings),
+        InodeKind::File(state) => (
+            proto::EntryKind::File,
+            state.size,
+            state.version,
+            state.layout_version,
+            state.settings,
+        ),
+    };
+    proto::Entry {
+        name: inode.name.clone(),
+        id: inode.id,
+        kind: kind as i32,
+        size,
+        version,
+        layout_version,
+        settings: Some(proto::LayoutSettings {
+            chunk_size: settings.chunk_size,
+            replication: settings.replication,
+        }),
+        tags: inode.tags.clone().into_iter().collect(),
+        created_ms: inode.created_ms,
+        modified_ms: inode.modified_ms,
+    }
+}
+
+pub fn layout_chunk(chunk: &LayoutChunk) -> proto::LayoutChunk {
+    proto::LayoutChunk {
+        index: chunk.index,
+        id: Some(proto_chunk_id(chunk.id)),
+        length: chunk.len,
+        replicas: chunk.replicas.clone(),
+    }
+}
+
+pub fn layout_node(node: &LayoutNode) -> proto::LayoutNode {
+    proto::LayoutNode {
+        id: node.id.clone(),
+        address: node.address.clone(),
+        state: node_state(node.state) as i32,
+    }
+}
+
+pub fn layout(layout: &Layout) -> proto::Layout {
+    proto::Layout {
+        path: layout.path.clone(),
+        file_id: layout.file_id,
+        version: layout.version,
+        layout_version: layout.layout_version,
+        size: layout.size,
+        chunk_size: layout.chunk_size,
+        replication: layout.replication,
+        chunks: layout.chunks.iter().map(layout_chunk).collect(),
+        nodes: layout.nodes.iter().map(layout_node).collect(),
+    }
+}
+
+pub fn topology(summary: Option<proto::TopologySummary>) -> TopologySummary {
+    let summary = summary.unwrap_or_default();
+    TopologySummary {
+        numa_nodes: summary.numa_nodes,
+        cores: summary.cores,
+        gpus: summary.gpus,
+        rdma_devices: summary.rdma_devices,
+        drives: summary.drives,
+        capacity_bytes: summary.capacity_bytes,
+        free_bytes: summary.free_bytes,
+        failure_domain: summary.failure_domain,
+    }
+}
+
+pub fn node(node: &NodeRecord) -> proto::Node {
+    let topology = &node.topology;
+    proto::Node {
+        id: node.id.clone(),
+        address: node.address.clone(),
+        state: node_state(node.state) as i32,
+        topology: Some(proto::TopologySummary {
+            numa_nodes: topology.numa_nodes,
+            cores: topology.cores,
+            gpus: topology.gpus,
+            rdma_devices: topology.rdma_devices.clone(),
+            drives: topology.drives,
+            capacity_bytes: topology.capacity_bytes,
+            free_bytes: topology.free_bytes,
+            failure_domain: topology.failure_domain.clone(),
+        }),
+        registered_ms: node.registered_ms,
+        heartbeat_ms: node.heartbeat_ms,
+        lease_expires_ms: node.lease_expires_ms,
+    }
+}
+
+pub fn snapshot_entry(entry: &SnapshotEntry) -> proto::SnapshotEntry {
+    let tags = entry.tags.clone().into_iter().collect();
+    match &entry.kind {
+        SnapshotKind::Directory { .. } => proto::SnapshotEntry {
+            kind: proto::EntryKind::Directory as i32,
+            tags,
+            ..Default::default()
+        },
+        SnapshotKind::File {
+            file_id,
+            version,
+            size,
+            ..
+        } => proto::SnapshotEntry {
+            kind: proto::EntryKind::File as i32,
+            file_id: *file_id,
+            version: *version,
+            size: *size,
+            tags,
+        },
+    }
+}
+
+pub fn snapshot_info(snapshot: &crate::model::Snapshot) -> proto::SnapshotInfo {
+    let mut info = proto::SnapshotInfo {
+        name: snapshot.name.clone(),
+        path: snapshot.path.clone(),
+        created_ms: snapshot.created_ms,
+        ..Default::default()
+    };
+    for entry in &snapshot.entries {
+        match entry.kind {
+            SnapshotKind::Directory { .. } => info.directories += 1,
+            SnapshotKind::File { size, .. } => {
+                info.files += 1;
+                info.bytes += size;
+            }
+        }
+    }
+    info
+}

@@ -1,0 +1,309 @@
+//! The control plane's gRPC server: the namespace, cluster, snapshot and admin services,
+//! server reflection, the cluster token on every call, and the leader's background work.
+
+mod convert;
+mod services;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Status};
+
+use crate::error::ControlError;
+use crate::membership::Membership;
+use crate::model::LayoutSettings;
+use crate::namespace::Namespace;
+use crate::proto;
+use crate::store::{EtcdStore, Leadership, MetadataStore, RedbStore, StoreError};
+
+/// The election every control plane of a cluster campaigns in.
+pub const LEADER_ELECTION: &str = "control-leader";
+
+/// Where the metadata lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// One redb file (`<data dir>/metadata.redb`): a single control plane.
+    Redb(PathBuf),
+    /// An etcd cluster, every key under `prefix`: several control planes, one leader.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+impl StoreChoice {
+    /// Parses `--meta`: `etcd://host:port,host:port[/prefix]`; anything else is an error.
+    pub fn parse_etcd(url: &str) -> Result<StoreChoice, ControlError> {
+        let bad = |why: &str| ControlError::InvalidArgument(format!("--meta {url:?}: {why}"));
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| bad("expected etcd://HOST:PORT[,HOST:PORT…][/PREFIX]"))?;
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((hosts, prefix)) => (hosts, prefix.trim_matches('/')),
+            None => (rest, ""),
+        };
+        let prefix = if prefix.is_empty() {
+            "/tier0/".to_owned()
+        } else {
+            format!("/{prefix}/")
+        };
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',') {
+            crate::membership::check_address(host)
+                .map_err(|_| bad(&format!("endpoint {host:?} is not HOST:PORT")))?;
+            endpoints.push(format!("http://{host}"));
+        }
+        Ok(StoreChoice::Etcd { endpoints, prefix })
+    }
+
+    pub async fn open(&self) -> Result<Arc<dyn MetadataStore>, StoreError> {
+        Ok(match self {
+            StoreChoice::Redb(path) => {
+                let path = path.clone();
+                Arc::new(
+                    tokio::task::spawn_blocking(move || RedbStore::open(&path))
+                        .await
+                        .map_err(|error| StoreError::Unavailable {
+                            store: "redb".to_owned(),
+                            message: error.to_string(),
+                        })??,
+                )
+            }
+            StoreChoice::Etcd { endpoints, prefix } => {
+                Arc::new(EtcdStore::connect(endpoints, prefix).await?)
+            }
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub listen: SocketAddr,
+    pub token: Vec<u8>,
+    pub store: StoreChoice,
+    /// This control plane's name in elections and health (default: host and port).
+    pub control_id: String,
+    /// How long a data node's heartbeat keeps it up.
+    pub node_lease: Duration,
+    /// How long a leader's lease lasts without renewal: the longest a dead leader's work
+    /// waits for another control plane to take it over.
+    pub leader_ttl: Duration,
+    /// How long a placed chunk waits for its writer's commit before it is garbage.
+    pub pending_ttl: Duration,
+    pub defaults: LayoutSettings,
+}
+
+impl ControlConfig {
+    pub fn new(listen: SocketAddr, token: Vec<u8>, store: StoreChoice) -> ControlConfig {
+        ControlConfig {
+            listen,
+            token,
+            store,
+            control_id: String::new(),
+            node_lease: Duration::from_secs(10),
+            leader_ttl: Duration::from_secs(5),
+            pending_ttl: Duration::from_secs(3600),
+            defaults: LayoutSettings::default(),
+        }
+    }
+}
+
+/// What every service shares.
+#[derive(Debug)]
+pub(crate) struct ControlState {
+    pub namespace: Namespace,
+    pub membership: Membership,
+    pub control_id: String,
+    pub leadership: Leadership,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("control plane: cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("control plane: {0}")]
+    Control(#[from] ControlError),
+    #[error("control plane: {0}")]
+    Store(#[from] StoreError),
+    #[error("control plane: reflection: {0}")]
+    Reflection(String),
+    #[error("control plane: the empty token is not a token (set TIER0_TOKEN or --token-file)")]
+    EmptyToken,
+}
+
+/// A running control plane; `shutdown` stops it, dropping it aborts it.
+#[derive(Debug)]
+pub struct ControlServer {
+    addr: SocketAddr,
+    state: Arc<ControlState>,
+    stop: Option<oneshot::Sender<()>>,
+    serving: JoinHandle<Result<(), tonic::transport::Error>>,
+    background: JoinHandle<()>,
+}
+
+/// Checks the cluster token on every call, in constant time.
+#[derive(Clone)]
+pub(crate) struct TokenCheck {
+    token: Arc<Vec<u8>>,
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        match presented {
+            Some(token) if constant_time_eq::constant_time_eq(token.as_bytes(), &self.token) => {
+                Ok(request)
+            }
+            Some(_) => Err(Status::unauthenticated("the cluster token does not match")),
+            None => Err(Status::unauthenticated(
+                "no cluster token: send `authorization: Bearer <token>`",
+            )),
+        }
+    }
+}
+
+impl ControlServer {
+    /// Opens the store, binds `config.listen` and serves until `shutdown`.
+    pub async fn start(config: ControlConfig) -> Result<ControlServer, ServerError> {
+        if config.token.is_empty() {
+            return Err(ServerError::EmptyToken);
+        }
+        let store = config.store.open().await?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let control_id = if config.control_id.is_empty() {
+            format!("control-{addr}")
+        } else {
+            config.control_id.clone()
+        };
+        let namespace =
+            Namespace::new(Arc::clone(&store), config.defaults, config.pending_ttl).await?;
+        let leadership = store
+            .campaign(LEADER_ELECTION, &control_id, config.leader_ttl)
+            .await?;
+        let state = Arc::new(ControlState {
+            namespace,
+            membership: Membership::new(Arc::clone(&store), config.node_lease),
+            control_id,
+            leadership,
+        });
+        let check = TokenCheck {
+            token: Arc::new(config.token.clone()),
+        };
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|error| ServerError::Reflection(error.to_string()))?;
+        let service = services::Services {
+            state: Arc::clone(&state),
+        };
+        let router = tonic::transport::Server::builder()
+            .add_service(InterceptedService::new(
+                proto::namespace_server::NamespaceServer::new(service.clone()),
+                check.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                proto::cluster_server::ClusterServer::new(service.clone()),
+                check.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                proto::snapshots_server::SnapshotsServer::new(service.clone()),
+                check.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                proto::admin_server::AdminServer::new(service),
+                check.clone(),
+            ))
+            .add_service(InterceptedService::new(reflection, check));
+        let (stop, stopped) = oneshot::channel();
+        let serving = tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let background = tokio::spawn(leader_loop(Arc::clone(&state)));
+        tracing::info!(
+            %addr,
+            store = state.namespace.store().kind(),
+            location = %state.namespace.store().location(),
+            id = %state.control_id,
+            "control plane serving"
+        );
+        Ok(ControlServer {
+            addr,
+            state,
+            stop: Some(stop),
+            serving,
+            background,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.state.leadership.borrow()
+    }
+
+    /// Stops taking calls, finishes those in flight, and steps down.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.background.abort();
+        let _ = (&mut self.serving).await;
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.serving.abort();
+        self.background.abort();
+    }
+}
+
+/// While this control plane leads: expire node leases, every half lease.
+async fn leader_loop(state: Arc<ControlState>) {
+    let period = (state.membership.lease() / 2).max(Duration::from_millis(50));
+    let mut leadership = state.leadership.clone();
+    loop {
+        if !*leadership.borrow_and_update() {
+            if leadership.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if let Err(error) = state.membership.expire_leases().await {
+            tracing::warn!(%error, "leader: lease expiry failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            changed = leadership.changed() => if changed.is_err() { return },
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! The four services over the shared state: each call checks its request (`convert`),
+//! calls the domain, and maps the answer back.
+
+use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::ControlState;
+use super::convert::{self, status};
+use crate::model::{self, InodeKind, NodeState};
+use crate::namespace::CommitChunk;
+use crate::proto;
+use crate::snapshot::DiffChange;
+use crate::store::Change;
+
+#[derive(Clone, Debug)]
+pub(crate) struct Services {
+    pub state: Arc<ControlState>,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl proto::namespace_server::Namespace for Services {
+    async fn mkdir(&self, request: Request<proto::MkdirRequest>) -> Reply<proto::EntryReply> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        let inode = self
+            .state
+            .namespace
+            .mkdir(&path, request.parents, convert::settings(request.settings))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::EntryReply {
+            path: path.to_string(),
+            entry: Some(convert::entry(&inode)),
+        }))
+    }
+
+    async fn create(&self, request: Request<proto::CreateRequest>) -> Reply<proto::EntryReply> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        let inode = self
+            .state
+            .namespace
+            .create(
+                &path,
+                convert::settings(request.settings),
+                request.exclusive,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::EntryReply {
+            path: path.to_string(),
+            entry: Some(convert::entry(&inode)),
+        }))
+    }
+
+    async fn open(&self, request: Request<proto::OpenRequest>) -> Reply<proto::Layout> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        let version = (request.version != 0).then_some(request.version);
+        let layout = self
+            .state
+            .namespace
+            .open(&path, version)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::layout(&layout)))
+    }
+
+    async fn place_chunks(
+        &self,
+        request: Request<proto::PlaceChunksRequest>,
+    ) -> Reply<proto::PlaceChunksReply> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        if request.file_id == 0 {
+            return Err(Status::invalid_argument("file_id: missing (0)"));
+        }
+        let placement = self
+            .state
+            .namespace
+            .place_chunks(&path, request.file_id, request.first_index, request.count)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::PlaceChunksReply {
+            file_id: placement.file_id,
+            chunks: placement.chunks.iter().map(convert::layout_chunk).collect(),
+            nodes: placement.nodes.iter().map(convert::layout_node).collect(),
+        }))
+    }
+
+    async fn commit(&self, request: Request<proto::CommitRequest>) -> Reply<proto::Layout> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        if request.file_id == 0 {
+            return Err(Status::invalid_argument("file_id: missing (0)"));
+        }
+        let mut chunks = Vec::with_capacity(request.chunks.len());
+        for (position, chunk) in request.chunks.into_iter().enumerate() {
+            let id = convert::chunk_id(&format!("chunks[{position}].id"), chunk.id)?;
+            if id.file == 0 {
+                return Err(Status::invalid_argument(format!(
+                    "chunks[{position}].id.file: missing (0)"
+                )));
+            }
+            chunks.push(CommitChunk {
+                index: chunk.index,
+                id,
+                len: chunk.length,
+            });
+        }
+        let layout = self
+            .state
+            .namespace
+            .commit(
+                &path,
+                request.file_id,
+                request.base_version,
+                request.size,
+                chunks,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::layout(&layout)))
+    }
+
+    async fn stat(&self, request: Request<proto::StatRequest>) -> Reply<proto::StatReply> {
+        let path = convert::path("path", &request.into_inner().path)?;
+        let stat = self.state.namespace.stat(&path).await.map_err(status)?;
+        Ok(Response::new(proto::StatReply {
+            path: stat.path.to_string(),
+            entry: Some(convert::entry(&stat.inode)),
+            versions: stat.versions,
+        }))
+    }
+
+    async fn list(&self, request: Request<proto::ListRequest>) -> Reply<proto::ListReply> {
+        let path = convert::path("path", &request.into_inner().path)?;
+        let entries = self.state.namespace.list(&path).await.map_err(status)?;
+        Ok(Response::new(proto::ListReply {
+            path: path.to_string(),
+            entries: entries.iter().map(convert::entry).collect(),
+        }))
+    }
+
+    async fn rename(&self, request: Request<proto::RenameRequest>) -> Reply<proto::EntryReply> {
+        let request = request.into_inner();
+        let from = convert::path("from", &request.from)?;
+        let to = convert::path("to", &request.to)?;
+        let inode = self
+            .state
+            .namespace
+            .rename(&from, &to)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::EntryReply {
+            path: to.to_string(),
+            entry: Some(convert::entry(&inode)),
+        }))
+    }
+
+    async fn delete(&self, request: Request<proto::DeleteRequest>) -> Reply<proto::DeleteReply> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        let removed = self
+            .state
+            .namespace
+            .delete(&path, request.recursive)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::DeleteReply {
+            removed: removed as u64,
+        }))
+    }
+
+    async fn tag(&self, request: Request<proto::TagRequest>) -> Reply<proto::EntryReply> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        let set: BTreeMap<String, String> = request.set.into_iter().collect();
+        let inode = self
+            .state
+            .namespace
+            .tag(&path, &set, &request.remove)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::EntryReply {
+            path: path.to_string(),
+            entry: Some(convert::entry(&inode)),
+        }))
+    }
+
+    type WatchLayoutsStream =
+        Pin<Box<dyn Stream<Item = Result<proto::LayoutChange, Status>> + Send + 'static>>;
+
+    async fn watch_layouts(
+        &self,
+        request: Request<proto::WatchLayoutsRequest>,
+    ) -> Reply<Self::WatchLayoutsStream> {
+        let path = convert::path("path", &request.into_inner().path)?;
+        let namespace = &self.state.namespace;
+        // Watch first, then read the subtree, so no change between the two is missed.
+        let mut watch = namespace
+            .store()
+            .watch(model::INODES_PREFIX)
+            .await
+            .map_err(|error| status(error.into()))?;
+        let top = namespace.resolve(&path).await.map_err(status)?;
+        // The directories whose children are watched (grows as directories are made).
+        let mut directories: HashSet<u64> = HashSet::new();
+        let watched_file = if top.inode.is_dir() {
+            directories.insert(top.inode.id);
+            for (_, found) in namespace.subtree(&top).await.map_err(status)? {
+                if found.inode.is_dir() {
+                    directories.insert(found.inode.id);
+                }
+            }
+            None
+        } else {
+            Some(top.key.clone())
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Some(change) = watch.recv().await {
+                let message = match change {
+                    Err(error) => Err(Status::unavailable(error.to_string())),
+                    Ok(change) => match layout_change(&change, &mut directories, &watched_file) {
+                        Some(message) => Ok(message),
+                        None => continue,
+                    },
+                };
+                let failed = message.is_err();
+                if sender.send(message).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+}
+
+/// The layout change a committed inode change means for a watcher, if any.
+fn layout_change(
+    change: &Change,
+    directories: &mut HashSet<u64>,
+    watched_file: &Option<String>,
+) -> Option<proto::LayoutChange> {
+    let (parent, name) = parse_inode_key(change.key())?;
+    let watched = match watched_file {
+        Some(key) => key == change.key(),
+        None => directories.contains(&parent),
+    };
+    if !watched {
+        return None;
+    }
+    match change {
+        Change::Put(entry) => {
+            let inode: model::Inode = model::decode(&entry.key, &entry.value).ok()?;
+            match &inode.kind {
+                InodeKind::Directory { .. } => {
+                    directories.insert(inode.id);
+                    None
+                }
+                InodeKind::File(state) => Some(proto::LayoutChange {
+                    file_id: inode.id,
+                    name: name.to_owned(),
+                    parent_id: parent,
+                    version: state.version,
+                    layout_version: state.layout_version,
+                    deleted: false,
+                }),
+            }
+        }
+        Change::Delete { .. } => Some(proto::LayoutChange {
+            name: name.to_owned(),
+            parent_id: parent,
+            deleted: true,
+            ..Default::default()
+        }),
+    }
+}
+
+fn parse_inode_key(key: &str) -> Option<(u64, &str)> {
+    let rest = key.strip_prefix(model::INODES_PREFIX)?;
+    let (parent, name) = rest.split_once('/')?;
+    Some((u64::from_str_radix(parent, 16).ok()?, name))
+}
+
+#[tonic::async_trait]
+impl proto::cluster_server::Cluster for Services {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Reply<proto::RegisterReply> {
+        let request = request.into_inner();
+        let node = self
+            .state
+            .membership
+            .register(
+                &request.node_id,
+                &request.address,
+                convert::topology(request.topology),
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::RegisterReply {
+            node: Some(convert::node(&node)),
+            lease_ms: self.state.membership.lease().as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Reply<proto::HeartbeatReply> {
+        let request = request.into_inner();
+        let free = request.has_free_bytes.then_some(request.free_bytes);
+        let reply = self
+            .state
+            .membership
+            .heartbeat(&request.node_id, free)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::HeartbeatReply {
+            state: convert::node_state(reply.state) as i32,
+            lease_ms: reply.lease.as_millis() as u64,
+        }))
+    }
+
+    async fn drain(&self, request: Request<proto::DrainRequest>) -> Reply<proto::Node> {
+        let request = request.into_inner();
+        let node = self
+            .state
+            .membership
+            .drain(&request.node_id, request.cancel)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::node(&node)))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::snapshots_server::Snapshots for Services {
+    async fn create(
+        &self,
+        request: Request<proto::CreateSnapshotRequest>,
+    ) -> Reply<proto::SnapshotInfo> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        let snapshot = self
+            .state
+            .namespace
+            .create_snapshot(&request.name, &path)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::snapshot_info(&snapshot)))
+    }
+
+    async fn list(
+        &self,
+        request: Request<proto::ListSnapshotsRequest>,
+    ) -> Reply<proto::ListSnapshotsReply> {
+        let request = request.into_inner();
+        let under = if request.path.is_empty() {
+            None
+        } else {
+            Some(convert::path("path", &request.path)?)
+        };
+        let snapshots = self
+            .state
+            .namespace
+            .snapshots(under.as_ref())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListSnapshotsReply {
+            snapshots: snapshots.iter().map(convert::snapshot_info).collect(),
+        }))
+    }
+
+    async fn diff(&self, request: Request<proto::DiffRequest>) -> Reply<proto::DiffReply> {
+        let request = request.into_inner();
+        let to = (!request.to.is_empty()).then_some(request.to.as_str());
+        let diff = self
+            .state
+            .namespace
+            .diff(&request.from, to)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::DiffReply {
+            entries: diff
+                .iter()
+                .map(|entry| proto::DiffEntry {
+                    path: entry.path.clone(),
+                    change: match entry.change {
+                        DiffChange::Added => proto::Change::Added,
+                        DiffChange::Removed => proto::Change::Removed,
+                        DiffChange::Modified => proto::Change::Modified,
+                    } as i32,
+                    before: entry.before.as_ref().map(convert::snapshot_entry),
+                    after: entry.after.as_ref().map(convert::snapshot_entry),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<proto::RollbackRequest>,
+    ) -> Reply<proto::RollbackReply> {
+        let report = self
+            .state
+            .namespace
+            .rollback(&request.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::RollbackReply {
+            restored: report.restored as u64,
+            removed: report.removed as u64,
+            unchanged: report.unchanged as u64,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::DeleteSnapshotRequest>,
+    ) -> Reply<proto::DeleteSnapshotReply> {
+        self.state
+            .namespace
+            .delete_snapshot(&request.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::DeleteSnapshotReply {}))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::admin_server::Admin for Services {
+    async fn health(&self, _request: Request<proto::HealthRequest>) -> Reply<proto::HealthReply> {
+        let store = self.state.namespace.store();
+        let mut reply = proto::HealthReply {
+            store: store.kind().to_owned(),
+            store_location: store.location(),
+            control_id: self.state.control_id.clone(),
+            leader: *self.state.leadership.borrow(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
+        };
+        match store.leader(super::LEADER_ELECTION).await {
+            Ok(leader) => {
+                reply.leader_id = leader.unwrap_or_default();
+                if reply.leader_id.is_empty() {
+                    reply.problems.push("no control plane leads".to_owned());
+                }
+            }
+            Err(error) => reply.problems.push(error.to_string()),
+        }
+        match self.state.membership.nodes().await {
+            Ok(nodes) => {
+                for node in &nodes {
+                    match node.state {
+                        NodeState::Up => reply.nodes_up += 1,
+                        NodeState::Down => reply.nodes_down += 1,
+                        NodeState::Draining => reply.nodes_draining += 1,
+                        NodeState::Drained => {}
+                    }
+                }
+                if reply.nodes_down > 0 {
+                    reply
+                        .problems
+                        .push(format!("{} data nodes down", reply.nodes_down));
+                }
+            }
+            Err(error) => reply.problems.push(error.to_string()),
+        }
+        reply.status = if reply.problems.is_empty() {
+            "ok"
+        } else {
+            "degraded"
+        }
+        .to_owned();
+        Ok(Response::new(reply))
+    }
+
+    async fn nodes(&self, _request: Request<proto::NodesRequest>) -> Reply<proto::NodesReply> {
+        let nodes = self.state.membership.nodes().await.map_err(status)?;
+        Ok(Response::new(proto::NodesReply {
+            nodes: nodes.iter().map(convert::node).collect(),
+        }))
+    }
+
+    async fn layout(&self, request: Request<proto::LayoutRequest>) -> Reply<proto::Layout> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        let version = (request.version != 0).then_some(request.version);
+        let layout = self
+            .state
+            .namespace
+            .open(&path, version)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::layout(&layout)))
+    }
+}

@@ -1,0 +1,961 @@
+//! The control plane through its real gRPC server on loopback, on both metadata stores:
+//! namespace, layouts and versions, snapshots, membership, security, reflection, watches,
+//! validation at the edge, and metadata that survives a restart.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tier0_control::client::ControlClient;
+use tier0_control::proto;
+use tier0_control::server::{ControlConfig, ControlServer, StoreChoice};
+use tier0_control::testing::EtcdServer;
+use tonic::Code;
+
+const TOKEN: &[u8] = b"grpc-test-token";
+
+/// A control plane on a fresh store, and a client of it.
+struct Harness {
+    server: Option<ControlServer>,
+    client: ControlClient,
+    config: ControlConfig,
+    _dir: tempfile::TempDir,
+    _etcd: Option<EtcdServer>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Store {
+    Redb,
+    Etcd,
+}
+
+impl Harness {
+    async fn start(store: Store) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let (choice, etcd) = match store {
+            Store::Redb => (StoreChoice::Redb(dir.path().join("metadata.redb")), None),
+            Store::Etcd => {
+                let etcd = EtcdServer::start().await.unwrap();
+                let choice = StoreChoice::Etcd {
+                    endpoints: vec![etcd.endpoint()],
+                    prefix: "/grpc-test/".to_owned(),
+                };
+                (choice, Some(etcd))
+            }
+        };
+        let mut config = ControlConfig::new("127.0.0.1:0".parse().unwrap(), TOKEN.to_vec(), choice);
+        config.node_lease = Duration::from_millis(600);
+        config.leader_ttl = Duration::from_secs(1);
+        let server = ControlServer::start(config.clone()).await.unwrap();
+        let client = ControlClient::connect(&server.local_addr().to_string(), TOKEN)
+            .await
+            .unwrap();
+        Harness {
+            server: Some(server),
+            client,
+            config,
+            _dir: dir,
+            _etcd: etcd,
+        }
+    }
+
+    /// Stops the control plane and starts a new one on the same store.
+    async fn restart(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+        let server = ControlServer::start(self.config.clone()).await.unwrap();
+        self.client = ControlClient::connect(&server.local_addr().to_string(), TOKEN)
+            .await
+            .unwrap();
+        self.server = Some(server);
+    }
+
+    async fn register(&mut self, id: &str, domain: &str) {
+        self.client
+            .cluster
+            .register(proto::RegisterRequest {
+                node_id: id.to_owned(),
+                address: format!("127.0.0.1:{}", 7400 + id.len()),
+                topology: Some(proto::TopologySummary {
+                    failure_domain: domain.to_owned(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Writes `size` bytes' worth of chunks (metadata only) and commits them.
+    async fn write(&mut self, path: &str, size: u64) -> proto::Layout {
+        let parent = path
+            .rsplit_once('/')
+            .map(|(p, _)| p)
+            .filter(|p| !p.is_empty());
+        self.client
+            .namespace
+            .mkdir(proto::MkdirRequest {
+                path: parent.unwrap_or("/").to_owned(),
+                parents: true,
+                settings: None,
+            })
+            .await
+            .unwrap();
+        let entry = self
+            .client
+            .namespace
+            .create(proto::CreateRequest {
+                path: path.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entry
+            .unwrap();
+        let chunk_size = entry.settings.unwrap().chunk_size as u64;
+        let count = size.div_ceil(chunk_size) as u32;
+        let mut chunks = Vec::new();
+        if count > 0 {
+            let placed = self
+                .client
+                .namespace
+                .place_chunks(proto::PlaceChunksRequest {
+                    path: path.to_owned(),
+                    file_id: entry.id,
+                    first_index: 0,
+                    count,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for chunk in placed.chunks {
+                let start = chunk.index as u64 * chunk_size;
+                chunks.push(proto::CommitChunk {
+                    index: chunk.index,
+                    id: chunk.id,
+                    length: (size - start).min(chunk_size) as u32,
+                });
+            }
+        }
+        self.client
+            .namespace
+            .commit(proto::CommitRequest {
+                path: path.to_owned(),
+                file_id: entry.id,
+                base_version: entry.version,
+                size,
+                chunks,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn open(&mut self, path: &str) -> Result<proto::Layout, tonic::Status> {
+        self.client
+            .namespace
+            .open(proto::OpenRequest {
+                path: path.to_owned(),
+                version: 0,
+            })
+            .await
+            .map(|reply| reply.into_inner())
+    }
+
+    async fn names(&mut self, path: &str) -> Vec<String> {
+        self.client
+            .namespace
+            .list(proto::ListRequest {
+                path: path.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|entry| entry.name)
+            .collect()
+    }
+}
+
+macro_rules! both_stores {
+    ($scenario:ident, $redb:ident, $etcd:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $redb() {
+            $scenario(Harness::start(Store::Redb).await).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $etcd() {
+            $scenario(Harness::start(Store::Etcd).await).await;
+        }
+    };
+}
+
+both_stores!(
+    namespace_lifecycle,
+    redb_namespace_lifecycle,
+    etcd_namespace_lifecycle
+);
+both_stores!(snapshots, redb_snapshots, etcd_snapshots);
+both_stores!(membership, redb_membership, etcd_membership);
+both_stores!(
+    survives_restart,
+    redb_survives_restart,
+    etcd_survives_restart
+);
+
+fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
+    let status = result.expect_err("the call should fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "{:?} does not say {needle:?}",
+        status.message()
+    );
+}
+
+async fn namespace_lifecycle(mut h: Harness) {
+    for (id, domain) in [
+        ("n1", "rack-a"),
+        ("n2", "rack-a"),
+        ("n3", "rack-b"),
+        ("n4", "rack-b"),
+    ] {
+        h.register(id, domain).await;
+    }
+    h.client
+        .namespace
+        .mkdir(proto::MkdirRequest {
+            path: "/datasets/imagenet".to_owned(),
+            parents: true,
+            settings: Some(proto::LayoutSettings {
+                chunk_size: 1 << 20,
+                replication: 0,
+            }),
+        })
+        .await
+        .unwrap();
+    // A file takes its directory's chunk size; 2.5 chunks → 3 chunks, the last short.
+    let layout = h.write("/datasets/imagenet/train-0.tar", 5 << 19).await;
+    assert_eq!(layout.version, 1);
+    assert_eq!(layout.chunk_size, 1 << 20);
+    assert_eq!(layout.size, 5 << 19);
+    let lengths: Vec<u32> = layout.chunks.iter().map(|c| c.length).collect();
+    assert_eq!(lengths, [1 << 20, 1 << 20, 1 << 19]);
+    let rack = |node: &str| {
+        if node == "n1" || node == "n2" {
+            'a'
+        } else {
+            'b'
+        }
+    };
+    for chunk in &layout.chunks {
+        assert_eq!(chunk.replicas.len(), 2, "default replication is 2");
+        assert_ne!(
+            rack(&chunk.replicas[0]),
+            rack(&chunk.replicas[1]),
+            "{chunk:?}"
+        );
+    }
+    let mut firsts: Vec<&str> = layout
+        .chunks
+        .iter()
+        .map(|c| c.replicas[0].as_str())
+        .collect();
+    firsts.dedup();
+    assert_eq!(
+        firsts.len(),
+        3,
+        "consecutive chunks start on different nodes: {firsts:?}"
+    );
+    let named: Vec<&str> = layout.nodes.iter().map(|n| n.id.as_str()).collect();
+    for chunk in &layout.chunks {
+        for replica in &chunk.replicas {
+            assert!(
+                named.contains(&replica.as_str()),
+                "layout names every replica's node"
+            );
+        }
+    }
+    assert_eq!(
+        h.open("/datasets/imagenet/train-0.tar").await.unwrap(),
+        layout
+    );
+
+    // A second commit on the same base loses: versions publish atomically, once.
+    let second = h.write("/datasets/imagenet/train-0.tar", 100).await;
+    assert_eq!((second.version, second.chunks.len()), (2, 1));
+    assert!(second.layout_version > layout.layout_version);
+    let stale = h
+        .client
+        .namespace
+        .commit(proto::CommitRequest {
+            path: "/datasets/imagenet/train-0.tar".to_owned(),
+            file_id: layout.file_id,
+            base_version: 1,
+            size: 0,
+            chunks: vec![],
+        })
+        .await;
+    assert_code(stale, Code::FailedPrecondition, "version 2 is current");
+    // The old version is still readable by number until it is collected.
+    let old = h
+        .client
+        .namespace
+        .open(proto::OpenRequest {
+            path: "/datasets/imagenet/train-0.tar".to_owned(),
+            version: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(old.chunks, layout.chunks);
+    let stat = h
+        .client
+        .namespace
+        .stat(proto::StatRequest {
+            path: "/datasets/imagenet/train-0.tar".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stat.versions, [1, 2]);
+    assert_eq!(stat.entry.unwrap().size, 100);
+
+    // A commit must name placed chunks that tile the size exactly.
+    let bogus = h
+        .client
+        .namespace
+        .commit(proto::CommitRequest {
+            path: "/datasets/imagenet/train-0.tar".to_owned(),
+            file_id: layout.file_id,
+            base_version: 2,
+            size: 10,
+            chunks: vec![proto::CommitChunk {
+                index: 0,
+                id: Some(proto::ChunkId {
+                    file: layout.file_id,
+                    index: 0,
+                    generation: 999,
+                }),
+                length: 10,
+            }],
+        })
+        .await;
+    assert_code(bogus, Code::FailedPrecondition, "never placed");
+    let short = h
+        .client
+        .namespace
+        .commit(proto::CommitRequest {
+            path: "/datasets/imagenet/train-0.tar".to_owned(),
+            file_id: layout.file_id,
+            base_version: 2,
+            size: 3 << 20,
+            chunks: vec![],
+        })
+        .await;
+    assert_code(short, Code::InvalidArgument, "needs 3 chunks");
+
+    // list, rename, tags, delete.
+    h.write("/datasets/imagenet/train-1.tar", 10).await;
+    assert_eq!(
+        h.names("/datasets/imagenet").await,
+        ["train-0.tar", "train-1.tar"]
+    );
+    h.client
+        .namespace
+        .rename(proto::RenameRequest {
+            from: "/datasets/imagenet".to_owned(),
+            to: "/datasets/in1k".to_owned(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(h.names("/datasets").await, ["in1k"]);
+    assert_eq!(
+        h.open("/datasets/in1k/train-0.tar").await.unwrap().chunks,
+        second.chunks,
+        "a renamed directory keeps its files' layouts"
+    );
+    let into_itself = h
+        .client
+        .namespace
+        .rename(proto::RenameRequest {
+            from: "/datasets".to_owned(),
+            to: "/datasets/in1k/loop".to_owned(),
+        })
+        .await;
+    assert_code(into_itself, Code::InvalidArgument, "into itself");
+    let tagged = h
+        .client
+        .namespace
+        .tag(proto::TagRequest {
+            path: "/datasets/in1k".to_owned(),
+            set: HashMap::from([("tier".to_owned(), "hot".to_owned())]),
+            remove: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tagged.entry.unwrap().tags["tier"], "hot");
+    let not_empty = h
+        .client
+        .namespace
+        .delete(proto::DeleteRequest {
+            path: "/datasets".to_owned(),
+            recursive: false,
+        })
+        .await;
+    assert_code(not_empty, Code::FailedPrecondition, "not empty");
+    let removed = h
+        .client
+        .namespace
+        .delete(proto::DeleteRequest {
+            path: "/datasets".to_owned(),
+            recursive: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert_eq!(removed, 4);
+    assert_code(
+        h.open("/datasets/in1k/train-0.tar").await,
+        Code::NotFound,
+        "no such file",
+    );
+}
+
+async fn snapshots(mut h: Harness) {
+    for id in ["n1", "n2", "n3"] {
+        h.register(id, "").await;
+    }
+    let a1 = h.write("/ckpt/run/a", 5000).await;
+    let b1 = h.write("/ckpt/run/b", 0).await.file_id;
+    let snap = h
+        .client
+        .snapshots
+        .create(proto::CreateSnapshotRequest {
+            name: "before".to_owned(),
+            path: "/ckpt/run".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((snap.files, snap.directories, snap.bytes), (2, 1, 5000));
+    let duplicate = h
+        .client
+        .snapshots
+        .create(proto::CreateSnapshotRequest {
+            name: "before".to_owned(),
+            path: "/ckpt".to_owned(),
+        })
+        .await;
+    assert_code(duplicate, Code::AlreadyExists, "already exists");
+
+    // Change everything: a new version of a, b deleted, c added.
+    let a2 = h.write("/ckpt/run/a", 7).await;
+    h.client
+        .namespace
+        .delete(proto::DeleteRequest {
+            path: "/ckpt/run/b".to_owned(),
+            recursive: false,
+        })
+        .await
+        .unwrap();
+    h.write("/ckpt/run/c", 1).await;
+    let diff = h
+        .client
+        .snapshots
+        .diff(proto::DiffRequest {
+            from: "before".to_owned(),
+            to: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let changes: Vec<(String, i32)> = diff
+        .entries
+        .iter()
+        .map(|e| (e.path.clone(), e.change))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("/ckpt/run/a".to_owned(), proto::Change::Modified as i32),
+            ("/ckpt/run/b".to_owned(), proto::Change::Removed as i32),
+            ("/ckpt/run/c".to_owned(), proto::Change::Added as i32),
+        ]
+    );
+    assert_eq!(diff.entries[0].before.as_ref().unwrap().version, 1);
+    assert_eq!(diff.entries[0].after.as_ref().unwrap().version, a2.version);
+
+    let report = h
+        .client
+        .snapshots
+        .rollback(proto::RollbackRequest {
+            name: "before".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((report.restored, report.removed), (2, 1), "{report:?}");
+    assert_eq!(h.names("/ckpt/run").await, ["a", "b"]);
+    let a = h.open("/ckpt/run/a").await.unwrap();
+    assert_eq!((a.file_id, a.version, a.size), (a1.file_id, 1, 5000));
+    assert_eq!(a.chunks, a1.chunks, "rolled back to the pinned chunks");
+    assert!(
+        a.layout_version > a2.layout_version,
+        "cached layouts become stale"
+    );
+    let b = h.open("/ckpt/run/b").await.unwrap();
+    assert_ne!(b.file_id, b1, "a deleted file comes back as a new file");
+    assert_eq!(b.size, 0);
+    let after = h
+        .client
+        .snapshots
+        .diff(proto::DiffRequest {
+            from: "before".to_owned(),
+            to: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let kinds: Vec<(String, i32)> = after
+        .entries
+        .iter()
+        .map(|e| (e.path.clone(), e.change))
+        .collect();
+    // Only b's identity differs: same path, same size, a new file id.
+    assert_eq!(
+        kinds,
+        [("/ckpt/run/b".to_owned(), proto::Change::Modified as i32)]
+    );
+    // A commit after a rollback gets a fresh version number, never one a snapshot pins.
+    let a3 = h.write("/ckpt/run/a", 9).await;
+    assert_eq!(a3.version, 3);
+
+    let listed = h
+        .client
+        .snapshots
+        .list(proto::ListSnapshotsRequest {
+            path: "/ckpt".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(listed.len(), 1);
+    h.client
+        .snapshots
+        .delete(proto::DeleteSnapshotRequest {
+            name: "before".to_owned(),
+        })
+        .await
+        .unwrap();
+    let gone = h
+        .client
+        .snapshots
+        .rollback(proto::RollbackRequest {
+            name: "before".to_owned(),
+        })
+        .await;
+    assert_code(gone, Code::NotFound, "no such snapshot");
+    let bad_name = h
+        .client
+        .snapshots
+        .create(proto::CreateSnapshotRequest {
+            name: "no spaces".to_owned(),
+            path: "/ckpt".to_owned(),
+        })
+        .await;
+    assert_code(bad_name, Code::InvalidArgument, "snapshot name");
+}
+
+async fn membership(mut h: Harness) {
+    h.register("n1", "").await;
+    h.register("n2", "").await;
+    let nodes = |h: &mut Harness| {
+        let mut admin = h.client.admin.clone();
+        async move {
+            admin
+                .nodes(proto::NodesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes
+                .into_iter()
+                .map(|n| (n.id, n.state))
+                .collect::<Vec<_>>()
+        }
+    };
+    let up = proto::NodeState::Up as i32;
+    let down = proto::NodeState::Down as i32;
+    assert_eq!(
+        nodes(&mut h).await,
+        [("n1".to_owned(), up), ("n2".to_owned(), up)]
+    );
+    // n1 heartbeats; n2 stops: its 600 ms lease expires and the leader marks it down.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        h.client
+            .cluster
+            .heartbeat(proto::HeartbeatRequest {
+                node_id: "n1".to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if nodes(&mut h).await == [("n1".to_owned(), up), ("n2".to_owned(), down)] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "n2 was never marked down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let health = h
+        .client
+        .admin
+        .health(proto::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, "degraded");
+    assert!(health.leader, "the only control plane leads");
+    assert_eq!(health.leader_id, health.control_id);
+    assert_eq!((health.nodes_up, health.nodes_down), (1, 1));
+    // A down node that heartbeats again is up again.
+    let reply = h
+        .client
+        .cluster
+        .heartbeat(proto::HeartbeatRequest {
+            node_id: "n2".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.state, up);
+    let drained = h
+        .client
+        .cluster
+        .drain(proto::DrainRequest {
+            node_id: "n1".to_owned(),
+            cancel: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(drained.state, proto::NodeState::Draining as i32);
+    // A draining node takes no new chunks: with one node left up, replication 2 cannot place.
+    let file = h
+        .client
+        .namespace
+        .create(proto::CreateRequest {
+            path: "/f".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    let placed = h
+        .client
+        .namespace
+        .place_chunks(proto::PlaceChunksRequest {
+            path: "/f".to_owned(),
+            file_id: file.id,
+            first_index: 0,
+            count: 1,
+        })
+        .await;
+    assert_code(placed, Code::FailedPrecondition, "needs 2 data nodes up");
+    let unknown = h
+        .client
+        .cluster
+        .heartbeat(proto::HeartbeatRequest {
+            node_id: "ghost".to_owned(),
+            ..Default::default()
+        })
+        .await;
+    assert_code(unknown, Code::NotFound, "not registered");
+    let bad = h
+        .client
+        .cluster
+        .register(proto::RegisterRequest {
+            node_id: "n3".to_owned(),
+            address: "no-port".to_owned(),
+            topology: None,
+        })
+        .await;
+    assert_code(bad, Code::InvalidArgument, "address");
+}
+
+async fn survives_restart(mut h: Harness) {
+    h.register("n1", "").await;
+    h.register("n2", "").await;
+    let layout = h.write("/keep/me", 4096).await;
+    h.client
+        .snapshots
+        .create(proto::CreateSnapshotRequest {
+            name: "s".to_owned(),
+            path: "/keep".to_owned(),
+        })
+        .await
+        .unwrap();
+    h.restart().await;
+    assert_eq!(h.open("/keep/me").await.unwrap(), layout);
+    let snapshots = h
+        .client
+        .snapshots
+        .list(proto::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(snapshots.len(), 1);
+    // Ids keep counting after a restart: a new file never reuses one.
+    let next = h.write("/keep/next", 1).await;
+    assert!(next.file_id > layout.file_id);
+}
+
+/// Every call, reflection included, needs the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_the_token_are_unauthenticated() {
+    let h = Harness::start(Store::Redb).await;
+    let addr = h.server.as_ref().unwrap().local_addr();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut anonymous = proto::admin_client::AdminClient::new(channel.clone());
+    assert_code(
+        anonymous.health(proto::HealthRequest {}).await,
+        Code::Unauthenticated,
+        "no cluster token",
+    );
+    let wrong = ControlClient::connect(&addr.to_string(), b"not-the-token")
+        .await
+        .unwrap();
+    let mut namespace = wrong.namespace.clone();
+    assert_code(
+        namespace
+            .list(proto::ListRequest {
+                path: "/".to_owned(),
+            })
+            .await,
+        Code::Unauthenticated,
+        "does not match",
+    );
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let refused = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await;
+    assert_code(refused, Code::Unauthenticated, "no cluster token");
+}
+
+/// A generic gRPC client with the token discovers every service by reflection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let h = Harness::start(Store::Redb).await;
+    let addr = h.server.as_ref().unwrap().local_addr();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let header: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", std::str::from_utf8(TOKEN).unwrap())
+            .parse()
+            .unwrap();
+    let mut reflection =
+        ServerReflectionClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", header.clone());
+            Ok(r)
+        });
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in ["Namespace", "Cluster", "Snapshots", "Admin"] {
+        let full = format!("tier0.control.v1.{service}");
+        assert!(names.contains(&full), "{full} missing from {names:?}");
+    }
+}
+
+/// Malformed fields are refused at the edge with InvalidArgument naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_fields_are_invalid_arguments() {
+    let mut h = Harness::start(Store::Redb).await;
+    let ns = &mut h.client.namespace;
+    let cases: Vec<(
+        Result<tonic::Response<proto::EntryReply>, tonic::Status>,
+        &str,
+    )> = vec![
+        (
+            ns.mkdir(proto::MkdirRequest {
+                path: "relative/dir".to_owned(),
+                ..Default::default()
+            })
+            .await,
+            "path \"relative/dir\": not absolute",
+        ),
+        (
+            ns.mkdir(proto::MkdirRequest {
+                path: "/a/../b".to_owned(),
+                ..Default::default()
+            })
+            .await,
+            "component \"..\"",
+        ),
+        (
+            ns.create(proto::CreateRequest {
+                path: "/x".to_owned(),
+                exclusive: false,
+                settings: Some(proto::LayoutSettings {
+                    chunk_size: 3000,
+                    replication: 0,
+                }),
+            })
+            .await,
+            "chunk_size 3000",
+        ),
+        (
+            ns.create(proto::CreateRequest {
+                path: "/x".to_owned(),
+                exclusive: false,
+                settings: Some(proto::LayoutSettings {
+                    chunk_size: 0,
+                    replication: 99,
+                }),
+            })
+            .await,
+            "replication 99",
+        ),
+        (
+            ns.rename(proto::RenameRequest {
+                from: "/".to_owned(),
+                to: "/y".to_owned(),
+            })
+            .await,
+            "root",
+        ),
+        (
+            ns.tag(proto::TagRequest {
+                path: "/".to_owned(),
+                set: HashMap::from([("bad key".to_owned(), "v".to_owned())]),
+                remove: vec![],
+            })
+            .await,
+            "tag key \"bad key\"",
+        ),
+    ];
+    for (result, needle) in cases {
+        assert_code(result, Code::InvalidArgument, needle);
+    }
+    let commit = ns
+        .commit(proto::CommitRequest {
+            path: "/x".to_owned(),
+            file_id: 0,
+            ..Default::default()
+        })
+        .await;
+    assert_code(commit, Code::InvalidArgument, "file_id");
+    let place = ns
+        .place_chunks(proto::PlaceChunksRequest {
+            path: "/x".to_owned(),
+            file_id: 5,
+            first_index: 0,
+            count: 0,
+        })
+        .await;
+    assert_code(place, Code::InvalidArgument, "count 0");
+    // Nothing was made by any refused request.
+    assert!(h.names("/").await.is_empty());
+}
+
+/// A watch on a directory sees commits and deletes of files below it, nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_pushes_layout_changes() {
+    let mut h = Harness::start(Store::Redb).await;
+    h.register("n1", "").await;
+    h.register("n2", "").await;
+    h.client
+        .namespace
+        .mkdir(proto::MkdirRequest {
+            path: "/watched".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut changes = h
+        .client
+        .namespace
+        .watch_layouts(proto::WatchLayoutsRequest {
+            path: "/watched".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    h.write("/elsewhere", 10).await;
+    let layout = h.write("/watched/sub/f", 10).await;
+    // Create, placement and commit each rewrite f's record; the watch ends with the commit.
+    let mut seen = Vec::new();
+    while seen
+        .last()
+        .is_none_or(|c: &proto::LayoutChange| c.version == 0)
+    {
+        let change = tokio::time::timeout(Duration::from_secs(5), changes.message())
+            .await
+            .expect("a change within 5 s")
+            .unwrap()
+            .unwrap();
+        seen.push(change);
+    }
+    assert!(
+        seen.iter()
+            .all(|c| c.file_id == layout.file_id && c.name == "f"),
+        "{seen:?}"
+    );
+    let last = seen.last().unwrap();
+    assert_eq!(
+        (last.version, last.layout_version),
+        (1, layout.layout_version)
+    );
+    h.client
+        .namespace
+        .delete(proto::DeleteRequest {
+            path: "/watched/sub/f".to_owned(),
+            recursive: false,
+        })
+        .await
+        .unwrap();
+    let deleted = changes.message().await.unwrap().unwrap();
+    assert!(deleted.deleted && deleted.name == "f", "{deleted:?}");
+}
