@@ -24,8 +24,27 @@ enum Command {
     /// Benchmarks: tier0 next to a baseline from the same run.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    /// Run a daemon: `serve data` (a node's drives) or `serve control` (the control plane).
     #[command(subcommand)]
     Serve(commands::serve::ServeCommand),
+    /// List a directory of the namespace.
+    Ls(commands::namespace::LsArgs),
+    /// A file's or directory's metadata, and a file's kept versions.
+    Stat(commands::namespace::StatArgs),
+    /// Make a directory (with its own chunk size and replication, if given).
+    Mkdir(commands::namespace::MkdirArgs),
+    /// Remove a file or directory (chunks are collected once nothing needs them).
+    Rm(commands::namespace::RmArgs),
+    /// Rename or move a file or directory.
+    Mv(commands::namespace::MvArgs),
+    /// Show, set (`KEY=VALUE`) or remove (`KEY-`) tags on a path.
+    Tag(commands::namespace::TagArgs),
+    /// Snapshots of a subtree: create, list, diff, rollback, delete.
+    #[command(subcommand)]
+    Snapshot(commands::snapshot::SnapshotCommand),
+    /// The operator's view: health, nodes, layouts, drain.
+    #[command(subcommand)]
+    Admin(commands::admin::AdminCommand),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +61,14 @@ fn main() -> ExitCode {
         Command::Topology(args) => commands::topology::run(&args),
         Command::Bench(command) => commands::bench::run(command),
         Command::Serve(command) => commands::serve::run(command),
+        Command::Ls(args) => commands::namespace::ls(args),
+        Command::Stat(args) => commands::namespace::stat(args),
+        Command::Mkdir(args) => commands::namespace::mkdir(args),
+        Command::Rm(args) => commands::namespace::rm(args),
+        Command::Mv(args) => commands::namespace::mv(args),
+        Command::Tag(args) => commands::namespace::tag(args),
+        Command::Snapshot(command) => commands::snapshot::run(command),
+        Command::Admin(command) => commands::admin::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

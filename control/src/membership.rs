@@ -45,10 +45,14 @@ pub fn check_address(address: &str) -> Result<()> {
 }
 
 /// What a heartbeat tells the node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeartbeatReply {
     pub state: NodeState,
     pub lease: Duration,
+    /// (file id, lowest valid layout version) changed since the node's last reply.
+    pub fences: Vec<(u64, u64)>,
+    /// What the node sends back next time.
+    pub fence_revision: u64,
 }
 
 #[derive(Debug)]
@@ -124,7 +128,12 @@ impl Membership {
 
     /// Renews a node's lease. A node marked down by an expired lease comes back up; an
     /// unknown node must register first (`NotFound`).
-    pub async fn heartbeat(&self, id: &str, free_bytes: Option<u64>) -> Result<HeartbeatReply> {
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        free_bytes: Option<u64>,
+        fence_revision: u64,
+    ) -> Result<HeartbeatReply> {
         check_node_id(id)?;
         for _ in 0..MAX_ATTEMPTS {
             let Some((entry, mut record)) = self.read(id).await? else {
@@ -145,9 +154,12 @@ impl Membership {
             txn.check(Check::At(entry.key.clone(), entry.revision))
                 .put(entry.key, model::encode(&record));
             if let Outcome::Committed(_) = self.store.commit(&txn).await? {
+                let (fences, fence_revision) = self.fences_since(fence_revision).await?;
                 return Ok(HeartbeatReply {
                     state: record.state,
                     lease: self.lease,
+                    fences,
+                    fence_revision,
                 });
             }
         }
@@ -185,6 +197,28 @@ impl Membership {
         Err(ControlError::FailedPrecondition(format!(
             "drain {id}: its record kept changing; try again"
         )))
+    }
+
+    /// Fences written after store revision `since`, and the revision to ask from next.
+    /// Reads the revision before the fences, so a fence committed in between is sent now
+    /// and again next time (raising a fence twice is harmless), never missed.
+    pub async fn fences_since(&self, since: u64) -> Result<(Vec<(u64, u64)>, u64)> {
+        let revision = self.store.revision().await?;
+        let mut fences = Vec::new();
+        for entry in self.store.scan(model::FENCES_PREFIX).await? {
+            if entry.revision <= since {
+                continue;
+            }
+            let file = entry
+                .key
+                .strip_prefix(model::FENCES_PREFIX)
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| {
+                    ControlError::Internal(format!("metadata key {:?} is not a fence", entry.key))
+                })?;
+            fences.push((file, model::decode(&entry.key, &entry.value)?));
+        }
+        Ok((fences, revision.max(since)))
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {

@@ -5,6 +5,8 @@
 //!   parent's id, so a rename rewrites one key, whatever is below it.
 //! - `version/<file id>/<version>` → [`FileVersion`]: the chunk list a commit published.
 //! - `chunk/<file id>/<index>/<generation>` → [`ChunkRecord`]: where a chunk's replicas are.
+//! - `fence/<file id>` → the file's current layout version (JSON number), written with every
+//!   change of it, for the data daemons to refuse reads at older ones.
 //! - `node/<node id>` → [`NodeRecord`]; `snapshot/<name>` → [`Snapshot`];
 //!   `counter/inode` → the last inode id handed out.
 //!
@@ -52,6 +54,12 @@ pub fn chunks_prefix(file: u64) -> String {
     format!("chunk/{file:016x}/")
 }
 
+/// The lowest layout version of a file the data daemons still serve; they learn it from
+/// their heartbeats.
+pub fn fence_key(file: u64) -> String {
+    format!("fence/{file:016x}")
+}
+
 pub fn node_key(node: &str) -> String {
     format!("node/{node}")
 }
@@ -60,12 +68,22 @@ pub fn snapshot_key(name: &str) -> String {
     format!("snapshot/{name}")
 }
 
+/// A chunk whose record is gone and whose replicas are still to be deleted on the daemons.
+pub fn trash_key(id: ChunkId) -> String {
+    format!(
+        "trash/{:016x}/{:08x}/{:08x}",
+        id.file, id.index, id.generation
+    )
+}
+
+pub const TRASH_PREFIX: &str = "trash/";
 pub const INODE_COUNTER_KEY: &str = "counter/inode";
 pub const NODES_PREFIX: &str = "node/";
 pub const SNAPSHOTS_PREFIX: &str = "snapshot/";
 pub const CHUNKS_PREFIX: &str = "chunk/";
 pub const VERSIONS_PREFIX: &str = "version/";
 pub const INODES_PREFIX: &str = "inode/";
+pub const FENCES_PREFIX: &str = "fence/";
 
 /// How a directory's new files are laid out; a directory made without settings takes its
 /// parent's, and the root has the cluster's defaults.
@@ -173,6 +191,9 @@ pub struct FileVersion {
 pub struct ChunkRecord {
     pub replicas: Vec<String>,
     pub state: ChunkState,
+    /// Bytes in the chunk, known from its commit (0 while pending).
+    #[serde(default)]
+    pub len: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

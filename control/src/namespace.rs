@@ -553,6 +553,7 @@ impl Namespace {
                 let record = ChunkRecord {
                     replicas: replicas.clone(),
                     state: ChunkState::Pending { expires_ms },
+                    len: 0,
                 };
                 txn.put(model::chunk_key(id), model::encode(&record));
                 chunks.push(LayoutChunk {
@@ -642,6 +643,7 @@ impl Namespace {
                     let committed = ChunkRecord {
                         replicas: record.replicas.clone(),
                         state: ChunkState::Committed,
+                        len: chunk.len,
                     };
                     txn.check(Check::At(entry.key.clone(), entry.revision))
                         .put(entry.key.clone(), model::encode(&committed));
@@ -651,6 +653,7 @@ impl Namespace {
             state.version = version;
             state.next_version += 1;
             state.layout_version += 1;
+            let layout_version = state.layout_version;
             state.size = size;
             inode.modified_ms = model::now_ms();
             let record = FileVersion {
@@ -663,6 +666,7 @@ impl Namespace {
             let version_key = model::version_key(file_id, version);
             txn.check(found.check())
                 .put(found.key.clone(), model::encode(&inode))
+                .put(model::fence_key(file_id), model::encode(&layout_version))
                 .check(Check::Absent(version_key.clone()))
                 .put(version_key, model::encode(&record));
             if let Outcome::Committed(_) = self.store.commit(&txn).await? {
@@ -953,10 +957,11 @@ fn touched(inode: &Inode, now: u64) -> Inode {
 
 pub(crate) fn parse_chunk_key(key: &str) -> Result<ChunkId> {
     let bad = || ControlError::Internal(format!("metadata key {key:?} is not a chunk"));
-    let mut parts = key
+    let rest = key
         .strip_prefix(model::CHUNKS_PREFIX)
-        .ok_or_else(bad)?
-        .split('/');
+        .or_else(|| key.strip_prefix(model::TRASH_PREFIX))
+        .ok_or_else(bad)?;
+    let mut parts = rest.split('/');
     let mut next = || parts.next().ok_or_else(bad);
     let file = u64::from_str_radix(next()?, 16).map_err(|_| bad())?;
     let index = u32::from_str_radix(next()?, 16).map_err(|_| bad())?;

@@ -4,9 +4,9 @@
 //! number pins its bytes, and garbage collection keeps every version a snapshot names. A
 //! rollback is one transaction over the subtree: entries the snapshot does not have are
 //! deleted, directories it has are made again, files still there as the same file are set
-//! back to the pinned version (a new layout version, so cached layouts are refused), and
-//! files that are gone or were replaced come back as new files whose first version lists the
-//! pinned chunks.
+//! back to the pinned version (a new layout version, so cached layouts are refused), files
+//! renamed within the subtree move back under their old name, and files that are gone or
+//! were replaced come back as new files whose first version lists the pinned chunks.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -314,6 +314,14 @@ impl Namespace {
         let mut allocator = self.id_allocator().await?;
         let mut put_keys: HashSet<String> = HashSet::new();
         let mut deletes: Vec<String> = Vec::new();
+        // Files of the snapshot still in the subtree under another name move back, keeping
+        // their id (a rename rolled back); `claimed` are those already moved.
+        let live_files: HashMap<u64, &Found> = live
+            .values()
+            .filter(|found| !found.inode.is_dir())
+            .map(|found| (found.inode.id, found))
+            .collect();
+        let mut claimed: HashSet<u64> = HashSet::new();
         for entry in &snapshot.entries {
             let (parent_id, name) = if entry.path.is_empty() {
                 let parent = top_parent.as_ref().map(|p| p.inode.id).unwrap_or(0);
@@ -366,10 +374,45 @@ impl Namespace {
                     state.version = *version;
                     state.size = *size;
                     state.layout_version += 1;
+                    let fence = model::encode(&state.layout_version);
+                    txn.put(model::fence_key(found.inode.id), fence);
                     inode.tags = entry.tags.clone();
                     inode.modified_ms = now;
                     txn.put(found.key.clone(), model::encode(&inode));
                     put_keys.insert(found.key.clone());
+                    report.restored += 1;
+                }
+                (
+                    SnapshotKind::File {
+                        file_id,
+                        version,
+                        size,
+                        ..
+                    },
+                    _,
+                ) if live_files.contains_key(file_id) && !claimed.contains(file_id) => {
+                    if let Some(found) = live.get(&entry.path) {
+                        deletes.push(found.key.clone());
+                    }
+                    let source = live_files[file_id];
+                    claimed.insert(*file_id);
+                    deletes.push(source.key.clone());
+                    let mut inode = source.inode.clone();
+                    let InodeKind::File(state) = &mut inode.kind else {
+                        unreachable!("live_files holds files")
+                    };
+                    state.version = *version;
+                    state.size = *size;
+                    state.layout_version += 1;
+                    let fence = model::encode(&state.layout_version);
+                    txn.put(model::fence_key(*file_id), fence);
+                    inode.parent = parent_id;
+                    inode.name = name.to_owned();
+                    inode.tags = entry.tags.clone();
+                    inode.modified_ms = now;
+                    let key = model::inode_key(parent_id, name);
+                    txn.put(key.clone(), model::encode(&inode));
+                    put_keys.insert(key);
                     report.restored += 1;
                 }
                 _ => {
@@ -428,11 +471,14 @@ impl Namespace {
             }
         }
         for (relative, found) in &live {
-            if !wanted.contains(relative.as_str()) {
+            let moved = !found.inode.is_dir() && claimed.contains(&found.inode.id);
+            if !wanted.contains(relative.as_str()) && !moved {
                 deletes.push(found.key.clone());
                 report.removed += 1;
             }
         }
+        deletes.sort();
+        deletes.dedup();
         allocator.finish(&mut txn);
         for key in deletes {
             if !put_keys.contains(&key) {

@@ -10,6 +10,7 @@ use tier0_topology::WorkerPlan;
 
 use crate::buffer::BufferPoolConfig;
 use crate::device::{BlockDevice, DeviceError, UringDevice, UringOptions, preallocate_file};
+use crate::fence::FenceTable;
 use crate::net::rdma::{RdmaService, device_names};
 use crate::net::tcp::{TcpServer, TcpServerConfig};
 use crate::store::{ChunkStore, StoreConfig, StoreError};
@@ -100,6 +101,7 @@ pub struct DataDaemon {
     server: Option<TcpServer>,
     pool: Option<WorkerPool>,
     stores: Vec<Arc<ChunkStore>>,
+    fences: Arc<FenceTable>,
 }
 
 impl DataDaemon {
@@ -139,7 +141,9 @@ impl DataDaemon {
         }
         let chunk_size = specs[0].store.chunk_size();
         let stores: Vec<Arc<ChunkStore>> = specs.iter().map(|spec| spec.store.clone()).collect();
-        let rdma = rdma_service(config, plan, &stores, chunk_size)?;
+        // Empty until the control plane raises fences (`fences()`): every read passes.
+        let fences = FenceTable::new();
+        let rdma = rdma_service(config, plan, &stores, &fences, chunk_size)?;
         let rdma_devices = rdma.as_ref().map(RdmaService::devices).unwrap_or_default();
         let (server, sources) = TcpServer::bind(
             TcpServerConfig {
@@ -150,6 +154,7 @@ impl DataDaemon {
                 handshake_timeout: Duration::from_secs(5),
             },
             stores.clone(),
+            fences.clone(),
             plan.worker_count(),
             rdma,
         )
@@ -195,6 +200,7 @@ impl DataDaemon {
             server: Some(server),
             pool: Some(pool),
             stores,
+            fences,
         })
     }
 
@@ -207,6 +213,13 @@ impl DataDaemon {
 
     pub fn stores(&self) -> &[Arc<ChunkStore>] {
         &self.stores
+    }
+
+    /// The layout fences every read is checked against (TCP and RDMA alike): raise one when
+    /// the control plane says a file's layout moved on, and reads at older versions of it are
+    /// answered `ESTALE` from then on.
+    pub fn fences(&self) -> &Arc<FenceTable> {
+        &self.fences
     }
 
     /// Stops accepting; the workers finish what they hold once their peers have gone.
@@ -235,6 +248,7 @@ fn rdma_service(
     config: &DataDaemonConfig,
     plan: &WorkerPlan,
     stores: &[Arc<ChunkStore>],
+    fences: &Arc<FenceTable>,
     max_payload: u32,
 ) -> Result<Option<RdmaService>, DaemonError> {
     // Workers in the pool's order: node by node, one per planned CPU.
@@ -269,7 +283,13 @@ fn rdma_service(
                 .collect()
         }
     };
-    let service = RdmaService::new(&devices, stores.to_vec().into(), &config.node, max_payload);
+    let service = RdmaService::new(
+        &devices,
+        stores.to_vec().into(),
+        fences.clone(),
+        &config.node,
+        max_payload,
+    );
     if let RdmaMode::Device(name) = &config.rdma
         && service.devices().iter().any(Option::is_none)
     {

@@ -5,12 +5,14 @@
 //! - [`store`]: the chunk store: immutable checksummed chunks on a device, crash-safe.
 //! - [`worker`]: pinned polled workers that own rings, buffers and in-flight requests.
 //! - [`net`]: the wire protocol and the transports (TCP, RDMA) that workers drive.
+//! - [`fence`]: per file, the lowest layout version the daemon still serves reads at.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod buffer;
 pub mod daemon;
 pub mod decode_checks;
 pub mod device;
+pub mod fence;
 pub mod net;
 pub mod store;
 pub mod worker;

@@ -4,8 +4,8 @@
 
 use tier0_dataplane::decode_checks::{self, STORE_ID};
 use tier0_dataplane::net::wire::{
-    self, Delete, ErrorReply, Hello, Message, RdmaEndpoint, RdmaRead, RdmaReadDone, Read, ReadDone,
-    Welcome, WireError, Write,
+    self, Delete, ErrorReply, Hello, LayoutRef, Message, RdmaEndpoint, RdmaRead, RdmaReadDone,
+    Read, ReadDone, Welcome, WireError, Write,
 };
 use tier0_dataplane::store::format::{
     ChunkId, DecodedEntry, ENTRY_HEADER_SIZE, SUPERBLOCK_SIZE, SlotEntry, Superblock,
@@ -173,6 +173,18 @@ fn every_message() -> Vec<Message> {
             len: 1 << 20,
             addr: 0x7f00_1234_5000,
             rkey: 0x1234,
+            layout: LayoutRef {
+                file: 0x77,
+                version: 12,
+            },
+        }),
+        Message::RdmaRead(RdmaRead {
+            chunk,
+            offset: 0,
+            len: 4096,
+            addr: 0x7f00_1234_6000,
+            rkey: 0x1234,
+            layout: LayoutRef::default(),
         }),
         Message::RdmaReadDone(RdmaReadDone {
             len: 1 << 20,
@@ -182,6 +194,16 @@ fn every_message() -> Vec<Message> {
             chunk,
             offset: 4095,
             len: 10_000,
+            layout: LayoutRef {
+                file: chunk.file,
+                version: 3,
+            },
+        }),
+        Message::Read(Read {
+            chunk,
+            offset: 0,
+            len: 1,
+            layout: LayoutRef::default(),
         }),
         Message::ReadDone(ReadDone { len: 5, crc: 77 }),
         Message::Write(Write {
@@ -216,6 +238,99 @@ fn every_wire_message_round_trips_with_its_payload() {
         assert_eq!(payload.len(), message.payload_len() as usize);
         decode_checks::wire_frame(&bytes);
     }
+}
+
+/// The read requests' bodies are byte for byte what docs/formats.md lays out (wire version 2):
+/// the layout ref goes last, file then version.
+#[test]
+fn read_bodies_match_the_documented_layout() {
+    let chunk = ChunkId {
+        file: 0x0102_0304_0506_0708,
+        index: 0x1112_1314,
+        generation: 0x2122_2324,
+    };
+    let layout = LayoutRef {
+        file: 0x3132_3334_3536_3738,
+        version: 0x4142_4344_4546_4748,
+    };
+    let mut expected = Vec::new();
+    expected.extend_from_slice(&chunk.file.to_le_bytes());
+    expected.extend_from_slice(&chunk.index.to_le_bytes());
+    expected.extend_from_slice(&chunk.generation.to_le_bytes());
+    expected.extend_from_slice(&0x5152_5354_5556_5758u64.to_le_bytes());
+    expected.extend_from_slice(&0x6162_6364u32.to_le_bytes());
+    let mut read = expected.clone();
+    read.extend_from_slice(&layout.file.to_le_bytes());
+    read.extend_from_slice(&layout.version.to_le_bytes());
+    let mut rdma = expected;
+    rdma.extend_from_slice(&0x7172_7374_7576_7778u64.to_le_bytes());
+    rdma.extend_from_slice(&0x8182_8384u32.to_le_bytes());
+    rdma.extend_from_slice(&layout.file.to_le_bytes());
+    rdma.extend_from_slice(&layout.version.to_le_bytes());
+    for (message, body) in [
+        (
+            Message::Read(Read {
+                chunk,
+                offset: 0x5152_5354_5556_5758,
+                len: 0x6162_6364,
+                layout,
+            }),
+            read,
+        ),
+        (
+            Message::RdmaRead(RdmaRead {
+                chunk,
+                offset: 0x5152_5354_5556_5758,
+                len: 0x6162_6364,
+                addr: 0x7172_7374_7576_7778,
+                rkey: 0x8182_8384,
+                layout,
+            }),
+            rdma,
+        ),
+    ] {
+        let bytes = frame(1, &message);
+        assert_eq!(&bytes[4..6], &wire::VERSION.to_le_bytes());
+        assert_eq!(wire::VERSION, 2);
+        assert_eq!(&bytes[wire::HEADER_SIZE..], &body[..], "{message:?}");
+    }
+    assert_eq!(
+        frame(
+            1,
+            &Message::Read(Read {
+                chunk,
+                offset: 0,
+                len: 0,
+                layout,
+            })
+        )
+        .len(),
+        32 + 44
+    );
+    assert_eq!(
+        frame(
+            1,
+            &Message::RdmaRead(RdmaRead {
+                chunk,
+                offset: 0,
+                len: 0,
+                addr: 0,
+                rkey: 0,
+                layout,
+            })
+        )
+        .len(),
+        32 + 56
+    );
+    // A version 1 frame (its read bodies had no layout) is refused from its header.
+    let mut old = frame(1, &Message::DeleteDone);
+    old[4..6].copy_from_slice(&1u16.to_le_bytes());
+    let crc = tier0_dataplane::store::format::crc32c(&old[..28]);
+    old[28..32].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(
+        wire::decode_frame(&old, 0).unwrap_err(),
+        WireError::UnsupportedVersion(1)
+    );
 }
 
 /// Encoding into a message slot (RDMA) gives the same bytes as encoding into a Vec, and a

@@ -10,8 +10,8 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use tier0_dataplane::net::wire::{
-    self, Delete, HEADER_SIZE, Header, Hello, Message, RdmaEndpoint, Read, ReadDone, WireError,
-    Write,
+    self, Delete, ErrorReply, HEADER_SIZE, Header, Hello, LayoutRef, Message, RdmaEndpoint, Read,
+    ReadDone, WireError, Write,
 };
 use tier0_dataplane::store::ChunkId;
 use tier0_dataplane::store::format::crc32c;
@@ -36,6 +36,15 @@ pub enum ClientError {
     Remote {
         addr: String,
         errno: i32,
+        message: String,
+    },
+    /// The daemon refused a read of `file` (the layout's file id) because the layout it was
+    /// made through is stale (`ESTALE`): the file's layout changed since it was opened. Every
+    /// replica would say the same; the file must be reopened and the read retried.
+    #[error("{addr}: {message} (errno ESTALE)")]
+    StaleLayout {
+        addr: String,
+        file: u64,
         message: String,
     },
     #[error("{addr}: unexpected {got:?} reply to request {request_id}")]
@@ -81,6 +90,7 @@ impl ClientError {
             ClientError::Corrupt { .. } => libc::EBADMSG,
             ClientError::Wire { .. } | ClientError::Unexpected { .. } => libc::EPROTO,
             ClientError::Remote { errno, .. } => *errno,
+            ClientError::StaleLayout { .. } => libc::ESTALE,
             ClientError::TooLarge { .. } => libc::EINVAL,
             ClientError::NoRdma { .. } => libc::EOPNOTSUPP,
             ClientError::Rdma { .. } => libc::EIO,
@@ -94,6 +104,7 @@ impl ClientError {
             ClientError::Io { addr, .. }
             | ClientError::Wire { addr, .. }
             | ClientError::Remote { addr, .. }
+            | ClientError::StaleLayout { addr, .. }
             | ClientError::Unexpected { addr, .. }
             | ClientError::TooLarge { addr, .. }
             | ClientError::NoRdma { addr, .. }
@@ -104,15 +115,42 @@ impl ClientError {
     }
 
     /// Whether the failure is the connection's (transport, framing): another replica should
-    /// be tried and this daemon left alone. A daemon's own answer (ENOENT, EBADMSG) is not.
+    /// be tried and this daemon left alone. A daemon's own answer (ENOENT, EBADMSG, ESTALE)
+    /// is not.
     pub fn is_connection_failure(&self) -> bool {
         !matches!(
             self,
             ClientError::Remote { .. }
+                | ClientError::StaleLayout { .. }
                 | ClientError::TooLarge { .. }
                 | ClientError::Unusable { .. }
                 | ClientError::Corrupt { .. }
         )
+    }
+
+    /// Whether the read was refused for a stale layout: the file must be reopened, and no
+    /// other replica is worth asking.
+    pub fn is_stale_layout(&self) -> bool {
+        matches!(self, ClientError::StaleLayout { .. })
+    }
+
+    /// A daemon's error reply to a read made through `layout`: `ESTALE` is
+    /// [`StaleLayout`](ClientError::StaleLayout) (for the layout's file), anything else
+    /// [`Remote`](ClientError::Remote).
+    pub(crate) fn read_refused(addr: &str, layout: LayoutRef, error: ErrorReply) -> ClientError {
+        if error.errno == libc::ESTALE {
+            ClientError::StaleLayout {
+                addr: addr.to_string(),
+                file: layout.file,
+                message: error.message,
+            }
+        } else {
+            ClientError::Remote {
+                addr: addr.to_string(),
+                errno: error.errno,
+                message: error.message,
+            }
+        }
     }
 
     /// Checks the bytes of a read of `chunk` against the CRC32C its reply announced.
@@ -130,12 +168,15 @@ impl ClientError {
     }
 }
 
-/// One read of a batch: `dest.len()` bytes at `offset` of `chunk`.
+/// One read of a batch: `dest.len()` bytes at `offset` of `chunk`, through `layout` (the
+/// file's layout it was planned from, checked by the daemon; `LayoutRef::default()` for a
+/// read not made through a layout, which is never refused as stale).
 #[derive(Debug)]
 pub struct ReadInto<'a> {
     pub chunk: ChunkId,
     pub offset: u64,
     pub dest: &'a mut [u8],
+    pub layout: LayoutRef,
 }
 
 /// Bytes of the reply buffer: a 4 KiB read's whole reply fits, and a large payload loses at
@@ -288,6 +329,7 @@ impl DaemonConnection {
                         chunk: read.chunk,
                         offset: read.offset,
                         len: read.dest.len() as u32,
+                        layout: read.layout,
                     });
                     wire::encode(base + next as u64, &message, &mut requests)
                         .expect("a read request is a few bytes");
@@ -323,11 +365,11 @@ impl DaemonConnection {
                         Err(error) => return fail_rest(results, &error),
                     }
                 }
-                Message::Error(error) => Err(ClientError::Remote {
-                    addr: self.addr.clone(),
-                    errno: error.errno,
-                    message: error.message,
-                }),
+                Message::Error(error) => Err(ClientError::read_refused(
+                    &self.addr,
+                    reads[index].layout,
+                    error,
+                )),
                 other => Err(self.unexpected(header.request_id, other)),
             };
             if result.is_ok()
@@ -366,9 +408,22 @@ impl DaemonConnection {
         ))
     }
 
-    /// Reads `dest.len()` bytes at `offset` of `chunk` into `dest`.
+    /// Reads `dest.len()` bytes at `offset` of `chunk` into `dest`, not through a layout
+    /// (never refused as stale).
     pub fn read_into(
         &mut self,
+        chunk: ChunkId,
+        offset: u64,
+        dest: &mut [u8],
+    ) -> Result<(), ClientError> {
+        self.read_through(LayoutRef::default(), chunk, offset, dest)
+    }
+
+    /// As [`read_into`](Self::read_into), through `layout`: a daemon that has fenced that
+    /// layout version off answers [`ClientError::StaleLayout`].
+    pub fn read_through(
+        &mut self,
+        layout: LayoutRef,
         chunk: ChunkId,
         offset: u64,
         dest: &mut [u8],
@@ -377,6 +432,7 @@ impl DaemonConnection {
             chunk,
             offset,
             dest,
+            layout,
         }];
         self.read_many(&mut reads).remove(0)
     }

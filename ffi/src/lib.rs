@@ -18,4 +18,5 @@ pub use rdma::{RdmaClient, RdmaConnection};
 pub use striped::{
     DaemonEndpoint, ReadReport, StripedChunk, StripedError, StripedFile, StripedReader,
 };
+pub use tier0_dataplane::net::wire::LayoutRef;
 pub use transport::{Transport, TransportChoice, TransportKind};

@@ -20,7 +20,9 @@ use tier0_dataplane::net::rdma::verbs::{
     self, Completions, DEFAULT_CREDITS, MESSAGE_SLOT, WorkCompletion,
 };
 use tier0_dataplane::net::rdma::{RdmaDevice, RdmaError};
-use tier0_dataplane::net::wire::{self, Delete, HEADER_SIZE, Header, Message, RdmaRead, WireError};
+use tier0_dataplane::net::wire::{
+    self, Delete, HEADER_SIZE, Header, LayoutRef, Message, RdmaRead, WireError,
+};
 use tier0_dataplane::store::ChunkId;
 
 use crate::buffer::{Allocation, ReadBuffer};
@@ -246,8 +248,8 @@ impl RdmaConnection {
     }
 
     /// Sends `count` requests (`make(index)` builds each), at most `window` and the daemon's
-    /// credits outstanding, and hands each reply to `done(index, reply)`. One result per
-    /// request.
+    /// credits outstanding, and hands each reply, an error frame included, to
+    /// `done(index, reply)`. One result per request.
     fn pipeline(
         &mut self,
         count: usize,
@@ -384,14 +386,7 @@ impl RdmaConnection {
                     return fail_rest(results, &error);
                 }
                 outstanding -= 1;
-                results[request] = Some(match message {
-                    Message::Error(error) => Err(ClientError::Remote {
-                        addr: self.addr.clone(),
-                        errno: error.errno,
-                        message: error.message,
-                    }),
-                    other => done(request, other),
-                });
+                results[request] = Some(done(request, message));
             }
         }
         self.wcs = wcs;
@@ -498,7 +493,10 @@ impl Transport for RdmaConnection {
             .map(|read| (read.dest.as_mut_ptr() as u64, read.dest.len()))
             .collect();
         let rkeys = client.rkeys_for(&targets);
-        let requests: Vec<(ChunkId, u64)> = reads.iter().map(|r| (r.chunk, r.offset)).collect();
+        let requests: Vec<(ChunkId, u64, LayoutRef)> = reads
+            .iter()
+            .map(|read| (read.chunk, read.offset, read.layout))
+            .collect();
         let make = |index: usize| {
             let (dest, len) = targets[index];
             if len > max_payload as usize {
@@ -515,7 +513,7 @@ impl Transport for RdmaConnection {
                     client.device_name()
                 ),
             })?;
-            let (chunk, offset) = requests[index];
+            let (chunk, offset, layout) = requests[index];
             sent_at[index].set(Some(Instant::now()));
             Ok(Message::RdmaRead(RdmaRead {
                 chunk,
@@ -523,6 +521,7 @@ impl Transport for RdmaConnection {
                 len: len as u32,
                 addr: dest,
                 rkey,
+                layout,
             }))
         };
         let reply_addr = self.addr.clone();
@@ -548,6 +547,11 @@ impl Transport for RdmaConnection {
                 }
                 checked
             }
+            Message::Error(error) => Err(ClientError::read_refused(
+                &reply_addr,
+                requests[index].2,
+                error,
+            )),
             other => Err(ClientError::Unexpected {
                 addr: reply_addr.clone(),
                 request_id: index as u64,
@@ -584,6 +588,11 @@ impl Transport for RdmaConnection {
             |_| Ok(Message::Delete(Delete { chunk })),
             |_, message| match message {
                 Message::DeleteDone => Ok(()),
+                Message::Error(error) => Err(ClientError::Remote {
+                    addr: addr.clone(),
+                    errno: error.errno,
+                    message: error.message,
+                }),
                 other => Err(ClientError::Unexpected {
                     addr: addr.clone(),
                     request_id: 0,

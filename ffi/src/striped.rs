@@ -7,13 +7,16 @@
 //! buffer. When a daemon fails (connection lost, framing error, a chunk it cannot serve), its
 //! unfinished chunks move to their next replica in a new round; the failed connection is
 //! fenced first, so a late RDMA WRITE from a daemon presumed dead cannot land on bytes another
-//! replica delivered. A read fails only when some chunk has no replica left, and then says which
-//! chunk and what each replica answered.
+//! replica delivered. A read fails when some chunk has no replica left, and then says which
+//! chunk and what each replica answered; or when a daemon refuses the file's layout as stale
+//! (`ESTALE`): every replica would say the same, so the read fails after that round, without
+//! failing over, and the caller reopens the file.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tier0_dataplane::net::wire::LayoutRef;
 use tier0_dataplane::store::ChunkId;
 
 use crate::buffer::ReadBuffer;
@@ -45,6 +48,10 @@ pub struct StripedChunk {
 #[derive(Clone, Debug, Default)]
 pub struct StripedFile {
     pub chunks: Vec<StripedChunk>,
+    /// The layout this is (the file's id and the layout's version, from the control plane),
+    /// stamped on every request so a daemon can refuse a stale one. `LayoutRef::default()`:
+    /// chunks addressed directly, never refused as stale.
+    pub layout: LayoutRef,
 }
 
 impl StripedFile {
@@ -81,6 +88,21 @@ pub enum StripedError {
     },
     #[error("registering the read buffer: {0}")]
     Register(#[from] tier0_dataplane::net::rdma::RdmaError),
+    /// A daemon refused the read of chunk `index` because the file's layout (`file` at
+    /// `version`) is stale: the layout changed since the file was opened. Not failed over (all
+    /// replicas would refuse it too): reopen the file and read again with its new layout.
+    #[error(
+        "chunk {index} ({chunk}): daemon {addr} refused layout version {version} of file \
+         {file:x} as stale ({message}): reopen the file and read again"
+    )]
+    StaleLayout {
+        index: usize,
+        chunk: ChunkId,
+        addr: String,
+        file: u64,
+        version: u64,
+        message: String,
+    },
 }
 
 /// What a striped read did.
@@ -261,6 +283,7 @@ impl StripedReader {
                 timeout: self.timeout,
                 window: self.window,
                 progress: self.progress.as_ref(),
+                layout: file.layout,
             };
             let outcomes: Vec<(usize, DaemonOutcome)> = std::thread::scope(|scope| {
                 let handles: Vec<_> = work
@@ -286,6 +309,8 @@ impl StripedReader {
                     .collect()
             });
             todo.clear();
+            // The first chunk refused as stale, if any: the read then fails after this round.
+            let mut stale: Option<(usize, String, String)> = None;
             for (daemon_index, (results, windows)) in outcomes {
                 report.read_latencies.extend(windows);
                 let daemon = &mut self.daemons[daemon_index];
@@ -293,6 +318,12 @@ impl StripedReader {
                 for (index, result) in results {
                     match result {
                         Ok(()) => report.per_daemon[daemon_index] += u64::from(chunks[index].len),
+                        // Not a reason to try another replica: it would refuse the same layout.
+                        Err(ClientError::StaleLayout { addr, message, .. }) => {
+                            if stale.as_ref().is_none_or(|(first, ..)| index < *first) {
+                                stale = Some((index, addr, message));
+                            }
+                        }
                         Err(error) => {
                             failed_connection |= error.is_connection_failure();
                             attempts[index].push(error.to_string());
@@ -307,6 +338,16 @@ impl StripedReader {
                         transport.fence();
                     }
                 }
+            }
+            if let Some((index, addr, message)) = stale {
+                return Err(StripedError::StaleLayout {
+                    index,
+                    chunk: chunks[index].chunk,
+                    addr,
+                    file: file.layout.file,
+                    version: file.layout.version,
+                    message,
+                });
             }
             todo.sort_unstable();
         }
@@ -396,6 +437,8 @@ struct Settings<'a> {
     timeout: Duration,
     window: usize,
     progress: Option<&'a Progress>,
+    /// Stamped on every request.
+    layout: LayoutRef,
 }
 
 /// One daemon's share of a round: connect if needed, then read it through a sliding window.
@@ -436,6 +479,7 @@ fn read_from(
             chunk: chunks[index].chunk,
             offset: 0,
             dest,
+            layout: settings.layout,
         })
         .collect();
     let mut latencies = Vec::with_capacity(reads.len());

@@ -1,16 +1,17 @@
 //! A data daemon's TCP path end to end, in one process: real sockets, real io_uring on a file
 //! store, the client from this crate. Authentication, pipelined reads into caller buffers,
-//! writes and deletes, and bad input from a peer.
+//! writes and deletes, reads at a stale layout version, and bad input from a peer.
 
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tier0_client::{DaemonConnection, ReadInto};
+use tier0_client::{ClientError, DaemonConnection, ReadInto};
 use tier0_dataplane::buffer::BufferPoolConfig;
 use tier0_dataplane::device::{BlockDevice, UringDevice, UringOptions, preallocate_file};
+use tier0_dataplane::fence::FenceTable;
 use tier0_dataplane::net::tcp::{TcpServer, TcpServerConfig};
-use tier0_dataplane::net::wire::{self, Message, Read};
+use tier0_dataplane::net::wire::{self, LayoutRef, Message, Read};
 use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{DeviceFactory, DriveSpec, PollMode, WorkerPool, WorkerPoolConfig};
 use tier0_topology::WorkerPlan;
@@ -22,6 +23,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 struct Daemon {
     server: Option<TcpServer>,
     pool: Option<WorkerPool>,
+    fences: Arc<FenceTable>,
     dir: std::path::PathBuf,
 }
 
@@ -43,6 +45,7 @@ impl Daemon {
             .unwrap(),
         );
         drop(device);
+        let fences = FenceTable::new();
         let (server, sources) = TcpServer::bind(
             TcpServerConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
@@ -52,6 +55,7 @@ impl Daemon {
                 handshake_timeout: Duration::from_secs(2),
             },
             vec![store.clone()],
+            fences.clone(),
             workers,
             None,
         )
@@ -84,6 +88,7 @@ impl Daemon {
         Daemon {
             server: Some(server),
             pool: Some(pool),
+            fences,
             dir,
         }
     }
@@ -151,6 +156,7 @@ fn writes_then_pipelined_reads_land_in_the_callers_buffers() {
             chunk: chunk(index),
             offset,
             dest,
+            layout: LayoutRef::default(),
         });
     }
     for result in client.read_many(&mut reads) {
@@ -220,6 +226,7 @@ fn a_wrong_token_is_refused_before_any_request_is_read() {
         chunk: chunk(1),
         offset: 0,
         len: 10,
+        layout: LayoutRef::default(),
     });
     wire::encode(1, &read, &mut frame).unwrap();
     std::io::Write::write_all(&mut stream, &frame).unwrap();
@@ -230,6 +237,114 @@ fn a_wrong_token_is_refused_before_any_request_is_read() {
         panic!("expected a refusal, got {message:?}");
     };
     assert_eq!(error.errno, libc::EACCES);
+    daemon.stop();
+}
+
+/// A restored file's layout (file 0x1a) lists chunks of file 5: the daemon fences by the
+/// layout's file. A raw read at a stale version gets an ESTALE error frame naming the file and
+/// both versions, and the connection goes on serving the next (current) read; the client
+/// turns ESTALE into `StaleLayout`; version 0 is never fenced.
+#[test]
+fn a_read_at_a_stale_layout_version_gets_estale_and_the_connection_stays_usable() {
+    let daemon = Daemon::start("stale", 1);
+    let mut client = daemon.connect();
+    let data = pattern(4, 9000);
+    client.write(chunk(4), &data).unwrap();
+    let at = |version| LayoutRef {
+        file: 0x1a,
+        version,
+    };
+    // No fence yet: any version reads.
+    let mut dest = vec![0u8; 9000];
+    client.read_through(at(3), chunk(4), 0, &mut dest).unwrap();
+    assert_eq!(dest, data);
+
+    daemon.fences.raise(0x1a, 5);
+    let mut frame = Vec::new();
+    let read = Read {
+        chunk: chunk(4),
+        offset: 0,
+        len: 100,
+        layout: at(3),
+    };
+    wire::encode(41, &Message::Read(read), &mut frame).unwrap();
+    client.send_raw(&frame).unwrap();
+    let (header, message) = client.receive_head(CHUNK).unwrap();
+    assert_eq!(header.request_id, 41);
+    assert_eq!(header.payload_len, 0);
+    let Message::Error(error) = message else {
+        panic!("expected an error frame, got {message:?}");
+    };
+    assert_eq!(error.errno, libc::ESTALE, "{}", error.message);
+    assert!(
+        error
+            .message
+            .contains("node-stale: file 1a: layout version 3 is stale (now 5): reopen the file"),
+        "{}",
+        error.message
+    );
+    assert!(client.is_healthy());
+
+    // The same connection serves the next read, at the current version (and a later one).
+    dest.fill(0);
+    client.read_through(at(5), chunk(4), 0, &mut dest).unwrap();
+    assert_eq!(dest, data);
+    let mut part = vec![0u8; 10];
+    client
+        .read_through(at(6), chunk(4), 4090, &mut part)
+        .unwrap();
+    assert_eq!(part, data[4090..4100]);
+
+    // Through the client: ESTALE is its own error, for the layout's file, not the chunk's,
+    // and it is the daemon's answer, not a failed connection. In one pipelined batch only
+    // the stale read fails.
+    let (stale, rest) = dest.split_at_mut(100);
+    let (current, unversioned) = rest.split_at_mut(100);
+    let mut reads = [
+        ReadInto {
+            chunk: chunk(4),
+            offset: 0,
+            dest: stale,
+            layout: at(4),
+        },
+        ReadInto {
+            chunk: chunk(4),
+            offset: 100,
+            dest: current,
+            layout: at(5),
+        },
+        ReadInto {
+            chunk: chunk(4),
+            offset: 200,
+            dest: &mut unversioned[..100],
+            layout: LayoutRef::default(),
+        },
+    ];
+    let mut results = client.read_many(&mut reads).into_iter();
+    let error = results.next().unwrap().unwrap_err();
+    assert!(
+        matches!(&error, ClientError::StaleLayout { file: 0x1a, message, .. }
+            if message.contains("layout version 4 is stale (now 5)")),
+        "{error}"
+    );
+    assert_eq!(error.errno(), libc::ESTALE);
+    assert!(error.is_stale_layout());
+    assert!(!error.is_connection_failure());
+    assert!(error.to_string().contains("reopen the file"), "{error}");
+    results.next().unwrap().unwrap();
+    results.next().unwrap().unwrap();
+    assert_eq!(dest[100..300], data[100..300]);
+
+    // Fences of other files do not touch this one; version 0 always reads; a fence never
+    // goes down.
+    daemon.fences.raise(5, 100);
+    daemon.fences.raise(0x1a, 2);
+    assert_eq!(daemon.fences.get(0x1a), Some(5));
+    client.read_through(at(5), chunk(4), 0, &mut part).unwrap();
+    client.read_into(chunk(4), 0, &mut part).unwrap();
+    assert_eq!(part, data[..10]);
+    assert!(client.is_healthy());
+    drop(client);
     daemon.stop();
 }
 
@@ -248,6 +363,7 @@ fn a_malformed_frame_gets_an_error_and_a_closed_connection_and_others_carry_on()
         chunk: chunk(3),
         offset: 0,
         len: 10,
+        layout: LayoutRef::default(),
     });
     wire::encode(7, &read, &mut frame).unwrap();
     frame[BODY_BYTE] ^= 0x40; // the body CRC fails

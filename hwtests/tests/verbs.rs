@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use sideway::ibverbs::queue_pair::ExtendedQueuePair;
 use tier0_client::{
-    DaemonEndpoint, RdmaClient, ReadBuffer, ReadInto, StripedReader, TransportChoice, TransportKind,
+    ClientError, DaemonEndpoint, LayoutRef, RdmaClient, ReadBuffer, ReadInto, StripedError,
+    StripedReader, TransportChoice, TransportKind,
 };
 use tier0_dataplane::daemon::RdmaMode;
 use tier0_dataplane::net::rdma::verbs::{self, Completions, WorkCompletion};
@@ -128,7 +129,8 @@ fn rdma_cluster(daemons: usize, chunk: u32) -> LocalCluster {
 }
 
 /// A daemon serves reads over RDMA into a registered buffer; unregistered memory, a missing
-/// chunk and an oversized read are clean errors, and the session keeps working after them.
+/// chunk, an oversized read and a read at a stale layout version are clean errors, and the
+/// session keeps working after them.
 #[test]
 #[ignore = "needs an RDMA device (soft-RoCE): run by hwtests/run rdma"]
 fn daemon_reads_into_registered_memory() {
@@ -159,6 +161,7 @@ fn daemon_reads_into_registered_memory() {
                 chunk: entry.chunk,
                 offset: 0,
                 dest,
+                layout: LayoutRef::default(),
             });
         }
         for result in transport.read_many(&mut reads) {
@@ -178,6 +181,7 @@ fn daemon_reads_into_registered_memory() {
             chunk: missing,
             offset: 0,
             dest,
+            layout: LayoutRef::default(),
         }])
         .pop()
         .unwrap()
@@ -190,6 +194,7 @@ fn daemon_reads_into_registered_memory() {
             chunk: layout.chunks[0].chunk,
             offset: 0,
             dest: &mut unregistered,
+            layout: LayoutRef::default(),
         }])
         .pop()
         .unwrap()
@@ -200,13 +205,41 @@ fn daemon_reads_into_registered_memory() {
     );
     assert!(transport.is_healthy());
 
-    // Still serving: a partial read at an offset.
+    // A read at a fenced-off layout version is refused (ESTALE) before the drive is read.
+    cluster.fences(0).unwrap().raise(0x9a, 7);
+    let dest = &mut buffer[..4096];
+    let error = transport
+        .read_many(&mut [ReadInto {
+            chunk: layout.chunks[0].chunk,
+            offset: 0,
+            dest,
+            layout: LayoutRef {
+                file: 0x9a,
+                version: 6,
+            },
+        }])
+        .pop()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&error, ClientError::StaleLayout { file: 0x9a, message, .. }
+            if message.contains("layout version 6 is stale (now 7)")),
+        "{error}"
+    );
+    assert_eq!(error.errno(), libc::ESTALE);
+    assert!(transport.is_healthy());
+
+    // Still serving: a partial read at an offset, at the current layout version.
     let dest = &mut buffer[..1000];
     transport
         .read_many(&mut [ReadInto {
             chunk: layout.chunks[4].chunk,
             offset: 0,
             dest,
+            layout: LayoutRef {
+                file: 0x9a,
+                version: 7,
+            },
         }])
         .pop()
         .unwrap()
@@ -216,14 +249,15 @@ fn daemon_reads_into_registered_memory() {
 }
 
 /// A file striped over 3 daemons with 2 replicas, read over RDMA into one registered buffer;
-/// one daemon is stopped mid-read and its chunks come from their other replica.
+/// a stale layout fails the read without failover; one daemon is stopped mid-read and its
+/// chunks come from their other replica.
 #[test]
 #[ignore = "needs an RDMA device (soft-RoCE): run by hwtests/run rdma"]
 fn three_daemon_striped_read_with_failover() {
     let chunk = 128 << 10;
     let cluster = Arc::new(std::sync::Mutex::new(rdma_cluster(3, chunk)));
     let data = pattern(36 * chunk as usize, 3);
-    let (layout, endpoints, token) = {
+    let (mut layout, endpoints, token) = {
         let cluster = cluster.lock().unwrap();
         (
             cluster.write_striped(11, &data, 2).unwrap(),
@@ -255,6 +289,28 @@ fn three_daemon_striped_read_with_failover() {
             .iter()
             .all(|kind| *kind == Some(TransportKind::Rdma))
     );
+
+    // Daemon 2 fences the file's layout version 1 off: the read fails, naming it, without
+    // failing over; version 2 reads every byte.
+    layout.layout = LayoutRef {
+        file: 11,
+        version: 1,
+    };
+    cluster.lock().unwrap().fences(2).unwrap().raise(11, 2);
+    let error = reader.read(&layout, &mut buffer).unwrap_err();
+    assert!(
+        matches!(&error, StripedError::StaleLayout { addr, file: 11, version: 1, .. }
+            if *addr == endpoints[2].addr.to_string()),
+        "{error}"
+    );
+    layout.layout.version = 2;
+    buffer.fill(0);
+    let report = reader.read(&layout, &mut buffer).unwrap();
+    assert!(
+        buffer[..] == data[..],
+        "striped RDMA read differs after the refresh"
+    );
+    assert_eq!(report.failovers, 0);
 
     // Again, stopping daemon 1 as soon as the first chunk lands.
     buffer.fill(0);

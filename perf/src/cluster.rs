@@ -2,10 +2,12 @@
 //! loopback. What `tier0 bench net` measures, and what the striped-read tests run against.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tier0_client::{DaemonConnection, DaemonEndpoint, StripedChunk, StripedFile};
 use tier0_dataplane::daemon::{DataDaemon, DataDaemonConfig, DriveConfig, RdmaMode};
+use tier0_dataplane::fence::FenceTable;
 use tier0_dataplane::store::{ChunkId, StoreConfig};
 use tier0_dataplane::worker::PollMode;
 use tier0_topology::WorkerPlan;
@@ -140,6 +142,12 @@ impl LocalCluster {
 
     pub fn addr(&self, index: usize) -> std::net::SocketAddr {
         self.addrs[index]
+    }
+
+    /// The layout fences of daemon `index` (raise one to make it refuse older layouts of a
+    /// file); `None` once the daemon was stopped.
+    pub fn fences(&self, index: usize) -> Option<&Arc<FenceTable>> {
+        self.daemons[index].as_ref().map(DataDaemon::fences)
     }
 
     /// The store file of daemon `index` (for tests that damage it).

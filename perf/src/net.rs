@@ -16,7 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tier0_client::{RdmaClient, ReadBuffer, ReadInto, StripedFile, StripedReader, TransportChoice};
+use tier0_client::{
+    LayoutRef, RdmaClient, ReadBuffer, ReadInto, StripedFile, StripedReader, TransportChoice,
+};
 use tier0_dataplane::daemon::RdmaMode;
 use tier0_dataplane::net::rdma::{RdmaDevice, device_names};
 use tier0_dataplane::worker::PollMode;
@@ -347,6 +349,7 @@ fn small_reads(
                 chunk: chunk.chunk,
                 offset,
                 dest: &mut buffer[..len],
+                layout: LayoutRef::default(),
             }])
             .pop()
             .expect("one result");

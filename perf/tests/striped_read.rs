@@ -1,15 +1,16 @@
 //! Striped reads over TCP against a local cluster of real daemons (real sockets, real
 //! io_uring stores): spread over replicas, nearest replica first, failover when a daemon
-//! stops mid-read or lacks a chunk, and a clear error when no replica is left. The same over
-//! RDMA is in hwtests/tests/verbs.rs (it needs soft-RoCE).
+//! stops mid-read or lacks a chunk, a clear error when no replica is left, and no failover but
+//! a "reopen" error when a daemon refuses the layout as stale. The same over RDMA is in
+//! hwtests/tests/verbs.rs (it needs soft-RoCE).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tier0_client::{
-    ClientError, DaemonConnection, DaemonEndpoint, ReadBuffer, StripedError, StripedReader,
-    TransportChoice, TransportKind,
+    ClientError, DaemonConnection, DaemonEndpoint, LayoutRef, ReadBuffer, StripedError,
+    StripedReader, TransportChoice, TransportKind,
 };
 use tier0_perf::cluster::{ClusterConfig, LocalCluster, pattern};
 
@@ -287,4 +288,94 @@ fn forcing_rdma_without_a_device_is_a_clear_error() {
         let error = tier0_client::RdmaClient::open(None).unwrap_err();
         assert!(error.to_string().contains("no RDMA device"), "{error}");
     }
+}
+
+/// The layout of a restored file (0x80) that reads file 8's chunks: daemons fence by the
+/// layout's file. Once one daemon has a newer fence, a read at the old version fails at once,
+/// naming that daemon and the file, with no failover (the other replicas have not heard yet
+/// and would have served it); the reader keeps its connection, and the refreshed version
+/// reads every byte. Version 0 is never fenced.
+#[test]
+fn a_stale_layout_fails_the_read_without_failover_and_the_refreshed_one_reads() {
+    let cluster = cluster(3);
+    let data = pattern(12 * CHUNK as usize + 123, 8);
+    let mut layout = cluster.write_striped(8, &data, 2).unwrap();
+    layout.layout = LayoutRef {
+        file: 0x80,
+        version: 3,
+    };
+    let mut reader = reader(&cluster, cluster.endpoints());
+    let mut buffer = ReadBuffer::new(data.len()).unwrap();
+    let report = reader.read(&layout, &mut buffer).unwrap();
+    assert!(buffer[..] == data[..]);
+    assert!(report.per_daemon[1] > 0, "{report:?}");
+
+    // The file's layout moves on to version 4; daemon 1 hears of it first.
+    cluster.fences(1).unwrap().raise(0x80, 4);
+    buffer.fill(0);
+    let error = reader.read(&layout, &mut buffer).unwrap_err();
+    match &error {
+        StripedError::StaleLayout {
+            index,
+            chunk,
+            addr,
+            file,
+            version,
+            message,
+        } => {
+            assert_eq!(*addr, cluster.addr(1).to_string());
+            assert_eq!((*file, *version), (0x80, 3));
+            assert_eq!(*chunk, layout.chunks[*index].chunk);
+            assert_eq!(chunk.file, 8);
+            assert!(layout.chunks[*index].replicas.contains(&1));
+            assert!(
+                message.contains("node-1: file 80: layout version 3 is stale (now 4)"),
+                "{message}"
+            );
+        }
+        other => panic!("expected StaleLayout, got {other}"),
+    }
+    assert!(error.to_string().contains("reopen the file"), "{error}");
+    // A refusal is the daemon's answer: its connection is kept.
+    assert_eq!(reader.transports()[1], Some(TransportKind::Tcp));
+
+    // Reopened at version 4: every byte right, from every daemon, daemon 1 included.
+    layout.layout.version = 4;
+    buffer.fill(0);
+    let report = reader.read(&layout, &mut buffer).unwrap();
+    assert!(buffer[..] == data[..], "bytes differ after the refresh");
+    assert_eq!((report.failovers, report.rounds), (0, 1), "{report:?}");
+    assert!(
+        report.per_daemon.iter().all(|&bytes| bytes > 0),
+        "{report:?}"
+    );
+
+    // Fences on the chunks' own file id, or on file 0, touch neither this layout nor reads
+    // not made through a layout (version 0).
+    for daemon in 0..3 {
+        cluster
+            .fences(daemon)
+            .unwrap()
+            .raise_all([(8, u64::MAX), (0, u64::MAX)]);
+    }
+    buffer.fill(0);
+    reader.read(&layout, &mut buffer).unwrap();
+    assert!(buffer[..] == data[..]);
+    layout.layout = LayoutRef::default();
+    buffer.fill(0);
+    let report = reader.read(&layout, &mut buffer).unwrap();
+    assert!(buffer[..] == data[..]);
+    assert_eq!(report.failovers, 0, "{report:?}");
+    let mut connection = DaemonConnection::connect(
+        cluster.addr(0),
+        cluster.token(),
+        "test",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut dest = vec![0u8; 100];
+    connection
+        .read_into(layout.chunks[0].chunk, 0, &mut dest)
+        .unwrap();
+    assert_eq!(dest[..], data[..100]);
 }

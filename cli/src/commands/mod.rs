@@ -1,5 +1,9 @@
+pub mod admin;
 pub mod bench;
+pub mod control;
+pub mod namespace;
 pub mod serve;
+pub mod snapshot;
 pub mod topology;
 
 /// Parses a human size (`1GiB`, `512MiB`, `4096`) for a command-line option.

@@ -6,6 +6,12 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use super::parse_bytes;
+use std::sync::Arc;
+
+use tier0_control::model::LayoutSettings;
+use tier0_control::server::{ControlConfig, ControlServer, StoreChoice};
+use tier0_control_api::agent::{Agent, AgentConfig};
+use tier0_control_api::proto;
 use tier0_dataplane::daemon::{DataDaemon, DataDaemonConfig, DriveConfig, RdmaMode};
 use tier0_dataplane::store::StoreConfig;
 use tier0_dataplane::worker::PollMode;
@@ -16,6 +22,66 @@ pub enum ServeCommand {
     /// The data daemon of this node: serves chunk reads and writes from its drives over TCP,
     /// and reads over RDMA where there is an HCA, until SIGINT or SIGTERM.
     Data(DataArgs),
+    /// The control plane: namespace, layouts, snapshots and membership over gRPC, with its
+    /// metadata in an embedded store (default) or etcd, until SIGINT or SIGTERM.
+    Control(ControlServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ControlServeArgs {
+    /// Address to listen on (port 0 picks one; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:7300")]
+    listen: SocketAddr,
+    /// Directory for the embedded metadata store (`metadata.redb`); made if missing.
+    #[arg(long, value_name = "DIR", required_unless_present = "meta")]
+    data_dir: Option<PathBuf>,
+    /// Keep metadata in etcd instead: `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`. Several
+    /// control planes may share it; one leads.
+    #[arg(long, value_name = "URL")]
+    meta: Option<String>,
+    /// File holding the cluster token (else the TIER0_TOKEN environment variable).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// This control plane's name in elections and health (default: control-ADDR).
+    #[arg(long)]
+    id: Option<String>,
+    /// How long a data node's heartbeat keeps it up.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    node_lease: std::time::Duration,
+    /// How long the leader's lease lasts unrenewed (etcd): how soon another takes over.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    leader_ttl: std::time::Duration,
+    /// How often the leader re-replicates chunks off down or draining nodes and collects
+    /// garbage on the data daemons.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    upkeep_interval: std::time::Duration,
+    /// Default chunk size of the namespace's root (set once, when the store is new).
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    chunk_size: u64,
+    /// Default replicas per chunk of the namespace's root (set once, when the store is new).
+    #[arg(long, default_value_t = 2)]
+    replication: u32,
+}
+
+/// `500ms`, `10s`, `2m`.
+pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|at| text.split_at(at))
+        .unwrap_or((text, "s"));
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number and a unit (500ms, 10s, 2m)"))?;
+    let millis = match unit {
+        "ms" => value,
+        "s" => value * 1000,
+        "m" => value * 60_000,
+        _ => return Err(format!("{text:?}: unit must be ms, s or m")),
+    };
+    if millis == 0 {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    Ok(std::time::Duration::from_millis(millis))
 }
 
 #[derive(Debug, Args)]
@@ -61,32 +127,80 @@ pub struct DataArgs {
     /// none), `off`, or a device name for every worker.
     #[arg(long, default_value = "auto")]
     rdma: RdmaMode,
+    /// Register with this control plane and heartbeat to it (fences on stale layouts come
+    /// back with each heartbeat). Without it the daemon serves alone.
+    #[arg(long, env = "TIER0_CONTROL", value_name = "URL")]
+    control: Option<String>,
+    /// The address other hosts reach this daemon at (default: --listen, which must then
+    /// not be a wildcard address).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// Replicas of a chunk go to distinct failure domains (a rack, a power feed).
+    #[arg(long, default_value = "")]
+    failure_domain: String,
+    /// Heartbeat period (default: a third of the lease the control plane grants).
+    #[arg(long, value_parser = parse_duration)]
+    heartbeat: Option<std::time::Duration>,
 }
 
 pub fn run(command: ServeCommand) -> anyhow::Result<()> {
     match command {
         ServeCommand::Data(args) => data(args),
+        ServeCommand::Control(args) => control(args),
     }
 }
 
-fn token(args: &DataArgs) -> anyhow::Result<Vec<u8>> {
-    let token = match &args.token_file {
-        Some(path) => std::fs::read(path)
-            .with_context(|| format!("reading the token file {}", path.display()))?,
-        None => match std::env::var_os("TIER0_TOKEN") {
-            Some(token) => token.into_encoded_bytes(),
-            None => bail!("no cluster token: pass --token-file or set TIER0_TOKEN"),
-        },
+fn control(args: ControlServeArgs) -> anyhow::Result<()> {
+    let token = super::control::read_token(args.token_file.as_ref())?;
+    let store = match (&args.meta, &args.data_dir) {
+        (Some(url), _) => StoreChoice::parse_etcd(url)?,
+        (None, Some(dir)) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("making the data directory {}", dir.display()))?;
+            StoreChoice::Redb(dir.join("metadata.redb"))
+        }
+        (None, None) => bail!("pass --data-dir DIR (embedded store) or --meta etcd://…"),
     };
-    let token = token.trim_ascii().to_vec();
-    if token.is_empty() {
-        bail!("the cluster token is empty");
-    }
-    Ok(token)
+    let chunk_size = u32::try_from(args.chunk_size)
+        .with_context(|| format!("--chunk-size {} is too large", args.chunk_size))?;
+    let mut config = ControlConfig::new(args.listen, token, store);
+    config.control_id = args.id.clone().unwrap_or_default();
+    config.node_lease = args.node_lease;
+    config.leader_ttl = args.leader_ttl;
+    config.upkeep_interval = args.upkeep_interval;
+    config.defaults = LayoutSettings {
+        chunk_size,
+        replication: args.replication,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let server = ControlServer::start(config).await?;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(
+            stdout,
+            "tier0: control plane listening on {}",
+            server.local_addr()
+        )?;
+        stdout.flush()?;
+        drop(stdout);
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("watching SIGTERM")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("stopping");
+        server.shutdown().await;
+        Ok(())
+    })
 }
 
 fn data(args: DataArgs) -> anyhow::Result<()> {
-    let token = token(&args)?;
+    let token = super::control::read_token(args.token_file.as_ref())?;
     let chunk_size = u32::try_from(args.chunk_size)
         .ok()
         .filter(|size| *size >= 4096 && size % 4096 == 0)
@@ -139,6 +253,10 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
         rdma: args.rdma.clone(),
     };
     let daemon = DataDaemon::start(&config, &plan)?;
+    let agent = match &args.control {
+        Some(control) => Some(spawn_agent(&args, control, &config, &daemon, &machine)?),
+        None => None,
+    };
     let mut stdout = std::io::stdout().lock();
     writeln!(
         stdout,
@@ -149,8 +267,70 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
     drop(stdout);
     let signal = wait_for(&signals)?;
     tracing::info!(signal, "stopping");
+    if let Some(agent) = agent {
+        agent.stop();
+    }
     daemon.shutdown();
     Ok(())
+}
+
+/// Registers the daemon with the control plane and keeps it heartbeating, raising the
+/// daemon's fences with what each heartbeat brings.
+fn spawn_agent(
+    args: &DataArgs,
+    control: &str,
+    config: &DataDaemonConfig,
+    daemon: &DataDaemon,
+    machine: &tier0_topology::Machine,
+) -> anyhow::Result<Agent> {
+    let address = match &args.advertise {
+        Some(address) => address.clone(),
+        None if daemon.local_addr().ip().is_unspecified() => bail!(
+            "--listen {} is a wildcard address: pass --advertise HOST:PORT for the control plane",
+            args.listen
+        ),
+        None => daemon.local_addr().to_string(),
+    };
+    let stores = daemon.stores().to_vec();
+    let capacity: u64 = stores
+        .iter()
+        .map(|store| store.superblock().slot_count * u64::from(store.chunk_size()))
+        .sum();
+    let fences = Arc::clone(daemon.fences());
+    let topology = proto::TopologySummary {
+        numa_nodes: machine.numa_nodes.len() as u32,
+        cores: machine
+            .numa_nodes
+            .iter()
+            .map(|n| n.cores.len() as u32)
+            .sum(),
+        gpus: machine.gpus.len() as u32,
+        rdma_devices: machine
+            .rdma_devices
+            .iter()
+            .map(|d| d.name.clone())
+            .collect(),
+        drives: stores.len() as u32,
+        capacity_bytes: capacity,
+        free_bytes: 0,
+        failure_domain: args.failure_domain.clone(),
+    };
+    Agent::spawn(AgentConfig {
+        control: control.to_owned(),
+        token: config.token.clone(),
+        node_id: config.node.clone(),
+        address,
+        topology,
+        interval: args.heartbeat,
+        fences: Box::new(move |pairs| fences.raise_all(pairs.iter().copied())),
+        free_bytes: Box::new(move || {
+            stores
+                .iter()
+                .map(|store| store.free_slots() * u64::from(store.chunk_size()))
+                .sum()
+        }),
+    })
+    .context("starting the membership agent")
 }
 
 fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {

@@ -21,6 +21,7 @@ use crate::model::LayoutSettings;
 use crate::namespace::Namespace;
 use crate::proto;
 use crate::store::{EtcdStore, Leadership, MetadataStore, RedbStore, StoreError};
+use crate::upkeep::{Upkeep, UpkeepReport};
 
 /// The election every control plane of a cluster campaigns in.
 pub const LEADER_ELECTION: &str = "control-leader";
@@ -96,6 +97,8 @@ pub struct ControlConfig {
     pub leader_ttl: Duration,
     /// How long a placed chunk waits for its writer's commit before it is garbage.
     pub pending_ttl: Duration,
+    /// How often the leader re-replicates and collects garbage.
+    pub upkeep_interval: Duration,
     pub defaults: LayoutSettings,
 }
 
@@ -109,6 +112,7 @@ impl ControlConfig {
             node_lease: Duration::from_secs(10),
             leader_ttl: Duration::from_secs(5),
             pending_ttl: Duration::from_secs(3600),
+            upkeep_interval: Duration::from_secs(10),
             defaults: LayoutSettings::default(),
         }
     }
@@ -119,6 +123,10 @@ impl ControlConfig {
 pub(crate) struct ControlState {
     pub namespace: Namespace,
     pub membership: Membership,
+    pub upkeep: Upkeep,
+    /// Serialises upkeep passes (the leader's timer and `RunUpkeep` calls).
+    pub upkeep_lock: tokio::sync::Mutex<()>,
+    pub upkeep_interval: Duration,
     pub control_id: String,
     pub leadership: Leadership,
 }
@@ -207,6 +215,9 @@ impl ControlServer {
         let state = Arc::new(ControlState {
             namespace,
             membership: Membership::new(Arc::clone(&store), config.node_lease),
+            upkeep: Upkeep::new(Arc::clone(&store), config.token.clone()),
+            upkeep_lock: tokio::sync::Mutex::new(()),
+            upkeep_interval: config.upkeep_interval,
             control_id,
             leadership,
         });
@@ -287,10 +298,12 @@ impl Drop for ControlServer {
     }
 }
 
-/// While this control plane leads: expire node leases, every half lease.
+/// While this control plane leads: expire node leases every half lease, and run upkeep
+/// every upkeep interval.
 async fn leader_loop(state: Arc<ControlState>) {
     let period = (state.membership.lease() / 2).max(Duration::from_millis(50));
     let mut leadership = state.leadership.clone();
+    let mut last_upkeep = tokio::time::Instant::now();
     loop {
         if !*leadership.borrow_and_update() {
             if leadership.changed().await.is_err() {
@@ -301,9 +314,38 @@ async fn leader_loop(state: Arc<ControlState>) {
         if let Err(error) = state.membership.expire_leases().await {
             tracing::warn!(%error, "leader: lease expiry failed");
         }
+        if last_upkeep.elapsed() >= state.upkeep_interval {
+            last_upkeep = tokio::time::Instant::now();
+            match run_upkeep(&state).await {
+                Ok(report) => {
+                    for problem in &report.problems {
+                        tracing::warn!(%problem, "upkeep");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "leader: upkeep failed"),
+            }
+        }
         tokio::select! {
-            _ = tokio::time::sleep(period) => {}
+            _ = tokio::time::sleep(period.min(state.upkeep_interval)) => {}
             changed = leadership.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// One upkeep pass, if this control plane leads.
+pub(crate) async fn run_upkeep(state: &ControlState) -> Result<UpkeepReport, ControlError> {
+    let _pass = state.upkeep_lock.lock().await;
+    if !*state.leadership.borrow() {
+        let leader = state
+            .namespace
+            .store()
+            .leader(LEADER_ELECTION)
+            .await?
+            .unwrap_or_else(|| "no control plane".to_owned());
+        return Err(ControlError::FailedPrecondition(format!(
+            "{} does not lead ({leader} does): upkeep runs on the leader",
+            state.control_id
+        )));
+    }
+    state.upkeep.run().await
 }

@@ -324,12 +324,21 @@ impl proto::cluster_server::Cluster for Services {
         let reply = self
             .state
             .membership
-            .heartbeat(&request.node_id, free)
+            .heartbeat(&request.node_id, free, request.fence_revision)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::HeartbeatReply {
             state: convert::node_state(reply.state) as i32,
             lease_ms: reply.lease.as_millis() as u64,
+            fences: reply
+                .fences
+                .iter()
+                .map(|&(file_id, layout_version)| proto::Fence {
+                    file_id,
+                    layout_version,
+                })
+                .collect(),
+            fence_revision: reply.fence_revision,
         }))
     }
 
@@ -491,6 +500,21 @@ impl proto::admin_server::Admin for Services {
         let nodes = self.state.membership.nodes().await.map_err(status)?;
         Ok(Response::new(proto::NodesReply {
             nodes: nodes.iter().map(convert::node).collect(),
+        }))
+    }
+
+    async fn run_upkeep(
+        &self,
+        _request: Request<proto::UpkeepRequest>,
+    ) -> Reply<proto::UpkeepReply> {
+        let report = super::run_upkeep(&self.state).await.map_err(status)?;
+        Ok(Response::new(proto::UpkeepReply {
+            replicas_copied: report.replicas_copied,
+            nodes_drained: report.nodes_drained,
+            versions_collected: report.versions_collected,
+            chunks_collected: report.chunks_collected,
+            replicas_deleted: report.replicas_deleted,
+            problems: report.problems,
         }))
     }
 

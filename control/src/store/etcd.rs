@@ -482,9 +482,11 @@ impl MetadataStore for EtcdStore {
 
     async fn revision(&self) -> Result<u64, StoreError> {
         let mut kv = self.kv();
+        // Any key does: every response's header carries the store's revision. Counting one
+        // that is never written keeps it cheap (and non-empty, as etcd wants, for any prefix).
         let options = GetOptions::new().with_count_only();
         let response = self
-            .call("revision", kv.get(self.prefix.clone(), Some(options)))
+            .call("revision", kv.get(self.full("\0"), Some(options)))
             .await?;
         self.header_revision(response.header())
     }

@@ -24,6 +24,7 @@ use super::wire::{
     self, ErrorReply, HEADER_SIZE, Header, Hello, MAX_BODY, Message, Opcode, ReadDone, Welcome,
 };
 use crate::buffer::BufferLease;
+use crate::fence::FenceTable;
 use crate::store::{ChunkId, ChunkStore};
 use crate::worker::{Completion, Op, Output, ReadCheck, RequestSource, SourceFactory};
 
@@ -60,11 +61,13 @@ struct Inbox {
 impl TcpServer {
     /// Binds the listener and builds one source per worker (two where the worker has RDMA);
     /// give the factory to the worker pool (`WorkerPoolConfig::sources`). `stores` are the
-    /// pool's drives, in its order. With `rdma`, a client that asks for RDMA in its `Hello`
-    /// gets a queue pair on the worker its connection is dealt to.
+    /// pool's drives, in its order; every read is checked against `fences` before it goes
+    /// to a drive (a stale one is answered `ESTALE`). With `rdma`, a client that asks for
+    /// RDMA in its `Hello` gets a queue pair on the worker its connection is dealt to.
     pub fn bind(
         config: TcpServerConfig,
         stores: Vec<Arc<ChunkStore>>,
+        fences: Arc<FenceTable>,
         workers: usize,
         rdma: Option<RdmaService>,
     ) -> io::Result<(TcpServer, SourceFactory)> {
@@ -82,6 +85,7 @@ impl TcpServer {
                 receiver,
                 notify.clone(),
                 stores.clone(),
+                fences.clone(),
                 &config,
             )?)];
             let mut acceptor = None;
@@ -396,6 +400,7 @@ pub struct TcpSource {
     generations: u64,
     pending: Tags<Pending>,
     stores: Arc<[Arc<ChunkStore>]>,
+    fences: Arc<FenceTable>,
     node: String,
     max_payload: u32,
     events: Vec<libc::epoll_event>,
@@ -415,6 +420,7 @@ impl TcpSource {
         incoming: Receiver<(TcpStream, SocketAddr)>,
         notify: Arc<EventFd>,
         stores: Arc<[Arc<ChunkStore>]>,
+        fences: Arc<FenceTable>,
         config: &TcpServerConfig,
     ) -> io::Result<Self> {
         // SAFETY: epoll_create1 takes a flag and returns a new fd or -1.
@@ -433,6 +439,7 @@ impl TcpSource {
             generations: 0,
             pending: Tags::default(),
             stores,
+            fences,
             node: config.node.clone(),
             max_payload: config.max_payload,
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 64],
@@ -555,7 +562,13 @@ impl TcpSource {
             let payload = &connection.input[parsed + len - header.payload_len as usize..]
                 [..header.payload_len as usize];
             parsed += len;
-            match request(&self.stores, self.max_payload, &message, payload) {
+            match request(
+                &self.stores,
+                &self.fences,
+                self.max_payload,
+                &message,
+                payload,
+            ) {
                 Ok((drive, op)) => {
                     connection.in_flight += 1;
                     let pending = Pending {
@@ -593,15 +606,20 @@ impl TcpSource {
     }
 }
 
-/// What a request frame asks of which drive, or the errno and text of a refusal.
+/// What a request frame asks of which drive, or the errno and text of a refusal. A read at
+/// a fenced-off layout version is refused (`ESTALE`) before anything else is looked at.
 fn request(
     stores: &[Arc<ChunkStore>],
+    fences: &FenceTable,
     max_payload: u32,
     message: &Message,
     payload: &[u8],
 ) -> Result<(usize, Op), (i32, String)> {
     match message {
         Message::Read(read) => {
+            fences
+                .check(read.layout)
+                .map_err(|stale| (libc::ESTALE, stale.to_string()))?;
             if read.len > max_payload {
                 return Err((
                     libc::EINVAL,

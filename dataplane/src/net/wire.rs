@@ -13,7 +13,8 @@ use crate::store::ChunkId;
 use crate::store::format::crc32c;
 
 pub const MAGIC: [u8; 4] = *b"T0NW";
-pub const VERSION: u16 = 1;
+/// 2: `Read` and `RdmaRead` carry the layout they were planned from ([`LayoutRef`]).
+pub const VERSION: u16 = 2;
 pub const HEADER_SIZE: usize = 32;
 /// Largest body: requests and replies are small; only chunk data is large, and it is payload.
 pub const MAX_BODY: u32 = 64 << 10;
@@ -101,12 +102,32 @@ pub struct Welcome {
     pub rdma: Option<RdmaEndpoint>,
 }
 
-/// Read `len` bytes at `offset` of a chunk.
+/// The layout a read was planned from: the file it belongs to and that layout's version.
+///
+/// `file` is the layout's file, which may differ from the chunk's `ChunkId::file` (a
+/// restored file reuses another file's chunks); daemons fence reads by it (`fence`).
+/// `LayoutRef::default()` (version 0) is a read not made through a layout (benchmarks, tools
+/// that address chunks directly): it is never fenced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LayoutRef {
+    pub file: u64,
+    pub version: u64,
+}
+
+impl LayoutRef {
+    /// Whether this read was made through a layout (and so may be fenced).
+    pub fn is_versioned(&self) -> bool {
+        self.version != 0
+    }
+}
+
+/// Read `len` bytes at `offset` of a chunk, through layout `layout`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Read {
     pub chunk: ChunkId,
     pub offset: u64,
     pub len: u32,
+    pub layout: LayoutRef,
 }
 
 /// The bytes of a read follow as payload; `crc` is their CRC32C.
@@ -130,7 +151,7 @@ pub struct Delete {
 }
 
 /// Over RDMA: read `len` bytes at `offset` of a chunk and RDMA-WRITE them to `addr` in the
-/// client's memory region `rkey`. Sent as a SEND on the queue pair.
+/// client's memory region `rkey`, through layout `layout`. Sent as a SEND on the queue pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RdmaRead {
     pub chunk: ChunkId,
@@ -138,6 +159,7 @@ pub struct RdmaRead {
     pub len: u32,
     pub addr: u64,
     pub rkey: u32,
+    pub layout: LayoutRef,
 }
 
 /// Over RDMA: the bytes of a read were written to the client's region (the reliable-connected
@@ -149,7 +171,8 @@ pub struct RdmaReadDone {
 }
 
 /// A request failed: `errno` says how (ENOENT, EEXIST, ENOSPC, EIO, EBADMSG for a checksum,
-/// EPROTO for a malformed frame, EACCES for a bad token), `message` says what and where.
+/// EPROTO for a malformed frame, EACCES for a bad token, ESTALE for a read at a layout version
+/// the daemon has fenced off: the client reopens the file), `message` says what and where.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReply {
     pub errno: i32,

@@ -27,6 +27,7 @@ use super::verbs::{
     self, Completions, DEFAULT_CREDITS, MESSAGE_SLOT, RdmaDevice, RdmaError, WorkCompletion,
 };
 use crate::buffer::BufferLease;
+use crate::fence::FenceTable;
 use crate::net::tags::Tags;
 use crate::net::tcp::{EventFd, locate};
 use crate::net::wire::{
@@ -48,10 +49,12 @@ pub struct RdmaService {
 impl RdmaService {
     /// Opens `devices[worker]` for each worker (the HCA nearest its node, from the worker
     /// plan; `None`: that worker serves TCP only). A device that fails to open is logged and
-    /// its workers serve TCP only.
+    /// its workers serve TCP only. Every read is checked against `fences` before it goes to a
+    /// drive (a stale one is answered `ESTALE`).
     pub fn new(
         devices: &[Option<String>],
         stores: Arc<[Arc<ChunkStore>]>,
+        fences: Arc<FenceTable>,
         node: &str,
         max_payload: u32,
     ) -> RdmaService {
@@ -69,7 +72,14 @@ impl RdmaService {
                 }),
             };
             let built = device.and_then(|device| {
-                RdmaSource::new(device, stores.clone(), node, max_payload, worker)
+                RdmaSource::new(
+                    device,
+                    stores.clone(),
+                    fences.clone(),
+                    node,
+                    max_payload,
+                    worker,
+                )
             });
             match built {
                 Ok(pair) => workers.push(Some(pair)),
@@ -262,6 +272,7 @@ pub struct RdmaSource {
     pending: Tags<Pending>,
     ready: VecDeque<(u64, usize, Op)>,
     stores: Arc<[Arc<ChunkStore>]>,
+    fences: Arc<FenceTable>,
     node: String,
     max_payload: u32,
     wcs: Vec<WorkCompletion>,
@@ -281,6 +292,7 @@ impl RdmaSource {
     fn new(
         device: Arc<RdmaDevice>,
         stores: Arc<[Arc<ChunkStore>]>,
+        fences: Arc<FenceTable>,
         node: &str,
         max_payload: u32,
         worker: usize,
@@ -329,6 +341,7 @@ impl RdmaSource {
             pending: Tags::default(),
             ready: VecDeque::new(),
             stores,
+            fences,
             node: node.to_string(),
             max_payload,
             wcs: Vec::with_capacity(256),
@@ -535,7 +548,7 @@ impl RdmaSource {
                 return;
             }
         };
-        let (op, addr, rkey) = match request(self.max_payload, &message) {
+        let (op, addr, rkey) = match request(&self.fences, self.max_payload, &message) {
             Ok(request) => request,
             Err((errno, text)) => {
                 let text = format!("{}: {text}", self.node);
@@ -568,10 +581,18 @@ impl RdmaSource {
     }
 }
 
-/// What a request frame asks, with the client's destination for a read.
-fn request(max_payload: u32, message: &Message) -> Result<(Op, u64, u32), (i32, String)> {
+/// What a request frame asks, with the client's destination for a read. A read at a
+/// fenced-off layout version is refused (`ESTALE`) before anything else is looked at.
+fn request(
+    fences: &FenceTable,
+    max_payload: u32,
+    message: &Message,
+) -> Result<(Op, u64, u32), (i32, String)> {
     match message {
         Message::RdmaRead(read) => {
+            fences
+                .check(read.layout)
+                .map_err(|stale| (libc::ESTALE, stale.to_string()))?;
             if read.len > max_payload {
                 return Err((
                     libc::EINVAL,

@@ -1,0 +1,298 @@
+//! `tier0 admin health|nodes|layout|drain`: the operator's view of the cluster.
+
+use std::io::Write;
+
+use clap::Subcommand;
+use serde_json::json;
+use tier0_control_api::proto;
+
+use super::control::{ControlArgs, connect, failed, print_json, runtime, timestamp};
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// The control plane's health: store, leadership, nodes; exits 1 when degraded.
+    Health {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// The data nodes, their state and leases.
+    Nodes {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Where each chunk of a file is.
+    Layout {
+        path: String,
+        /// A version still kept (default: the current one).
+        #[arg(long)]
+        version: Option<u64>,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Run the leader's upkeep now: re-replicate chunks off down or draining nodes, then
+    /// collect versions and chunks nothing needs (on the leader only).
+    Upkeep {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Stop placing chunks on a node and move its chunks elsewhere.
+    Drain {
+        node: String,
+        /// Put the node back in service instead.
+        #[arg(long)]
+        cancel: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+fn state_name(state: i32) -> &'static str {
+    match proto::NodeState::try_from(state) {
+        Ok(proto::NodeState::Up) => "up",
+        Ok(proto::NodeState::Down) => "down",
+        Ok(proto::NodeState::Draining) => "draining",
+        Ok(proto::NodeState::Drained) => "drained",
+        _ => "unknown",
+    }
+}
+
+fn node_json(node: &proto::Node) -> serde_json::Value {
+    let topology = node.topology.clone().unwrap_or_default();
+    json!({
+        "id": node.id,
+        "address": node.address,
+        "state": state_name(node.state),
+        "failure_domain": topology.failure_domain,
+        "numa_nodes": topology.numa_nodes,
+        "cores": topology.cores,
+        "gpus": topology.gpus,
+        "rdma_devices": topology.rdma_devices,
+        "drives": topology.drives,
+        "capacity_bytes": topology.capacity_bytes,
+        "free_bytes": topology.free_bytes,
+        "registered_ms": node.registered_ms,
+        "heartbeat_ms": node.heartbeat_ms,
+        "lease_expires_ms": node.lease_expires_ms,
+    })
+}
+
+pub fn layout_json(layout: &proto::Layout) -> serde_json::Value {
+    json!({
+        "path": layout.path,
+        "file_id": layout.file_id,
+        "version": layout.version,
+        "layout_version": layout.layout_version,
+        "size": layout.size,
+        "chunk_size": layout.chunk_size,
+        "replication": layout.replication,
+        "chunks": layout.chunks.iter().map(|chunk| {
+            let id = chunk.id.unwrap_or_default();
+            json!({
+                "index": chunk.index,
+                "id": { "file": id.file, "index": id.index, "generation": id.generation },
+                "length": chunk.length,
+                "replicas": chunk.replicas,
+            })
+        }).collect::<Vec<_>>(),
+        "nodes": layout.nodes.iter().map(|node| json!({
+            "id": node.id, "address": node.address, "state": state_name(node.state),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The layout as text: one line per chunk, then the nodes it names.
+pub fn print_layout(out: &mut impl Write, layout: &proto::Layout) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}  file {:x}  version {}  layout version {}  {} bytes in {} chunks of {} bytes, {} replicas",
+        layout.path,
+        layout.file_id,
+        layout.version,
+        layout.layout_version,
+        layout.size,
+        layout.chunks.len(),
+        layout.chunk_size,
+        layout.replication
+    )?;
+    for chunk in &layout.chunks {
+        let id = chunk.id.unwrap_or_default();
+        writeln!(
+            out,
+            "  chunk {:>6}  {:x}:{}@{}  {:>10} bytes  on {}",
+            chunk.index,
+            id.file,
+            id.index,
+            id.generation,
+            chunk.length,
+            chunk.replicas.join(", ")
+        )?;
+    }
+    for node in &layout.nodes {
+        writeln!(
+            out,
+            "  node {}  {}  {}",
+            node.id,
+            node.address,
+            state_name(node.state)
+        )?;
+    }
+    Ok(())
+}
+
+pub fn run(command: AdminCommand) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        match command {
+            AdminCommand::Health { control } => {
+                let mut client = connect(&control).await?;
+                let health = client
+                    .admin
+                    .health(proto::HealthRequest {})
+                    .await
+                    .map_err(|s| failed("admin health", &client.url, s))?
+                    .into_inner();
+                if control.json {
+                    print_json(&json!({
+                        "status": health.status,
+                        "problems": health.problems,
+                        "store": health.store,
+                        "store_location": health.store_location,
+                        "control_id": health.control_id,
+                        "leader": health.leader,
+                        "leader_id": health.leader_id,
+                        "nodes_up": health.nodes_up,
+                        "nodes_down": health.nodes_down,
+                        "nodes_draining": health.nodes_draining,
+                        "version": health.version,
+                    }))?;
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "status:   {}", health.status)?;
+                    for problem in &health.problems {
+                        writeln!(out, "problem:  {problem}")?;
+                    }
+                    writeln!(
+                        out,
+                        "store:    {} {}",
+                        health.store, health.store_location
+                    )?;
+                    writeln!(
+                        out,
+                        "control:  {} ({}; leader: {})",
+                        health.control_id,
+                        if health.leader { "leads" } else { "follows" },
+                        if health.leader_id.is_empty() { "none" } else { &health.leader_id }
+                    )?;
+                    writeln!(
+                        out,
+                        "nodes:    {} up, {} down, {} draining",
+                        health.nodes_up, health.nodes_down, health.nodes_draining
+                    )?;
+                }
+                if health.status != "ok" {
+                    anyhow::bail!("the control plane is {}: {}", health.status, health.problems.join("; "));
+                }
+                Ok(())
+            }
+            AdminCommand::Nodes { control } => {
+                let mut client = connect(&control).await?;
+                let nodes = client
+                    .admin
+                    .nodes(proto::NodesRequest {})
+                    .await
+                    .map_err(|s| failed("admin nodes", &client.url, s))?
+                    .into_inner()
+                    .nodes;
+                if control.json {
+                    return print_json(&json!(nodes.iter().map(node_json).collect::<Vec<_>>()));
+                }
+                let mut out = std::io::stdout().lock();
+                for node in &nodes {
+                    let topology = node.topology.clone().unwrap_or_default();
+                    writeln!(
+                        out,
+                        "{:<20} {:<22} {:<9} {:>16} free  heartbeat {}",
+                        node.id,
+                        node.address,
+                        state_name(node.state),
+                        topology.free_bytes,
+                        timestamp(node.heartbeat_ms)
+                    )?;
+                }
+                Ok(())
+            }
+            AdminCommand::Layout {
+                path,
+                version,
+                control,
+            } => {
+                let mut client = connect(&control).await?;
+                let layout = client
+                    .admin
+                    .layout(proto::LayoutRequest {
+                        path: path.clone(),
+                        version: version.unwrap_or(0),
+                    })
+                    .await
+                    .map_err(|s| failed(&format!("admin layout {path}"), &client.url, s))?
+                    .into_inner();
+                if control.json {
+                    return print_json(&layout_json(&layout));
+                }
+                print_layout(&mut std::io::stdout().lock(), &layout)?;
+                Ok(())
+            }
+            AdminCommand::Upkeep { control } => {
+                let mut client = connect(&control).await?;
+                let report = client
+                    .admin
+                    .run_upkeep(proto::UpkeepRequest {})
+                    .await
+                    .map_err(|s| failed("admin upkeep", &client.url, s))?
+                    .into_inner();
+                if control.json {
+                    return print_json(&json!({
+                        "replicas_copied": report.replicas_copied,
+                        "nodes_drained": report.nodes_drained,
+                        "versions_collected": report.versions_collected,
+                        "chunks_collected": report.chunks_collected,
+                        "replicas_deleted": report.replicas_deleted,
+                        "problems": report.problems,
+                    }));
+                }
+                println!(
+                    "copied {} replicas, drained {} nodes, collected {} versions and {} chunks ({} replicas deleted)",
+                    report.replicas_copied,
+                    report.nodes_drained,
+                    report.versions_collected,
+                    report.chunks_collected,
+                    report.replicas_deleted
+                );
+                for problem in &report.problems {
+                    println!("problem: {problem}");
+                }
+                Ok(())
+            }
+            AdminCommand::Drain {
+                node,
+                cancel,
+                control,
+            } => {
+                let mut client = connect(&control).await?;
+                let record = client
+                    .cluster
+                    .drain(proto::DrainRequest {
+                        node_id: node.clone(),
+                        cancel,
+                    })
+                    .await
+                    .map_err(|s| failed(&format!("admin drain {node}"), &client.url, s))?
+                    .into_inner();
+                if control.json {
+                    return print_json(&node_json(&record));
+                }
+                println!("node {}: {}", record.id, state_name(record.state));
+                Ok(())
+            }
+        }
+    })
+}

@@ -1,0 +1,492 @@
+//! The control plane with real data daemons on loopback: daemons register and heartbeat
+//! through their agents, files are written to the daemons and committed, read striped with
+//! their layouts; a stale layout is refused by the daemons and answered by reopening;
+//! garbage is collected on the daemons only once no version or snapshot needs it; a dead
+//! node's and a drained node's chunks are re-replicated to restore the replication factor.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tier0_client::striped::{DaemonEndpoint, StripedChunk, StripedFile, StripedReader};
+use tier0_client::{DaemonConnection, ReadBuffer, StripedError, TransportChoice};
+use tier0_control::server::{ControlConfig, ControlServer, StoreChoice};
+use tier0_control_api::agent::{Agent, AgentConfig};
+use tier0_control_api::client::ControlClient;
+use tier0_control_api::proto;
+use tier0_dataplane::net::wire::LayoutRef;
+use tier0_dataplane::store::ChunkId;
+use tier0_perf::cluster::{ClusterConfig, LocalCluster, pattern};
+
+const CHUNK: u32 = 64 << 10;
+const NODES: usize = 4;
+
+struct Cluster {
+    daemons: LocalCluster,
+    agents: Vec<Option<Agent>>,
+    control: ControlServer,
+    client: ControlClient,
+    _dir: tempfile::TempDir,
+}
+
+fn node_id(index: usize) -> String {
+    format!("d{index}")
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let daemons = tokio::task::spawn_blocking(|| {
+            LocalCluster::start(&ClusterConfig::for_tests(NODES, CHUNK))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let token = daemons.token().to_vec();
+        let mut config = ControlConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            token.clone(),
+            StoreChoice::Redb(dir.path().join("metadata.redb")),
+        );
+        config.node_lease = Duration::from_millis(800);
+        // Upkeep runs when the test asks (RunUpkeep), so each step is observable.
+        config.upkeep_interval = Duration::from_secs(3600);
+        config.defaults.chunk_size = CHUNK;
+        let control = ControlServer::start(config).await.unwrap();
+        let url = format!("http://{}", control.local_addr());
+        let mut agents = Vec::new();
+        for index in 0..NODES {
+            let fences = Arc::clone(daemons.fences(index).unwrap());
+            agents.push(Some(
+                Agent::spawn(AgentConfig {
+                    control: url.clone(),
+                    token: token.clone(),
+                    node_id: node_id(index),
+                    address: daemons.addr(index).to_string(),
+                    topology: proto::TopologySummary::default(),
+                    interval: Some(Duration::from_millis(100)),
+                    fences: Box::new(move |pairs| fences.raise_all(pairs.iter().copied())),
+                    free_bytes: Box::new(|| 0),
+                })
+                .unwrap(),
+            ));
+        }
+        let client = ControlClient::connect(&url, &token).await.unwrap();
+        let cluster = Cluster {
+            daemons,
+            agents,
+            control,
+            client,
+            _dir: dir,
+        };
+        cluster
+            .wait_for(|nodes| nodes.iter().filter(|n| n.1 == "up").count() == NODES)
+            .await;
+        cluster
+    }
+
+    async fn nodes(&self) -> Vec<(String, &'static str)> {
+        let mut admin = self.client.admin.clone();
+        admin
+            .nodes(proto::NodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+            .into_iter()
+            .map(|n| {
+                let state = match proto::NodeState::try_from(n.state) {
+                    Ok(proto::NodeState::Up) => "up",
+                    Ok(proto::NodeState::Down) => "down",
+                    Ok(proto::NodeState::Draining) => "draining",
+                    Ok(proto::NodeState::Drained) => "drained",
+                    _ => "?",
+                };
+                (n.id, state)
+            })
+            .collect()
+    }
+
+    async fn wait_for(&self, done: impl Fn(&[(String, &'static str)]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let nodes = self.nodes().await;
+            if done(&nodes) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes never got there: {nodes:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn daemon_index(&self, node: &str) -> usize {
+        node.strip_prefix('d').unwrap().parse().unwrap()
+    }
+
+    /// Writes `data` as a new version of `path`: places chunks, writes each to all its
+    /// replicas over TCP, commits.
+    async fn write(&mut self, path: &str, data: &[u8]) -> proto::Layout {
+        let entry = self
+            .client
+            .namespace
+            .create(proto::CreateRequest {
+                path: path.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entry
+            .unwrap();
+        let count = data.len().div_ceil(CHUNK as usize) as u32;
+        let placed = self
+            .client
+            .namespace
+            .place_chunks(proto::PlaceChunksRequest {
+                path: path.to_owned(),
+                file_id: entry.id,
+                first_index: 0,
+                count,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let token = self.daemons.token().to_vec();
+        let mut commits = Vec::new();
+        for chunk in &placed.chunks {
+            let start = chunk.index as usize * CHUNK as usize;
+            let bytes = data[start..(start + CHUNK as usize).min(data.len())].to_vec();
+            let id = chunk_id(chunk.id.unwrap());
+            for replica in &chunk.replicas {
+                let addr = self.daemons.addr(self.daemon_index(replica));
+                let token = token.clone();
+                let bytes = bytes.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut daemon = DaemonConnection::connect(
+                        addr,
+                        &token,
+                        "test-writer",
+                        Duration::from_secs(5),
+                    )
+                    .unwrap();
+                    daemon.write(id, &bytes).unwrap();
+                })
+                .await
+                .unwrap();
+            }
+            commits.push(proto::CommitChunk {
+                index: chunk.index,
+                id: chunk.id,
+                length: bytes.len() as u32,
+            });
+        }
+        self.client
+            .namespace
+            .commit(proto::CommitRequest {
+                path: path.to_owned(),
+                file_id: entry.id,
+                base_version: entry.version,
+                size: data.len() as u64,
+                chunks: commits,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn open(&mut self, path: &str) -> proto::Layout {
+        self.client
+            .namespace
+            .open(proto::OpenRequest {
+                path: path.to_owned(),
+                version: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Reads a file striped over the daemons with `layout`.
+    async fn read(&self, layout: &proto::Layout) -> Result<Vec<u8>, StripedError> {
+        let endpoints: Vec<DaemonEndpoint> = self.daemons.endpoints();
+        let file = StripedFile {
+            chunks: layout
+                .chunks
+                .iter()
+                .map(|chunk| StripedChunk {
+                    chunk: chunk_id(chunk.id.unwrap()),
+                    file_offset: u64::from(chunk.index) * u64::from(layout.chunk_size),
+                    len: chunk.length,
+                    replicas: chunk
+                        .replicas
+                        .iter()
+                        .map(|r| self.daemon_index(r))
+                        .collect(),
+                })
+                .collect(),
+            layout: LayoutRef {
+                file: layout.file_id,
+                version: layout.layout_version,
+            },
+        };
+        let token = self.daemons.token().to_vec();
+        let size = layout.size as usize;
+        tokio::task::spawn_blocking(move || {
+            let mut reader =
+                StripedReader::new(endpoints, &token, "test-reader", TransportChoice::Tcp, None)
+                    .with_timeout(Duration::from_secs(5));
+            let mut buffer = ReadBuffer::new(size.max(1)).unwrap();
+            reader.read(&file, &mut buffer)?;
+            Ok(buffer[..size].to_vec())
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Whether daemon `index` still holds `chunk`.
+    async fn holds(&self, index: usize, chunk: ChunkId) -> bool {
+        let addr = self.daemons.addr(index);
+        let token = self.daemons.token().to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut daemon =
+                DaemonConnection::connect(addr, &token, "test-probe", Duration::from_secs(5))
+                    .unwrap();
+            let mut byte = [0u8; 1];
+            match daemon.read_into(chunk, 0, &mut byte) {
+                Ok(()) => true,
+                Err(error) if error.errno() == libc::ENOENT => false,
+                Err(error) => panic!("probing {chunk} on {addr}: {error}"),
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn upkeep(&mut self) -> proto::UpkeepReply {
+        self.client
+            .admin
+            .run_upkeep(proto::UpkeepRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+fn chunk_id(id: proto::ChunkId) -> ChunkId {
+    ChunkId {
+        file: id.file,
+        index: id.index,
+        generation: id.generation,
+    }
+}
+
+/// Reads with `layout` until the daemons refuse it as stale (they learn the fence from
+/// their next heartbeat).
+async fn until_stale(cluster: &Cluster, layout: &proto::Layout) -> StripedError {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cluster.read(layout).await {
+            Err(error @ StripedError::StaleLayout { .. }) => return error,
+            Ok(_) => {}
+            Err(other) => panic!("expected a stale layout, got {other}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old layout was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_layouts_are_refused_and_garbage_waits_for_snapshots() {
+    let mut cluster = Cluster::start().await;
+    let v1_data = pattern(3 * CHUNK as usize + 100, 1);
+    let v1 = cluster.write("/train.bin", &v1_data).await;
+    assert_eq!(cluster.read(&v1).await.unwrap(), v1_data);
+
+    cluster
+        .client
+        .snapshots
+        .create(proto::CreateSnapshotRequest {
+            name: "v1".to_owned(),
+            path: "/".to_owned(),
+        })
+        .await
+        .unwrap();
+    let v2_data = pattern(2 * CHUNK as usize, 2);
+    let v2 = cluster.write("/train.bin", &v2_data).await;
+    // The daemons learn the new layout version from their heartbeats and refuse the old.
+    let stale = until_stale(&cluster, &v1).await;
+    assert!(stale.to_string().contains("reopen"), "{stale}");
+    // The client answers by reopening.
+    let reopened = cluster.open("/train.bin").await;
+    assert_eq!(reopened, v2);
+    assert_eq!(cluster.read(&reopened).await.unwrap(), v2_data);
+
+    // The snapshot pins v1: nothing is collected.
+    let report = cluster.upkeep().await;
+    assert_eq!(
+        (report.versions_collected, report.chunks_collected),
+        (0, 0),
+        "{report:?}"
+    );
+    let v1_chunk = chunk_id(v1.chunks[0].id.unwrap());
+    let holder = cluster.daemon_index(&v1.chunks[0].replicas[0]);
+    assert!(cluster.holds(holder, v1_chunk).await);
+    let pinned = cluster
+        .client
+        .namespace
+        .open(proto::OpenRequest {
+            path: "/train.bin".to_owned(),
+            version: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        cluster.read(&pinned).await.unwrap(),
+        v1_data,
+        "a pinned version reads back"
+    );
+
+    // Unpinned, v1 and its 4 chunks go, on every replica; v2 stays whole.
+    cluster
+        .client
+        .snapshots
+        .delete(proto::DeleteSnapshotRequest {
+            name: "v1".to_owned(),
+        })
+        .await
+        .unwrap();
+    let report = cluster.upkeep().await;
+    assert_eq!(
+        (
+            report.versions_collected,
+            report.chunks_collected,
+            report.replicas_deleted
+        ),
+        (1, 4, 8),
+        "{report:?}"
+    );
+    assert!(report.problems.is_empty(), "{report:?}");
+    for chunk in &v1.chunks {
+        for replica in &chunk.replicas {
+            let index = cluster.daemon_index(replica);
+            assert!(!cluster.holds(index, chunk_id(chunk.id.unwrap())).await);
+        }
+    }
+    assert_eq!(cluster.read(&v2).await.unwrap(), v2_data);
+    // A second pass finds nothing more.
+    let again = cluster.upkeep().await;
+    assert_eq!((again.versions_collected, again.chunks_collected), (0, 0));
+
+    // A deleted file's chunks are collected too.
+    cluster
+        .client
+        .namespace
+        .delete(proto::DeleteRequest {
+            path: "/train.bin".to_owned(),
+            recursive: false,
+        })
+        .await
+        .unwrap();
+    let report = cluster.upkeep().await;
+    assert_eq!(
+        (report.versions_collected, report.chunks_collected),
+        (1, 2),
+        "{report:?}"
+    );
+    cluster.control.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_or_drained_node_is_re_replicated() {
+    let mut cluster = Cluster::start().await;
+    let data = pattern(6 * CHUNK as usize, 7);
+    let before = cluster.write("/ckpt.bin", &data).await;
+
+    // Kill d1: its agent stops heartbeating, the daemon stops serving.
+    let dead = 1;
+    cluster.agents[dead].take().unwrap().stop();
+    tokio::task::block_in_place(|| cluster.daemons.stop(dead));
+    cluster
+        .wait_for(|nodes| {
+            nodes
+                .iter()
+                .any(|(id, state)| id == "d1" && *state == "down")
+        })
+        .await;
+    let on_dead = before
+        .chunks
+        .iter()
+        .filter(|c| c.replicas.contains(&node_id(dead)))
+        .count() as u64;
+    assert!(on_dead > 0, "placement put some chunk on every node");
+    let report = cluster.upkeep().await;
+    assert_eq!(report.replicas_copied, on_dead, "{report:?}");
+    let after = cluster.open("/ckpt.bin").await;
+    assert!(after.layout_version > before.layout_version);
+    for chunk in &after.chunks {
+        assert_eq!(
+            chunk.replicas.len(),
+            2,
+            "replication factor restored: {chunk:?}"
+        );
+        assert!(!chunk.replicas.contains(&node_id(dead)), "{chunk:?}");
+    }
+    assert_eq!(cluster.read(&after).await.unwrap(), data);
+    until_stale(&cluster, &before).await;
+
+    // Drain d2: its chunks are copied off, then it is drained.
+    cluster
+        .client
+        .cluster
+        .drain(proto::DrainRequest {
+            node_id: "d2".to_owned(),
+            cancel: false,
+        })
+        .await
+        .unwrap();
+    let report = cluster.upkeep().await;
+    assert!(
+        report.replicas_copied > 0 && report.nodes_drained == 1,
+        "{report:?}"
+    );
+    let drained = cluster.open("/ckpt.bin").await;
+    for chunk in &drained.chunks {
+        assert_eq!(chunk.replicas.len(), 2);
+        assert!(
+            !chunk.replicas.iter().any(|r| r == "d1" || r == "d2"),
+            "{chunk:?}"
+        );
+    }
+    assert_eq!(cluster.read(&drained).await.unwrap(), data);
+    cluster
+        .wait_for(|nodes| {
+            nodes
+                .iter()
+                .any(|(id, state)| id == "d2" && *state == "drained")
+        })
+        .await;
+    // With two nodes left for replication 2, nothing more can move: a clear problem, not
+    // a wrong layout.
+    cluster.agents[0].take().unwrap().stop();
+    tokio::task::block_in_place(|| cluster.daemons.stop(0));
+    cluster
+        .wait_for(|nodes| {
+            nodes
+                .iter()
+                .any(|(id, state)| id == "d0" && *state == "down")
+        })
+        .await;
+    let report = cluster.upkeep().await;
+    assert_eq!(report.replicas_copied, 0);
+    assert!(
+        report.problems.iter().any(|p| p.contains("no up node")),
+        "{report:?}"
+    );
+    cluster.control.shutdown().await;
+}
