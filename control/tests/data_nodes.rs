@@ -490,3 +490,59 @@ async fn a_dead_or_drained_node_is_re_replicated() {
     );
     cluster.control.shutdown().await;
 }
+
+/// The client shim caches a layout and, when the daemons refuse it as stale, reopens the
+/// file and reads the new version: every read returns exactly one version's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_caches_layouts_and_reopens_stale_ones() {
+    let mut cluster = Cluster::start().await;
+    let v1_data = pattern(2 * CHUNK as usize + 17, 11);
+    cluster.write("/sample.bin", &v1_data).await;
+    let url = format!("http://{}", cluster.control.local_addr());
+    let token = cluster.daemons.token().to_vec();
+    let client = tokio::task::spawn_blocking(move || {
+        let client = tier0_client::Client::connect(&url, &token, "cache-test").unwrap();
+        let mut buffer = ReadBuffer::new(1 << 20).unwrap();
+        let (layout, _) = client.read("/sample.bin", &mut buffer).unwrap();
+        assert_eq!(layout.version, 1);
+        client
+    })
+    .await
+    .unwrap();
+    let v2_data = pattern(CHUNK as usize + 5, 12);
+    cluster.write("/sample.bin", &v2_data).await;
+    let (versions, reopens) = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut versions = Vec::new();
+        loop {
+            let mut buffer = ReadBuffer::new(1 << 20).unwrap();
+            let (layout, report) = client.read("/sample.bin", &mut buffer).unwrap();
+            let expected = if layout.version == 1 {
+                &v1_data
+            } else {
+                &v2_data
+            };
+            assert_eq!(report.bytes, expected.len() as u64);
+            assert_eq!(
+                &buffer[..expected.len()],
+                &expected[..],
+                "version {}",
+                layout.version
+            );
+            versions.push(layout.version);
+            if layout.version == 2 {
+                return (versions, client.reopens());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never saw version 2: {versions:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    // Only a stale refusal makes the client reopen: the new version came that way.
+    assert_eq!(reopens, 1, "{versions:?}");
+    cluster.control.shutdown().await;
+}

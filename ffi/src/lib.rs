@@ -5,14 +5,18 @@
 //!   behind the [`Transport`] trait; reads land straight in the caller's buffers.
 //! - [`striped`]: a file striped over N daemons read concurrently into one [`ReadBuffer`],
 //!   with nearest-replica choice and failover.
+//! - [`client`]: files by path: layouts from the control plane, cached, reopened when a
+//!   daemon refuses one as stale.
 
 pub mod buffer;
+pub mod client;
 pub mod daemon;
 pub mod rdma;
 pub mod striped;
 pub mod transport;
 
 pub use buffer::ReadBuffer;
+pub use client::{Client, FileError, FileLayout};
 pub use daemon::{ClientError, DaemonConnection, ReadInto};
 pub use rdma::{RdmaClient, RdmaConnection};
 pub use striped::{

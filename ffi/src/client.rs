@@ -1,0 +1,307 @@
+//! The client of a tier0 cluster: files by path, through the control plane once per open and
+//! straight from the data daemons for every read.
+//!
+//! [`Client::open`] asks the control plane for a file's layout and caches it; reads use the
+//! cached layout, striped over the daemons it names. A daemon that has learned of a newer
+//! layout version refuses the read as stale; the client then drops the cached layout, opens
+//! the file again and reads with the new layout (a few times at most, in case the layout keeps
+//! moving). Until a daemon has heard of the change, a read at the cached layout returns the
+//! cached version's bytes, which are still right for that version (immutable chunks).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tier0_control_api::client::ControlClient;
+use tier0_control_api::proto;
+use tier0_dataplane::net::wire::LayoutRef;
+use tier0_dataplane::store::ChunkId;
+
+use crate::buffer::ReadBuffer;
+use crate::striped::{
+    DaemonEndpoint, ReadReport, StripedChunk, StripedError, StripedFile, StripedReader,
+};
+use crate::transport::TransportChoice;
+
+/// Reads retried with a reopened layout before a stale refusal is returned.
+const STALE_RETRIES: usize = 3;
+
+/// One version of a file as the control plane laid it out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileLayout {
+    pub path: String,
+    pub file_id: u64,
+    pub version: u64,
+    pub layout_version: u64,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub chunks: Vec<LayoutChunk>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayoutChunk {
+    pub id: ChunkId,
+    pub file_offset: u64,
+    pub len: u32,
+    /// The daemons holding a replica.
+    pub replicas: Vec<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error(transparent)]
+    Connect(#[from] tier0_control_api::client::ClientError),
+    #[error("{what}: {status} (control plane {url})", status = .status.message())]
+    Control {
+        what: String,
+        url: String,
+        status: tonic::Status,
+    },
+    #[error("{path}: the control plane's layout is malformed: {message}")]
+    Layout { path: String, message: String },
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: StripedError,
+    },
+    #[error("cannot start the client's runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// The daemons this client has read from, and one striped reader over all of them (its
+/// connections are kept across reads).
+struct Readers {
+    addresses: Vec<SocketAddr>,
+    reader: Option<StripedReader>,
+}
+
+pub struct Client {
+    runtime: tokio::runtime::Runtime,
+    control: ControlClient,
+    token: Vec<u8>,
+    name: String,
+    choice: TransportChoice,
+    layouts: Mutex<HashMap<String, Arc<FileLayout>>>,
+    readers: Mutex<Readers>,
+    reopens: AtomicU64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("control", &self.control.url)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to the control plane at `control` with the cluster token. Reads go over
+    /// TCP (RDMA reads through this client come with registered buffers). The client runs
+    /// its own small runtime for control-plane calls: call it from plain threads, not from
+    /// inside an async runtime.
+    pub fn connect(control: &str, token: &[u8], name: &str) -> Result<Client, FileError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(FileError::Runtime)?;
+        let client = runtime.block_on(ControlClient::connect(control, token))?;
+        Ok(Client {
+            runtime,
+            control: client,
+            token: token.to_vec(),
+            name: name.to_owned(),
+            choice: TransportChoice::Tcp,
+            layouts: Mutex::new(HashMap::new()),
+            readers: Mutex::new(Readers {
+                addresses: Vec::new(),
+                reader: None,
+            }),
+            reopens: AtomicU64::new(0),
+        })
+    }
+
+    /// How many times a stale refusal made this client reopen a file.
+    pub fn reopens(&self) -> u64 {
+        self.reopens.load(Ordering::Relaxed)
+    }
+
+    /// The file's layout: cached, or asked of the control plane once.
+    pub fn open(&self, path: &str) -> Result<Arc<FileLayout>, FileError> {
+        if let Some(layout) = self.cache().get(path) {
+            return Ok(Arc::clone(layout));
+        }
+        self.reopen(path)
+    }
+
+    /// Asks the control plane for the file's current layout, replacing the cached one.
+    pub fn reopen(&self, path: &str) -> Result<Arc<FileLayout>, FileError> {
+        let mut namespace = self.control.namespace.clone();
+        let reply = self
+            .runtime
+            .block_on(namespace.open(proto::OpenRequest {
+                path: path.to_owned(),
+                version: 0,
+            }))
+            .map_err(|status| FileError::Control {
+                what: format!("open {path}"),
+                url: self.control.url.clone(),
+                status,
+            })?;
+        let layout = Arc::new(file_layout(reply.into_inner())?);
+        self.cache().insert(path.to_owned(), Arc::clone(&layout));
+        Ok(layout)
+    }
+
+    /// Forgets a cached layout (the next open asks the control plane).
+    pub fn forget(&self, path: &str) {
+        self.cache().remove(path);
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<FileLayout>>> {
+        self.layouts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the whole file into `buffer`, striped over its daemons; returns its layout (the
+    /// version read) and what the read did. A stale layout is reopened and the read redone.
+    pub fn read(
+        &self,
+        path: &str,
+        buffer: &mut ReadBuffer,
+    ) -> Result<(Arc<FileLayout>, ReadReport), FileError> {
+        let mut layout = self.open(path)?;
+        let mut attempt = 0;
+        loop {
+            match self.read_layout(&layout, buffer) {
+                Err(StripedError::StaleLayout { .. }) if attempt < STALE_RETRIES => {
+                    attempt += 1;
+                    self.reopens.fetch_add(1, Ordering::Relaxed);
+                    layout = self.reopen(path)?;
+                }
+                Err(source) => {
+                    return Err(FileError::Read {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+                Ok(report) => return Ok((layout, report)),
+            }
+        }
+    }
+
+    fn read_layout(
+        &self,
+        layout: &FileLayout,
+        buffer: &mut ReadBuffer,
+    ) -> Result<ReadReport, StripedError> {
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut grew = false;
+        for chunk in &layout.chunks {
+            for addr in &chunk.replicas {
+                if !readers.addresses.contains(addr) {
+                    readers.addresses.push(*addr);
+                    grew = true;
+                }
+            }
+        }
+        if grew || readers.reader.is_none() {
+            let endpoints = readers
+                .addresses
+                .iter()
+                .map(|&addr| DaemonEndpoint { addr, distance: 0 })
+                .collect();
+            readers.reader = Some(
+                StripedReader::new(endpoints, &self.token, &self.name, self.choice, None)
+                    .with_timeout(Duration::from_secs(10)),
+            );
+        }
+        let index_of: HashMap<SocketAddr, usize> = readers
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(index, addr)| (*addr, index))
+            .collect();
+        let file = StripedFile {
+            chunks: layout
+                .chunks
+                .iter()
+                .map(|chunk| StripedChunk {
+                    chunk: chunk.id,
+                    file_offset: chunk.file_offset,
+                    len: chunk.len,
+                    replicas: chunk.replicas.iter().map(|addr| index_of[addr]).collect(),
+                })
+                .collect(),
+            layout: LayoutRef {
+                file: layout.file_id,
+                version: layout.layout_version,
+            },
+        };
+        let reader = readers.reader.as_mut().expect("made above");
+        reader.read(&file, buffer)
+    }
+}
+
+/// The layout a reply describes, checked: every replica names a node the reply lists, with
+/// an address that resolves; chunks tile the file.
+fn file_layout(layout: proto::Layout) -> Result<FileLayout, FileError> {
+    let bad = |message: String| FileError::Layout {
+        path: layout.path.clone(),
+        message,
+    };
+    let mut addresses: HashMap<&str, SocketAddr> = HashMap::new();
+    for node in &layout.nodes {
+        let addr = node
+            .address
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| bad(format!("node {} has address {:?}", node.id, node.address)))?;
+        addresses.insert(node.id.as_str(), addr);
+    }
+    let mut chunks = Vec::with_capacity(layout.chunks.len());
+    for chunk in &layout.chunks {
+        let id = chunk
+            .id
+            .ok_or_else(|| bad(format!("chunk {} has no id", chunk.index)))?;
+        let replicas = chunk
+            .replicas
+            .iter()
+            .map(|node| {
+                addresses
+                    .get(node.as_str())
+                    .copied()
+                    .ok_or_else(|| bad(format!("chunk {} names unknown node {node}", chunk.index)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        chunks.push(LayoutChunk {
+            id: ChunkId {
+                file: id.file,
+                index: id.index,
+                generation: id.generation,
+            },
+            file_offset: u64::from(chunk.index) * u64::from(layout.chunk_size),
+            len: chunk.length,
+            replicas,
+        });
+    }
+    let covered: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+    if covered != layout.size {
+        return Err(bad(format!(
+            "chunks hold {covered} bytes, the file {}",
+            layout.size
+        )));
+    }
+    Ok(FileLayout {
+        path: layout.path.clone(),
+        file_id: layout.file_id,
+        version: layout.version,
+        layout_version: layout.layout_version,
+        size: layout.size,
+        chunk_size: layout.chunk_size,
+        chunks,
+    })
+}
