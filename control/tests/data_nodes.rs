@@ -509,8 +509,22 @@ async fn the_client_caches_layouts_and_reopens_stale_ones() {
     })
     .await
     .unwrap();
+    // Another client writes version 2 (a streaming writer, committed at close).
     let v2_data = pattern(CHUNK as usize + 5, 12);
-    cluster.write("/sample.bin", &v2_data).await;
+    let url = format!("http://{}", cluster.control.local_addr());
+    let token = cluster.daemons.token().to_vec();
+    let written = v2_data.clone();
+    let v2 = tokio::task::spawn_blocking(move || {
+        let writer = tier0_client::Client::connect(&url, &token, "writer").unwrap();
+        let mut file = writer.create("/sample.bin").unwrap();
+        for piece in written.chunks(10_000) {
+            file.write(piece).unwrap();
+        }
+        file.close().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!((v2.version, v2.size, v2.chunks.len()), (2, v2_data.len() as u64, 2));
     let (versions, reopens) = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut versions = Vec::new();
@@ -545,4 +559,37 @@ async fn the_client_caches_layouts_and_reopens_stale_ones() {
     // Only a stale refusal makes the client reopen: the new version came that way.
     assert_eq!(reopens, 1, "{versions:?}");
     cluster.control.shutdown().await;
+}
+
+/// Two writers on one version: the first commit wins, the second commits nothing; a writer
+/// dropped without closing commits nothing either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_commit_at_close_and_conflicts_lose_cleanly() {
+    let cluster = Cluster::start().await;
+    let url = format!("http://{}", cluster.control.local_addr());
+    let token = cluster.daemons.token().to_vec();
+    tokio::task::spawn_blocking(move || {
+        let client = tier0_client::Client::connect(&url, &token, "writers").unwrap();
+        let first_data = pattern(CHUNK as usize * 2, 21);
+        let second_data = pattern(CHUNK as usize, 22);
+        let mut first = client.create("/contended").unwrap();
+        let mut second = client.create("/contended").unwrap();
+        first.write(&first_data).unwrap();
+        second.write(&second_data).unwrap();
+        assert_eq!(first.close().unwrap().version, 1);
+        let lost = second.close().unwrap_err().to_string();
+        assert!(lost.contains("version 1 is current"), "{lost}");
+        let mut abandoned = client.create("/contended").unwrap();
+        abandoned.write(&second_data).unwrap();
+        drop(abandoned);
+        client.forget("/contended");
+        let mut buffer = ReadBuffer::new(1 << 20).unwrap();
+        let (layout, _) = client.read("/contended", &mut buffer).unwrap();
+        assert_eq!(layout.version, 1);
+        assert_eq!(&buffer[..first_data.len()], &first_data[..]);
+        let missing = client.create("/no/such/dir/file").unwrap_err().to_string();
+        assert!(missing.contains("/no/such/dir"), "{missing}");
+    })
+    .await
+    .unwrap();
 }

@@ -20,6 +20,7 @@ use tier0_dataplane::net::wire::LayoutRef;
 use tier0_dataplane::store::ChunkId;
 
 use crate::buffer::ReadBuffer;
+use crate::daemon::DaemonConnection;
 use crate::striped::{
     DaemonEndpoint, ReadReport, StripedChunk, StripedError, StripedFile, StripedReader,
 };
@@ -69,6 +70,16 @@ pub enum FileError {
     },
     #[error("cannot start the client's runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{path}: writing chunk {index} to {addr}: {source}")]
+    Write {
+        path: String,
+        index: u32,
+        addr: SocketAddr,
+        #[source]
+        source: crate::daemon::ClientError,
+    },
+    #[error("{path}: {message}")]
+    Writer { path: String, message: String },
 }
 
 /// The daemons this client has read from, and one striped reader over all of them (its
@@ -86,6 +97,8 @@ pub struct Client {
     choice: TransportChoice,
     layouts: Mutex<HashMap<String, Arc<FileLayout>>>,
     readers: Mutex<Readers>,
+    /// Idle connections for writes, by daemon.
+    writers: Mutex<HashMap<SocketAddr, Vec<DaemonConnection>>>,
     reopens: AtomicU64,
 }
 
@@ -120,8 +133,89 @@ impl Client {
                 addresses: Vec::new(),
                 reader: None,
             }),
+            writers: Mutex::new(HashMap::new()),
             reopens: AtomicU64::new(0),
         })
+    }
+
+    /// Starts a new version of the file at `path` (made if missing; its directory must
+    /// exist). Nothing is visible to readers until [`FileWriter::close`] commits it; a writer
+    /// dropped without closing commits nothing (its chunks are collected later).
+    pub fn create(&self, path: &str) -> Result<FileWriter<'_>, FileError> {
+        let mut namespace = self.control.namespace.clone();
+        let entry = self
+            .runtime
+            .block_on(namespace.create(proto::CreateRequest {
+                path: path.to_owned(),
+                exclusive: false,
+                settings: None,
+            }))
+            .map_err(|status| self.control_error(format!("create {path}"), status))?
+            .into_inner()
+            .entry
+            .ok_or_else(|| FileError::Writer {
+                path: path.to_owned(),
+                message: "the control plane returned no entry".to_owned(),
+            })?;
+        let chunk_size = entry.settings.map(|s| s.chunk_size).unwrap_or(0);
+        if chunk_size == 0 {
+            return Err(FileError::Writer {
+                path: path.to_owned(),
+                message: "the control plane returned no chunk size".to_owned(),
+            });
+        }
+        Ok(FileWriter {
+            client: self,
+            path: path.to_owned(),
+            file_id: entry.id,
+            base_version: entry.version,
+            chunk_size: chunk_size as usize,
+            pending: Vec::with_capacity(chunk_size as usize),
+            written: Vec::new(),
+            size: 0,
+        })
+    }
+
+    /// Writes `data` as the new version of `path` and commits it.
+    pub fn write_file(&self, path: &str, data: &[u8]) -> Result<Arc<FileLayout>, FileError> {
+        let mut writer = self.create(path)?;
+        writer.write(data)?;
+        writer.close()
+    }
+
+    fn control_error(&self, what: String, status: tonic::Status) -> FileError {
+        FileError::Control {
+            what,
+            url: self.control.url.clone(),
+            status,
+        }
+    }
+
+    fn take_writer(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<DaemonConnection, crate::daemon::ClientError> {
+        let idle = self
+            .writers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&addr)
+            .and_then(|idle| idle.pop());
+        match idle {
+            Some(connection) if connection.is_healthy() => Ok(connection),
+            _ => DaemonConnection::connect(addr, &self.token, &self.name, Duration::from_secs(10)),
+        }
+    }
+
+    fn return_writer(&self, addr: SocketAddr, connection: DaemonConnection) {
+        if connection.is_healthy() {
+            self.writers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(addr)
+                .or_default()
+                .push(connection);
+        }
     }
 
     /// How many times a stale refusal made this client reopen a file.
@@ -242,6 +336,169 @@ impl Client {
         };
         let reader = readers.reader.as_mut().expect("made above");
         reader.read(&file, buffer)
+    }
+}
+
+/// A new version of a file being written: bytes are cut into chunks, each placed by the
+/// control plane and written to all its replicas as it fills; `close` commits them.
+pub struct FileWriter<'a> {
+    client: &'a Client,
+    path: String,
+    file_id: u64,
+    base_version: u64,
+    chunk_size: usize,
+    pending: Vec<u8>,
+    written: Vec<proto::CommitChunk>,
+    size: u64,
+}
+
+impl std::fmt::Debug for FileWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileWriter")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileWriter<'_> {
+    /// Appends `data`; full chunks are written to their replicas before this returns.
+    pub fn write(&mut self, mut data: &[u8]) -> Result<(), FileError> {
+        while !data.is_empty() {
+            let room = self.chunk_size - self.pending.len();
+            let take = room.min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            self.size += take as u64;
+            if self.pending.len() == self.chunk_size {
+                self.flush_chunk()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    fn flush_chunk(&mut self) -> Result<(), FileError> {
+        let index = u32::try_from(self.written.len()).map_err(|_| FileError::Writer {
+            path: self.path.clone(),
+            message: "more than 2^32 chunks".to_owned(),
+        })?;
+        let client = self.client;
+        let mut namespace = client.control.namespace.clone();
+        let placed = client
+            .runtime
+            .block_on(namespace.place_chunks(proto::PlaceChunksRequest {
+                path: self.path.clone(),
+                file_id: self.file_id,
+                first_index: index,
+                count: 1,
+            }))
+            .map_err(|status| {
+                client.control_error(format!("place chunk {index} of {}", self.path), status)
+            })?
+            .into_inner();
+        let layout = file_layout(proto::Layout {
+            path: self.path.clone(),
+            chunk_size: self.chunk_size as u32,
+            size: self.pending.len() as u64,
+            chunks: placed
+                .chunks
+                .iter()
+                .map(|chunk| proto::LayoutChunk {
+                    length: self.pending.len() as u32,
+                    ..chunk.clone()
+                })
+                .collect(),
+            nodes: placed.nodes.clone(),
+            ..Default::default()
+        })?;
+        let chunk = layout.chunks.first().ok_or_else(|| FileError::Writer {
+            path: self.path.clone(),
+            message: format!("the control plane placed no chunk {index}"),
+        })?;
+        // Every replica is written (in parallel) before the chunk counts as written.
+        let data = &self.pending;
+        let path = &self.path;
+        std::thread::scope(|scope| {
+            let writes: Vec<_> = chunk
+                .replicas
+                .iter()
+                .map(|&addr| {
+                    let write = scope.spawn(move || {
+                        let mut connection = client.take_writer(addr)?;
+                        let written = connection.write(chunk.id, data);
+                        client.return_writer(addr, connection);
+                        written
+                    });
+                    (addr, write)
+                })
+                .collect();
+            for (addr, write) in writes {
+                match write.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(source)) => {
+                        return Err(FileError::Write {
+                            path: path.clone(),
+                            index,
+                            addr,
+                            source,
+                        });
+                    }
+                    Err(_) => {
+                        return Err(FileError::Writer {
+                            path: path.clone(),
+                            message: format!("the thread writing chunk {index} to {addr} panicked"),
+                        });
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        self.written.push(proto::CommitChunk {
+            index,
+            id: Some(proto::ChunkId {
+                file: chunk.id.file,
+                index: chunk.id.index,
+                generation: chunk.id.generation,
+            }),
+            length: self.pending.len() as u32,
+        });
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Writes the last chunk and commits the new version atomically; returns its layout.
+    /// Fails (committing nothing) if another writer committed this file first.
+    pub fn close(mut self) -> Result<Arc<FileLayout>, FileError> {
+        if !self.pending.is_empty() {
+            self.flush_chunk()?;
+        }
+        let client = self.client;
+        let mut namespace = client.control.namespace.clone();
+        let layout = client
+            .runtime
+            .block_on(namespace.commit(proto::CommitRequest {
+                path: self.path.clone(),
+                file_id: self.file_id,
+                base_version: self.base_version,
+                size: self.size,
+                chunks: std::mem::take(&mut self.written),
+            }))
+            .map_err(|status| client.control_error(format!("commit {}", self.path), status))?
+            .into_inner();
+        let layout = Arc::new(file_layout(layout)?);
+        client
+            .cache()
+            .insert(self.path.clone(), Arc::clone(&layout));
+        Ok(layout)
     }
 }
 
