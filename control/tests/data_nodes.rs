@@ -524,7 +524,10 @@ async fn the_client_caches_layouts_and_reopens_stale_ones() {
     })
     .await
     .unwrap();
-    assert_eq!((v2.version, v2.size, v2.chunks.len()), (2, v2_data.len() as u64, 2));
+    assert_eq!(
+        (v2.version, v2.size, v2.chunks.len()),
+        (2, v2_data.len() as u64, 2)
+    );
     let (versions, reopens) = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut versions = Vec::new();

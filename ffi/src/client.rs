@@ -58,7 +58,7 @@ pub enum FileError {
     Control {
         what: String,
         url: String,
-        status: tonic::Status,
+        status: Box<tonic::Status>,
     },
     #[error("{path}: the control plane's layout is malformed: {message}")]
     Layout { path: String, message: String },
@@ -66,7 +66,7 @@ pub enum FileError {
     Read {
         path: String,
         #[source]
-        source: StripedError,
+        source: Box<StripedError>,
     },
     #[error("cannot start the client's runtime: {0}")]
     Runtime(std::io::Error),
@@ -76,7 +76,7 @@ pub enum FileError {
         index: u32,
         addr: SocketAddr,
         #[source]
-        source: crate::daemon::ClientError,
+        source: Box<crate::daemon::ClientError>,
     },
     #[error("{path}: {message}")]
     Writer { path: String, message: String },
@@ -187,7 +187,7 @@ impl Client {
         FileError::Control {
             what,
             url: self.control.url.clone(),
-            status,
+            status: Box::new(status),
         }
     }
 
@@ -240,11 +240,7 @@ impl Client {
                 path: path.to_owned(),
                 version: 0,
             }))
-            .map_err(|status| FileError::Control {
-                what: format!("open {path}"),
-                url: self.control.url.clone(),
-                status,
-            })?;
+            .map_err(|status| self.control_error(format!("open {path}"), status))?;
         let layout = Arc::new(file_layout(reply.into_inner())?);
         self.cache().insert(path.to_owned(), Arc::clone(&layout));
         Ok(layout)
@@ -278,7 +274,7 @@ impl Client {
                 Err(source) => {
                     return Err(FileError::Read {
                         path: path.to_owned(),
-                        source,
+                        source: Box::new(source),
                     });
                 }
                 Ok(report) => return Ok((layout, report)),
@@ -449,7 +445,7 @@ impl FileWriter<'_> {
                             path: path.clone(),
                             index,
                             addr,
-                            source,
+                            source: Box::new(source),
                         });
                     }
                     Err(_) => {
