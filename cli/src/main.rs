@@ -45,6 +45,16 @@ enum Command {
     /// The operator's view: health, nodes, layouts, drain.
     #[command(subcommand)]
     Admin(commands::admin::AdminCommand),
+    /// Copy a local file or directory into the namespace (files in parallel).
+    Put(commands::ingest::PutArgs),
+    /// Copy a file or directory out of the namespace.
+    Get(commands::ingest::GetArgs),
+    /// A local cluster on loopback that keeps running: `up` and `down`.
+    #[command(subcommand)]
+    Cluster(commands::cluster::ClusterCommand),
+    /// Bring up a local cluster, ingest a dataset, read it back striped and verify every
+    /// byte, compare with a plain local read, show a layout, clean up.
+    Quickstart(commands::quickstart::QuickstartArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +79,10 @@ fn main() -> ExitCode {
         Command::Tag(args) => commands::namespace::tag(args),
         Command::Snapshot(command) => commands::snapshot::run(command),
         Command::Admin(command) => commands::admin::run(command),
+        Command::Put(args) => commands::ingest::put(args),
+        Command::Get(args) => commands::ingest::get(args),
+        Command::Cluster(command) => commands::cluster::run(command),
+        Command::Quickstart(args) => commands::quickstart::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

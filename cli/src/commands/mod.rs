@@ -1,7 +1,10 @@
 pub mod admin;
 pub mod bench;
+pub mod cluster;
 pub mod control;
+pub mod ingest;
 pub mod namespace;
+pub mod quickstart;
 pub mod serve;
 pub mod snapshot;
 pub mod topology;

@@ -1,0 +1,225 @@
+//! `tier0 quickstart`: the first thing a new user runs. Brings up a local cluster on
+//! loopback (a control plane on the embedded store, data daemons on store files, TCP),
+//! ingests a generated dataset, reads every file back striped through the client shim and
+//! checks every byte, prints the throughput next to a plain read of the same files from the
+//! local file system, shows one file's layout, and cleans up. Exits 0 only when every byte
+//! matched.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tier0_client::{Client, ReadBuffer};
+use tier0_control_api::client::ControlClient;
+use tier0_control_api::proto;
+
+use super::cluster::{UpArgs, down, up};
+use super::control::ControlArgs;
+
+#[derive(Debug, Args)]
+pub struct QuickstartArgs {
+    /// Data daemons.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    nodes: u32,
+    /// Files in the generated dataset.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    files: u32,
+    /// Size of each file.
+    #[arg(long, default_value = "6MiB", value_parser = super::parse_bytes)]
+    file_size: u64,
+    /// Chunk size of the namespace.
+    #[arg(long, default_value = "1MiB", value_parser = super::parse_bytes)]
+    chunk_size: u64,
+    /// Where to put the cluster and the dataset (default: a fresh temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Leave the cluster running (and print how to reach it) instead of cleaning up.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / seconds.max(1e-9)
+}
+
+pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
+    let (dir, _temporary) = match &args.dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let temporary = tempfile::Builder::new()
+                .prefix("tier0-quickstart-")
+                .tempdir()
+                .context("making a temporary directory")?;
+            (temporary.path().to_owned(), Some(temporary))
+        }
+    };
+    let file_size = usize::try_from(args.file_size).context("--file-size too large")?;
+    let total = args.file_size * u64::from(args.files);
+    // Each daemon holds its share of the replicas, with room to spare for re-replication.
+    let store_size = (total * 2 / u64::from(args.nodes) * 3).max(64 << 20) + (64 << 20);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "tier0 quickstart in {}", dir.display())?;
+    let started = Instant::now();
+    let state = up(&UpArgs {
+        nodes: args.nodes,
+        dir: dir.join("cluster"),
+        store_size,
+        chunk_size: args.chunk_size,
+        replication: 2.min(args.nodes),
+    })?;
+    writeln!(
+        out,
+        "  cluster up: control plane {} (embedded store), {} data daemons, in {:.1} s",
+        state.control_url,
+        args.nodes,
+        started.elapsed().as_secs_f64()
+    )?;
+    let result = exercise(&args, &dir, &state, file_size, total, &mut out);
+    if args.keep && result.is_ok() {
+        writeln!(out, "  the cluster keeps running; to use it:")?;
+        writeln!(out, "    export TIER0_CONTROL={}", state.control_url)?;
+        writeln!(
+            out,
+            "    export TIER0_TOKEN=$(cat {})",
+            state.token_file.display()
+        )?;
+        writeln!(
+            out,
+            "    tier0 cluster down --dir {}",
+            dir.join("cluster").display()
+        )?;
+        return Ok(());
+    }
+    let stopped = down(&dir.join("cluster"), true);
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        let _ = std::fs::remove_dir_all(dir.join("dataset"));
+    }
+    result?;
+    stopped.context("stopping the cluster")?;
+    writeln!(out, "  cleaned up. quickstart passed: every byte verified.")?;
+    Ok(())
+}
+
+fn exercise(
+    args: &QuickstartArgs,
+    dir: &std::path::Path,
+    state: &super::cluster::ClusterState,
+    file_size: usize,
+    total: u64,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    // The dataset: files of pseudo-random bytes, each from its own seed.
+    let dataset = dir.join("dataset");
+    std::fs::create_dir_all(&dataset)?;
+    let mut names = Vec::new();
+    for index in 0..args.files {
+        let name = format!("shard-{index:05}.bin");
+        let mut rng = fastrand::Rng::with_seed(0x7431_0000 + u64::from(index));
+        let mut data = vec![0u8; file_size];
+        rng.fill(&mut data);
+        std::fs::write(dataset.join(&name), &data)?;
+        names.push(name);
+    }
+    writeln!(
+        out,
+        "  dataset: {} files of {} bytes ({} MiB) in {}",
+        args.files,
+        file_size,
+        total >> 20,
+        dataset.display()
+    )?;
+
+    let control = ControlArgs {
+        control: state.control_url.clone(),
+        token_file: Some(state.token_file.clone()),
+        json: false,
+    };
+    let put = super::ingest::put_tree(&control, &dataset, "/datasets/quickstart", 4, true)?;
+    writeln!(
+        out,
+        "  ingest (tier0 put): {} files, {:.1} MiB/s",
+        put.files,
+        put.mib_per_second()
+    )?;
+
+    // Read back striped through the client shim; every byte compared.
+    let token = std::fs::read_to_string(&state.token_file)?;
+    let client = Client::connect(&state.control_url, token.trim().as_bytes(), "quickstart")?;
+    let mut buffer = ReadBuffer::new(file_size.max(1))?;
+    let mut mismatched = Vec::new();
+    let read_started = Instant::now();
+    let mut read_bytes = 0;
+    let mut expected = Vec::with_capacity(names.len());
+    for name in &names {
+        expected.push(std::fs::read(dataset.join(name))?);
+    }
+    let compare_started = Instant::now();
+    let mut compare_time = 0.0;
+    for (name, want) in names.iter().zip(&expected) {
+        let path = format!("/datasets/quickstart/{name}");
+        let (layout, report) = client.read(&path, &mut buffer)?;
+        read_bytes += report.bytes;
+        let check = Instant::now();
+        if layout.size as usize != want.len() || buffer[..want.len()] != want[..] {
+            mismatched.push(path);
+        }
+        compare_time += check.elapsed().as_secs_f64();
+    }
+    let _ = compare_started;
+    let tier0_seconds = read_started.elapsed().as_secs_f64() - compare_time;
+    // The baseline: the same files read from the local file system (page cache warm, as
+    // the dataset was just written).
+    let local_started = Instant::now();
+    let mut local_bytes = 0;
+    for name in &names {
+        local_bytes += std::fs::read(dataset.join(name))?.len() as u64;
+    }
+    let local_seconds = local_started.elapsed().as_secs_f64();
+    let tier0_rate = mib_per_s(read_bytes, tier0_seconds);
+    let local_rate = mib_per_s(local_bytes, local_seconds);
+    writeln!(
+        out,
+        "  striped read (Rust client, TCP): {:.1} MiB/s   plain local file read: {:.1} MiB/s   ratio {:.2}",
+        tier0_rate,
+        local_rate,
+        tier0_rate / local_rate.max(1e-9)
+    )?;
+    if !mismatched.is_empty() {
+        bail!(
+            "{} of {} files read back wrong: {}",
+            mismatched.len(),
+            names.len(),
+            mismatched.join(", ")
+        );
+    }
+    writeln!(
+        out,
+        "  verified: {} files, {} bytes, every byte",
+        names.len(),
+        read_bytes
+    )?;
+
+    let first = format!("/datasets/quickstart/{}", names[0]);
+    let runtime = super::control::runtime()?;
+    let layout = runtime.block_on(async {
+        let mut admin = ControlClient::connect(&state.control_url, token.trim().as_bytes()).await?;
+        anyhow::Ok(
+            admin
+                .admin
+                .layout(proto::LayoutRequest {
+                    path: first.clone(),
+                    version: 0,
+                })
+                .await
+                .map_err(|s| super::control::failed("admin layout", &state.control_url, s))?
+                .into_inner(),
+        )
+    })?;
+    writeln!(out, "  tier0 admin layout {first}:")?;
+    super::admin::print_layout(out, &layout)?;
+    Ok(())
+}
