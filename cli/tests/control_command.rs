@@ -1,6 +1,7 @@
 //! `tier0 serve control` and the namespace, snapshot and admin commands as an operator runs
 //! them: real processes, the embedded store and a real etcd, `--json` and clear errors, a
-//! control plane killed with SIGKILL that loses nothing, and a leader's death handed over.
+//! control plane killed with SIGKILL that loses nothing, a leader's death handed over, and
+//! data daemons that heartbeat, also across the death of the control plane they talk to.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
@@ -181,6 +182,19 @@ async fn commands_round_trip_on_the_embedded_store_and_survive_sigkill() {
     let listed = json(&url, &["ls", "/datasets/web"]);
     assert_eq!(listed[0]["path"], "/datasets/web/shard-0");
     assert_eq!(listed[0]["size"], 3 << 19);
+    // A directory holding one file of its own name lists that file below it; the file
+    // lists as itself.
+    json(&url, &["mkdir", "-p", "/echo/y"]);
+    let inner = write_file(&url, "/echo/y/y", 10).await;
+    let listed = json(&url, &["ls", "/echo/y"]);
+    assert_eq!(
+        (listed[0]["path"].as_str(), listed[0]["id"].as_u64()),
+        (Some("/echo/y/y"), Some(inner.file_id)),
+        "{listed}"
+    );
+    let listed = json(&url, &["ls", "/echo/y/y"]);
+    assert_eq!(listed[0]["path"], "/echo/y/y", "{listed}");
+    assert_eq!(listed.as_array().unwrap().len(), 1);
     let stat = json(&url, &["stat", "/datasets/web/shard-0"]);
     assert_eq!(stat["versions"], serde_json::json!([1]));
     let shown = json(&url, &["admin", "layout", "/datasets/web/shard-0"]);
@@ -394,55 +408,142 @@ fn bad_input_is_one_clear_error() {
     assert!(json(url, &["ls", "/"]).as_array().unwrap().is_empty());
 }
 
+/// A `tier0 serve data` process with one small store file, killed if a test fails.
+struct DataProcess {
+    child: Child,
+}
+
+impl DataProcess {
+    fn start(node: &str, store: &std::path::Path, extra: &[&str]) -> DataProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_tier0"))
+            .args(["serve", "data", "--listen", "127.0.0.1:0", "--node", node])
+            .args(["--store-size", "64MiB", "--chunk-size", "1MiB", "--no-pin"])
+            .args(["--workers-per-node", "1", "--buffers", "8"])
+            .args(extra)
+            .arg("--store")
+            .arg(store)
+            .env("TIER0_TOKEN", TOKEN)
+            .env("TIER0_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start tier0 serve data");
+        DataProcess { child }
+    }
+
+    /// SIGTERM, and a clean exit.
+    fn stop(mut self) {
+        // SAFETY: kill sends a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+impl Drop for DataProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The node `id` as `tier0 admin nodes` lists it, if it does.
+fn node(url: &str, id: &str) -> Option<Value> {
+    json(url, &["admin", "nodes"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .cloned()
+}
+
+/// Waits (up to 15 s) until the node `id` is in `wanted` state.
+fn wait_for_node(url: &str, id: &str, wanted: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = node(url, id);
+        if let Some(node) = &found
+            && node["state"] == wanted
+        {
+            return node.clone();
+        }
+        assert!(Instant::now() < deadline, "{id} never {wanted}: {found:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Checks, without waiting for it: the node `id` is up, and still heartbeating (its last
+/// heartbeat moves on within a second).
+fn assert_heartbeating(url: &str, id: &str) {
+    let first = node(url, id).unwrap_or_else(|| panic!("{id} is not registered"));
+    assert_eq!(first["state"], "up", "{first}");
+    std::thread::sleep(Duration::from_secs(1));
+    let second = node(url, id).unwrap();
+    assert_eq!(second["state"], "up", "{second}");
+    let beat = |node: &Value| node["heartbeat_ms"].as_u64().unwrap();
+    assert!(
+        beat(&second) > beat(&first),
+        "{id} stopped heartbeating: {first} then {second}"
+    );
+}
+
 /// `tier0 serve data --control` registers the daemon and keeps it up by heartbeats; once it
 /// stops, its lease runs out and it is marked down.
 #[test]
 fn a_data_daemon_registers_and_heartbeats() {
     let dir = tempfile::tempdir().unwrap();
     let control = ControlProcess::start(&["--data-dir", dir.path().to_str().unwrap()], "cp");
-    let store = dir.path().join("store");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_tier0"))
-        .args(["serve", "data", "--listen", "127.0.0.1:0", "--node", "dn-1"])
-        .args(["--store-size", "64MiB", "--chunk-size", "1MiB", "--no-pin"])
-        .args([
-            "--workers-per-node",
-            "1",
-            "--buffers",
-            "8",
+    let daemon = DataProcess::start(
+        "dn-1",
+        &dir.path().join("store"),
+        &[
             "--heartbeat",
             "200ms",
-        ])
-        .args(["--failure-domain", "rack-7", "--control", &control.url])
-        .arg("--store")
-        .arg(&store)
-        .env("TIER0_TOKEN", TOKEN)
-        .env("TIER0_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let node_state = |wanted: &str| {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let nodes = json(&control.url, &["admin", "nodes"]);
-            if let Some(node) = nodes.as_array().unwrap().iter().find(|n| n["id"] == "dn-1")
-                && node["state"] == wanted
-            {
-                return node.clone();
-            }
-            assert!(Instant::now() < deadline, "dn-1 never {wanted}: {nodes}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    let node = node_state("up");
+            "--failure-domain",
+            "rack-7",
+            "--control",
+            &control.url,
+        ],
+    );
+    let node = wait_for_node(&control.url, "dn-1", "up");
     assert_eq!(node["failure_domain"], "rack-7");
     assert_eq!(node["drives"], 1);
     assert!(node["capacity_bytes"].as_u64().unwrap() > 0);
     assert!(node["address"].as_str().unwrap().starts_with("127.0.0.1:"));
     // Heartbeats keep it up past its 2 s lease.
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(node_state("up")["id"], "dn-1");
-    // SAFETY: kill sends a signal to our own child process.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    assert!(daemon.wait().unwrap().success());
-    node_state("down");
+    assert_heartbeating(&control.url, "dn-1");
+    daemon.stop();
+    wait_for_node(&control.url, "dn-1", "down");
+}
+
+/// A data daemon given two control planes (on one etcd) keeps heartbeating when the one it
+/// talks to is SIGKILLed: it moves to the other, and stays up past its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_daemon_moves_to_another_control_plane_when_its_own_dies() {
+    let etcd = EtcdServer::start().await.unwrap();
+    let meta = format!(
+        "etcd://{}/cluster-ha",
+        etcd.endpoint().trim_start_matches("http://")
+    );
+    let mut first = ControlProcess::start(&["--meta", &meta], "cp-1");
+    let second = ControlProcess::start(&["--meta", &meta], "cp-2");
+    let dir = tempfile::tempdir().unwrap();
+    let controls = format!("{},{}", first.url, second.url);
+    let daemon = DataProcess::start(
+        "dn-ha",
+        &dir.path().join("store"),
+        &["--heartbeat", "300ms", "--control", &controls],
+    );
+    wait_for_node(&second.url, "dn-ha", "up");
+    assert_heartbeating(&first.url, "dn-ha");
+    first.kill();
+    // Past its 2 s lease since the first plane died, and still up by its heartbeats.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_heartbeating(&second.url, "dn-ha");
+    assert_eq!(
+        json(&second.url, &["admin", "health"])["nodes_down"],
+        0,
+        "nothing went down"
+    );
+    daemon.stop();
+    drop(second);
 }

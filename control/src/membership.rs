@@ -3,7 +3,9 @@
 //! A node is `up` while it heartbeats within its lease; the leader marks a node whose lease
 //! expired `down` (it takes no new chunks; repair copies its chunks elsewhere). `drain`
 //! keeps a node serving reads but gives it no new chunks until repair has moved every chunk
-//! off it (`drained`). A node that registers again is `up` again unless it is being drained.
+//! off it (`drained`). A draining node keeps that state when its lease expires (the
+//! operator's intent stands), but repair no longer reads from it, and health reports it. A
+//! node that registers again is `up` again unless it is being drained.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +44,29 @@ pub fn check_address(address: &str) -> Result<()> {
             "address {address:?}: expected host:port with a port from 1 to 65535"
         ))),
     }
+}
+
+/// Longest failure domain name, and most RDMA devices a node may list.
+pub const MAX_FAILURE_DOMAIN: usize = 64;
+pub const MAX_RDMA_DEVICES: usize = 64;
+
+fn check_topology(topology: &TopologySummary) -> Result<()> {
+    if topology.failure_domain.len() > MAX_FAILURE_DOMAIN {
+        return Err(ControlError::InvalidArgument(format!(
+            "topology.failure_domain: longer than {MAX_FAILURE_DOMAIN} bytes"
+        )));
+    }
+    if topology.rdma_devices.len() > MAX_RDMA_DEVICES
+        || topology
+            .rdma_devices
+            .iter()
+            .any(|d| d.is_empty() || d.len() > 64)
+    {
+        return Err(ControlError::InvalidArgument(format!(
+            "topology.rdma_devices: at most {MAX_RDMA_DEVICES} names of 1 to 64 bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// What a heartbeat tells the node.
@@ -90,6 +115,7 @@ impl Membership {
     ) -> Result<NodeRecord> {
         check_node_id(id)?;
         check_address(address)?;
+        check_topology(&topology)?;
         for _ in 0..MAX_ATTEMPTS {
             let now = model::now_ms();
             let existing = self.read(id).await?;

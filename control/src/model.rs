@@ -5,6 +5,7 @@
 //!   parent's id, so a rename rewrites one key, whatever is below it.
 //! - `version/<file id>/<version>` → [`FileVersion`]: the chunk list a commit published.
 //! - `chunk/<file id>/<index>/<generation>` → [`ChunkRecord`]: where a chunk's replicas are.
+//! - `trash/<file id>/<index>/<generation>/<node>` → `{}`: a replica still to delete.
 //! - `fence/<file id>` → the file's current layout version (JSON number), written with every
 //!   change of it, for the data daemons to refuse reads at older ones.
 //! - `node/<node id>` → [`NodeRecord`]; `snapshot/<name>` → [`Snapshot`];
@@ -68,10 +69,11 @@ pub fn snapshot_key(name: &str) -> String {
     format!("snapshot/{name}")
 }
 
-/// A chunk whose record is gone and whose replicas are still to be deleted on the daemons.
-pub fn trash_key(id: ChunkId) -> String {
+/// A replica of a chunk on `node` that is still to be deleted there: the chunk was collected,
+/// or the replica was replaced by a copy elsewhere.
+pub fn trash_key(id: ChunkId, node: &str) -> String {
     format!(
-        "trash/{:016x}/{:08x}/{:08x}",
+        "trash/{:016x}/{:08x}/{:08x}/{node}",
         id.file, id.index, id.generation
     )
 }
@@ -167,6 +169,12 @@ pub struct FileState {
     pub settings: LayoutSettings,
     /// The generation the next batch of placed chunks gets (chunk ids are never reused).
     pub next_generation: u32,
+    /// `next_generation` when the last commit published: a chunk of an older generation that
+    /// no kept version lists is garbage at once, because its writer either committed it (in
+    /// a version since superseded) or started from a version that is no longer current and
+    /// can never commit.
+    #[serde(default)]
+    pub committed_generation: u32,
 }
 
 /// One chunk of a version: chunk `index` covers `[index × chunk_size, + len)`.
@@ -186,23 +194,15 @@ pub struct FileVersion {
     pub chunks: Vec<VersionChunk>,
 }
 
-/// Where a chunk lives: `chunk/<file>/<index>/<generation>`.
+/// Where a chunk lives: `chunk/<file>/<index>/<generation>`. Written when the chunk is
+/// placed and changed only when its replicas move: a commit does not touch it (so a commit's
+/// transaction does not grow with the file), and a chunk is *committed* exactly when some
+/// version lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRecord {
     pub replicas: Vec<String>,
-    pub state: ChunkState,
-    /// Bytes in the chunk, known from its commit (0 while pending).
-    #[serde(default)]
-    pub len: u32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum ChunkState {
-    /// Placed for a writer that has not committed yet; garbage after `expires_ms`.
-    Pending { expires_ms: u64 },
-    /// Part of at least one committed version.
-    Committed,
+    /// A chunk no version lists is garbage after this: its writer had until then to commit.
+    pub expires_ms: u64,
 }
 
 /// A data node's health, as membership sees it.

@@ -14,8 +14,8 @@ use tier0_dataplane::store::ChunkId;
 
 use crate::error::{ControlError, Result};
 use crate::model::{
-    self, ChunkRecord, ChunkState, FileState, FileVersion, Inode, InodeKind, Layout, LayoutChunk,
-    LayoutNode, LayoutSettings, NodeRecord, NodeState, ROOT_ID, VersionChunk,
+    self, ChunkRecord, FileState, FileVersion, Inode, InodeKind, Layout, LayoutChunk, LayoutNode,
+    LayoutSettings, NodeRecord, NodeState, ROOT_ID, VersionChunk,
 };
 use crate::path::NsPath;
 use crate::placement;
@@ -351,6 +351,7 @@ impl Namespace {
                     size: 0,
                     settings: settings.apply(inherited)?,
                     next_generation: 1,
+                    committed_generation: 0,
                 }),
                 tags: BTreeMap::new(),
                 created_ms: now,
@@ -422,6 +423,19 @@ impl Namespace {
             self.read_version(inode.id, version).await?
         };
         let placements = self.chunk_records(&record.chunks).await?;
+        self.assemble(path, inode, &record, &placements).await
+    }
+
+    /// The layout of `record` (a version of `inode`) from its chunks' placement records.
+    async fn assemble(
+        &self,
+        path: &NsPath,
+        inode: &Inode,
+        record: &FileVersion,
+        placements: &HashMap<ChunkId, (Entry, ChunkRecord)>,
+    ) -> Result<Layout> {
+        let state = inode.file().expect("layouts are of files");
+        let version = record.version;
         let mut chunks = Vec::with_capacity(record.chunks.len());
         let mut named = HashSet::new();
         for (index, chunk) in record.chunks.iter().enumerate() {
@@ -552,8 +566,7 @@ impl Namespace {
                 };
                 let record = ChunkRecord {
                     replicas: replicas.clone(),
-                    state: ChunkState::Pending { expires_ms },
-                    len: 0,
+                    expires_ms,
                 };
                 txn.put(model::chunk_key(id), model::encode(&record));
                 chunks.push(LayoutChunk {
@@ -618,40 +631,33 @@ impl Namespace {
                     len: chunk.len,
                 })
                 .collect();
+            // Every chunk must have a placement record; the transaction needs no check on
+            // them: collection rewrites the file's inode when it removes a chunk of the
+            // file, so a commit that read a record collection then removed conflicts.
             let records = self.chunk_records(&listed).await?;
-            let mut txn = Txn::new();
             for chunk in &chunks {
                 let reused = base
                     .get(chunk.index as usize)
                     .is_some_and(|old| old.id == chunk.id && old.len == chunk.len);
-                if reused {
-                    continue;
+                if !reused && (chunk.id.file != file_id || chunk.id.index != chunk.index) {
+                    return Err(ControlError::InvalidArgument(format!(
+                        "chunk {} at index {}: a commit lists the base version's chunk at that \
+                         index or one placed for file {file_id:x} at that index",
+                        chunk.id, chunk.index
+                    )));
                 }
-                let Some((entry, record)) = records.get(&chunk.id) else {
+                if !records.contains_key(&chunk.id) {
                     return Err(ControlError::FailedPrecondition(format!(
                         "{path}: chunk {} was never placed, or was collected",
                         chunk.id
                     )));
-                };
-                if chunk.id.index != chunk.index {
-                    return Err(ControlError::InvalidArgument(format!(
-                        "chunk {} was placed at index {}, not {}",
-                        chunk.id, chunk.id.index, chunk.index
-                    )));
-                }
-                if let ChunkState::Pending { .. } = record.state {
-                    let committed = ChunkRecord {
-                        replicas: record.replicas.clone(),
-                        state: ChunkState::Committed,
-                        len: chunk.len,
-                    };
-                    txn.check(Check::At(entry.key.clone(), entry.revision))
-                        .put(entry.key.clone(), model::encode(&committed));
                 }
             }
+            let mut txn = Txn::new();
             let version = state.next_version;
             state.version = version;
             state.next_version += 1;
+            state.committed_generation = state.next_generation;
             state.layout_version += 1;
             let layout_version = state.layout_version;
             state.size = size;
@@ -669,8 +675,10 @@ impl Namespace {
                 .put(model::fence_key(file_id), model::encode(&layout_version))
                 .check(Check::Absent(version_key.clone()))
                 .put(version_key, model::encode(&record));
+            // Built before the commit, so a committed version is never answered with an error.
+            let layout = self.assemble(path, &inode, &record, &records).await?;
             if let Outcome::Committed(_) = self.store.commit(&txn).await? {
-                return self.layout(path, &inode, version).await;
+                return Ok(layout);
             }
         }
         Err(contended(&format!("commit {path}")))
@@ -689,6 +697,11 @@ impl Namespace {
             inode: found.inode,
             versions,
         })
+    }
+
+    /// The version numbers kept for file `file` (current and pinned ones).
+    pub async fn versions_of(&self, file: u64) -> Result<Vec<u64>> {
+        self.versions(file).await
     }
 
     pub(crate) async fn versions(&self, file: u64) -> Result<Vec<u64>> {
@@ -787,6 +800,12 @@ impl Namespace {
                 return Ok(source.inode);
             }
             let mut txn = Txn::new();
+            // Every ancestor of the destination as read: a concurrent rename that moves one
+            // of them below the source (which would close a cycle cut off from the root)
+            // rewrites its parent, which is among these, and conflicts.
+            for ancestor in &to_walk.found {
+                txn.check(ancestor.check());
+            }
             match self.read_inode(to_key.clone()).await? {
                 None => {
                     txn.check(Check::Absent(to_key.clone()));

@@ -7,6 +7,9 @@ use crate::error::ControlError;
 /// Longest path, and longest name in it, in bytes (Linux's PATH_MAX and NAME_MAX).
 pub const PATH_MAX: usize = 4096;
 pub const NAME_MAX: usize = 255;
+/// Deepest path: one transaction makes every missing directory of `mkdir -p`, and etcd takes
+/// at most 128 operations in one by default.
+pub const DEPTH_MAX: usize = 100;
 
 /// A checked, normalised absolute path: `/` or `/a/b` (no trailing `/`, no empty, `.` or
 /// `..` component, no NUL).
@@ -37,7 +40,10 @@ impl NsPath {
         if trimmed.is_empty() {
             return Ok(NsPath::root());
         }
-        for name in trimmed[1..].split('/') {
+        for (depth, name) in trimmed[1..].split('/').enumerate() {
+            if depth == DEPTH_MAX {
+                return Err(bad(&format!("deeper than {DEPTH_MAX} components")));
+            }
             check_name(name).map_err(|why| bad(&why))?;
         }
         Ok(NsPath(trimmed.to_owned()))

@@ -4,8 +4,9 @@
 use crate::error::{ControlError, Result};
 use crate::model::{NodeRecord, NodeState};
 
-/// Most chunks placed by one request (a writer asks again for more).
-pub const MAX_CHUNKS_PER_PLACEMENT: u32 = 4096;
+/// Most chunks placed by one request (a writer asks again for more): each is one write of
+/// the placement's transaction, and etcd takes at most 128 by default.
+pub const MAX_CHUNKS_PER_PLACEMENT: u32 = 100;
 
 /// Replica node ids for chunks `first_index .. first_index + count` of file `file_id`.
 ///

@@ -16,7 +16,7 @@ use crate::model::{
 };
 use crate::namespace::{Found, Namespace};
 use crate::path::NsPath;
-use crate::store::{Check, Outcome, Txn};
+use crate::store::{Check, Entry, Outcome, Txn};
 
 const MAX_ATTEMPTS: usize = 16;
 pub const MAX_SNAPSHOT_NAME: usize = 128;
@@ -58,7 +58,7 @@ pub struct RollbackReport {
     pub unchanged: usize,
 }
 
-pub fn check_snapshot_name(name: &str) -> Result<()> {
+pub fn check_snapshot_name(field: &str, name: &str) -> Result<()> {
     let valid = !name.is_empty()
         && name.len() <= MAX_SNAPSHOT_NAME
         && name
@@ -68,7 +68,7 @@ pub fn check_snapshot_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(ControlError::InvalidArgument(format!(
-            "snapshot name {name:?}: 1 to {MAX_SNAPSHOT_NAME} characters of A-Z a-z 0-9 . _ -"
+            "{field} {name:?}: a snapshot name is 1 to {MAX_SNAPSHOT_NAME} characters of A-Z a-z 0-9 . _ -"
         )))
     }
 }
@@ -111,7 +111,7 @@ impl Namespace {
 
     /// Pins the versions of everything at and below `path` as snapshot `name`.
     pub async fn create_snapshot(&self, name: &str, path: &NsPath) -> Result<Snapshot> {
-        check_snapshot_name(name)?;
+        check_snapshot_name("name", name)?;
         let key = model::snapshot_key(name);
         for _ in 0..MAX_ATTEMPTS {
             if self.store.get(&key).await?.is_some() {
@@ -142,11 +142,17 @@ impl Namespace {
         )))
     }
 
-    pub async fn snapshot(&self, name: &str) -> Result<Snapshot> {
-        check_snapshot_name(name)?;
+    /// Snapshot `name` (`field` names the request field in errors).
+    pub async fn snapshot(&self, field: &str, name: &str) -> Result<Snapshot> {
+        Ok(self.snapshot_entry(field, name).await?.0)
+    }
+
+    /// The snapshot and the revision it was read at.
+    async fn snapshot_entry(&self, field: &str, name: &str) -> Result<(Snapshot, Entry)> {
+        check_snapshot_name(field, name)?;
         let key = model::snapshot_key(name);
         match self.store.get(&key).await? {
-            Some(entry) => model::decode(&entry.key, &entry.value),
+            Some(entry) => Ok((model::decode(&entry.key, &entry.value)?, entry)),
             None => Err(ControlError::NotFound(format!(
                 "snapshot {name}: no such snapshot"
             ))),
@@ -173,8 +179,8 @@ impl Namespace {
     /// Unpins a snapshot: what only it kept becomes garbage.
     pub async fn delete_snapshot(&self, name: &str) -> Result<()> {
         let key = model::snapshot_key(name);
+        check_snapshot_name("name", name)?;
         let Some(entry) = self.store.get(&key).await? else {
-            check_snapshot_name(name)?;
             return Err(ControlError::NotFound(format!(
                 "snapshot {name}: no such snapshot"
             )));
@@ -193,10 +199,10 @@ impl Namespace {
     /// How the subtree changed from snapshot `from` to snapshot `to`, or to the live
     /// namespace when `to` is `None`. Entries in path order.
     pub async fn diff(&self, from: &str, to: Option<&str>) -> Result<Vec<DiffEntry>> {
-        let before = self.snapshot(from).await?;
+        let before = self.snapshot("from", from).await?;
         let after: Vec<SnapshotEntry> = match to {
             Some(to) => {
-                let after = self.snapshot(to).await?;
+                let after = self.snapshot("to", to).await?;
                 if after.path != before.path {
                     return Err(ControlError::InvalidArgument(format!(
                         "snapshot {from} is of {}, snapshot {to} of {}: diff needs the same path",
@@ -248,13 +254,16 @@ impl Namespace {
 
     /// Restores the subtree to snapshot `name`, in one transaction.
     pub async fn rollback(&self, name: &str) -> Result<RollbackReport> {
-        let snapshot = self.snapshot(name).await?;
-        let top_path = NsPath::parse("snapshot path", &snapshot.path)?;
         for _ in 0..MAX_ATTEMPTS {
-            if let Some(report) = self.try_rollback(&snapshot, &top_path).await? {
+            // Read in every attempt and checked by its transaction: a snapshot deleted
+            // meanwhile no longer pins what the rollback would restore.
+            let (snapshot, entry) = self.snapshot_entry("name", name).await?;
+            let top_path = NsPath::parse("snapshot path", &snapshot.path)?;
+            if let Some(report) = self.try_rollback(&snapshot, &entry, &top_path).await? {
                 return Ok(report);
             }
         }
+        let snapshot = self.snapshot("name", name).await?;
         Err(ControlError::FailedPrecondition(format!(
             "rollback to {name}: {} kept changing; try again",
             snapshot.path
@@ -265,10 +274,12 @@ impl Namespace {
     async fn try_rollback(
         &self,
         snapshot: &Snapshot,
+        pinned: &Entry,
         top_path: &NsPath,
     ) -> Result<Option<RollbackReport>> {
         let now = model::now_ms();
         let mut txn = Txn::new();
+        txn.check(Check::At(pinned.key.clone(), pinned.revision));
         let mut report = RollbackReport::default();
         // The live subtree, by path relative to the top.
         let mut live: HashMap<String, Found> = HashMap::new();
@@ -451,6 +462,7 @@ impl Namespace {
                                 size: *size,
                                 settings: *settings,
                                 next_generation: 1,
+                                committed_generation: 0,
                             })
                         }
                     };

@@ -99,7 +99,6 @@ impl EtcdServer {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=tier0-test={peer}"))
-            .arg("--max-txn-ops=1024")
             // A lone member elects itself after one election timeout: keep it short, and with
             // it etcd's minimum lease ttl (1.5 election timeouts), so 1 s leases work.
             .arg("--heartbeat-interval=25")

@@ -7,14 +7,18 @@
 //! work is retried on the next pass.
 //!
 //! Collection never deletes too early. A version is kept while it is a file's current
-//! version or a snapshot pins it; snapshots only ever pin current versions, so a version
-//! that is neither can never be needed again. A chunk is kept while a kept version lists it
-//! or a writer may still commit it (pending, not expired). Chunk records are read *before*
-//! the versions: a chunk committed in between is then either still pending in the first
-//! read (kept) or listed by a version the second read sees. A collected chunk's record moves
-//! to `trash/` in the same transaction that removes it, and its replicas are deleted on the
-//! daemons afterwards, retried until every node has answered, so the metadata never points
-//! at deleted bytes and no deleted chunk is forgotten on a node that was down.
+//! version or a snapshot pins it; snapshots only pin current versions, and a rollback
+//! restores only versions of a snapshot that still exists when it commits (it checks the
+//! snapshot), so a version that is neither current nor pinned, deleted in a transaction that
+//! checks the file is unchanged, is never needed again. A chunk is kept while a version
+//! lists it or its writer may still commit it (before `expires_ms`). Chunk records are read
+//! *before* the versions, and each file's inodes in between: a chunk committed after the
+//! inode read conflicts with the collection's transaction, which rewrites the file's inode
+//! (every commit checks it), and one committed before it is listed by a version the last
+//! read sees. A collected chunk's replicas go to `trash/` in the same transaction that
+//! removes its record, as does a replica that re-replication replaced, and are deleted on
+//! the daemons afterwards, retried until each node has answered: the metadata never points at
+//! deleted bytes, and no replica is forgotten on a node that was down.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -25,8 +29,7 @@ use tier0_dataplane::store::ChunkId;
 
 use crate::error::{ControlError, Result};
 use crate::model::{
-    self, ChunkRecord, ChunkState, FileVersion, Inode, InodeKind, NodeRecord, NodeState, Snapshot,
-    SnapshotKind,
+    self, ChunkRecord, FileVersion, Inode, InodeKind, NodeRecord, NodeState, Snapshot, SnapshotKind,
 };
 use crate::namespace::parse_chunk_key;
 use crate::store::{Check, Entry, MetadataStore, Outcome, Txn};
@@ -48,11 +51,20 @@ pub struct UpkeepReport {
     pub problems: Vec<String>,
 }
 
-#[derive(Debug)]
 pub struct Upkeep {
     store: Arc<dyn MetadataStore>,
     token: Vec<u8>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for Upkeep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upkeep")
+            .field("store", &self.store)
+            .field("token", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 fn version_of_key(key: &str) -> Option<(u64, u64)> {
@@ -62,6 +74,38 @@ fn version_of_key(key: &str) -> Option<(u64, u64)> {
         u64::from_str_radix(file, 16).ok()?,
         u64::from_str_radix(version, 16).ok()?,
     ))
+}
+
+/// `trash/<file>/<index>/<generation>/<node>` → the chunk and the node.
+fn trash_of_key(key: &str) -> Option<(ChunkId, String)> {
+    let rest = key.strip_prefix(model::TRASH_PREFIX)?;
+    let mut parts = rest.splitn(4, '/');
+    let file = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let index = u32::from_str_radix(parts.next()?, 16).ok()?;
+    let generation = u32::from_str_radix(parts.next()?, 16).ok()?;
+    let node = parts.next()?.to_owned();
+    Some((
+        ChunkId {
+            file,
+            index,
+            generation,
+        },
+        node,
+    ))
+}
+
+/// Chunks a collection transaction removes at most (each is three or more operations; etcd
+/// takes 128 by default).
+const COLLECT_BATCH: usize = 32;
+/// Attempts to bump one file's layout version when it keeps changing.
+const BUMP_ATTEMPTS: usize = 8;
+
+/// Which chunks the kept versions list: their lengths, and the files whose versions list
+/// them.
+#[derive(Default)]
+struct Listed {
+    len: HashMap<ChunkId, u32>,
+    files: HashMap<ChunkId, HashSet<u64>>,
 }
 
 impl Upkeep {
@@ -90,9 +134,9 @@ impl Upkeep {
         Ok(nodes)
     }
 
-    async fn chunk_records(&self, prefix: &str) -> Result<Vec<(ChunkId, Entry, ChunkRecord)>> {
+    async fn chunk_records(&self) -> Result<Vec<(ChunkId, Entry, ChunkRecord)>> {
         let mut records = Vec::new();
-        for entry in self.store.scan(prefix).await? {
+        for entry in self.store.scan(model::CHUNKS_PREFIX).await? {
             let id = parse_chunk_key(&entry.key)?;
             let record: ChunkRecord = model::decode(&entry.key, &entry.value)?;
             records.push((id, entry, record));
@@ -100,78 +144,118 @@ impl Upkeep {
         Ok(records)
     }
 
-    /// Copies every committed chunk with a replica on a down or draining node to an up node,
-    /// then marks drained the draining nodes nothing needs.
+    async fn listed(&self) -> Result<Listed> {
+        let mut listed = Listed::default();
+        for entry in self.store.scan(model::VERSIONS_PREFIX).await? {
+            let version: FileVersion = model::decode(&entry.key, &entry.value)?;
+            let Some((file, _)) = version_of_key(&entry.key) else {
+                return Err(ControlError::Internal(format!(
+                    "metadata key {:?} is not a version",
+                    entry.key
+                )));
+            };
+            for chunk in &version.chunks {
+                listed.len.insert(chunk.id, chunk.len);
+                listed.files.entry(chunk.id).or_default().insert(file);
+            }
+        }
+        Ok(listed)
+    }
+
+    /// Copies every listed chunk with a replica on a down, draining or drained node to an up
+    /// node, then marks drained the draining nodes nothing names.
     pub async fn repair(&self, report: &mut UpkeepReport) -> Result<()> {
         let nodes = self.nodes().await?;
+        let now = model::now_ms();
         let lost = |id: &str| {
-            nodes
-                .get(id)
-                .is_none_or(|n| matches!(n.state, NodeState::Down | NodeState::Draining))
+            nodes.get(id).is_none_or(|n| {
+                matches!(
+                    n.state,
+                    NodeState::Down | NodeState::Draining | NodeState::Drained
+                )
+            })
         };
-        let readable = |id: &str| {
-            nodes
-                .get(id)
-                .is_some_and(|n| matches!(n.state, NodeState::Up | NodeState::Draining))
+        // A replica can be read from a node that serves and still heartbeats.
+        let serving = |id: &str| {
+            nodes.get(id).is_some_and(|n| {
+                matches!(n.state, NodeState::Up | NodeState::Draining) && n.lease_expires_ms > now
+            })
         };
         let mut up: Vec<&NodeRecord> = nodes
             .values()
-            .filter(|n| n.state == NodeState::Up)
+            .filter(|n| n.state == NodeState::Up && n.lease_expires_ms > now)
             .collect();
         up.sort_by(|a, b| a.id.cmp(&b.id));
+        let listed = self.listed().await?;
         let mut moved_files: HashSet<u64> = HashSet::new();
-        let mut moved_chunks: HashSet<ChunkId> = HashSet::new();
-        let records = self.chunk_records(model::CHUNKS_PREFIX).await?;
-        for (id, entry, record) in &records {
-            if record.state != ChunkState::Committed || !record.replicas.iter().any(|r| lost(r)) {
+        for (id, entry, record) in self.chunk_records().await? {
+            let Some(&len) = listed.len.get(&id) else {
+                // Not committed: its writer's to finish, or garbage.
+                continue;
+            };
+            if !record.replicas.iter().any(|r| lost(r)) {
                 continue;
             }
-            let Some(source) = record.replicas.iter().find(|r| readable(r)) else {
+            // Up replicas first, then draining ones.
+            let mut sources: Vec<&String> = record.replicas.iter().filter(|r| serving(r)).collect();
+            sources.sort_by_key(|r| nodes[r.as_str()].state != NodeState::Up);
+            if sources.is_empty() {
                 report.problems.push(format!(
-                    "chunk {id}: every replica is on a down node ({}); it cannot be copied",
+                    "chunk {id}: no replica is on a serving node ({}); it cannot be copied",
                     record.replicas.join(", ")
                 ));
                 continue;
-            };
-            let mut replicas: Vec<String> = record
+            }
+            let kept: Vec<String> = record
                 .replicas
                 .iter()
                 .filter(|r| !lost(r))
                 .cloned()
                 .collect();
-            for _ in 0..record.replicas.len() - replicas.len() {
-                let Some(target) = choose_target(&up, &replicas, &nodes, *id) else {
+            let gone: Vec<String> = record
+                .replicas
+                .iter()
+                .filter(|r| lost(r))
+                .cloned()
+                .collect();
+            let mut copies: Vec<String> = Vec::new();
+            for _ in 0..gone.len() {
+                let holding: Vec<String> =
+                    kept.iter().chain(&copies).chain(&gone).cloned().collect();
+                let Some(target) = choose_target(&up, &holding, &nodes, id) else {
                     report.problems.push(format!(
                         "chunk {id}: no up node without a replica of it to copy to"
                     ));
                     break;
                 };
-                let from = nodes[source].address.clone();
                 let to = nodes[&target].address.clone();
-                match self.copy(*id, record.len, from, to).await {
-                    Ok(()) => {
-                        report.replicas_copied += 1;
-                        replicas.push(target);
-                    }
-                    Err(problem) => {
-                        report.problems.push(problem);
-                        break;
+                let mut failures = Vec::new();
+                for source in &sources {
+                    let from = nodes[source.as_str()].address.clone();
+                    match self.copy(id, len, from, to.clone()).await {
+                        Ok(()) => {
+                            failures.clear();
+                            break;
+                        }
+                        Err(problem) => failures.push(problem),
                     }
                 }
+                if !failures.is_empty() {
+                    report.problems.extend(failures);
+                    break;
+                }
+                report.replicas_copied += 1;
+                copies.push(target);
             }
-            // Keep the lost replicas that were not replaced: a draining node still serves.
-            let replaced = replicas.len() - record.replicas.iter().filter(|r| !lost(r)).count();
-            let mut unreplaced: Vec<String> = record
-                .replicas
-                .iter()
-                .filter(|r| lost(r))
-                .skip(replaced)
-                .cloned()
-                .collect();
-            if replaced == 0 {
+            if copies.is_empty() {
                 continue;
             }
-            replicas.append(&mut unreplaced);
+            // The copies replace the first lost replicas; the rest stay named (a draining
+            // node still serves) until a later pass replaces them too.
+            let (replaced, remaining) = gone.split_at(copies.len());
+            let mut replicas = kept.clone();
+            replicas.extend(copies.iter().cloned());
+            replicas.extend(remaining.iter().cloned());
             let updated = ChunkRecord {
                 replicas,
                 ..record.clone()
@@ -179,25 +263,31 @@ impl Upkeep {
             let mut txn = Txn::new();
             txn.check(Check::At(entry.key.clone(), entry.revision))
                 .put(entry.key.clone(), model::encode(&updated));
-            if let Outcome::Committed(_) = self.store.commit(&txn).await? {
-                moved_chunks.insert(*id);
-                tracing::info!(chunk = %id, replicas = ?updated.replicas, "chunk re-replicated");
+            for node in replaced {
+                txn.put(model::trash_key(id, node), b"{}".to_vec());
             }
-        }
-        if !moved_chunks.is_empty() {
-            for entry in self.store.scan(model::VERSIONS_PREFIX).await? {
-                let version: FileVersion = model::decode(&entry.key, &entry.value)?;
-                if version.chunks.iter().any(|c| moved_chunks.contains(&c.id))
-                    && let Some((file, _)) = version_of_key(&entry.key)
-                {
-                    moved_files.insert(file);
+            match self.store.commit(&txn).await? {
+                Outcome::Committed(_) => {
+                    tracing::info!(chunk = %id, replicas = ?updated.replicas, "chunk re-replicated");
+                    if let Some(files) = listed.files.get(&id) {
+                        moved_files.extend(files);
+                    }
+                }
+                Outcome::Conflict => {
+                    // The record moved (collected, or repaired meanwhile): the copies are
+                    // nobody's; delete them later.
+                    let mut orphans = Txn::new();
+                    for node in &copies {
+                        orphans.put(model::trash_key(id, node), b"{}".to_vec());
+                    }
+                    self.store.commit(&orphans).await?;
                 }
             }
-            self.bump_layouts(&moved_files).await?;
         }
+        self.bump_layouts(&moved_files).await?;
         // A draining node that no chunk names any more is drained.
         let still_named: HashSet<String> = self
-            .chunk_records(model::CHUNKS_PREFIX)
+            .chunk_records()
             .await?
             .into_iter()
             .flat_map(|(_, _, record)| record.replicas)
@@ -226,27 +316,42 @@ impl Upkeep {
     }
 
     /// A new layout version (and fence) for each file, so cached layouts that still name the
-    /// old replicas are refreshed.
+    /// old replicas are refreshed; retried while the file keeps changing.
     async fn bump_layouts(&self, files: &HashSet<u64>) -> Result<()> {
         if files.is_empty() {
             return Ok(());
         }
+        let mut keys: HashMap<u64, String> = HashMap::new();
         for entry in self.store.scan(model::INODES_PREFIX).await? {
-            let mut inode: Inode = model::decode(&entry.key, &entry.value)?;
-            if !files.contains(&inode.id) {
-                continue;
+            let inode: Inode = model::decode(&entry.key, &entry.value)?;
+            if files.contains(&inode.id) {
+                keys.insert(inode.id, entry.key);
             }
-            let InodeKind::File(state) = &mut inode.kind else {
-                continue;
-            };
-            state.layout_version += 1;
-            let fence = model::encode(&state.layout_version);
-            let mut txn = Txn::new();
-            txn.check(Check::At(entry.key.clone(), entry.revision))
-                .put(entry.key.clone(), model::encode(&inode))
-                .put(model::fence_key(inode.id), fence);
-            // A conflict means the file changed (a commit bumps the layout version itself).
-            self.store.commit(&txn).await?;
+        }
+        for (file, key) in keys {
+            for _ in 0..BUMP_ATTEMPTS {
+                // A file renamed or deleted meanwhile: a rename keeps the id, so look again.
+                let entry = match self.store.get(&key).await? {
+                    Some(entry) => entry,
+                    None => break,
+                };
+                let mut inode: Inode = model::decode(&entry.key, &entry.value)?;
+                let InodeKind::File(state) = &mut inode.kind else {
+                    break;
+                };
+                if inode.id != file {
+                    break;
+                }
+                state.layout_version += 1;
+                let fence = model::encode(&state.layout_version);
+                let mut txn = Txn::new();
+                txn.check(Check::At(entry.key.clone(), entry.revision))
+                    .put(entry.key.clone(), model::encode(&inode))
+                    .put(model::fence_key(inode.id), fence);
+                if let Outcome::Committed(_) = self.store.commit(&txn).await? {
+                    break;
+                }
+            }
         }
         Ok(())
     }
@@ -291,21 +396,15 @@ impl Upkeep {
     }
 
     /// Removes what no file, snapshot or writer needs: version records, then chunk records
-    /// (to the trash), then the trashed chunks' replicas on the daemons.
+    /// (their replicas to the trash), then the trashed replicas on the daemons.
     pub async fn collect(&self, report: &mut UpkeepReport) -> Result<()> {
         // Ids above the counter were handed out after this point: their files are too new
-        // to judge from the scan below.
+        // to judge from the scans below.
         let counter: u64 = match self.store.get(model::INODE_COUNTER_KEY).await? {
             Some(entry) => model::decode(&entry.key, &entry.value)?,
             None => model::ROOT_ID,
         };
-        let mut current: HashMap<u64, (Entry, u64)> = HashMap::new();
-        for entry in self.store.scan(model::INODES_PREFIX).await? {
-            let inode: Inode = model::decode(&entry.key, &entry.value)?;
-            if let InodeKind::File(state) = &inode.kind {
-                current.insert(inode.id, (entry, state.version));
-            }
-        }
+        let current = self.file_inodes().await?;
         let mut pinned: HashSet<(u64, u64)> = HashSet::new();
         for entry in self.store.scan(model::SNAPSHOTS_PREFIX).await? {
             let snapshot: Snapshot = model::decode(&entry.key, &entry.value)?;
@@ -333,47 +432,72 @@ impl Upkeep {
             doomed.entry(file).or_default().push(entry);
         }
         for (file, versions) in doomed {
-            let mut txn = Txn::new();
-            // The file must not have changed since it was read (a rollback may have made
-            // one of these versions current again).
-            if let Some((inode, _)) = current.get(&file) {
-                txn.check(Check::At(inode.key.clone(), inode.revision));
-            }
-            for version in &versions {
-                txn.check(Check::At(version.key.clone(), version.revision))
-                    .delete(version.key.clone());
-            }
-            if let Outcome::Committed(_) = self.store.commit(&txn).await? {
-                report.versions_collected += versions.len() as u64;
+            for batch in versions.chunks(COLLECT_BATCH * 2) {
+                let mut txn = Txn::new();
+                // The file must not have changed since it was read (a rollback may have
+                // made one of these versions current again).
+                if let Some((inode, _)) = current.get(&file) {
+                    txn.check(Check::At(inode.key.clone(), inode.revision));
+                }
+                for version in batch {
+                    txn.check(Check::At(version.key.clone(), version.revision))
+                        .delete(version.key.clone());
+                }
+                if let Outcome::Committed(_) = self.store.commit(&txn).await? {
+                    report.versions_collected += batch.len() as u64;
+                }
             }
         }
 
-        // Chunk records before the versions that keep them (see the module comment).
-        let records = self.chunk_records(model::CHUNKS_PREFIX).await?;
-        let mut listed: HashSet<ChunkId> = HashSet::new();
-        let mut files_with_versions: HashSet<u64> = HashSet::new();
-        for entry in self.store.scan(model::VERSIONS_PREFIX).await? {
-            let version: FileVersion = model::decode(&entry.key, &entry.value)?;
-            listed.extend(version.chunks.iter().map(|c| c.id));
-            if let Some((file, _)) = version_of_key(&entry.key) {
-                files_with_versions.insert(file);
-            }
-        }
+        // Chunk records, then the files' inodes, then the versions (see the module comment).
+        let records = self.chunk_records().await?;
+        let mut inodes = self.file_states().await?;
+        let listed = self.listed().await?;
         let now = model::now_ms();
+        let mut garbage: BTreeMap<u64, Vec<(ChunkId, Entry, ChunkRecord)>> = BTreeMap::new();
         for (id, entry, record) in records {
-            let needed = match record.state {
-                ChunkState::Pending { expires_ms } => expires_ms > now || listed.contains(&id),
-                ChunkState::Committed => listed.contains(&id),
-            };
-            if needed {
+            if id.file > counter || listed.len.contains_key(&id) {
                 continue;
             }
-            let mut txn = Txn::new();
-            txn.check(Check::At(entry.key.clone(), entry.revision))
-                .delete(entry.key.clone())
-                .put(model::trash_key(id), entry.value.clone());
-            if let Outcome::Committed(_) = self.store.commit(&txn).await? {
-                report.chunks_collected += 1;
+            // No writer can commit it any more: its file is gone, a commit came after it was
+            // placed (see `FileState::committed_generation`), or its deadline passed.
+            let orphaned = match inodes.get(&id.file) {
+                None => true,
+                Some((_, state)) => id.generation < state.committed_generation,
+            };
+            if !orphaned && record.expires_ms > now {
+                continue;
+            }
+            garbage
+                .entry(id.file)
+                .or_default()
+                .push((id, entry, record));
+        }
+        for (file, chunks) in garbage {
+            for batch in chunks.chunks(COLLECT_BATCH) {
+                let mut txn = Txn::new();
+                // Rewriting the file's inode makes a commit that read these records conflict.
+                if let Some((inode, _)) = inodes.get(&file) {
+                    txn.check(Check::At(inode.key.clone(), inode.revision))
+                        .put(inode.key.clone(), inode.value.clone());
+                }
+                for (id, entry, record) in batch {
+                    txn.check(Check::At(entry.key.clone(), entry.revision))
+                        .delete(entry.key.clone());
+                    for node in &record.replicas {
+                        txn.put(model::trash_key(*id, node), b"{}".to_vec());
+                    }
+                }
+                match self.store.commit(&txn).await? {
+                    Outcome::Committed(revision) => {
+                        report.chunks_collected += batch.len() as u64;
+                        if let Some((inode, _)) = inodes.get_mut(&file) {
+                            inode.revision = revision;
+                        }
+                    }
+                    // The file changed: its garbage waits for the next pass.
+                    Outcome::Conflict => break,
+                }
             }
         }
 
@@ -383,10 +507,11 @@ impl Upkeep {
                 .key
                 .strip_prefix(model::FENCES_PREFIX)
                 .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+            let has_versions = |file: u64| listed.files.values().any(|files| files.contains(&file));
             if let Some(file) = file
                 && file <= counter
-                && !current.contains_key(&file)
-                && !files_with_versions.contains(&file)
+                && !inodes.contains_key(&file)
+                && !has_versions(file)
             {
                 let mut txn = Txn::new();
                 txn.check(Check::At(entry.key.clone(), entry.revision))
@@ -395,44 +520,66 @@ impl Upkeep {
             }
         }
 
-        // The trash: delete every replica, then forget the chunk.
+        // The trash: delete each replica on its node, then forget it.
         let nodes = self.nodes().await?;
-        for (id, entry, record) in self.chunk_records(model::TRASH_PREFIX).await? {
-            let mut remaining = Vec::new();
-            for replica in &record.replicas {
-                let Some(node) = nodes.get(replica) else {
-                    // A node that is no longer registered holds nothing we can reach.
-                    continue;
-                };
-                if node.state == NodeState::Down {
+        for entry in self.store.scan(model::TRASH_PREFIX).await? {
+            let Some((id, node)) = trash_of_key(&entry.key) else {
+                return Err(ControlError::Internal(format!(
+                    "metadata key {:?} is not a trashed replica",
+                    entry.key
+                )));
+            };
+            let done = match nodes.get(&node) {
+                // A node that is no longer registered holds nothing we can reach.
+                None => true,
+                Some(record)
+                    if record.state == NodeState::Down || record.lease_expires_ms <= now =>
+                {
                     report.problems.push(format!(
-                        "chunk {id}: replica on {replica} waits for the node to come back"
+                        "chunk {id}: its replica on {node} waits for the node to come back"
                     ));
-                    remaining.push(replica.clone());
-                    continue;
+                    false
                 }
-                match self.delete_replica(id, node.address.clone()).await {
-                    Ok(()) => report.replicas_deleted += 1,
+                Some(record) => match self.delete_replica(id, record.address.clone()).await {
+                    Ok(()) => {
+                        report.replicas_deleted += 1;
+                        true
+                    }
                     Err(problem) => {
                         report.problems.push(problem);
-                        remaining.push(replica.clone());
+                        false
                     }
-                }
+                },
+            };
+            if done {
+                let mut txn = Txn::new();
+                txn.check(Check::At(entry.key.clone(), entry.revision))
+                    .delete(entry.key.clone());
+                self.store.commit(&txn).await?;
             }
-            let mut txn = Txn::new();
-            txn.check(Check::At(entry.key.clone(), entry.revision));
-            if remaining.is_empty() {
-                txn.delete(entry.key.clone());
-            } else {
-                let left = ChunkRecord {
-                    replicas: remaining,
-                    ..record
-                };
-                txn.put(entry.key.clone(), model::encode(&left));
-            }
-            self.store.commit(&txn).await?;
         }
         Ok(())
+    }
+
+    /// Every file's inode entry and current version, by file id.
+    async fn file_inodes(&self) -> Result<HashMap<u64, (Entry, u64)>> {
+        Ok(self
+            .file_states()
+            .await?
+            .into_iter()
+            .map(|(id, (entry, state))| (id, (entry, state.version)))
+            .collect())
+    }
+
+    async fn file_states(&self) -> Result<HashMap<u64, (Entry, model::FileState)>> {
+        let mut files = HashMap::new();
+        for entry in self.store.scan(model::INODES_PREFIX).await? {
+            let inode: Inode = model::decode(&entry.key, &entry.value)?;
+            if let InodeKind::File(state) = inode.kind {
+                files.insert(inode.id, (entry, state));
+            }
+        }
+        Ok(files)
     }
 }
 

@@ -47,7 +47,9 @@ impl Cluster {
             token.clone(),
             StoreChoice::Redb(dir.path().join("metadata.redb")),
         );
-        config.node_lease = Duration::from_millis(800);
+        // Long enough that four daemons' agents on a loaded two-core machine never miss it
+        // (they heartbeat every 100 ms); a dead node is still marked down within ~3 s.
+        config.node_lease = Duration::from_secs(2);
         // Upkeep runs when the test asks (RunUpkeep), so each step is observable.
         config.upkeep_interval = Duration::from_secs(3600);
         config.defaults.chunk_size = CHUNK;
@@ -58,7 +60,7 @@ impl Cluster {
             let fences = Arc::clone(daemons.fences(index).unwrap());
             agents.push(Some(
                 Agent::spawn(AgentConfig {
-                    control: url.clone(),
+                    control: vec![url.clone()],
                     token: token.clone(),
                     node_id: node_id(index),
                     address: daemons.addr(index).to_string(),

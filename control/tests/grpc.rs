@@ -43,7 +43,7 @@ impl Harness {
             }
         };
         let mut config = ControlConfig::new("127.0.0.1:0".parse().unwrap(), TOKEN.to_vec(), choice);
-        config.node_lease = Duration::from_millis(600);
+        config.node_lease = Duration::from_millis(1500);
         config.leader_ttl = Duration::from_secs(1);
         let server = ControlServer::start(config.clone()).await.unwrap();
         let client = ControlClient::connect(&server.local_addr().to_string(), TOKEN)
@@ -595,9 +595,11 @@ async fn membership(mut h: Harness) {
         nodes(&mut h).await,
         [("n1".to_owned(), up), ("n2".to_owned(), up)]
     );
-    // n1 heartbeats; n2 stops: its 600 ms lease expires and the leader marks it down.
+    // n1 heartbeats; n2 stops: its 1.5 s lease expires and the leader marks it down. Health
+    // is read right after n1's heartbeat, in the same round as the node list, so n1's lease
+    // is fresh in both and n1 is up in both.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let health = loop {
         h.client
             .cluster
             .heartbeat(proto::HeartbeatRequest {
@@ -606,22 +608,23 @@ async fn membership(mut h: Harness) {
             })
             .await
             .unwrap();
-        if nodes(&mut h).await == [("n1".to_owned(), up), ("n2".to_owned(), down)] {
-            break;
+        let health = h
+            .client
+            .admin
+            .health(proto::HealthRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let listed = nodes(&mut h).await;
+        if listed == [("n1".to_owned(), up), ("n2".to_owned(), down)] && health.nodes_down == 1 {
+            break health;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "n2 was never marked down"
+            "n2 was never marked down: {listed:?}, {health:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let health = h
-        .client
-        .admin
-        .health(proto::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    };
     assert_eq!(health.status, "degraded");
     assert!(health.leader, "the only control plane leads");
     assert_eq!(health.leader_id, health.control_id);
@@ -726,6 +729,17 @@ async fn survives_restart(mut h: Harness) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_the_token_are_unauthenticated() {
     let h = Harness::start(Store::Redb).await;
+    // The config's Debug (it ends up in logs) keeps the token out, in either spelling.
+    let shown = format!("{:?}", h.config);
+    assert!(shown.contains("token: \"<redacted>\""), "{shown}");
+    assert!(
+        !shown.contains("grpc-test-token") && !shown.contains(&format!("{:?}", TOKEN.to_vec())),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("node_lease"),
+        "the other fields stay: {shown}"
+    );
     let addr = h.server.as_ref().unwrap().local_addr();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -926,18 +940,7 @@ async fn watch_pushes_layout_changes() {
     h.write("/elsewhere", 10).await;
     let layout = h.write("/watched/sub/f", 10).await;
     // Create, placement and commit each rewrite f's record; the watch ends with the commit.
-    let mut seen = Vec::new();
-    while seen
-        .last()
-        .is_none_or(|c: &proto::LayoutChange| c.version == 0)
-    {
-        let change = tokio::time::timeout(Duration::from_secs(5), changes.message())
-            .await
-            .expect("a change within 5 s")
-            .unwrap()
-            .unwrap();
-        seen.push(change);
-    }
+    let seen = until_version(&mut changes, 1).await;
     assert!(
         seen.iter()
             .all(|c| c.file_id == layout.file_id && c.name == "f"),
@@ -956,6 +959,153 @@ async fn watch_pushes_layout_changes() {
         })
         .await
         .unwrap();
-    let deleted = changes.message().await.unwrap().unwrap();
+    let deleted = next_change(&mut changes).await;
     assert!(deleted.deleted && deleted.name == "f", "{deleted:?}");
+
+    // A directory moved into the watched tree brings its subdirectories: a new version of a
+    // file two levels below it is seen, though the watch never saw those directories made
+    // (and a new version writes no directory's record: only the file's).
+    let before = h.write("/outside/moved/deep/g", 10).await;
+    h.client
+        .namespace
+        .rename(proto::RenameRequest {
+            from: "/outside/moved".to_owned(),
+            to: "/watched/moved".to_owned(),
+        })
+        .await
+        .unwrap();
+    let after = h.write("/watched/moved/deep/g", 20).await;
+    assert_eq!((after.file_id, after.version), (before.file_id, 2));
+    let seen = until_version(&mut changes, 2).await;
+    assert!(
+        seen.iter()
+            .all(|c| c.file_id == before.file_id && c.name == "g" && !c.deleted),
+        "{seen:?}"
+    );
+    assert_eq!(seen.last().unwrap().version, 2);
+
+    // Moved out again, it leaves the watch, with what is below it: the next change seen is
+    // the marker's, not that of the file committed out there first.
+    h.client
+        .namespace
+        .rename(proto::RenameRequest {
+            from: "/watched/moved".to_owned(),
+            to: "/outside/back".to_owned(),
+        })
+        .await
+        .unwrap();
+    let gone = next_change(&mut changes).await;
+    assert!(gone.deleted && gone.name == "moved", "{gone:?}");
+    h.write("/outside/back/deep/h", 10).await;
+    let marker = h.write("/watched/marker", 10).await;
+    let seen = until_version(&mut changes, 1).await;
+    assert!(
+        seen.iter()
+            .all(|c| c.file_id == marker.file_id && c.name == "marker"),
+        "{seen:?}"
+    );
+}
+
+/// The next change on a watch, within 5 s.
+async fn next_change(changes: &mut tonic::Streaming<proto::LayoutChange>) -> proto::LayoutChange {
+    tokio::time::timeout(Duration::from_secs(5), changes.message())
+        .await
+        .expect("a change within 5 s")
+        .expect("the watch stays healthy")
+        .expect("the watch does not end")
+}
+
+/// Changes up to and including the first at `version` (the commit of that version: until
+/// then placement rewrites the record at the version before).
+async fn until_version(
+    changes: &mut tonic::Streaming<proto::LayoutChange>,
+    version: u64,
+) -> Vec<proto::LayoutChange> {
+    let mut seen = Vec::new();
+    while seen
+        .last()
+        .is_none_or(|c: &proto::LayoutChange| c.version != version)
+    {
+        seen.push(next_change(changes).await);
+    }
+    seen
+}
+
+/// A client that goes away ends its watch on the server, even if no change of its ever
+/// comes: the server's forwarding task (and its store watch) does not linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_its_client_goes_away() {
+    let mut h = Harness::start(Store::Redb).await;
+    h.register("n1", "").await;
+    h.register("n2", "").await;
+    h.write("/quiet/before", 10).await;
+    h.write("/loud/before", 10).await;
+    // The server runs on this test's runtime: its tasks are counted here.
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = alive();
+    for _ in 0..3 {
+        let changes = h
+            .client
+            .namespace
+            .watch_layouts(proto::WatchLayoutsRequest {
+                path: "/quiet".to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        drop(changes);
+    }
+    // Changes elsewhere only: a forwarding task that waited for one of its own to find the
+    // client gone would wait forever.
+    h.write("/loud/f", 10).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while alive() > baseline {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watch tasks outlived their clients: {} alive, {baseline} before",
+            alive()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new watch still works.
+    let mut changes = h
+        .client
+        .namespace
+        .watch_layouts(proto::WatchLayoutsRequest {
+            path: "/quiet".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let layout = h.write("/quiet/f", 10).await;
+    let seen = until_version(&mut changes, 1).await;
+    assert_eq!(seen.last().unwrap().file_id, layout.file_id);
+}
+
+/// A watch whose store watch ends (here etcd dies) says so, as `Unavailable`, rather than
+/// ending as if nothing more would ever change: the client's cache may have missed changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_loses_its_store_says_so() {
+    let mut h = Harness::start(Store::Etcd).await;
+    let mut changes = h
+        .client
+        .namespace
+        .watch_layouts(proto::WatchLayoutsRequest {
+            path: "/".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    h._etcd.as_mut().unwrap().kill();
+    let ended = tokio::time::timeout(Duration::from_secs(10), changes.message())
+        .await
+        .expect("the watch ends within 10 s of its store");
+    let status = ended.expect_err("an error, not a quiet end");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("watch again"), "{status:?}");
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use tier0_control_api::client::ControlClient;
+use tier0_control_api::client::{ControlClient, Timeouts};
 
 #[derive(Debug, Clone, Args)]
 pub struct ControlArgs {
@@ -52,8 +52,17 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub async fn connect(args: &ControlArgs) -> anyhow::Result<ControlClient> {
     let token = read_token(args.token_file.as_ref())?;
-    Ok(ControlClient::connect(&args.control, &token).await?)
+    // A command's call may be a whole upkeep pass or the rollback of a large tree: it gets
+    // long, not forever. A control plane that dies is noticed sooner, by keepalive.
+    let timeouts = Timeouts {
+        request: COMMAND_TIMEOUT,
+        ..Timeouts::default()
+    };
+    Ok(ControlClient::connect_with(&args.control, &token, timeouts).await?)
 }
+
+/// The longest one command's call waits for its reply.
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A failed call as one line: what was asked, where, and the server's reason.
 pub fn failed(what: &str, url: &str, status: tonic::Status) -> anyhow::Error {

@@ -113,9 +113,23 @@ pub fn ls(args: LsArgs) -> anyhow::Result<()> {
             .await
             .map_err(|s| failed(&format!("ls {}", args.path), &client.url, s))?
             .into_inner();
-        let is_file_itself = reply.entries.len() == 1
-            && reply.entries[0].kind == proto::EntryKind::File as i32
-            && reply.path.ends_with(&format!("/{}", reply.entries[0].name));
+        // A file lists as itself, a directory as its entries: one file listed is the path
+        // itself only if it is the inode the path names (`/x/y` may be a directory holding
+        // a file `y`), which its name alone cannot tell.
+        let is_file_itself = match reply.entries.as_slice() {
+            [only] if only.kind == proto::EntryKind::File as i32 => {
+                let stat = client
+                    .namespace
+                    .stat(proto::StatRequest {
+                        path: args.path.clone(),
+                    })
+                    .await
+                    .map_err(|s| failed(&format!("ls {}", args.path), &client.url, s))?
+                    .into_inner();
+                stat.entry.is_some_and(|entry| entry.id == only.id)
+            }
+            _ => false,
+        };
         let path_of = |entry: &proto::Entry| {
             if is_file_itself {
                 reply.path.clone()

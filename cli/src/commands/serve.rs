@@ -72,17 +72,28 @@ pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> 
     let value: u64 = number
         .parse()
         .map_err(|_| format!("{text:?}: expected a number and a unit (500ms, 10s, 2m)"))?;
-    let millis = match unit {
-        "ms" => value,
-        "s" => value * 1000,
-        "m" => value * 60_000,
+    let scale: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
         _ => return Err(format!("{text:?}: unit must be ms, s or m")),
     };
+    let millis = value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{text:?}: too long"))?;
     if millis == 0 {
         return Err(format!("{text:?}: must be more than zero"));
     }
+    // Leases and periods are added to clocks in milliseconds downstream: keep them far from
+    // overflowing there.
+    if millis > MAX_DURATION_MS {
+        return Err(format!("{text:?}: at most a year"));
+    }
     Ok(std::time::Duration::from_millis(millis))
 }
+
+/// The longest `parse_duration` takes: a year.
+const MAX_DURATION_MS: u64 = 365 * 24 * 3600 * 1000;
 
 #[derive(Debug, Args)]
 pub struct DataArgs {
@@ -128,9 +139,16 @@ pub struct DataArgs {
     #[arg(long, default_value = "auto")]
     rdma: RdmaMode,
     /// Register with this control plane and heartbeat to it (fences on stale layouts come
-    /// back with each heartbeat). Without it the daemon serves alone.
-    #[arg(long, env = "TIER0_CONTROL", value_name = "URL")]
-    control: Option<String>,
+    /// back with each heartbeat). Several, comma-separated (control planes sharing one
+    /// etcd): when the one in use fails, the daemon moves to the next. Without it the
+    /// daemon serves alone.
+    #[arg(
+        long,
+        env = "TIER0_CONTROL",
+        value_name = "URL[,URL…]",
+        value_delimiter = ','
+    )]
+    control: Vec<String>,
     /// The address other hosts reach this daemon at (default: --listen, which must then
     /// not be a wildcard address).
     #[arg(long, value_name = "HOST:PORT")]
@@ -253,9 +271,17 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
         rdma: args.rdma.clone(),
     };
     let daemon = DataDaemon::start(&config, &plan)?;
-    let agent = match &args.control {
-        Some(control) => Some(spawn_agent(&args, control, &config, &daemon, &machine)?),
-        None => None,
+    let control: Vec<String> = args
+        .control
+        .iter()
+        .map(|url| url.trim())
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let agent = if control.is_empty() {
+        None
+    } else {
+        Some(spawn_agent(&args, control, &config, &daemon, &machine)?)
     };
     let mut stdout = std::io::stdout().lock();
     writeln!(
@@ -278,7 +304,7 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
 /// daemon's fences with what each heartbeat brings.
 fn spawn_agent(
     args: &DataArgs,
-    control: &str,
+    control: Vec<String>,
     config: &DataDaemonConfig,
     daemon: &DataDaemon,
     machine: &tier0_topology::Machine,
@@ -316,7 +342,7 @@ fn spawn_agent(
         failure_domain: args.failure_domain.clone(),
     };
     Agent::spawn(AgentConfig {
-        control: control.to_owned(),
+        control,
         token: config.token.clone(),
         node_id: config.node.clone(),
         address,
@@ -368,4 +394,29 @@ fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())
         .unwrap_or_else(|_| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_duration;
+
+    #[test]
+    fn durations_parse_and_overflow_is_an_error() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["0s", "5h", "ms", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        // value * 1000 and value * 60000 overflow u64: an error, not a panic or a wrap.
+        let huge = format!("{}s", u64::MAX / 10);
+        assert!(parse_duration(&huge).unwrap_err().contains("too long"));
+        let huge = format!("{}m", u64::MAX / 1000);
+        assert!(parse_duration(&huge).unwrap_err().contains("too long"));
+        assert!(parse_duration("366d").is_err());
+        assert!(parse_duration("600000m").unwrap_err().contains("a year"));
+    }
 }

@@ -2,16 +2,18 @@
 //! within its lease, and hands the fences each heartbeat brings to the data daemon.
 //!
 //! It runs on its own thread with its own small runtime, so a daemon (whose workers are
-//! plain threads) needs no async code of its own. A control plane that is unreachable is
-//! retried every heartbeat interval; one that forgot the node (a fresh store) gets it
-//! registered again, with all fences sent anew.
+//! plain threads) needs no async code of its own. It knows one or more control planes (of one
+//! cluster, on one etcd): when the one it talks to fails (unreachable, dead, hung, or its
+//! store away), it registers with the next at once, and only once every one has failed does
+//! it wait a heartbeat interval before going round again. One that forgot the node (a fresh
+//! store) gets it registered again, with all fences sent anew.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::client::ControlClient;
+use crate::client::{ControlClient, Timeouts};
 use crate::proto;
 
 /// Receives `(file id, lowest valid layout version)` pairs.
@@ -20,7 +22,9 @@ pub type FenceSink = Box<dyn Fn(&[(u64, u64)]) + Send>;
 pub type FreeBytes = Box<dyn Fn() -> u64 + Send>;
 
 pub struct AgentConfig {
-    pub control: String,
+    /// The control planes' URLs (`http://host:port` or `host:port`), tried in this order;
+    /// at least one. Several must share one store (etcd).
+    pub control: Vec<String>,
     pub token: Vec<u8>,
     pub node_id: String,
     /// The data daemon's address as other hosts reach it.
@@ -52,6 +56,12 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(config: AgentConfig) -> std::io::Result<Agent> {
+        if config.control.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "membership agent: no control plane URL",
+            ));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let registered = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
@@ -112,18 +122,86 @@ async fn pause(period: Duration, stop: &AtomicBool) -> bool {
     !stop.load(Ordering::Acquire)
 }
 
+/// The control planes an agent may talk to, and which one it talks to now. A failure moves
+/// it to the next; once every one has failed in a row, it waits a retry period first.
+struct Planes<'a> {
+    urls: &'a [String],
+    current: usize,
+    /// Failures in a row, across the planes.
+    failures: usize,
+}
+
+impl Planes<'_> {
+    fn url(&self) -> &str {
+        &self.urls[self.current]
+    }
+
+    /// Moves to the next plane after a failure of this one. `false` when every plane has
+    /// failed since the last success: time to wait before going round again.
+    fn failed(&mut self) -> bool {
+        self.failures += 1;
+        self.current = (self.current + 1) % self.urls.len();
+        !self.failures.is_multiple_of(self.urls.len())
+    }
+
+    /// This plane works: the next failure starts a new outage.
+    fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Whether this failure is the first of the plane in this outage (worth a warning; the
+    /// rounds after it are not).
+    fn first_round(&self) -> bool {
+        self.failures < self.urls.len()
+    }
+}
+
+/// A call that failed for want of the control plane (dead, unreachable, too slow, or its
+/// store away) rather than for what it asked: another control plane may serve it.
+fn unreachable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+    )
+}
+
+/// How long a heartbeat may take: half the lease, so a hung control plane leaves time to
+/// try another before the lease runs out; within [0.5 s, 5 s].
+fn heartbeat_timeout(lease: Duration) -> Duration {
+    (lease / 2).clamp(Duration::from_millis(500), Duration::from_secs(5))
+}
+
 async fn run(config: AgentConfig, stop: &AtomicBool, registered: &AtomicBool) {
     let retry = config.interval.unwrap_or(Duration::from_secs(1));
-    let mut warned = false;
+    let timeouts = Timeouts {
+        // A dead host answers no SYN: give up on it soon, another plane may answer.
+        connect: Duration::from_secs(2),
+        request: Duration::from_secs(5),
+        ..Timeouts::default()
+    };
+    let mut planes = Planes {
+        urls: &config.control,
+        current: 0,
+        failures: 0,
+    };
+    // Whether the last attempt failed and the next needs to wait a retry period first.
+    let mut wait = false;
     'connect: while !stop.load(Ordering::Acquire) {
-        let mut client = match ControlClient::connect(&config.control, &config.token).await {
+        if wait && !pause(retry, stop).await {
+            return;
+        }
+        wait = false;
+        let url = planes.url().to_owned();
+        let mut client = match ControlClient::connect_with(&url, &config.token, timeouts).await {
             Ok(client) => client,
             Err(error) => {
-                if !warned {
-                    tracing::warn!(%error, "membership: control plane unreachable; retrying");
-                    warned = true;
+                if planes.first_round() {
+                    tracing::warn!(%error, "membership: control plane unreachable; retrying (the next, if several)");
                 }
-                pause(retry, stop).await;
+                wait = !planes.failed();
                 continue;
             }
         };
@@ -141,31 +219,33 @@ async fn run(config: AgentConfig, stop: &AtomicBool, registered: &AtomicBool) {
         {
             Ok(reply) => Duration::from_millis(reply.into_inner().lease_ms),
             Err(status) => {
-                tracing::warn!(code = ?status.code(), message = status.message(), "membership: registration refused");
-                pause(retry, stop).await;
+                if planes.first_round() {
+                    tracing::warn!(control = %url, code = ?status.code(), message = status.message(), "membership: registration refused");
+                }
+                wait = !planes.failed();
                 continue;
             }
         };
         registered.store(true, Ordering::Release);
-        warned = false;
-        tracing::info!(node = %config.node_id, control = %config.control, ?lease, "registered");
+        tracing::info!(node = %config.node_id, control = %url, ?lease, "registered");
         let interval = config
             .interval
             .unwrap_or(lease / 3)
             .max(Duration::from_millis(10));
         let mut fence_revision = 0;
         loop {
-            let reply = client
-                .cluster
-                .heartbeat(proto::HeartbeatRequest {
-                    node_id: config.node_id.clone(),
-                    free_bytes: (config.free_bytes)(),
-                    has_free_bytes: true,
-                    fence_revision,
-                })
-                .await;
-            match reply {
+            let mut request = tonic::Request::new(proto::HeartbeatRequest {
+                node_id: config.node_id.clone(),
+                free_bytes: (config.free_bytes)(),
+                has_free_bytes: true,
+                fence_revision,
+            });
+            request.set_timeout(heartbeat_timeout(lease));
+            match client.cluster.heartbeat(request).await {
                 Ok(reply) => {
+                    // Only a heartbeat that went through ends an outage: a plane that takes
+                    // registrations but fails every heartbeat must not be retried in a loop.
+                    planes.succeeded();
                     let reply = reply.into_inner();
                     let fences: Vec<(u64, u64)> = reply
                         .fences
@@ -182,13 +262,16 @@ async fn run(config: AgentConfig, stop: &AtomicBool, registered: &AtomicBool) {
                     registered.store(false, Ordering::Release);
                     continue 'connect;
                 }
+                Err(status) if unreachable(status.code()) => {
+                    // This control plane is gone (or hung, or lost its store): register with
+                    // the next at once, before the lease runs out; all fences come anew.
+                    tracing::warn!(control = %url, code = ?status.code(), message = status.message(), "membership: heartbeat failed; registering again (with the next control plane, if several)");
+                    registered.store(false, Ordering::Release);
+                    wait = !planes.failed();
+                    continue 'connect;
+                }
                 Err(status) => {
-                    tracing::warn!(code = ?status.code(), message = status.message(), "membership: heartbeat failed");
-                    if status.code() == tonic::Code::Unavailable {
-                        registered.store(false, Ordering::Release);
-                        pause(retry, stop).await;
-                        continue 'connect;
-                    }
+                    tracing::warn!(control = %url, code = ?status.code(), message = status.message(), "membership: heartbeat refused");
                 }
             }
             if !pause(interval, stop).await {

@@ -36,6 +36,36 @@ pub struct ControlClient {
     pub admin: proto::admin_client::AdminClient<Authed>,
 }
 
+/// How long a client waits: to connect, for each call's reply, and for a keepalive ping's
+/// answer on an idle connection (a dead host or a cut network answers nothing, so without
+/// these a call would wait for the kernel's TCP timeouts, many minutes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting to the control plane.
+    pub connect: Duration,
+    /// One call, until its reply (or a stream's first headers) arrives; past it the call
+    /// fails with `Cancelled`.
+    pub request: Duration,
+    /// How often an HTTP/2 ping checks the connection, calls in flight or not.
+    pub keepalive_interval: Duration,
+    /// How long a ping's answer may take before the connection is dropped (every call on it
+    /// then fails with `Unavailable`).
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Timeouts {
+    /// 5 s to connect, 30 s for a call (an upkeep pass or a rollback of a large tree does
+    /// real work), a ping every 5 s answered within 5 s.
+    fn default() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("control plane {url}: {message}")]
@@ -50,8 +80,17 @@ pub enum ClientError {
 }
 
 impl ControlClient {
-    /// Connects to `url` (`http://host:port`, or `host:port`).
+    /// Connects to `url` (`http://host:port`, or `host:port`) with the default [`Timeouts`].
     pub async fn connect(url: &str, token: &[u8]) -> Result<ControlClient, ClientError> {
+        ControlClient::connect_with(url, token, Timeouts::default()).await
+    }
+
+    /// Connects to `url` with `timeouts`.
+    pub async fn connect_with(
+        url: &str,
+        token: &[u8],
+        timeouts: Timeouts,
+    ) -> Result<ControlClient, ClientError> {
         let url = if url.contains("://") {
             url.to_owned()
         } else {
@@ -67,7 +106,11 @@ impl ControlClient {
                 url: url.clone(),
                 message: error.to_string(),
             })?
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.request)
+            .http2_keep_alive_interval(timeouts.keepalive_interval)
+            .keep_alive_timeout(timeouts.keepalive_timeout)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         let channel = endpoint
             .connect()

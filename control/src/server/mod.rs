@@ -83,7 +83,8 @@ impl StoreChoice {
     }
 }
 
-#[derive(Clone, Debug)]
+/// Debug leaves the token out (`"<redacted>"`): configs end up in logs.
+#[derive(Clone)]
 pub struct ControlConfig {
     pub listen: SocketAddr,
     pub token: Vec<u8>,
@@ -100,6 +101,34 @@ pub struct ControlConfig {
     /// How often the leader re-replicates and collects garbage.
     pub upkeep_interval: Duration,
     pub defaults: LayoutSettings,
+}
+
+impl std::fmt::Debug for ControlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Every field, so a new one is not left out by accident; the token is a secret.
+        let ControlConfig {
+            listen,
+            token: _,
+            store,
+            control_id,
+            node_lease,
+            leader_ttl,
+            pending_ttl,
+            upkeep_interval,
+            defaults,
+        } = self;
+        f.debug_struct("ControlConfig")
+            .field("listen", listen)
+            .field("token", &"<redacted>")
+            .field("store", store)
+            .field("control_id", control_id)
+            .field("node_lease", node_lease)
+            .field("leader_ttl", leader_ttl)
+            .field("pending_ttl", pending_ttl)
+            .field("upkeep_interval", upkeep_interval)
+            .field("defaults", defaults)
+            .finish()
+    }
 }
 
 impl ControlConfig {

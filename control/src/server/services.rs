@@ -1,7 +1,7 @@
 //! The four services over the shared state: each call checks its request (`convert`),
 //! calls the domain, and maps the answer back.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::ControlState;
 use super::convert::{self, status};
 use crate::model::{self, InodeKind, NodeState};
-use crate::namespace::CommitChunk;
+use crate::namespace::{CommitChunk, Found};
 use crate::proto;
 use crate::snapshot::DiffChange;
 use crate::store::Change;
@@ -204,85 +204,202 @@ impl proto::namespace_server::Namespace for Services {
         let path = convert::path("path", &request.into_inner().path)?;
         let namespace = &self.state.namespace;
         // Watch first, then read the subtree, so no change between the two is missed.
-        let mut watch = namespace
+        let watch = namespace
             .store()
             .watch(model::INODES_PREFIX)
             .await
             .map_err(|error| status(error.into()))?;
         let top = namespace.resolve(&path).await.map_err(status)?;
-        // The directories whose children are watched (grows as directories are made).
-        let mut directories: HashSet<u64> = HashSet::new();
-        let watched_file = if top.inode.is_dir() {
-            directories.insert(top.inode.id);
+        let watched = if top.inode.is_dir() {
+            let mut tree = Tree::new(top.inode.id);
             for (_, found) in namespace.subtree(&top).await.map_err(status)? {
-                if found.inode.is_dir() {
-                    directories.insert(found.inode.id);
-                }
+                tree.add(&found);
             }
-            None
+            Watched::Tree(tree)
         } else {
-            Some(top.key.clone())
+            Watched::File(top.key.clone())
         };
         let (sender, receiver) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(async move {
-            while let Some(change) = watch.recv().await {
-                let message = match change {
-                    Err(error) => Err(Status::unavailable(error.to_string())),
-                    Ok(change) => match layout_change(&change, &mut directories, &watched_file) {
-                        Some(message) => Ok(message),
-                        None => continue,
-                    },
-                };
-                let failed = message.is_err();
-                if sender.send(message).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
+        tokio::spawn(forward_layout_changes(
+            Arc::clone(&self.state),
+            watch,
+            watched,
+            sender,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(receiver),
         )))
     }
 }
 
-/// The layout change a committed inode change means for a watcher, if any.
-fn layout_change(
+/// What a store watch that ended tells its client (redb drops a watcher that fell too far
+/// behind; an etcd watch can fail): its cache may have missed changes.
+const WATCH_ENDED: &str = "the watch fell behind or the store went away: watch again";
+
+/// Turns a store watch into a client's layout changes until the client goes away (even if
+/// no change of its ever comes) or the store watch ends (said, as `Unavailable`).
+async fn forward_layout_changes(
+    state: Arc<ControlState>,
+    mut watch: crate::store::Watch,
+    mut watched: Watched,
+    sender: tokio::sync::mpsc::Sender<Result<proto::LayoutChange, Status>>,
+) {
+    loop {
+        let change = tokio::select! {
+            _ = sender.closed() => return,
+            change = watch.recv() => change,
+        };
+        let message = match change {
+            None => Err(Status::unavailable(WATCH_ENDED)),
+            Some(Err(error)) => Err(Status::unavailable(format!("{WATCH_ENDED} ({error})"))),
+            Some(Ok(change)) => match layout_change(&state, &change, &mut watched).await {
+                Ok(Some(message)) => Ok(message),
+                Ok(None) => continue,
+                Err(status) => Err(status),
+            },
+        };
+        let failed = message.is_err();
+        // `send` fails at once if the client has gone, even while the channel is full.
+        if sender.send(message).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// What a watch reports on.
+enum Watched {
+    /// One file, by its record's key.
+    File(String),
+    /// The files in a directory and everything below it.
+    Tree(Tree),
+}
+
+/// The directories whose entries a watch reports: the watched one and every directory below
+/// it, kept up to date as directories are made, moved in, moved out and removed.
+struct Tree {
+    top: u64,
+    /// Each directory below the top: the key its record is at, and its parent.
+    below: HashMap<u64, (String, u64)>,
+    /// The same, by key: which directory (if any) a deleted key was.
+    keys: HashMap<String, u64>,
+}
+
+impl Tree {
+    fn new(top: u64) -> Tree {
+        Tree {
+            top,
+            below: HashMap::new(),
+            keys: HashMap::new(),
+        }
+    }
+
+    fn contains(&self, directory: u64) -> bool {
+        directory == self.top || self.below.contains_key(&directory)
+    }
+
+    /// Adds a directory (a file is ignored); `true` if it was not in the tree before (made,
+    /// or moved in: what is below it must be read).
+    fn add(&mut self, found: &Found) -> bool {
+        let inode = &found.inode;
+        if !inode.is_dir() || inode.id == self.top {
+            return false;
+        }
+        let old = self
+            .below
+            .insert(inode.id, (found.key.clone(), inode.parent));
+        if let Some((old_key, _)) = &old
+            && *old_key != found.key
+            && self.keys.get(old_key) == Some(&inode.id)
+        {
+            self.keys.remove(old_key);
+        }
+        self.keys.insert(found.key.clone(), inode.id);
+        old.is_none()
+    }
+
+    /// A record at `key` was deleted: if it was a directory of the tree (and has not been
+    /// put at another key of it since, as a move within the tree does), it leaves the tree,
+    /// and every directory below it with it.
+    fn remove(&mut self, key: &str) {
+        let Some(gone) = self.keys.remove(key) else {
+            return;
+        };
+        let mut leaving = vec![gone];
+        while let Some(directory) = leaving.pop() {
+            if let Some((key, _)) = self.below.remove(&directory)
+                && self.keys.get(&key) == Some(&directory)
+            {
+                self.keys.remove(&key);
+            }
+            leaving.extend(
+                self.below
+                    .iter()
+                    .filter(|(_, (_, parent))| *parent == directory)
+                    .map(|(id, _)| *id),
+            );
+        }
+    }
+}
+
+/// The layout change a committed inode change means for a watcher, if any, keeping the
+/// watched tree up to date on the way.
+async fn layout_change(
+    state: &ControlState,
     change: &Change,
-    directories: &mut HashSet<u64>,
-    watched_file: &Option<String>,
-) -> Option<proto::LayoutChange> {
-    let (parent, name) = parse_inode_key(change.key())?;
-    let watched = match watched_file {
-        Some(key) => key == change.key(),
-        None => directories.contains(&parent),
+    watched: &mut Watched,
+) -> Result<Option<proto::LayoutChange>, Status> {
+    let Some((parent, name)) = parse_inode_key(change.key()) else {
+        return Ok(None);
     };
-    if !watched {
-        return None;
+    let in_view = match watched {
+        Watched::File(key) => key == change.key(),
+        Watched::Tree(tree) => tree.contains(parent),
+    };
+    if !in_view {
+        return Ok(None);
     }
     match change {
         Change::Put(entry) => {
-            let inode: model::Inode = model::decode(&entry.key, &entry.value).ok()?;
-            match &inode.kind {
+            let Ok(found) = crate::namespace::found(entry.clone()) else {
+                return Ok(None);
+            };
+            match &found.inode.kind {
                 InodeKind::Directory { .. } => {
-                    directories.insert(inode.id);
-                    None
+                    if let Watched::Tree(tree) = watched
+                        && tree.add(&found)
+                    {
+                        // Made here, or moved in with whatever is below it: its
+                        // subdirectories are watched too.
+                        let below = state.namespace.subtree(&found).await.map_err(|error| {
+                            Status::unavailable(format!("{WATCH_ENDED} ({error})"))
+                        })?;
+                        for (_, found) in &below {
+                            tree.add(found);
+                        }
+                    }
+                    Ok(None)
                 }
-                InodeKind::File(state) => Some(proto::LayoutChange {
-                    file_id: inode.id,
+                InodeKind::File(file) => Ok(Some(proto::LayoutChange {
+                    file_id: found.inode.id,
                     name: name.to_owned(),
                     parent_id: parent,
-                    version: state.version,
-                    layout_version: state.layout_version,
+                    version: file.version,
+                    layout_version: file.layout_version,
                     deleted: false,
-                }),
+                })),
             }
         }
-        Change::Delete { .. } => Some(proto::LayoutChange {
-            name: name.to_owned(),
-            parent_id: parent,
-            deleted: true,
-            ..Default::default()
-        }),
+        Change::Delete { key, .. } => {
+            if let Watched::Tree(tree) = watched {
+                tree.remove(key);
+            }
+            Ok(Some(proto::LayoutChange {
+                name: name.to_owned(),
+                parent_id: parent,
+                deleted: true,
+                ..Default::default()
+            }))
+        }
     }
 }
 
@@ -483,6 +600,15 @@ impl proto::admin_server::Admin for Services {
                     reply
                         .problems
                         .push(format!("{} data nodes down", reply.nodes_down));
+                }
+                let now = model::now_ms();
+                for node in &nodes {
+                    if node.state == NodeState::Draining && node.lease_expires_ms <= now {
+                        reply.problems.push(format!(
+                            "draining node {} stopped heartbeating: its chunks are copied from other replicas",
+                            node.id
+                        ));
+                    }
                 }
             }
             Err(error) => reply.problems.push(error.to_string()),

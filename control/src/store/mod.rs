@@ -66,8 +66,11 @@ impl Txn {
         Txn::default()
     }
 
+    /// Adds a condition (an identical one already there is not added twice).
     pub fn check(&mut self, check: Check) -> &mut Txn {
-        self.checks.push(check);
+        if !self.checks.contains(&check) {
+            self.checks.push(check);
+        }
         self
     }
 
