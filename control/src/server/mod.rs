@@ -280,7 +280,13 @@ impl ControlServer {
             .add_service(InterceptedService::new(reflection, check));
         let (stop, stopped) = oneshot::channel();
         let serving = tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            // Replies are small: without TCP_NODELAY each one can wait out the client's
+            // delayed ACK (40 ms on Linux) behind Nagle's algorithm.
+            tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |stream| {
+                stream.inspect(|stream| {
+                    let _ = stream.set_nodelay(true);
+                })
+            }),
             async {
                 let _ = stopped.await;
             },
