@@ -220,12 +220,14 @@ impl Cluster {
                 .map(|chunk| StripedChunk {
                     chunk: chunk_id(chunk.id.unwrap()),
                     file_offset: u64::from(chunk.index) * u64::from(layout.chunk_size),
+                    chunk_offset: 0,
                     len: chunk.length,
                     replicas: chunk
                         .replicas
                         .iter()
                         .map(|r| self.daemon_index(r))
                         .collect(),
+                    layout: None,
                 })
                 .collect(),
             layout: LayoutRef {
@@ -594,6 +596,83 @@ async fn writers_commit_at_close_and_conflicts_lose_cleanly() {
         assert_eq!(&buffer[..first_data.len()], &first_data[..]);
         let missing = client.create("/no/such/dir/file").unwrap_err().to_string();
         assert!(missing.contains("/no/such/dir"), "{missing}");
+    })
+    .await
+    .unwrap();
+}
+
+/// One batch reads ranges of several files (parts of chunks, across chunk boundaries, past
+/// the end) into one buffer, each range where it was asked to land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_reads_ranges_of_many_files_into_one_buffer() {
+    let mut cluster = Cluster::start().await;
+    let a = pattern(3 * CHUNK as usize + 1000, 31);
+    let b = pattern(CHUNK as usize / 2, 32);
+    cluster.write("/a", &a).await;
+    cluster.write("/b", &b).await;
+    let url = format!("http://{}", cluster.control.local_addr());
+    let token = cluster.daemons.token().to_vec();
+    tokio::task::spawn_blocking(move || {
+        let client = tier0_client::Client::connect(&url, &token, "batch").unwrap();
+        let chunk = CHUNK as u64;
+        let reads = [
+            // Across the boundary of chunks 0 and 1.
+            ("/a", chunk - 100, 300),
+            // All of b.
+            ("/b", 0, b.len() as u64),
+            // Inside chunk 2.
+            ("/a", 2 * chunk + 7, 4096),
+            // Past the end of a: clipped.
+            ("/a", 3 * chunk + 900, 500),
+        ];
+        let mut batch = Vec::new();
+        let mut at = 0;
+        for (path, offset, len) in reads {
+            batch.push(tier0_client::BatchRead {
+                path: path.to_owned(),
+                offset,
+                len,
+                buffer_offset: at,
+            });
+            at += len;
+        }
+        let mut buffer = ReadBuffer::new(at as usize).unwrap();
+        let got = client.read_batch(&batch, &mut buffer).unwrap();
+        assert_eq!(got, [300, b.len() as u64, 4096, 100]);
+        for (read, got) in batch.iter().zip(&got) {
+            let source = if read.path == "/a" { &a } else { &b };
+            let want = &source[read.offset as usize..(read.offset + got) as usize];
+            let landed = &buffer[read.buffer_offset as usize..(read.buffer_offset + got) as usize];
+            assert_eq!(landed, want, "{read:?}");
+        }
+        let overlapping = [
+            tier0_client::BatchRead {
+                path: "/b".to_owned(),
+                offset: 0,
+                len: 100,
+                buffer_offset: 0,
+            },
+            tier0_client::BatchRead {
+                path: "/b".to_owned(),
+                offset: 0,
+                len: 100,
+                buffer_offset: 50,
+            },
+        ];
+        let error = client.read_batch(&overlapping, &mut buffer).unwrap_err();
+        assert!(error.to_string().contains("overlap"), "{error}");
+        let missing = client
+            .read_batch(
+                &[tier0_client::BatchRead {
+                    path: "/nope".to_owned(),
+                    offset: 0,
+                    len: 1,
+                    buffer_offset: 0,
+                }],
+                &mut buffer,
+            )
+            .unwrap_err();
+        assert!(missing.to_string().contains("/nope"), "{missing}");
     })
     .await
     .unwrap();

@@ -287,10 +287,108 @@ impl Client {
         layout: &FileLayout,
         buffer: &mut ReadBuffer,
     ) -> Result<ReadReport, StripedError> {
+        let spans = layout
+            .chunks
+            .iter()
+            .map(|chunk| Span {
+                chunk: chunk.id,
+                buffer_offset: chunk.file_offset,
+                chunk_offset: 0,
+                len: chunk.len,
+                replicas: &chunk.replicas,
+                layout: None,
+            })
+            .collect();
+        self.read_spans(
+            spans,
+            LayoutRef {
+                file: layout.file_id,
+                version: layout.layout_version,
+            },
+            buffer,
+        )
+    }
+
+    /// Reads many ranges of many files into one buffer in one striped pass: each read is
+    /// `len` bytes at `offset` of `path`, landing at `buffer_offset` (ranges must not
+    /// overlap). Returns how many bytes each read got (fewer than `len` past the end of its
+    /// file). Layouts come from the cache; a stale one is reopened and the batch read again.
+    pub fn read_batch(
+        &self,
+        reads: &[BatchRead],
+        buffer: &mut ReadBuffer,
+    ) -> Result<Vec<u64>, FileError> {
+        let mut attempt = 0;
+        loop {
+            let mut layouts: HashMap<&str, Arc<FileLayout>> = HashMap::new();
+            for read in reads {
+                if !layouts.contains_key(read.path.as_str()) {
+                    layouts.insert(&read.path, self.open(&read.path)?);
+                }
+            }
+            let mut spans = Vec::new();
+            let mut got = Vec::with_capacity(reads.len());
+            for read in reads {
+                let layout = &layouts[read.path.as_str()];
+                let end = read.offset.saturating_add(read.len).min(layout.size);
+                got.push(end.saturating_sub(read.offset));
+                for chunk in &layout.chunks {
+                    let chunk_end = chunk.file_offset + u64::from(chunk.len);
+                    let from = read.offset.max(chunk.file_offset);
+                    let to = end.min(chunk_end);
+                    if from >= to {
+                        continue;
+                    }
+                    spans.push(Span {
+                        chunk: chunk.id,
+                        buffer_offset: read.buffer_offset + (from - read.offset),
+                        chunk_offset: from - chunk.file_offset,
+                        len: (to - from) as u32,
+                        replicas: &chunk.replicas,
+                        layout: Some(LayoutRef {
+                            file: layout.file_id,
+                            version: layout.layout_version,
+                        }),
+                    });
+                }
+            }
+            match self.read_spans(spans, LayoutRef::default(), buffer) {
+                Ok(_) => return Ok(got),
+                Err(StripedError::StaleLayout { file, .. }) if attempt < STALE_RETRIES => {
+                    attempt += 1;
+                    self.reopens.fetch_add(1, Ordering::Relaxed);
+                    for (path, layout) in &layouts {
+                        if layout.file_id == file {
+                            self.reopen(path)?;
+                        }
+                    }
+                }
+                Err(source) => {
+                    let path = reads.first().map(|r| r.path.clone()).unwrap_or_default();
+                    return Err(FileError::Read {
+                        path: if reads.len() > 1 {
+                            format!("{path} (and {} more reads)", reads.len() - 1)
+                        } else {
+                            path
+                        },
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reads `spans` through the striped reader over every daemon this client knows.
+    fn read_spans(
+        &self,
+        spans: Vec<Span<'_>>,
+        layout: LayoutRef,
+        buffer: &mut ReadBuffer,
+    ) -> Result<ReadReport, StripedError> {
         let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
         let mut grew = false;
-        for chunk in &layout.chunks {
-            for addr in &chunk.replicas {
+        for span in &spans {
+            for addr in span.replicas {
                 if !readers.addresses.contains(addr) {
                     readers.addresses.push(*addr);
                     grew = true;
@@ -315,24 +413,42 @@ impl Client {
             .map(|(index, addr)| (*addr, index))
             .collect();
         let file = StripedFile {
-            chunks: layout
-                .chunks
-                .iter()
-                .map(|chunk| StripedChunk {
-                    chunk: chunk.id,
-                    file_offset: chunk.file_offset,
-                    len: chunk.len,
-                    replicas: chunk.replicas.iter().map(|addr| index_of[addr]).collect(),
+            chunks: spans
+                .into_iter()
+                .map(|span| StripedChunk {
+                    chunk: span.chunk,
+                    file_offset: span.buffer_offset,
+                    chunk_offset: span.chunk_offset,
+                    len: span.len,
+                    replicas: span.replicas.iter().map(|addr| index_of[addr]).collect(),
+                    layout: span.layout,
                 })
                 .collect(),
-            layout: LayoutRef {
-                file: layout.file_id,
-                version: layout.layout_version,
-            },
+            layout,
         };
         let reader = readers.reader.as_mut().expect("made above");
         reader.read(&file, buffer)
     }
+}
+
+/// One read of a batch ([`Client::read_batch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchRead {
+    pub path: String,
+    pub offset: u64,
+    pub len: u64,
+    /// Where in the buffer the bytes land.
+    pub buffer_offset: u64,
+}
+
+/// A piece of a chunk to read, and where it goes.
+struct Span<'a> {
+    chunk: ChunkId,
+    buffer_offset: u64,
+    chunk_offset: u64,
+    len: u32,
+    replicas: &'a [SocketAddr],
+    layout: Option<LayoutRef>,
 }
 
 /// A new version of a file being written: bytes are cut into chunks, each placed by the

@@ -16,7 +16,7 @@ pub mod striped;
 pub mod transport;
 
 pub use buffer::ReadBuffer;
-pub use client::{Client, FileError, FileLayout};
+pub use client::{BatchRead, Client, FileError, FileLayout};
 pub use daemon::{ClientError, DaemonConnection, ReadInto};
 pub use rdma::{RdmaClient, RdmaConnection};
 pub use striped::{

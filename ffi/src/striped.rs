@@ -33,15 +33,23 @@ pub struct DaemonEndpoint {
     pub distance: u32,
 }
 
-/// One chunk of a striped file: where its bytes sit in the file, and which daemons hold it.
+/// One span of a chunk to read: which bytes of the chunk, where they go in the read buffer,
+/// and which daemons hold the chunk. A whole-file read has one span per chunk, each at its
+/// file offset; a batch of reads (several files, parts of chunks) has one per piece.
 #[derive(Clone, Debug)]
 pub struct StripedChunk {
     pub chunk: ChunkId,
-    /// Offset of this chunk's first byte in the file (and in the read buffer).
+    /// Where in the read buffer the bytes go (the chunk's offset in the file for a
+    /// whole-file read).
     pub file_offset: u64,
+    /// First byte of the chunk to read (0 for the whole chunk).
+    pub chunk_offset: u64,
     pub len: u32,
     /// Indices into the reader's daemons; any order (the reader ranks them).
     pub replicas: Vec<usize>,
+    /// The layout this span was planned from, when it differs from the file's
+    /// ([`StripedFile::layout`]): a batch spans several files' layouts.
+    pub layout: Option<LayoutRef>,
 }
 
 /// The layout of one file over the reader's daemons.
@@ -340,12 +348,13 @@ impl StripedReader {
                 }
             }
             if let Some((index, addr, message)) = stale {
+                let layout = chunks[index].layout.unwrap_or(file.layout);
                 return Err(StripedError::StaleLayout {
                     index,
                     chunk: chunks[index].chunk,
                     addr,
-                    file: file.layout.file,
-                    version: file.layout.version,
+                    file: layout.file,
+                    version: layout.version,
                     message,
                 });
             }
@@ -477,9 +486,9 @@ fn read_from(
         .into_iter()
         .map(|(index, dest)| ReadInto {
             chunk: chunks[index].chunk,
-            offset: 0,
+            offset: chunks[index].chunk_offset,
             dest,
-            layout: settings.layout,
+            layout: chunks[index].layout.unwrap_or(settings.layout),
         })
         .collect();
     let mut latencies = Vec::with_capacity(reads.len());

@@ -196,8 +196,10 @@ impl LocalCluster {
             layout.chunks.push(StripedChunk {
                 chunk,
                 file_offset: (index * self.chunk_size as usize) as u64,
+                chunk_offset: 0,
                 len: bytes.len() as u32,
                 replicas: holders,
+                layout: None,
             });
         }
         Ok(layout)
