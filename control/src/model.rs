@@ -316,6 +316,7 @@ pub struct LayoutNode {
     pub id: String,
     pub address: String,
     pub state: NodeState,
+    pub failure_domain: String,
 }
 
 /// What a client needs to read one version of a file without the control plane.

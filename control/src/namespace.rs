@@ -505,6 +505,7 @@ impl Namespace {
             .into_iter()
             .filter(|node| named.contains(&node.id))
             .map(|node| LayoutNode {
+                failure_domain: node.failure_domain().to_owned(),
                 id: node.id,
                 address: node.address,
                 state: node.state,

@@ -39,6 +39,8 @@ pub struct FileLayout {
     pub size: u64,
     pub chunk_size: u32,
     pub chunks: Vec<LayoutChunk>,
+    /// The failure domain of each daemon the chunks name.
+    pub domains: HashMap<SocketAddr, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,6 +88,8 @@ pub enum FileError {
 /// connections are kept across reads).
 struct Readers {
     addresses: Vec<SocketAddr>,
+    /// Each address's failure domain, as the layouts said.
+    domains: HashMap<SocketAddr, String>,
     reader: Option<StripedReader>,
 }
 
@@ -95,6 +99,9 @@ pub struct Client {
     token: Vec<u8>,
     name: String,
     choice: TransportChoice,
+    /// This client's failure domain (`TIER0_FAILURE_DOMAIN`): replicas there are preferred
+    /// after those on this host.
+    failure_domain: Option<String>,
     layouts: Mutex<HashMap<String, Arc<FileLayout>>>,
     readers: Mutex<Readers>,
     /// Idle connections for writes, by daemon.
@@ -128,9 +135,13 @@ impl Client {
             token: token.to_vec(),
             name: name.to_owned(),
             choice: TransportChoice::Tcp,
+            failure_domain: std::env::var("TIER0_FAILURE_DOMAIN")
+                .ok()
+                .filter(|d| !d.is_empty()),
             layouts: Mutex::new(HashMap::new()),
             readers: Mutex::new(Readers {
                 addresses: Vec::new(),
+                domains: HashMap::new(),
                 reader: None,
             }),
             writers: Mutex::new(HashMap::new()),
@@ -301,6 +312,7 @@ impl Client {
             .collect();
         self.read_spans(
             spans,
+            &layout.domains,
             LayoutRef {
                 file: layout.file_id,
                 version: layout.layout_version,
@@ -352,7 +364,11 @@ impl Client {
                     });
                 }
             }
-            match self.read_spans(spans, LayoutRef::default(), buffer) {
+            let mut domains = HashMap::new();
+            for layout in layouts.values() {
+                domains.extend(layout.domains.iter().map(|(a, d)| (*a, d.clone())));
+            }
+            match self.read_spans(spans, &domains, LayoutRef::default(), buffer) {
                 Ok(_) => return Ok(got),
                 Err(StripedError::StaleLayout { file, .. }) if attempt < STALE_RETRIES => {
                     attempt += 1;
@@ -382,10 +398,14 @@ impl Client {
     fn read_spans(
         &self,
         spans: Vec<Span<'_>>,
+        domains: &HashMap<SocketAddr, String>,
         layout: LayoutRef,
         buffer: &mut ReadBuffer,
     ) -> Result<ReadReport, StripedError> {
         let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        readers
+            .domains
+            .extend(domains.iter().map(|(a, d)| (*a, d.clone())));
         let mut grew = false;
         for span in &spans {
             for addr in span.replicas {
@@ -396,10 +416,14 @@ impl Client {
             }
         }
         if grew || readers.reader.is_none() {
+            let own = self.failure_domain.as_deref();
             let endpoints = readers
                 .addresses
                 .iter()
-                .map(|&addr| DaemonEndpoint { addr, distance: 0 })
+                .map(|&addr| DaemonEndpoint {
+                    addr,
+                    distance: distance(addr, readers.domains.get(&addr).map(String::as_str), own),
+                })
                 .collect();
             readers.reader = Some(
                 StripedReader::new(endpoints, &self.token, &self.name, self.choice, None)
@@ -622,6 +646,7 @@ fn file_layout(layout: proto::Layout) -> Result<FileLayout, FileError> {
         message,
     };
     let mut addresses: HashMap<&str, SocketAddr> = HashMap::new();
+    let mut domains = HashMap::new();
     for node in &layout.nodes {
         let addr = node
             .address
@@ -630,6 +655,7 @@ fn file_layout(layout: proto::Layout) -> Result<FileLayout, FileError> {
             .and_then(|mut addrs| addrs.next())
             .ok_or_else(|| bad(format!("node {} has address {:?}", node.id, node.address)))?;
         addresses.insert(node.id.as_str(), addr);
+        domains.insert(addr, node.failure_domain.clone());
     }
     let mut chunks = Vec::with_capacity(layout.chunks.len());
     for chunk in &layout.chunks {
@@ -672,5 +698,37 @@ fn file_layout(layout: proto::Layout) -> Result<FileLayout, FileError> {
         size: layout.size,
         chunk_size: layout.chunk_size,
         chunks,
+        domains,
     })
+}
+
+/// How near a daemon is: 0 on this host (its address is one of this host's), 1 in this
+/// client's failure domain, 2 elsewhere. The striped reader reads each chunk from its
+/// nearest replica, equally near ones taking turns.
+fn distance(addr: SocketAddr, domain: Option<&str>, own_domain: Option<&str>) -> u32 {
+    // Binding a socket to an address succeeds only for addresses this host has.
+    let local = addr.ip().is_loopback() || std::net::UdpSocket::bind((addr.ip(), 0)).is_ok();
+    if local {
+        0
+    } else if own_domain.is_some() && domain == own_domain {
+        1
+    } else {
+        2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::distance;
+
+    #[test]
+    fn replicas_on_this_host_then_in_this_domain_come_first() {
+        let here = "127.0.0.1:7400".parse().unwrap();
+        // TEST-NET-1: never an address of this host.
+        let far = "192.0.2.7:7400".parse().unwrap();
+        assert_eq!(distance(here, Some("rack-9"), Some("rack-1")), 0);
+        assert_eq!(distance(far, Some("rack-1"), Some("rack-1")), 1);
+        assert_eq!(distance(far, Some("rack-2"), Some("rack-1")), 2);
+        assert_eq!(distance(far, Some(""), None), 2);
+    }
 }

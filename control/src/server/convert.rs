@@ -110,6 +110,7 @@ pub fn layout_node(node: &LayoutNode) -> proto::LayoutNode {
         id: node.id.clone(),
         address: node.address.clone(),
         state: node_state(node.state) as i32,
+        failure_domain: node.failure_domain.clone(),
     }
 }
 
