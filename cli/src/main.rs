@@ -49,6 +49,8 @@ enum Command {
     Put(commands::ingest::PutArgs),
     /// Copy a file or directory out of the namespace.
     Get(commands::ingest::GetArgs),
+    /// Mount the namespace with FUSE (root and /dev/fuse), until SIGINT, SIGTERM or umount.
+    Mount(commands::mount::MountArgs),
     /// A local cluster on loopback that keeps running: `up` and `down`.
     #[command(subcommand)]
     Cluster(commands::cluster::ClusterCommand),
@@ -81,6 +83,7 @@ fn main() -> ExitCode {
         Command::Admin(command) => commands::admin::run(command),
         Command::Put(args) => commands::ingest::put(args),
         Command::Get(args) => commands::ingest::get(args),
+        Command::Mount(args) => commands::mount::run(args),
         Command::Cluster(command) => commands::cluster::run(command),
         Command::Quickstart(args) => commands::quickstart::run(args),
     };

@@ -198,6 +198,38 @@ fn quickstart_verifies_every_byte_and_cleans_up() {
     assert!(output.contains("plain local file read"), "{output}");
     assert!(output.contains("chunk      2"), "shows a layout: {output}");
     assert!(output.contains("quickstart passed"), "{output}");
+    // With the Python package installed (scripts/setup), through the Python shim too.
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_tier0")).parent().unwrap();
+    let library = [
+        bin_dir.join("libtier0.so"),
+        bin_dir.join("deps/libtier0.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists());
+    let python = library.is_some_and(|library| {
+        Command::new("python3")
+            .args(["-c", "import tier0, numpy"])
+            .env("TIER0_LIB", library)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if python {
+        assert!(
+            output.contains("Python shim (numpy, zero copy)"),
+            "{output}"
+        );
+    } else {
+        assert!(output.contains("Python shim: skipped"), "{output}");
+    }
+    // As root with /dev/fuse (CI), the files are read back through the FUSE mount too.
+    // SAFETY: geteuid has no preconditions.
+    let can_mount = std::path::Path::new("/dev/fuse").exists() && unsafe { libc::geteuid() } == 0;
+    if can_mount {
+        assert!(output.contains("FUSE mount (tier0 mount"), "{output}");
+        assert!(output.contains("6 files verified, every byte"), "{output}");
+    } else {
+        assert!(output.contains("FUSE mount: skipped"), "{output}");
+    }
     assert!(
         !work.join("cluster").exists(),
         "the cluster's directory is removed"

@@ -26,6 +26,8 @@ use crate::striped::{
 };
 use crate::transport::TransportChoice;
 
+mod namespace;
+
 /// Reads retried with a reopened layout before a stale refusal is returned.
 const STALE_RETRIES: usize = 3;
 

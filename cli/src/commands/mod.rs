@@ -3,6 +3,7 @@ pub mod bench;
 pub mod cluster;
 pub mod control;
 pub mod ingest;
+pub mod mount;
 pub mod namespace;
 pub mod quickstart;
 pub mod serve;

@@ -63,6 +63,192 @@ fn read_direct(path: &std::path::Path, buffer: &mut ReadBuffer) -> anyhow::Resul
     }
 }
 
+/// What the Python leg runs: every file read into the registered buffer through the shim
+/// (`read_batch`, no copy), compared byte for byte with the local file; prints
+/// `BYTES SECONDS`.
+const PYTHON_CHECK: &str = r#"
+import sys, time, numpy as np, tier0
+dataset, paths = sys.argv[1], sys.argv[2:]
+client = tier0.Client()
+size = max(client.size(p) for p in paths)
+buffer = tier0.Buffer(size)
+total, seconds = 0, 0.0
+for path in paths:
+    started = time.perf_counter()
+    (view,) = client.read_batch([(path, 0, client.size(path))], buffer)
+    seconds += time.perf_counter() - started
+    want = np.fromfile(dataset + "/" + path.rsplit("/", 1)[1], dtype=np.uint8)
+    if not np.array_equal(view, want):
+        sys.exit("python: " + path + " read back wrong")
+    total += view.nbytes
+client.close()
+print(total, seconds)
+"#;
+
+/// The shared library the Python shim loads: `TIER0_LIB`, else next to this binary (as
+/// `cargo build -p tier0-c` leaves it), else in `deps/` beside it (as `cargo test` does).
+fn find_library() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("TIER0_LIB") {
+        return Some(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("libtier0.so"), dir.join("deps/libtier0.so")]
+        .into_iter()
+        .find(|path| path.exists())
+}
+
+/// Reads the dataset back through the Python shim (numpy, zero copy), when it is installed.
+fn python_leg(
+    state: &super::cluster::ClusterState,
+    dataset: &std::path::Path,
+    names: &[String],
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let Some(library) = find_library() else {
+        writeln!(
+            out,
+            "  Python shim: skipped (no libtier0.so: cargo build --release -p tier0-c)"
+        )?;
+        return Ok(());
+    };
+    let importable = std::process::Command::new("python3")
+        .args(["-c", "import tier0, numpy"])
+        .env("TIER0_LIB", &library)
+        .output();
+    if !importable.is_ok_and(|output| output.status.success()) {
+        writeln!(
+            out,
+            "  Python shim: skipped (python3 cannot import tier0 and numpy: run scripts/setup)"
+        )?;
+        return Ok(());
+    }
+    let token = std::fs::read_to_string(&state.token_file)?;
+    let output = std::process::Command::new("python3")
+        .args(["-c", PYTHON_CHECK])
+        .arg(dataset)
+        .args(
+            names
+                .iter()
+                .map(|name| format!("/datasets/quickstart/{name}")),
+        )
+        .env("TIER0_LIB", &library)
+        .env("TIER0_CONTROL", &state.control_url)
+        .env("TIER0_TOKEN", token.trim())
+        .output()
+        .context("running python3")?;
+    if !output.status.success() {
+        bail!(
+            "the Python shim failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut fields = text.split_whitespace();
+    let bytes: u64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+    let seconds: f64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    writeln!(
+        out,
+        "  Python shim (numpy, zero copy): {:.1} MiB/s, {} files verified, every byte",
+        mib_per_s(bytes, seconds),
+        names.len()
+    )?;
+    Ok(())
+}
+
+/// Why this host cannot mount (FUSE without libfuse needs root and /dev/fuse), if it can't.
+fn fuse_unavailable() -> Option<&'static str> {
+    if !std::path::Path::new("/dev/fuse").exists() {
+        return Some("no /dev/fuse");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("mounting needs root");
+    }
+    None
+}
+
+/// Mounts the namespace with `tier0 mount`, reads every file back through it with plain
+/// file reads, compares every byte, and unmounts.
+fn fuse_leg(
+    dir: &std::path::Path,
+    state: &super::cluster::ClusterState,
+    names: &[String],
+    expected: &[Vec<u8>],
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    if let Some(why) = fuse_unavailable() {
+        writeln!(out, "  FUSE mount: skipped ({why})")?;
+        return Ok(());
+    }
+    let mountpoint = dir.join("mnt");
+    std::fs::create_dir_all(&mountpoint)?;
+    let binary = std::env::current_exe().context("finding the tier0 binary")?;
+    let mut mount = std::process::Command::new(binary)
+        .arg("mount")
+        .arg(&mountpoint)
+        .args(["--control", &state.control_url])
+        .arg("--token-file")
+        .arg(&state.token_file)
+        .env("TIER0_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting tier0 mount")?;
+    let result = (|| -> anyhow::Result<()> {
+        let shard = mountpoint.join("datasets/quickstart").join(&names[0]);
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        while !shard.exists() {
+            if let Some(status) = mount.try_wait()? {
+                bail!("tier0 mount exited ({status}) before the namespace appeared");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the mount at {} did not appear within 20 s",
+                    mountpoint.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let started = Instant::now();
+        let mut bytes = 0u64;
+        let mut wrong = Vec::new();
+        for (name, want) in names.iter().zip(expected) {
+            let path = mountpoint.join("datasets/quickstart").join(name);
+            let got =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            bytes += got.len() as u64;
+            if &got != want {
+                wrong.push(name.clone());
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        if !wrong.is_empty() {
+            bail!(
+                "through the FUSE mount, {} files read back wrong: {}",
+                wrong.len(),
+                wrong.join(", ")
+            );
+        }
+        writeln!(
+            out,
+            "  FUSE mount (tier0 mount {}): {:.1} MiB/s, {} files verified, every byte",
+            mountpoint.display(),
+            mib_per_s(bytes, seconds),
+            names.len()
+        )?;
+        Ok(())
+    })();
+    // SAFETY: SIGTERM to the mount process this function started; it unmounts and exits.
+    unsafe { libc::kill(mount.id() as i32, libc::SIGTERM) };
+    let status = mount.wait()?;
+    result?;
+    if !status.success() {
+        bail!("tier0 mount exited with {status} after unmounting");
+    }
+    Ok(())
+}
+
 fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / (1 << 20) as f64 / seconds.max(1e-9)
 }
@@ -226,6 +412,9 @@ fn exercise(
         names.len(),
         read_bytes
     )?;
+
+    python_leg(state, &dataset, &names, out)?;
+    fuse_leg(dir, state, &names, &expected, out)?;
 
     let first = format!("/datasets/quickstart/{}", names[0]);
     let runtime = super::control::runtime()?;

@@ -359,7 +359,7 @@ fn spawn_agent(
     .context("starting the membership agent")
 }
 
-fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {
+pub(crate) fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {
     // SAFETY: sigset operations on a local set, then pthread_sigmask on this thread.
     unsafe {
         let mut set = std::mem::zeroed::<libc::sigset_t>();

@@ -1,0 +1,334 @@
+"""The tier0 client: files by path, read striped from the data daemons, over libtier0."""
+
+import os
+import weakref
+
+import numpy as np
+
+from ._native import ffi, lib
+
+
+class Error(Exception):
+    """A failed tier0 call; ``code`` is the C ABI's ``tier0_result``, the message its
+    ``tier0_last_error()`` (the function, the path, the cause)."""
+
+    code = None
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgument(Error, ValueError):
+    code = lib.TIER0_INVALID_ARGUMENT
+
+
+class NotFound(Error, FileNotFoundError):
+    code = lib.TIER0_NOT_FOUND
+
+
+class AlreadyExists(Error, FileExistsError):
+    code = lib.TIER0_ALREADY_EXISTS
+
+
+class Unauthenticated(Error, PermissionError):
+    code = lib.TIER0_UNAUTHENTICATED
+
+
+class Unavailable(Error, ConnectionError):
+    code = lib.TIER0_UNAVAILABLE
+
+
+class BufferTooSmall(Error, ValueError):
+    code = lib.TIER0_BUFFER_TOO_SMALL
+
+
+class IoError(Error, OSError):
+    code = lib.TIER0_IO
+
+
+class Conflict(Error):
+    code = lib.TIER0_CONFLICT
+
+
+class RingFull(Error):
+    code = lib.TIER0_RING_FULL
+
+
+class OutOfMemory(Error, MemoryError):
+    code = lib.TIER0_OUT_OF_MEMORY
+
+
+class InternalError(Error):
+    code = lib.TIER0_INTERNAL
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        Unauthenticated,
+        Unavailable,
+        BufferTooSmall,
+        IoError,
+        Conflict,
+        RingFull,
+        OutOfMemory,
+        InternalError,
+    )
+}
+
+
+def _raise(code, message=None):
+    if message is None:
+        message = ffi.string(lib.tier0_last_error()).decode("utf-8", "replace")
+    if not message:
+        message = ffi.string(lib.tier0_strerror(code)).decode()
+    raise _BY_CODE.get(code, Error)(message, code)
+
+
+def _check(code):
+    if code != lib.TIER0_OK:
+        _raise(code)
+
+
+def _path(path):
+    if not isinstance(path, str):
+        raise InvalidArgument(f"path must be a str, not {type(path).__name__}", lib.TIER0_INVALID_ARGUMENT)
+    return path.encode()
+
+
+def _stat_dict(path, info):
+    kind = "directory" if info.kind == lib.TIER0_KIND_DIRECTORY else "file"
+    return {
+        "name": path,
+        "type": kind,
+        "size": info.size,
+        "version": info.version,
+        "id": info.id,
+        "created_ms": info.created_ms,
+        "modified_ms": info.modified_ms,
+        "chunk_size": info.chunk_size,
+        "replication": info.replication,
+    }
+
+
+class Buffer:
+    """Registered memory that batched reads land in without a copy (``tier0_buffer``).
+
+    ``array`` is a ``numpy.uint8`` view of the very bytes the daemons' reads land in; views
+    returned by :meth:`Client.read_batch` are slices of it. The memory stays mapped while any
+    view of it lives. ``numa_node=-1`` leaves placement to the kernel; a node number binds
+    the pages to that node.
+    """
+
+    def __init__(self, nbytes, numa_node=-1):
+        if not isinstance(nbytes, int) or nbytes <= 0:
+            raise InvalidArgument(f"nbytes must be a positive int, not {nbytes!r}", lib.TIER0_INVALID_ARGUMENT)
+        out = ffi.new("tier0_buffer **")
+        _check(lib.tier0_buffer_new(nbytes, numa_node, out))
+        handle = out[0]
+        # The data pointer owns the handle: numpy's views keep the cffi buffer alive, which
+        # keeps this pointer alive, whose collection frees the handle.
+        self._data = ffi.gc(lib.tier0_buffer_data(handle), lambda _: lib.tier0_buffer_free(handle))
+        self._handle = handle
+        self.nbytes = nbytes
+        self.array = np.frombuffer(ffi.buffer(self._data, nbytes), dtype=np.uint8)
+
+    def __len__(self):
+        return self.nbytes
+
+    @property
+    def address(self):
+        """The buffer's first byte, as an int."""
+        return int(ffi.cast("uintptr_t", self._data))
+
+
+# Every open client, so that a test harness can close them all before it stops a cluster.
+_OPEN = weakref.WeakSet()
+
+
+class Client:
+    """A connection to a tier0 cluster. ``control`` and ``token`` default to the
+    ``TIER0_CONTROL`` and ``TIER0_TOKEN`` environment variables (``tier0 cluster up`` prints
+    them). Thread-safe; calls release the GIL."""
+
+    def __init__(self, control=None, token=None):
+        control = control if control is not None else os.environ.get("TIER0_CONTROL")
+        token = token if token is not None else os.environ.get("TIER0_TOKEN")
+        if not control:
+            raise InvalidArgument("no control plane: pass control= or set TIER0_CONTROL", lib.TIER0_INVALID_ARGUMENT)
+        if not token:
+            raise InvalidArgument("no cluster token: pass token= or set TIER0_TOKEN", lib.TIER0_INVALID_ARGUMENT)
+        out = ffi.new("tier0_client **")
+        _check(lib.tier0_client_new(control.encode(), token.encode(), out))
+        self._handle = ffi.gc(out[0], lib.tier0_client_free)
+        self.control = control
+        _OPEN.add(self)
+
+    def __repr__(self):
+        return f"tier0.Client({self.control!r})"
+
+    def close(self):
+        """Drops the connections now (else when the client is collected); calls after it
+        raise :class:`InvalidArgument`."""
+        if self._handle != ffi.NULL:
+            ffi.release(self._handle)
+            self._handle = ffi.NULL
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # The namespace.
+
+    def stat(self, path):
+        """The entry at ``path``: a dict with name, type ("file" or "directory"), size,
+        version, id, created_ms, modified_ms, chunk_size, replication."""
+        info = ffi.new("tier0_info *")
+        _check(lib.tier0_stat(self._handle, _path(path), info))
+        return _stat_dict(path, info)
+
+    def ls(self, path):
+        """The entries of the directory at ``path``, as :meth:`stat` dicts named by their
+        full path."""
+        out = ffi.new("tier0_listing **")
+        _check(lib.tier0_list(self._handle, _path(path), out))
+        listing = ffi.gc(out[0], lib.tier0_listing_free)
+        entry = ffi.new("tier0_entry *")
+        prefix = path.rstrip("/")
+        entries = []
+        for index in range(lib.tier0_listing_len(listing)):
+            _check(lib.tier0_listing_get(listing, index, entry))
+            name = ffi.string(entry.name).decode()
+            entries.append(_stat_dict(f"{prefix}/{name}", entry.stat))
+        return entries
+
+    def mkdir(self, path, parents=False):
+        _check(lib.tier0_mkdir(self._handle, _path(path), parents))
+
+    def remove(self, path, recursive=False):
+        """Removes a file or a directory (a non-empty one only with ``recursive``); returns
+        how many entries went."""
+        removed = ffi.new("uint64_t *")
+        _check(lib.tier0_remove(self._handle, _path(path), recursive, removed))
+        return removed[0]
+
+    def size(self, path):
+        """The file's size in the layout this client has cached for it."""
+        out = ffi.new("uint64_t *")
+        _check(lib.tier0_file_size(self._handle, _path(path), out))
+        return out[0]
+
+    # Reads and writes.
+
+    def read(self, path):
+        """The whole file, as bytes."""
+        encoded = _path(path)
+        got = ffi.new("size_t *")
+        for _ in range(3):
+            size = self.size(path)
+            data = bytearray(size)
+            code = lib.tier0_read_file(self._handle, encoded, ffi.from_buffer(data), size, got)
+            if code == lib.TIER0_BUFFER_TOO_SMALL:
+                continue  # a new, larger version arrived between the two calls
+            _check(code)
+            return bytes(memoryview(data)[: got[0]])
+        _raise(code)
+
+    def read_range(self, path, offset, length):
+        """Up to ``length`` bytes at ``offset`` (fewer at the end of the file), as bytes."""
+        data = bytearray(length)
+        got = self._read_range_into(path, offset, data, length)
+        return bytes(memoryview(data)[:got])
+
+    def _read_range_into(self, path, offset, target, length):
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"offset {offset} and length {length} must not be negative", lib.TIER0_INVALID_ARGUMENT)
+        got = ffi.new("size_t *")
+        _check(lib.tier0_read_range(self._handle, _path(path), offset, ffi.from_buffer(target, require_writable=True), length, got))
+        return got[0]
+
+    def read_into(self, path, array, offset=0, length=None):
+        """Reads ``length`` bytes (default: the rest of the file) at ``offset`` into
+        ``array`` (any writable, C-contiguous buffer: a numpy array, a bytearray); returns
+        how many bytes landed. :class:`BufferTooSmall` when they do not fit."""
+        view = memoryview(array)
+        if not view.contiguous or view.readonly:
+            raise InvalidArgument("array must be writable and C-contiguous", lib.TIER0_INVALID_ARGUMENT)
+        nbytes = view.nbytes
+        if length is None:
+            size = self.size(path)
+            if offset > size:
+                raise InvalidArgument(f"{path}: offset {offset} is past its end ({size} bytes)", lib.TIER0_INVALID_ARGUMENT)
+            length = size - offset
+        if length > nbytes:
+            raise BufferTooSmall(f"{path}: {length} bytes do not fit the array's {nbytes}", lib.TIER0_BUFFER_TOO_SMALL)
+        return self._read_range_into(path, offset, view, length)
+
+    def write(self, path, data):
+        """Writes ``data`` (any bytes-like object) as the new version of ``path`` and
+        commits it: readers see the old version or all of the new one."""
+        view = memoryview(data)
+        if not view.contiguous:
+            raise InvalidArgument("data must be C-contiguous", lib.TIER0_INVALID_ARGUMENT)
+        source = ffi.from_buffer(view) if view.nbytes else ffi.NULL
+        _check(lib.tier0_write_file(self._handle, _path(path), source, view.nbytes))
+
+    def read_batch(self, reads, buffer, align=64):
+        """Reads many ranges of many files in one striped pass straight into ``buffer`` (a
+        :class:`Buffer`), through a submission ring; no copy.
+
+        ``reads`` holds ``(path, offset, length)`` tuples, laid out one after another in the
+        buffer (each start aligned to ``align`` bytes), or ``(path, offset, length,
+        buffer_offset)`` tuples placed where they say. Returns a numpy ``uint8`` view of the
+        buffer per read, in order, as long as the bytes that landed (shorter at the end of
+        a file). The first read that failed raises its error.
+        """
+        if not isinstance(buffer, Buffer):
+            raise InvalidArgument("buffer must be a tier0.Buffer", lib.TIER0_INVALID_ARGUMENT)
+        reads = list(reads)
+        if not reads:
+            return []
+        placed = []
+        cursor = 0
+        for read in reads:
+            if len(read) == 4:
+                path, offset, length, at = read
+            elif len(read) == 3:
+                path, offset, length = read
+                at = -(-cursor // align) * align
+            else:
+                raise InvalidArgument(f"a read is (path, offset, length[, buffer_offset]), not {read!r}", lib.TIER0_INVALID_ARGUMENT)
+            if offset < 0 or length < 0 or at < 0:
+                raise InvalidArgument(f"{read!r}: offsets and lengths must not be negative", lib.TIER0_INVALID_ARGUMENT)
+            placed.append((_path(path), offset, length, at))
+            cursor = at + length
+        out = ffi.new("tier0_ring **")
+        _check(lib.tier0_ring_new(self._handle, buffer._handle, len(placed), out))
+        ring = ffi.gc(out[0], lib.tier0_ring_free)
+        try:
+            for index, (path, offset, length, at) in enumerate(placed):
+                _check(lib.tier0_ring_prep_read(ring, path, offset, length, at, index))
+            _check(lib.tier0_ring_submit(ring))
+            completions = ffi.new("tier0_completion[]", len(placed))
+            count = ffi.new("uint32_t *")
+            _check(lib.tier0_ring_wait(ring, completions, len(placed), len(placed), count))
+            message = ffi.string(lib.tier0_last_error()).decode("utf-8", "replace")
+            results = {}
+            for i in range(count[0]):
+                completion = completions[i]
+                results[completion.user_data] = (completion.result, completion.bytes)
+        finally:
+            ffi.release(ring)  # frees it now (waits for nothing: every read was reaped)
+        for index in range(len(placed)):
+            code, _ = results[index]
+            if code != lib.TIER0_OK:
+                path = reads[index][0]
+                _raise(code, f"{path}: {ffi.string(lib.tier0_strerror(code)).decode()} ({message})")
+        return [buffer.array[at : at + results[index][1]] for index, (_, _, _, at) in enumerate(placed)]

@@ -1,0 +1,101 @@
+"""An fsspec file system for ``tier0://`` URLs: pandas, pyarrow and Hugging Face datasets
+read (and write) tier0 files through it.
+
+``tier0:///datasets/x.csv`` and ``tier0://datasets/x.csv`` both name ``/datasets/x.csv``.
+The cluster comes from ``control=`` and ``token=`` (storage options) or ``TIER0_CONTROL``
+and ``TIER0_TOKEN``. Reads fetch ranges striped from the daemons; a file opened for writing
+is kept in memory and committed whole at close (readers see the old version or the new
+one, never a part).
+"""
+
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+
+from .client import Client, NotFound
+
+
+class Tier0FileSystem(AbstractFileSystem):
+    protocol = "tier0"
+    root_marker = "/"
+
+    def __init__(self, control=None, token=None, **kwargs):
+        super().__init__(**kwargs)
+        self.client = Client(control, token)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        if isinstance(path, (list, tuple)):
+            return [cls._strip_protocol(p) for p in path]
+        path = str(path)
+        if path.startswith("tier0://"):
+            path = path[len("tier0://") :]
+        path = "/" + path.lstrip("/")
+        return path.rstrip("/") or "/"
+
+    def ls(self, path, detail=True, **kwargs):
+        path = self._strip_protocol(path)
+        info = self.info(path)
+        entries = self.client.ls(path) if info["type"] == "directory" else [info]
+        return entries if detail else [entry["name"] for entry in entries]
+
+    def info(self, path, **kwargs):
+        return self.client.stat(self._strip_protocol(path))
+
+    def exists(self, path, **kwargs):
+        try:
+            self.info(path)
+            return True
+        except NotFound:
+            return False
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        path = self._strip_protocol(path)
+        if start is None and end is None:
+            return self.client.read(path)
+        size = self.info(path)["size"]
+        start = 0 if start is None else (start + size if start < 0 else start)
+        end = size if end is None else (end + size if end < 0 else end)
+        start = min(max(start, 0), size)
+        end = min(max(end, start), size)
+        return self.client.read_range(path, start, end - start)
+
+    def pipe_file(self, path, value, **kwargs):
+        self.client.write(self._strip_protocol(path), value)
+
+    def mkdir(self, path, create_parents=True, **kwargs):
+        self.client.mkdir(self._strip_protocol(path), parents=create_parents)
+
+    def makedirs(self, path, exist_ok=False):
+        path = self._strip_protocol(path)
+        if not exist_ok and self.exists(path):
+            raise FileExistsError(path)
+        self.client.mkdir(path, parents=True)
+
+    def rm(self, path, recursive=False, maxdepth=None):
+        for one in path if isinstance(path, (list, tuple)) else [path]:
+            self.client.remove(self._strip_protocol(one), recursive=recursive)
+
+    def _rm(self, path):
+        self.client.remove(self._strip_protocol(path))
+
+    def rmdir(self, path):
+        self.client.remove(self._strip_protocol(path))
+
+    def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
+        return Tier0File(self, self._strip_protocol(path), mode, block_size or "default", autocommit, cache_options=cache_options, **kwargs)
+
+
+class Tier0File(AbstractBufferedFile):
+    """A file on tier0: reads fetch ranges; writes are kept and committed whole at close."""
+
+    def _fetch_range(self, start, end):
+        return self.fs.client.read_range(self.path, start, end - start)
+
+    def _initiate_upload(self):
+        self._parts = []
+
+    def _upload_chunk(self, final=False):
+        self._parts.append(self.buffer.getvalue())
+        if final:
+            self.fs.client.write(self.path, b"".join(self._parts))
+            self._parts = []
+        return True
