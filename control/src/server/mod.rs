@@ -23,6 +23,9 @@ use crate::proto;
 use crate::store::{EtcdStore, Leadership, MetadataStore, RedbStore, StoreError};
 use crate::upkeep::{Upkeep, UpkeepReport};
 
+/// How long a stopping control plane waits for calls in flight.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// The election every control plane of a cluster campaigns in.
 pub const LEADER_ELECTION: &str = "control-leader";
 
@@ -317,12 +320,19 @@ impl ControlServer {
     }
 
     /// Stops taking calls, finishes those in flight, and steps down.
+    /// Calls in flight get [`SHUTDOWN_GRACE`] to finish; connections still open after it
+    /// (clients keep their HTTP/2 connections open between calls) are closed.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         self.background.abort();
-        let _ = (&mut self.serving).await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.serving)
+            .await
+            .is_err()
+        {
+            self.serving.abort();
+        }
     }
 }
 

@@ -242,7 +242,22 @@ impl WorkerPool {
     }
 
     fn stop(&mut self) {
+        // Dropping the senders tells the workers to finish, but a worker asleep in its ring
+        // does not notice a dropped channel (nor a stopped acceptor, with idle connections
+        // open): ring each one after, so it looks, closes what is idle and exits.
+        let doorbells: Vec<Arc<Doorbell>> = self
+            .nodes
+            .iter()
+            .flat_map(|node| {
+                node.senders
+                    .iter()
+                    .map(|(_, doorbell)| Arc::clone(doorbell))
+            })
+            .collect();
         self.nodes.clear();
+        for doorbell in &doorbells {
+            doorbell.ring();
+        }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
