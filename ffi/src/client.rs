@@ -155,12 +155,22 @@ impl Client {
     /// exist). Nothing is visible to readers until [`FileWriter::close`] commits it; a writer
     /// dropped without closing commits nothing (its chunks are collected later).
     pub fn create(&self, path: &str) -> Result<FileWriter<'_>, FileError> {
+        self.create_with(path, false)
+    }
+
+    /// As [`create`](Self::create), but the file must not exist yet (`O_EXCL`): of two
+    /// such creators, one gets `AlreadyExists` from the control plane.
+    pub fn create_new(&self, path: &str) -> Result<FileWriter<'_>, FileError> {
+        self.create_with(path, true)
+    }
+
+    fn create_with(&self, path: &str, exclusive: bool) -> Result<FileWriter<'_>, FileError> {
         let mut namespace = self.control.namespace.clone();
         let entry = self
             .runtime
             .block_on(namespace.create(proto::CreateRequest {
                 path: path.to_owned(),
-                exclusive: false,
+                exclusive,
                 settings: None,
             }))
             .map_err(|status| self.control_error(format!("create {path}"), status))?
@@ -257,6 +267,69 @@ impl Client {
         let layout = Arc::new(file_layout(reply.into_inner())?);
         self.cache().insert(path.to_owned(), Arc::clone(&layout));
         Ok(layout)
+    }
+
+    /// The layout of `version` of the file at `path`, now (not cached): how a reader pinned
+    /// to one version carries on after its layout version moved (a replica moved, or a
+    /// newer version was committed while the pinned one is still kept).
+    pub fn open_version(&self, path: &str, version: u64) -> Result<Arc<FileLayout>, FileError> {
+        let mut namespace = self.control.namespace.clone();
+        let reply = self
+            .runtime
+            .block_on(namespace.open(proto::OpenRequest {
+                path: path.to_owned(),
+                version,
+            }))
+            .map_err(|status| {
+                self.control_error(format!("open {path} version {version}"), status)
+            })?;
+        Ok(Arc::new(file_layout(reply.into_inner())?))
+    }
+
+    /// Reads ranges of one file through exactly `layout`, as an open file handle does:
+    /// every byte comes from that version. Each range is `(offset, len, buffer_offset)`;
+    /// returns the bytes each got (short past the end). A stale refusal is returned as it
+    /// is (`FileError::Read` with `StripedError::StaleLayout`): the caller reopens the same
+    /// version ([`open_version`](Self::open_version)) or gives up, never silently moving to
+    /// another version.
+    pub fn read_pinned(
+        &self,
+        layout: &FileLayout,
+        ranges: &[(u64, u64, u64)],
+        buffer: &mut ReadBuffer,
+    ) -> Result<Vec<u64>, FileError> {
+        let mut spans = Vec::new();
+        let mut got = Vec::with_capacity(ranges.len());
+        let pinned = LayoutRef {
+            file: layout.file_id,
+            version: layout.layout_version,
+        };
+        for &(offset, len, buffer_offset) in ranges {
+            let end = offset.saturating_add(len).min(layout.size);
+            got.push(end.saturating_sub(offset));
+            for chunk in &layout.chunks {
+                let chunk_end = chunk.file_offset + u64::from(chunk.len);
+                let from = offset.max(chunk.file_offset);
+                let to = end.min(chunk_end);
+                if from >= to {
+                    continue;
+                }
+                spans.push(Span {
+                    chunk: chunk.id,
+                    buffer_offset: buffer_offset + (from - offset),
+                    chunk_offset: from - chunk.file_offset,
+                    len: (to - from) as u32,
+                    replicas: &chunk.replicas,
+                    layout: Some(pinned),
+                });
+            }
+        }
+        self.read_spans(spans, &layout.domains, pinned, buffer)
+            .map(|_| got)
+            .map_err(|source| FileError::Read {
+                path: layout.path.clone(),
+                source: Box::new(source),
+            })
     }
 
     /// Forgets a cached layout (the next open asks the control plane).
@@ -543,7 +616,7 @@ impl FileWriter<'_> {
                 client.control_error(format!("place chunk {index} of {}", self.path), status)
             })?
             .into_inner();
-        let layout = file_layout(proto::Layout {
+        let layout = placed_layout(proto::Layout {
             path: self.path.clone(),
             chunk_size: self.chunk_size as u32,
             size: self.pending.len() as u64,
@@ -643,6 +716,15 @@ impl FileWriter<'_> {
 /// The layout a reply describes, checked: every replica names a node the reply lists, with
 /// an address that resolves; chunks tile the file.
 fn file_layout(layout: proto::Layout) -> Result<FileLayout, FileError> {
+    layout_of(layout, true)
+}
+
+/// A placement's chunks as a layout (they need not start at index 0).
+fn placed_layout(layout: proto::Layout) -> Result<FileLayout, FileError> {
+    layout_of(layout, false)
+}
+
+fn layout_of(layout: proto::Layout, tiles: bool) -> Result<FileLayout, FileError> {
     let bad = |message: String| FileError::Layout {
         path: layout.path.clone(),
         message,
@@ -685,8 +767,22 @@ fn file_layout(layout: proto::Layout) -> Result<FileLayout, FileError> {
             replicas,
         });
     }
-    let covered: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
-    if covered != layout.size {
+    // The chunks must tile the file: chunk k at k × chunk_size, all full but the last, and
+    // together exactly the size (a gap would read as whatever the buffer held).
+    let mut covered = 0u64;
+    for (position, chunk) in layout.chunks.iter().enumerate().filter(|_| tiles) {
+        let start = u64::from(chunk.index) * u64::from(layout.chunk_size);
+        let last = position + 1 == layout.chunks.len();
+        let full = u64::from(chunk.length) == u64::from(layout.chunk_size);
+        if chunk.index as usize != position || start != covered || (!last && !full) {
+            return Err(bad(format!(
+                "chunk {} ({} bytes at index {position}) does not continue the file at byte {covered}",
+                chunk.index, chunk.length
+            )));
+        }
+        covered += u64::from(chunk.length);
+    }
+    if tiles && covered != layout.size {
         return Err(bad(format!(
             "chunks hold {covered} bytes, the file {}",
             layout.size

@@ -435,3 +435,61 @@ fn an_outside_umount_ends_the_mount_and_a_busy_one_is_detached_on_sigterm() {
     drop(open);
     assert_eq!(names(&mnt), Vec::<String>::new());
 }
+
+/// An open file reads only the version it opened, whatever another client commits meanwhile
+/// (up to the current size, where the kernel ends reads); the next open sees the new version. `O_EXCL` creates are
+/// atomic.
+#[test]
+#[ignore = "needs /dev/fuse and root: run by hwtests/run fuse"]
+fn an_open_file_keeps_its_version_and_exclusive_creates_are_atomic() {
+    use std::io::{Read, Seek, SeekFrom};
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let cluster = Cluster::up(&work.join("cluster"));
+    let env = &cluster.env;
+    let old = pattern(11, 900_001);
+    let new = pattern(12, 300_003);
+    std::fs::write(work.join("old"), &old).unwrap();
+    std::fs::write(work.join("new"), &new).unwrap();
+    ok(env, &["put", work.join("old").to_str().unwrap(), "/f"]);
+    let mnt = work.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _mount = Mount::start(env, &mnt, &work.join("mount.log"));
+
+    let mut file = std::fs::File::open(mnt.join("f")).unwrap();
+    let mut head = vec![0u8; 100_000];
+    file.read_exact(&mut head).unwrap();
+    ok(env, &["put", work.join("new").to_str().unwrap(), "/f"]);
+    // Give the daemons time to hear of the new layout version (heartbeats): the handle must
+    // still read its own version, refused or not.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let mut rest = Vec::new();
+    file.read_to_end(&mut rest).unwrap();
+    head.extend_from_slice(&rest);
+    // Every byte from the opened version; the kernel ends reads at the file's current size
+    // (the new, shorter version's), as SEMANTICS.md says.
+    assert!(old.starts_with(&head), "an open file mixed versions");
+    assert_eq!(head.len(), new.len());
+    file.seek(SeekFrom::Start(150_000)).unwrap();
+    let mut middle = vec![0u8; 100_001];
+    file.read_exact(&mut middle).unwrap();
+    assert!(
+        middle[..] == old[150_000..250_001],
+        "a seek read the new version's bytes"
+    );
+    drop(file);
+    assert!(
+        std::fs::read(mnt.join("f")).unwrap() == new,
+        "a new open sees the new version"
+    );
+
+    let exclusive = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(mnt.join("once"))
+    };
+    let first = exclusive().unwrap();
+    assert_eq!(exclusive().unwrap_err().raw_os_error(), Some(libc::EEXIST));
+    drop(first);
+}

@@ -24,7 +24,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow, WriteFlags,
 };
 use tier0_client::client::FileWriter;
-use tier0_client::{BatchRead, Client, FileError, ReadBuffer};
+use tier0_client::{Client, FileError, FileLayout, ReadBuffer, StripedError};
 use tier0_control_api::client::{ControlClient, Timeouts};
 use tier0_control_api::proto;
 
@@ -236,8 +236,11 @@ struct Tier0Fs {
 }
 
 enum Handle {
+    /// Open for reading: pinned to the version current at open (its layout is replaced only
+    /// by that same version's newer layout, when a replica moved).
     Read {
         path: String,
+        layout: Mutex<Arc<FileLayout>>,
     },
     Write(Mutex<Writing>),
     Dir {
@@ -710,16 +713,27 @@ impl Filesystem for Tier0Fs {
             Err(errno) => return reply.error(errno),
         };
         if flags.acc_mode() == OpenAccMode::O_RDONLY {
-            // Close-to-open: every open asks the control plane for the current layout.
-            if let Err(error) = self.client.reopen(&path) {
-                let errno = file_errno(&error);
-                if errno == Errno::EIO {
-                    tracing::warn!("open {path}: {error}");
+            // Close-to-open: every open asks the control plane for the current layout, and
+            // the handle reads that version only.
+            let layout = match self.client.reopen(&path) {
+                Ok(layout) => layout,
+                Err(error) => {
+                    let errno = file_errno(&error);
+                    if errno == Errno::EIO {
+                        tracing::warn!("open {path}: {error}");
+                    }
+                    return reply.error(errno);
                 }
-                return reply.error(errno);
+            };
+            if layout.file_id != ino.0 {
+                // Replaced since the kernel looked it up: the kernel must look again.
+                return reply.error(Errno::ESTALE);
             }
             *lock(&self.open_reads).entry(path.clone()).or_default() += 1;
-            let fh = self.add_handle(Handle::Read { path });
+            let fh = self.add_handle(Handle::Read {
+                path,
+                layout: Mutex::new(layout),
+            });
             return reply.opened(fh, FopenFlags::empty());
         }
         // Writing makes a whole new version: of an empty file, or with O_TRUNC, or once
@@ -750,11 +764,17 @@ impl Filesystem for Tier0Fs {
         reply: ReplyCreate,
     ) {
         let result = self.child(parent, name).and_then(|path| {
-            if flags & libc::O_EXCL != 0 && self.stat(&path).is_ok() {
-                return Err(Errno::EEXIST);
-            }
-            // The writer makes the file (an empty version 0) if it is missing.
-            let state = self.writer(&path)?;
+            // The writer makes the file (an empty version 0) if it is missing; with O_EXCL
+            // the control plane refuses one that exists, so of two such creators one wins.
+            let state = if flags & libc::O_EXCL != 0 {
+                let writer = self
+                    .client
+                    .create_new(&path)
+                    .map_err(|error| file_errno(&error))?;
+                WriteState::Writing(writer)
+            } else {
+                self.writer(&path)?
+            };
             let entry = self.stat(&path)?;
             self.remember(entry.id, &path);
             Ok((self.add_writing(&path, entry.id, state), entry))
@@ -786,7 +806,7 @@ impl Filesystem for Tier0Fs {
             Ok(handle) => handle,
             Err(errno) => return reply.error(errno),
         };
-        let Handle::Read { path } = &*handle else {
+        let Handle::Read { path, layout } = &*handle else {
             // A file open for writing has no bytes to read until it is committed.
             return reply.error(UNSUPPORTED);
         };
@@ -806,19 +826,36 @@ impl Filesystem for Tier0Fs {
                 }
             }
             let buffer = buffer.as_mut().expect("allocated above");
-            let read = BatchRead {
-                path: path.clone(),
-                offset,
-                len: u64::from(size),
-                buffer_offset: 0,
-            };
-            match self.client.read_batch(std::slice::from_ref(&read), buffer) {
-                Ok(got) => reply.data(&buffer[..got[0] as usize]),
-                Err(error) => {
-                    tracing::warn!("read {path} at {offset}: {error}");
-                    reply.error(Errno::EIO)
+            let ranges = [(offset, u64::from(size), 0)];
+            for _ in 0..3 {
+                let pinned = Arc::clone(&lock(layout));
+                match self.client.read_pinned(&pinned, &ranges, buffer) {
+                    Ok(got) => return reply.data(&buffer[..got[0] as usize]),
+                    Err(FileError::Read { source, .. })
+                        if matches!(*source, StripedError::StaleLayout { .. }) =>
+                    {
+                        // The same version's newer layout (a replica moved), if the file is
+                        // still the one this handle opened and the version is still kept.
+                        match self.client.open_version(path, pinned.version) {
+                            Ok(fresh) if fresh.file_id == pinned.file_id => {
+                                *lock(layout) = fresh;
+                            }
+                            Ok(_) | Err(_) => {
+                                tracing::warn!(
+                                    "read {path} at {offset}: version {} is no longer readable",
+                                    pinned.version
+                                );
+                                return reply.error(Errno::ESTALE);
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!("read {path} at {offset}: {error}");
+                        return reply.error(Errno::EIO);
+                    }
                 }
             }
+            reply.error(Errno::ESTALE)
         });
     }
 
@@ -941,7 +978,7 @@ impl Filesystem for Tier0Fs {
                 // logged there (release's are not seen by anyone).
                 let _ = Self::commit(&mut lock(writing));
             }
-            Some(Handle::Read { path }) => {
+            Some(Handle::Read { path, .. }) => {
                 let mut open = lock(&self.open_reads);
                 if let Some(count) = open.get_mut(path) {
                     *count -= 1;

@@ -104,24 +104,37 @@ fn python_leg(
     dataset: &std::path::Path,
     names: &[String],
     out: &mut impl Write,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let Some(library) = find_library() else {
         writeln!(
             out,
             "  Python shim: skipped (no libtier0.so: cargo build --release -p tier0-c)"
         )?;
-        return Ok(());
+        return Ok(false);
     };
-    let importable = std::process::Command::new("python3")
-        .args(["-c", "import tier0, numpy"])
-        .env("TIER0_LIB", &library)
+    // The package missing is a skip; the package there but failing to load the library
+    // (a header or ABI that drifted, a broken build) is a failure.
+    let installed = std::process::Command::new("python3")
+        .args(["-c", "import importlib.util as u, sys; sys.exit(0 if u.find_spec('tier0') and u.find_spec('numpy') else 1)"])
         .output();
-    if !importable.is_ok_and(|output| output.status.success()) {
+    if !installed.is_ok_and(|output| output.status.success()) {
         writeln!(
             out,
-            "  Python shim: skipped (python3 cannot import tier0 and numpy: run scripts/setup)"
+            "  Python shim: skipped (python3 has no tier0 or numpy package: run scripts/setup)"
         )?;
-        return Ok(());
+        return Ok(false);
+    }
+    let imported = std::process::Command::new("python3")
+        .args(["-c", "import tier0, numpy"])
+        .env("TIER0_LIB", &library)
+        .output()
+        .context("running python3")?;
+    if !imported.status.success() {
+        bail!(
+            "the Python shim does not load {}: {}",
+            library.display(),
+            String::from_utf8_lossy(&imported.stderr).trim()
+        );
     }
     let token = std::fs::read_to_string(&state.token_file)?;
     let output = std::process::Command::new("python3")
@@ -153,7 +166,7 @@ fn python_leg(
         mib_per_s(bytes, seconds),
         names.len()
     )?;
-    Ok(())
+    Ok(true)
 }
 
 /// Why this host cannot mount (FUSE without libfuse needs root and /dev/fuse), if it can't.
@@ -176,10 +189,10 @@ fn fuse_leg(
     names: &[String],
     expected: &[Vec<u8>],
     out: &mut impl Write,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     if let Some(why) = fuse_unavailable() {
         writeln!(out, "  FUSE mount: skipped ({why})")?;
-        return Ok(());
+        return Ok(false);
     }
     let mountpoint = dir.join("mnt");
     std::fs::create_dir_all(&mountpoint)?;
@@ -246,7 +259,7 @@ fn fuse_leg(
     if !status.success() {
         bail!("tier0 mount exited with {status} after unmounting");
     }
-    Ok(())
+    Ok(true)
 }
 
 fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
@@ -307,9 +320,13 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     } else {
         let _ = std::fs::remove_dir_all(dir.join("dataset"));
     }
-    result?;
+    let surfaces = result?;
     stopped.context("stopping the cluster")?;
-    writeln!(out, "  cleaned up. quickstart passed: every byte verified.")?;
+    writeln!(
+        out,
+        "  cleaned up. quickstart passed: every byte verified, through {}.",
+        surfaces.join(", ")
+    )?;
     Ok(())
 }
 
@@ -320,7 +337,7 @@ fn exercise(
     file_size: usize,
     total: u64,
     out: &mut impl Write,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<&'static str>> {
     // The dataset: files of pseudo-random bytes, each from its own seed.
     let dataset = dir.join("dataset");
     std::fs::create_dir_all(&dataset)?;
@@ -413,8 +430,13 @@ fn exercise(
         read_bytes
     )?;
 
-    python_leg(state, &dataset, &names, out)?;
-    fuse_leg(dir, state, &names, &expected, out)?;
+    let mut surfaces = vec!["the Rust client"];
+    if python_leg(state, &dataset, &names, out)? {
+        surfaces.push("the Python shim");
+    }
+    if fuse_leg(dir, state, &names, &expected, out)? {
+        surfaces.push("the FUSE mount");
+    }
 
     let first = format!("/datasets/quickstart/{}", names[0]);
     let runtime = super::control::runtime()?;
@@ -434,5 +456,5 @@ fn exercise(
     })?;
     writeln!(out, "  tier0 admin layout {first}:")?;
     super::admin::print_layout(out, &layout)?;
-    Ok(())
+    Ok(surfaces)
 }
