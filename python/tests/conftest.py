@@ -29,17 +29,19 @@ def tier0_binary():
 def cluster(tmp_path_factory):
     binary = tier0_binary()
     folder = tmp_path_factory.mktemp("cluster") / "c"
-    up = subprocess.run(
-        [binary, "cluster", "up", "--nodes", "3", "--dir", str(folder), "--store-size", "128MiB", "--chunk-size", "256KiB"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert up.returncode == 0, f"cluster up failed: {up.stderr}"
-    exports = dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, re.MULTILINE))
     saved = {key: os.environ.get(key) for key in ("TIER0_CONTROL", "TIER0_TOKEN")}
-    os.environ.update(exports)
     try:
+        # Inside the try: a `cluster up` that fails or times out half-way may have started
+        # daemons, which `cluster down --purge` below stops.
+        up = subprocess.run(
+            [binary, "cluster", "up", "--nodes", "3", "--dir", str(folder), "--store-size", "128MiB", "--chunk-size", "256KiB"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert up.returncode == 0, f"cluster up failed: {up.stderr}"
+        exports = dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, re.MULTILINE))
+        os.environ.update(exports)
         yield exports
     finally:
         # Connected clients hold the daemons' connections open, which slows their exit
@@ -53,7 +55,8 @@ def cluster(tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        subprocess.run([binary, "cluster", "down", "--dir", str(folder), "--purge"], capture_output=True, timeout=60)
+        down = subprocess.run([binary, "cluster", "down", "--dir", str(folder), "--purge"], capture_output=True, text=True, timeout=60)
+        assert down.returncode == 0, f"cluster down --purge failed ({down.returncode}): {down.stderr}"
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,13 @@ def test_batch_errors(client, folder):
     buffer = tier0.Buffer(4096)
     with pytest.raises(tier0.NotFound, match="missing"):
         client.read_batch([(f"{folder}/x", 0, 10), (f"{folder}/missing", 0, 10)], buffer)
+    # Each failed read is reported with its own cause, the failing one not last.
+    with pytest.raises(tier0.NotFound) as first:
+        client.read_batch([(f"{folder}/gone-a", 0, 10), (f"{folder}/x", 0, 10), (f"{folder}/gone-b", 0, 10)], buffer)
+    assert "gone-a" in str(first.value) and "gone-b" not in str(first.value)
+    with pytest.raises(tier0.InvalidArgument) as past:
+        client.read_batch([(f"{folder}/x", 0, 10), (f"{folder}/x", 11, 1, 100), (f"{folder}/gone-c", 0, 10, 200)], buffer)
+    assert "past the end" in str(past.value) and "gone-c" not in str(past.value)
     with pytest.raises(tier0.InvalidArgument, match="past the end"):
         client.read_batch([(f"{folder}/x", 11, 1)], buffer)
     with pytest.raises(tier0.BufferTooSmall, match="do not fit"):
@@ -143,5 +150,67 @@ def test_bad_arguments(cluster, client, folder):
     other = tier0.Client(cluster["TIER0_CONTROL"], cluster["TIER0_TOKEN"])
     other.close()
     other.close()
-    with pytest.raises(tier0.InvalidArgument, match="client is NULL"):
+    with pytest.raises(tier0.InvalidArgument, match="closed"):
         other.stat(folder)
+
+
+def test_open_file_is_pinned_to_its_version(cluster, client, folder):
+    path = f"{folder}/pinned.bin"
+    old = pattern(3 * CHUNK + 123, 5).tobytes()
+    client.write(path, old)
+    with client.open(path) as f:
+        assert f.size == len(old) and f.version >= 1
+        head = f.read_at(0, CHUNK + 7)
+        # Another client commits a new version, of another size, while the file is open.
+        new = pattern(CHUNK + 9, 6).tobytes()
+        with tier0.Client(cluster["TIER0_CONTROL"], cluster["TIER0_TOKEN"]) as writer:
+            writer.write(path, new)
+            assert writer.stat(path)["size"] == len(new)
+        rest = f.read_at(CHUNK + 7, len(old))
+        assert f.size == len(old)
+        assert head + rest == old
+        # readinto_at, into numpy, of the same version.
+        out = np.zeros(100, dtype=np.uint8)
+        assert f.readinto_at(len(old) - 50, out) == 50
+        assert out[:50].tobytes() == old[-50:]
+        with pytest.raises(tier0.InvalidArgument, match="past the end"):
+            f.read_at(len(old) + 1, 1)
+    with pytest.raises(tier0.InvalidArgument, match="closed"):
+        f.read_at(0, 1)
+    # Opened again: the new version.
+    with client.open(path) as again:
+        assert again.size == len(new) and again.read_at(0, len(new)) == new
+    with pytest.raises(tier0.NotFound):
+        client.open(f"{folder}/nope")
+
+
+def test_close_waits_for_calls_in_flight(cluster, folder):
+    """close() while other threads call: nothing is freed under a call; the calls finish
+    (or, started after close, raise InvalidArgument)."""
+    import threading
+
+    other = tier0.Client(cluster["TIER0_CONTROL"], cluster["TIER0_TOKEN"])
+    other.write(f"{folder}/c", b"x" * 1000)
+    errors = []
+    start = threading.Barrier(5)
+
+    def reader():
+        start.wait()
+        for _ in range(50):
+            try:
+                assert other.read(f"{folder}/c") == b"x" * 1000
+            except tier0.InvalidArgument as error:
+                assert "closed" in str(error)
+                return
+            except Exception as error:  # noqa: BLE001
+                errors.append(error)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    other.close()
+    for thread in threads:
+        thread.join(30)
+    assert not errors and other._native._raw is None

@@ -5,6 +5,8 @@
     data = client.read("/datasets/part-0000")   # bytes
     buf = tier0.Buffer(64 << 20)                # registered memory; buf.array is a numpy view
     views = client.read_batch([("/a", 0, 4096), ("/b", 1 << 20, 1 << 20)], buf)  # no copy
+    with client.open("/datasets/part-0000") as f:  # pinned to the version opened
+        head = f.read_at(0, 4096)
 
 and ``tier0://`` URLs in fsspec, pandas and pyarrow (``tier0.fs.Tier0FileSystem``).
 """
@@ -17,12 +19,14 @@ from .client import (
     Client,
     Conflict,
     Error,
+    File,
     InternalError,
     InvalidArgument,
     IoError,
     NotFound,
     OutOfMemory,
     RingFull,
+    Stale,
     Unauthenticated,
     Unavailable,
 )
@@ -36,6 +40,7 @@ __all__ = [
     "Client",
     "Conflict",
     "Error",
+    "File",
     "HEADER_PATH",
     "InternalError",
     "InvalidArgument",
@@ -44,6 +49,7 @@ __all__ = [
     "NotFound",
     "OutOfMemory",
     "RingFull",
+    "Stale",
     "Unauthenticated",
     "Unavailable",
 ]

@@ -1,6 +1,8 @@
 """The tier0 client: files by path, read striped from the data daemons, over libtier0."""
 
+import contextlib
 import os
+import threading
 import weakref
 
 import numpy as np
@@ -64,6 +66,13 @@ class InternalError(Error):
     code = lib.TIER0_INTERNAL
 
 
+class Stale(Error):
+    """An open file's version can no longer be read (no longer kept, or the path now names
+    another file): open the file again for its current version."""
+
+    code = lib.TIER0_STALE
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (
@@ -78,6 +87,7 @@ _BY_CODE = {
         RingFull,
         OutOfMemory,
         InternalError,
+        Stale,
     )
 }
 
@@ -147,6 +157,108 @@ class Buffer:
         return int(ffi.cast("uintptr_t", self._data))
 
 
+class _Native:
+    """A native handle that may be closed while other threads call through it: calls in
+    flight are counted under a lock, and the handle is freed when the last one returns
+    (never under a call). Calls after ``close`` raise :class:`InvalidArgument`."""
+
+    def __init__(self, raw, free, what):
+        self._raw = ffi.gc(raw, free)
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._closing = False
+        self._what = what
+
+    @contextlib.contextmanager
+    def use(self):
+        with self._lock:
+            if self._closing:
+                raise InvalidArgument(f"{self._what} is closed", lib.TIER0_INVALID_ARGUMENT)
+            self._calls += 1
+        try:
+            yield self._raw
+        finally:
+            with self._lock:
+                self._calls -= 1
+                raw = self._take()
+            if raw is not None:
+                ffi.release(raw)
+
+    def _take(self):
+        """The handle to free now, if it is to be freed (the lock held)."""
+        if self._closing and self._calls == 0 and self._raw is not None:
+            raw, self._raw = self._raw, None
+            return raw
+        return None
+
+    def close(self):
+        with self._lock:
+            self._closing = True
+            raw = self._take()
+        if raw is not None:
+            ffi.release(raw)
+
+    @property
+    def closed(self):
+        return self._closing
+
+
+class File:
+    """A file opened at one version (:meth:`Client.open`): every read returns that
+    version's bytes, and :attr:`size` is that version's size, whatever another writer
+    commits at the path meanwhile. :class:`Stale` when that version is no longer kept.
+    Thread-safe; close it (or use ``with``) to release it."""
+
+    def __init__(self, client, path):
+        out = ffi.new("tier0_file **")
+        with client._native.use() as handle:
+            _check(lib.tier0_file_open(handle, _path(path), out))
+        self._native = _Native(out[0], lib.tier0_file_close, f"tier0.File({path!r})")
+        info = ffi.new("tier0_file_version *")
+        with self._native.use() as handle:
+            _check(lib.tier0_file_info(handle, info))
+        self.path = path
+        self.id = info.id
+        self.version = info.version
+        self.size = info.size
+
+    def __repr__(self):
+        return f"tier0.File({self.path!r}, version={self.version}, size={self.size})"
+
+    def read_at(self, offset, length):
+        """Up to ``length`` bytes at ``offset`` of the opened version (fewer at its end)."""
+        data = bytearray(length)
+        got = self.readinto_at(offset, data)
+        return bytes(memoryview(data)[:got])
+
+    def readinto_at(self, offset, array):
+        """Reads at ``offset`` into ``array`` (any writable, C-contiguous buffer), as many
+        bytes as it holds or the version has; returns how many landed."""
+        view = memoryview(array)
+        if not view.contiguous or view.readonly:
+            raise InvalidArgument("array must be writable and C-contiguous", lib.TIER0_INVALID_ARGUMENT)
+        if offset < 0:
+            raise InvalidArgument(f"offset {offset} must not be negative", lib.TIER0_INVALID_ARGUMENT)
+        got = ffi.new("size_t *")
+        target = ffi.from_buffer(view, require_writable=True)
+        with self._native.use() as handle:
+            _check(lib.tier0_file_read_at(handle, offset, target, view.nbytes, got))
+        return got[0]
+
+    def close(self):
+        self._native.close()
+
+    @property
+    def closed(self):
+        return self._native.closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 # Every open client, so that a test harness can close them all before it stops a cluster.
 _OPEN = weakref.WeakSet()
 
@@ -154,7 +266,8 @@ _OPEN = weakref.WeakSet()
 class Client:
     """A connection to a tier0 cluster. ``control`` and ``token`` default to the
     ``TIER0_CONTROL`` and ``TIER0_TOKEN`` environment variables (``tier0 cluster up`` prints
-    them). Thread-safe; calls release the GIL."""
+    them). Thread-safe; calls release the GIL. :meth:`close` may be called while other
+    threads are inside calls: the native handle is freed when the last of them returns."""
 
     def __init__(self, control=None, token=None):
         control = control if control is not None else os.environ.get("TIER0_CONTROL")
@@ -165,7 +278,7 @@ class Client:
             raise InvalidArgument("no cluster token: pass token= or set TIER0_TOKEN", lib.TIER0_INVALID_ARGUMENT)
         out = ffi.new("tier0_client **")
         _check(lib.tier0_client_new(control.encode(), token.encode(), out))
-        self._handle = ffi.gc(out[0], lib.tier0_client_free)
+        self._native = _Native(out[0], lib.tier0_client_free, "tier0.Client")
         self.control = control
         _OPEN.add(self)
 
@@ -173,11 +286,14 @@ class Client:
         return f"tier0.Client({self.control!r})"
 
     def close(self):
-        """Drops the connections now (else when the client is collected); calls after it
-        raise :class:`InvalidArgument`."""
-        if self._handle != ffi.NULL:
-            ffi.release(self._handle)
-            self._handle = ffi.NULL
+        """Drops the connections now, or when the calls other threads have in flight
+        return (else when the client is collected); calls after it raise
+        :class:`InvalidArgument`. Files opened from it stay readable until closed."""
+        self._native.close()
+
+    def open(self, path):
+        """Opens the file's current version: a :class:`File` pinned to it."""
+        return File(self, path)
 
     def __enter__(self):
         return self
@@ -191,14 +307,16 @@ class Client:
         """The entry at ``path``: a dict with name, type ("file" or "directory"), size,
         version, id, created_ms, modified_ms, chunk_size, replication."""
         info = ffi.new("tier0_info *")
-        _check(lib.tier0_stat(self._handle, _path(path), info))
+        with self._native.use() as handle:
+            _check(lib.tier0_stat(handle, _path(path), info))
         return _stat_dict(path, info)
 
     def ls(self, path):
         """The entries of the directory at ``path``, as :meth:`stat` dicts named by their
         full path."""
         out = ffi.new("tier0_listing **")
-        _check(lib.tier0_list(self._handle, _path(path), out))
+        with self._native.use() as handle:
+            _check(lib.tier0_list(handle, _path(path), out))
         listing = ffi.gc(out[0], lib.tier0_listing_free)
         entry = ffi.new("tier0_entry *")
         prefix = path.rstrip("/")
@@ -210,19 +328,22 @@ class Client:
         return entries
 
     def mkdir(self, path, parents=False):
-        _check(lib.tier0_mkdir(self._handle, _path(path), parents))
+        with self._native.use() as handle:
+            _check(lib.tier0_mkdir(handle, _path(path), parents))
 
     def remove(self, path, recursive=False):
         """Removes a file or a directory (a non-empty one only with ``recursive``); returns
         how many entries went."""
         removed = ffi.new("uint64_t *")
-        _check(lib.tier0_remove(self._handle, _path(path), recursive, removed))
+        with self._native.use() as handle:
+            _check(lib.tier0_remove(handle, _path(path), recursive, removed))
         return removed[0]
 
     def size(self, path):
         """The file's size in the layout this client has cached for it."""
         out = ffi.new("uint64_t *")
-        _check(lib.tier0_file_size(self._handle, _path(path), out))
+        with self._native.use() as handle:
+            _check(lib.tier0_file_size(handle, _path(path), out))
         return out[0]
 
     # Reads and writes.
@@ -234,7 +355,8 @@ class Client:
         for _ in range(3):
             size = self.size(path)
             data = bytearray(size)
-            code = lib.tier0_read_file(self._handle, encoded, ffi.from_buffer(data), size, got)
+            with self._native.use() as handle:
+                code = lib.tier0_read_file(handle, encoded, ffi.from_buffer(data), size, got)
             if code == lib.TIER0_BUFFER_TOO_SMALL:
                 continue  # a new, larger version arrived between the two calls
             _check(code)
@@ -251,7 +373,9 @@ class Client:
         if offset < 0 or length < 0:
             raise InvalidArgument(f"offset {offset} and length {length} must not be negative", lib.TIER0_INVALID_ARGUMENT)
         got = ffi.new("size_t *")
-        _check(lib.tier0_read_range(self._handle, _path(path), offset, ffi.from_buffer(target, require_writable=True), length, got))
+        target = ffi.from_buffer(target, require_writable=True)
+        with self._native.use() as handle:
+            _check(lib.tier0_read_range(handle, _path(path), offset, target, length, got))
         return got[0]
 
     def read_into(self, path, array, offset=0, length=None):
@@ -278,7 +402,8 @@ class Client:
         if not view.contiguous:
             raise InvalidArgument("data must be C-contiguous", lib.TIER0_INVALID_ARGUMENT)
         source = ffi.from_buffer(view) if view.nbytes else ffi.NULL
-        _check(lib.tier0_write_file(self._handle, _path(path), source, view.nbytes))
+        with self._native.use() as handle:
+            _check(lib.tier0_write_file(handle, _path(path), source, view.nbytes))
 
     def read_batch(self, reads, buffer, align=64):
         """Reads many ranges of many files in one striped pass straight into ``buffer`` (a
@@ -310,7 +435,8 @@ class Client:
             placed.append((_path(path), offset, length, at))
             cursor = at + length
         out = ffi.new("tier0_ring **")
-        _check(lib.tier0_ring_new(self._handle, buffer._handle, len(placed), out))
+        with self._native.use() as handle:
+            _check(lib.tier0_ring_new(handle, buffer._handle, len(placed), out))
         ring = ffi.gc(out[0], lib.tier0_ring_free)
         try:
             for index, (path, offset, length, at) in enumerate(placed):
@@ -319,16 +445,31 @@ class Client:
             completions = ffi.new("tier0_completion[]", len(placed))
             count = ffi.new("uint32_t *")
             _check(lib.tier0_ring_wait(ring, completions, len(placed), len(placed), count))
-            message = ffi.string(lib.tier0_last_error()).decode("utf-8", "replace")
             results = {}
             for i in range(count[0]):
                 completion = completions[i]
                 results[completion.user_data] = (completion.result, completion.bytes)
+            # The first failed read, with its own message.
+            failed = next((index for index in range(len(placed)) if results[index][0] != lib.TIER0_OK), None)
+            message = _ring_error(ring, failed) if failed is not None else None
         finally:
             ffi.release(ring)  # frees it now (waits for nothing: every read was reaped)
-        for index in range(len(placed)):
-            code, _ = results[index]
-            if code != lib.TIER0_OK:
-                path = reads[index][0]
-                _raise(code, f"{path}: {ffi.string(lib.tier0_strerror(code)).decode()} ({message})")
+        if failed is not None:
+            code = results[failed][0]
+            path = reads[failed][0]
+            _raise(code, f"{path}: {ffi.string(lib.tier0_strerror(code)).decode()} ({message})")
         return [buffer.array[at : at + results[index][1]] for index, (_, _, _, at) in enumerate(placed)]
+
+
+def _ring_error(ring, user_data):
+    """The message of the failed read tagged ``user_data``, reaped from ``ring``."""
+    size = 1024
+    length = ffi.new("size_t *")
+    while True:
+        text = ffi.new("char[]", size)
+        code = lib.tier0_ring_error(ring, user_data, text, size, length)
+        if code != lib.TIER0_OK:
+            return ffi.string(lib.tier0_last_error()).decode("utf-8", "replace")
+        if length[0] < size:
+            return ffi.string(text).decode("utf-8", "replace")
+        size = length[0] + 1

@@ -3,9 +3,11 @@ read (and write) tier0 files through it.
 
 ``tier0:///datasets/x.csv`` and ``tier0://datasets/x.csv`` both name ``/datasets/x.csv``.
 The cluster comes from ``control=`` and ``token=`` (storage options) or ``TIER0_CONTROL``
-and ``TIER0_TOKEN``. Reads fetch ranges striped from the daemons; a file opened for writing
-is kept in memory and committed whole at close (readers see the old version or the new
-one, never a part).
+and ``TIER0_TOKEN``. A file opened for reading is pinned to the version current at open
+(:meth:`tier0.Client.open`): its size and every range it fetches are that version's, even if
+another writer commits meanwhile. A file opened for writing is kept in memory and committed
+whole at close (readers see the old version or the new one, never a part); a ``with`` block
+that raises discards it instead, committing nothing.
 """
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
@@ -48,15 +50,16 @@ class Tier0FileSystem(AbstractFileSystem):
             return False
 
     def cat_file(self, path, start=None, end=None, **kwargs):
+        # One open per call: the version current now (not the client's cached layout), all
+        # bytes from it.
         path = self._strip_protocol(path)
-        if start is None and end is None:
-            return self.client.read(path)
-        size = self.info(path)["size"]
-        start = 0 if start is None else (start + size if start < 0 else start)
-        end = size if end is None else (end + size if end < 0 else end)
-        start = min(max(start, 0), size)
-        end = min(max(end, start), size)
-        return self.client.read_range(path, start, end - start)
+        with self.client.open(path) as file:
+            size = file.size
+            start = 0 if start is None else (start + size if start < 0 else start)
+            end = size if end is None else (end + size if end < 0 else end)
+            start = min(max(start, 0), size)
+            end = min(max(end, start), size)
+            return file.read_at(start, end - start)
 
     def pipe_file(self, path, value, **kwargs):
         self.client.write(self._strip_protocol(path), value)
@@ -85,10 +88,44 @@ class Tier0FileSystem(AbstractFileSystem):
 
 
 class Tier0File(AbstractBufferedFile):
-    """A file on tier0: reads fetch ranges; writes are kept and committed whole at close."""
+    """A file on tier0: reads fetch ranges of the version opened; writes are kept and
+    committed whole at close (discarded when a ``with`` block raises)."""
+
+    def __init__(self, fs, path, mode="rb", block_size="default", autocommit=True, cache_options=None, **kwargs):
+        self._file = None
+        if mode == "rb":
+            self._file = fs.client.open(path)
+            kwargs["size"] = self._file.size
+        try:
+            super().__init__(fs, path, mode, block_size, autocommit, cache_options=cache_options, **kwargs)
+        except BaseException:
+            if self._file is not None:
+                self._file.close()
+            raise
 
     def _fetch_range(self, start, end):
-        return self.fs.client.read_range(self.path, start, end - start)
+        return self._file.read_at(start, end - start)
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            if getattr(self, "_file", None) is not None:
+                self._file.close()
+
+    def discard(self):
+        """Throws away what was written: nothing is committed, and the file is closed."""
+        if self.closed:
+            return
+        self._parts = []
+        self.buffer = None
+        self.closed = True
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is not None and self.writable():
+            self.discard()
+        else:
+            self.close()
 
     def _initiate_upload(self):
         self._parts = []

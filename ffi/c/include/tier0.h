@@ -35,6 +35,10 @@ typedef enum tier0_result {
     TIER0_OUT_OF_MEMORY = 10,
     // A bug in tier0 (a caught panic included): the message says where.
     TIER0_INTERNAL = 11,
+    // An open file's version can no longer be read: the cluster no longer keeps it, or the
+    // path now names another file (removed and made again). Open the file again to read
+    // its current version.
+    TIER0_STALE = 12,
 } tier0_result;
 
 // What an entry of the namespace is.
@@ -45,17 +49,24 @@ typedef enum tier0_kind {
 
 // Memory that reads land in without a copy: page-aligned, zeroed, at a fixed address for
 // its whole life. Its bytes are the caller's to read and write, except those of reads in
-// flight on a ring.
+// flight on a ring (submitted, completion not yet reaped: see `tier0_ring_submit`).
 typedef struct tier0_buffer tier0_buffer;
 
 // A connection to a tier0 cluster: its control plane, and the data daemons its files live
 // on (connections are made on first use and kept). Thread-safe.
 typedef struct tier0_client tier0_client;
 
+// A file opened at one version: reads through it return that version's bytes only, and its
+// size is that version's size. Thread-safe; keeps its client alive until it is closed.
+typedef struct tier0_file tier0_file;
+
 // The entries of one directory, as listed by [`tier0_list`].
 typedef struct tier0_listing tier0_listing;
 
-// A submission ring over one client and one registered buffer. Thread-safe.
+// A submission ring over one client and one registered buffer. Thread-safe. Reads name
+// files by path and use the client's cached layouts (following a newer version when a
+// daemon refuses one as stale), so they are not pinned to a version: for that, read
+// through an open file (`tier0_file_open`).
 typedef struct tier0_ring tier0_ring;
 
 // A file's or directory's metadata, as the control plane has it now.
@@ -79,6 +90,16 @@ typedef struct tier0_entry {
     const char *name;
     struct tier0_info stat;
 } tier0_entry;
+
+// The version an open file is pinned to.
+typedef struct tier0_file_version {
+    // The file's id (unique in the cluster, never reused).
+    uint64_t id;
+    // The version opened.
+    uint64_t version;
+    // That version's size in bytes.
+    uint64_t size;
+} tier0_file_version;
 
 // A finished read: the tag it was prepared with, its result, and how many bytes landed
 // (fewer than asked at the end of the file).
@@ -257,6 +278,45 @@ const char *tier0_last_error(void);
 // A static description of a result value (any int: unknown values say so).
 const char *tier0_strerror(int result);
 
+// Opens the current version of the file at `path` (asked of the control plane now, not
+// from the client's cache) and pins it: `*out_file` reads that version's bytes only, and
+// its size stays that version's, whatever is committed at the path later. Release it with
+// [`tier0_file_close`].
+//
+// # Safety
+// `client` is a live handle, `path` a NUL-terminated string, `out_file` writable.
+enum tier0_result tier0_file_open(const struct tier0_client *client,
+                                  const char *path,
+                                  struct tier0_file **out_file);
+
+// The id, version and size the file was opened at.
+//
+// # Safety
+// `file` is a live file handle, `out_version` writable.
+enum tier0_result tier0_file_info(const struct tier0_file *file,
+                                  struct tier0_file_version *out_version);
+
+// Reads up to `len` bytes at `offset` of the open file's version into `dst`; `*out_read`
+// is how many (fewer at the end of that version, 0 at its end; an offset past it is
+// `TIER0_INVALID_ARGUMENT`). Every byte comes from the version opened: when its layout
+// moved (a daemon refuses it as stale), the layout of that same version is asked again and
+// the read redone; `TIER0_STALE` when that version is no longer kept or the path now names
+// another file (open it again for its current version). One copy, as `tier0_read_range`.
+//
+// # Safety
+// `file` is a live file handle, `dst` writable for `len` bytes, `out_read` writable.
+enum tier0_result tier0_file_read_at(const struct tier0_file *file,
+                                     uint64_t offset,
+                                     uint8_t *dst,
+                                     size_t len,
+                                     size_t *out_read);
+
+// Closes an open file (NULL: nothing).
+//
+// # Safety
+// `file` is NULL or a file handle, not used again.
+void tier0_file_close(struct tier0_file *file);
+
 // A new ring reading through `client` into `buf`, holding at most `capacity` reads
 // (prepared, in flight, or finished and not yet reaped; 1 to 2^20). The ring keeps the
 // client and the buffer's memory alive until it is freed, whatever is freed first.
@@ -287,6 +347,14 @@ enum tier0_result tier0_ring_prep_read(const struct tier0_ring *ring,
 // Starts the reads prepared since the last submit, as one batch, and returns at once; the
 // ring's thread reads them and posts their completions. Nothing prepared: nothing to do.
 //
+// The buffer rule: from this call until a read's completion is reaped, the application
+// must neither read nor write that read's buffer range (its bytes land there in any order,
+// and a failed read may leave part of them). Bytes of the buffer outside the ranges in
+// flight stay the application's to read and write meanwhile. Known limit: the library
+// hands the striped reader the whole buffer as one Rust `&mut [u8]` and writes only the
+// batch's ranges, so no byte is raced, but touching other bytes during a batch is formally
+// outside Rust's aliasing rules (ARCHITECTURE.md decision 48).
+//
 // # Safety
 // `ring` is a live ring handle.
 enum tier0_result tier0_ring_submit(const struct tier0_ring *ring);
@@ -294,9 +362,12 @@ enum tier0_result tier0_ring_submit(const struct tier0_ring *ring);
 // Waits until at least `min_complete` reads have finished (0: does not wait), then moves
 // up to `max` completions, oldest first, to `completions_out`; `*out_count` is how many.
 // `min_complete` must not exceed `max`, nor the reads submitted and not yet reaped (waiting
-// for more would never end): `TIER0_INVALID_ARGUMENT`. A read that failed has its result
-// in its completion, and [`tier0_last_error`] then says why (the last such read of
-// this call).
+// for more would never end): `TIER0_INVALID_ARGUMENT`. Several threads may wait on one
+// ring: when others reap completions this call was waiting for, so that `min_complete`
+// can no longer be reached, it returns at once with what there is (maybe nothing) rather
+// than wait forever. A read that failed has its result in its completion;
+// [`tier0_ring_error`] gives its own message, and [`tier0_last_error`] says why the last
+// such read of this call failed.
 //
 // # Safety
 // `ring` is a live ring handle; `completions_out` is writable for `max` completions and
@@ -306,6 +377,22 @@ enum tier0_result tier0_ring_wait(const struct tier0_ring *ring,
                                   uint32_t max,
                                   uint32_t min_complete,
                                   uint32_t *out_count);
+
+// The message of the failed read tagged `user_data`, reaped from this ring (the latest, if
+// several had that tag; the ring keeps the messages of its last `capacity` failed reads).
+// It is copied into `dst` (`dst_len` bytes, NUL-terminated, cut short when it does not
+// fit; `dst` may be NULL when `dst_len` is 0); `*out_len`, when `out_len` is not NULL, is
+// its full length without the NUL. `TIER0_NOT_FOUND`: no failed read with that tag was
+// reaped (or its message was dropped for newer ones).
+//
+// # Safety
+// `ring` is a live ring handle, `dst` writable for `dst_len` bytes, `out_len` NULL or
+// writable.
+enum tier0_result tier0_ring_error(const struct tier0_ring *ring,
+                                   uint64_t user_data,
+                                   char *dst,
+                                   size_t dst_len,
+                                   size_t *out_len);
 
 // Releases the ring (NULL: nothing): reads not yet submitted are dropped, and the call
 // waits for the batches in flight to finish, so nothing writes into the buffer after it

@@ -11,7 +11,7 @@ use crate::{numa_arg, out_arg};
 
 /// Memory that reads land in without a copy: page-aligned, zeroed, at a fixed address for
 /// its whole life. Its bytes are the caller's to read and write, except those of reads in
-/// flight on a ring.
+/// flight on a ring (submitted, completion not yet reaped: see `tier0_ring_submit`).
 #[derive(Debug)]
 pub struct tier0_buffer {
     pub(crate) shared: Arc<SharedBuffer>,

@@ -39,6 +39,10 @@ pub enum tier0_result {
     TIER0_OUT_OF_MEMORY = 10,
     /// A bug in tier0 (a caught panic included): the message says where.
     TIER0_INTERNAL = 11,
+    /// An open file's version can no longer be read: the cluster no longer keeps it, or the
+    /// path now names another file (removed and made again). Open the file again to read
+    /// its current version.
+    TIER0_STALE = 12,
 }
 
 /// A failed call: its result and what to say.
@@ -145,6 +149,7 @@ pub extern "C" fn tier0_strerror(result: c_int) -> *const c_char {
         9 => c"ring full",
         10 => c"out of memory",
         11 => c"internal error",
+        12 => c"the open file's version is no longer readable",
         _ => c"unknown tier0_result",
     };
     text.as_ptr()

@@ -10,11 +10,17 @@
 //! - no panic crosses the boundary: each entry catches one and returns `TIER0_INTERNAL`;
 //! - handles are opaque, made by `_new` and released by `_free` (which accept NULL); a handle
 //!   may be used from several threads at once.
+//!
+//! Reads by path (`tier0_read_range`, rings) use the layout the client caches for the path
+//! and follow it to a newer version when a daemon refuses it as stale, so two reads of one
+//! path may see two versions. An open file (`tier0_file_open`, ARCHITECTURE.md decision 47)
+//! is pinned to one version: every read through it returns that version's bytes.
 
 #![allow(non_camel_case_types)]
 
 mod buffer;
 mod error;
+mod file;
 mod ring;
 
 use std::ffi::{CStr, CString, c_char, c_int};
@@ -27,9 +33,13 @@ pub use buffer::{
     tier0_buffer, tier0_buffer_data, tier0_buffer_free, tier0_buffer_len, tier0_buffer_new,
 };
 pub use error::{tier0_last_error, tier0_result, tier0_strerror};
+pub use file::{
+    tier0_file, tier0_file_close, tier0_file_info, tier0_file_open, tier0_file_read_at,
+    tier0_file_version,
+};
 pub use ring::{
-    tier0_completion, tier0_ring, tier0_ring_free, tier0_ring_new, tier0_ring_prep_read,
-    tier0_ring_submit, tier0_ring_wait,
+    tier0_completion, tier0_ring, tier0_ring_error, tier0_ring_free, tier0_ring_new,
+    tier0_ring_prep_read, tier0_ring_submit, tier0_ring_wait,
 };
 
 use error::{Error, entry, entry_value, file_error};

@@ -7,6 +7,14 @@
 //! (`Client::read_batch`: many files, many daemons, straight into the buffer) and posts a
 //! completion per read, which `tier0_ring_wait` reaps. Batches run one after another, in
 //! submission order.
+//!
+//! The buffer is shared with the application: while a batch is in flight the ring's thread
+//! writes the ranges of its reads, and the application must neither read nor write those
+//! ranges until their completions are reaped. Bytes outside them stay the application's to
+//! use. (Known limit of the Rust side: the striped reader is handed the whole buffer as one
+//! `&mut [u8]` and writes only the ranges of the batch; the application touching other bytes
+//! meanwhile is a data race on no byte, but formally aliases that slice. See
+//! ARCHITECTURE.md decision 48.)
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::c_char;
@@ -33,7 +41,10 @@ pub struct tier0_completion {
     pub bytes: u64,
 }
 
-/// A submission ring over one client and one registered buffer. Thread-safe.
+/// A submission ring over one client and one registered buffer. Thread-safe. Reads name
+/// files by path and use the client's cached layouts (following a newer version when a
+/// daemon refuses one as stale), so they are not pinned to a version: for that, read
+/// through an open file (`tier0_file_open`).
 pub struct tier0_ring {
     shared: Arc<RingShared>,
     capacity: usize,
@@ -72,6 +83,9 @@ struct RingState {
     /// Submitted and not finished.
     in_flight: usize,
     finished: VecDeque<Finished>,
+    /// The messages of failed reads reaped, newest last, at most `capacity` of them: what
+    /// `tier0_ring_error` answers.
+    errors: VecDeque<(u64, String)>,
 }
 
 impl RingState {
@@ -340,6 +354,14 @@ pub unsafe extern "C" fn tier0_ring_prep_read(
 /// Starts the reads prepared since the last submit, as one batch, and returns at once; the
 /// ring's thread reads them and posts their completions. Nothing prepared: nothing to do.
 ///
+/// The buffer rule: from this call until a read's completion is reaped, the application
+/// must neither read nor write that read's buffer range (its bytes land there in any order,
+/// and a failed read may leave part of them). Bytes of the buffer outside the ranges in
+/// flight stay the application's to read and write meanwhile. Known limit: the library
+/// hands the striped reader the whole buffer as one Rust `&mut [u8]` and writes only the
+/// batch's ranges, so no byte is raced, but touching other bytes during a batch is formally
+/// outside Rust's aliasing rules (ARCHITECTURE.md decision 48).
+///
 /// # Safety
 /// `ring` is a live ring handle.
 #[unsafe(no_mangle)]
@@ -371,9 +393,12 @@ pub unsafe extern "C" fn tier0_ring_submit(ring: *const tier0_ring) -> tier0_res
 /// Waits until at least `min_complete` reads have finished (0: does not wait), then moves
 /// up to `max` completions, oldest first, to `completions_out`; `*out_count` is how many.
 /// `min_complete` must not exceed `max`, nor the reads submitted and not yet reaped (waiting
-/// for more would never end): `TIER0_INVALID_ARGUMENT`. A read that failed has its result
-/// in its completion, and [`tier0_last_error`] then says why (the last such read of
-/// this call).
+/// for more would never end): `TIER0_INVALID_ARGUMENT`. Several threads may wait on one
+/// ring: when others reap completions this call was waiting for, so that `min_complete`
+/// can no longer be reached, it returns at once with what there is (maybe nothing) rather
+/// than wait forever. A read that failed has its result in its completion;
+/// [`tier0_ring_error`] gives its own message, and [`tier0_last_error`] says why the last
+/// such read of this call failed.
 ///
 /// # Safety
 /// `ring` is a live ring handle; `completions_out` is writable for `max` completions and
@@ -405,7 +430,11 @@ pub unsafe extern "C" fn tier0_ring_wait(
                 state.prepared.len()
             )));
         }
-        while state.finished.len() < min_complete as usize {
+        // Checked again at every wake-up: another thread waiting on this ring may have
+        // reaped completions this call counted on, and then waiting on would never end.
+        while state.finished.len() < min_complete as usize
+            && state.in_flight + state.finished.len() >= min_complete as usize
+        {
             state = ring
                 .shared
                 .done
@@ -414,18 +443,83 @@ pub unsafe extern "C" fn tier0_ring_wait(
         }
         let count = state.finished.len().min(max as usize);
         let mut failure = None;
-        for (index, finished) in state.finished.drain(..count).enumerate() {
-            if finished.message.is_some() {
-                failure = finished.message;
+        let drained: Vec<Finished> = state.finished.drain(..count).collect();
+        for (index, finished) in drained.into_iter().enumerate() {
+            if let Some(message) = finished.message {
+                if state.errors.len() >= ring.capacity {
+                    state.errors.pop_front();
+                }
+                state
+                    .errors
+                    .push_back((finished.completion.user_data, message.clone()));
+                failure = Some(message);
             }
             // SAFETY: the caller promises room for `max` >= count completions.
             unsafe { completions.add(index).write(finished.completion) };
         }
         drop(state);
+        if count > 0 {
+            // Other waiters re-check whether what they wait for can still come.
+            ring.shared.done.notify_all();
+        }
         // SAFETY: checked non-NULL; the caller promises it is writable.
         unsafe { out_count.write(count as u32) };
         if let Some(message) = failure {
             set_last_error(&message);
+        }
+        Ok(())
+    })
+}
+
+/// The message of the failed read tagged `user_data`, reaped from this ring (the latest, if
+/// several had that tag; the ring keeps the messages of its last `capacity` failed reads).
+/// It is copied into `dst` (`dst_len` bytes, NUL-terminated, cut short when it does not
+/// fit; `dst` may be NULL when `dst_len` is 0); `*out_len`, when `out_len` is not NULL, is
+/// its full length without the NUL. `TIER0_NOT_FOUND`: no failed read with that tag was
+/// reaped (or its message was dropped for newer ones).
+///
+/// # Safety
+/// `ring` is a live ring handle, `dst` writable for `dst_len` bytes, `out_len` NULL or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tier0_ring_error(
+    ring: *const tier0_ring,
+    user_data: u64,
+    dst: *mut c_char,
+    dst_len: usize,
+    out_len: *mut usize,
+) -> tier0_result {
+    entry("tier0_ring_error", || {
+        // SAFETY: the caller's handle, checked for NULL inside.
+        let ring = unsafe { ring_arg(ring) }?;
+        if dst.is_null() && dst_len > 0 {
+            return Err(Error::invalid("dst is NULL"));
+        }
+        let state = ring.shared.lock();
+        let message = state
+            .errors
+            .iter()
+            .rev()
+            .find(|(tag, _)| *tag == user_data)
+            .map(|(_, message)| message.as_bytes())
+            .ok_or_else(|| {
+                Error::new(
+                    tier0_result::TIER0_NOT_FOUND,
+                    format!("no failed read tagged {user_data} was reaped from this ring"),
+                )
+            })?;
+        if dst_len > 0 {
+            let copied = message.len().min(dst_len - 1);
+            // SAFETY: `dst` is writable for dst_len > copied bytes (caller); the message is
+            // ours.
+            unsafe {
+                std::ptr::copy_nonoverlapping(message.as_ptr().cast::<c_char>(), dst, copied);
+                dst.add(copied).write(0);
+            }
+        }
+        if !out_len.is_null() {
+            // SAFETY: non-NULL; the caller promises it is writable.
+            unsafe { out_len.write(message.len()) };
         }
         Ok(())
     })
@@ -456,4 +550,139 @@ pub unsafe extern "C" fn tier0_ring_free(ring: *mut tier0_ring) {
         }
         Ok(())
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two threads wait for the same two completions on one ring: one reaps both, the other
+    /// returns with none instead of waiting forever.
+    #[test]
+    fn two_waiters_never_wait_for_what_the_other_took() {
+        let ring = tier0_ring {
+            shared: Arc::new(RingShared {
+                state: Mutex::new(RingState {
+                    in_flight: 2,
+                    ..RingState::default()
+                }),
+                done: Condvar::new(),
+            }),
+            capacity: 4,
+            buffer_len: 0,
+            batches: Mutex::new(None),
+            thread: Mutex::new(None),
+        };
+        let address = &ring as *const tier0_ring as usize;
+        let (sender, receiver) = mpsc::channel();
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                let sender = sender.clone();
+                scope.spawn(move || {
+                    let mut out = [tier0_completion {
+                        user_data: 0,
+                        result: tier0_result::TIER0_OK,
+                        bytes: 0,
+                    }; 2];
+                    let mut count = 0;
+                    // SAFETY: the ring outlives the scope; `out` has room for 2.
+                    let result = unsafe {
+                        tier0_ring_wait(
+                            address as *const tier0_ring,
+                            out.as_mut_ptr(),
+                            2,
+                            2,
+                            &mut count,
+                        )
+                    };
+                    sender.send((result, count)).unwrap();
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            {
+                let mut state = ring.shared.lock();
+                state.in_flight = 0;
+                for user_data in [1, 2] {
+                    state.finished.push_back(Finished {
+                        completion: tier0_completion {
+                            user_data,
+                            result: tier0_result::TIER0_OK,
+                            bytes: 1,
+                        },
+                        message: None,
+                    });
+                }
+                ring.shared.done.notify_all();
+            }
+            let timeout = std::time::Duration::from_secs(10);
+            let mut counts = [
+                receiver.recv_timeout(timeout).expect("a waiter returned"),
+                receiver
+                    .recv_timeout(timeout)
+                    .expect("the other waiter returned"),
+            ];
+            counts.sort_by_key(|&(_, count)| count);
+            assert_eq!(counts[0], (tier0_result::TIER0_OK, 0));
+            assert_eq!(counts[1], (tier0_result::TIER0_OK, 2));
+        });
+    }
+
+    /// Each failed read keeps its own message.
+    #[test]
+    fn each_failed_read_has_its_own_message() {
+        let ring = tier0_ring {
+            shared: Arc::new(RingShared {
+                state: Mutex::new(RingState::default()),
+                done: Condvar::new(),
+            }),
+            capacity: 4,
+            buffer_len: 0,
+            batches: Mutex::new(None),
+            thread: Mutex::new(None),
+        };
+        {
+            let mut state = ring.shared.lock();
+            for (user_data, message) in [(7, Some("seven failed")), (8, None), (9, Some("nine"))] {
+                state.finished.push_back(Finished {
+                    completion: tier0_completion {
+                        user_data,
+                        result: if message.is_some() {
+                            tier0_result::TIER0_IO
+                        } else {
+                            tier0_result::TIER0_OK
+                        },
+                        bytes: 0,
+                    },
+                    message: message.map(str::to_owned),
+                });
+            }
+        }
+        let mut out = [tier0_completion {
+            user_data: 0,
+            result: tier0_result::TIER0_OK,
+            bytes: 0,
+        }; 3];
+        let mut count = 0;
+        // SAFETY: a live ring; `out` has room for 3.
+        let result = unsafe { tier0_ring_wait(&ring, out.as_mut_ptr(), 3, 3, &mut count) };
+        assert_eq!((result, count), (tier0_result::TIER0_OK, 3));
+        let mut text = [0 as c_char; 64];
+        let mut len = 0;
+        // SAFETY: a live ring; `text` is writable for its length.
+        let result = unsafe { tier0_ring_error(&ring, 7, text.as_mut_ptr(), 64, &mut len) };
+        assert_eq!(result, tier0_result::TIER0_OK);
+        // SAFETY: NUL-terminated by tier0_ring_error.
+        let got = unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) };
+        assert_eq!((got.to_str().unwrap(), len), ("seven failed", 12));
+        // Cut short, NUL-terminated, full length reported.
+        // SAFETY: as above, 4 bytes.
+        let result = unsafe { tier0_ring_error(&ring, 9, text.as_mut_ptr(), 4, &mut len) };
+        assert_eq!(result, tier0_result::TIER0_OK);
+        // SAFETY: as above.
+        let got = unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) };
+        assert_eq!((got.to_str().unwrap(), len), ("nin", 4));
+        // SAFETY: a live ring; NULL dst with length 0.
+        let result = unsafe { tier0_ring_error(&ring, 8, std::ptr::null_mut(), 0, &mut len) };
+        assert_eq!(result, tier0_result::TIER0_NOT_FOUND);
+    }
 }

@@ -363,6 +363,20 @@ static void rings(tier0_client *client, const char *dir) {
     CHECK(reaped == 8);
     /* The last failed read of that wait says why. */
     CHECK(strstr(tier0_last_error(), "tier0_ring_wait") != NULL);
+    /* Each failed read has its own message: 105 (past the end) is not 106 (missing). */
+    {
+        char text[512];
+        size_t text_len = 0;
+        OK(tier0_ring_error(ring, 105, text, sizeof text, &text_len), "tier0_ring_error");
+        CHECK(strstr(text, "past the end") != NULL && strstr(text, "missing") == NULL);
+        CHECK(text_len == strlen(text));
+        OK(tier0_ring_error(ring, 106, text, sizeof text, NULL), "tier0_ring_error");
+        CHECK(strstr(text, missing) != NULL && strstr(text, "past the end") == NULL);
+        OK(tier0_ring_error(ring, 106, NULL, 0, &text_len), "tier0_ring_error");
+        CHECK(text_len > 0);
+        EXPECT(tier0_ring_error(ring, 100, text, sizeof text, &text_len), TIER0_NOT_FOUND,
+               "tier0_ring_error");
+    }
 
     tier0_completion *c;
     CHECK((c = find(completions, reaped, 100)) && c->result == TIER0_OK && c->bytes == BIG_SIZE);
@@ -407,6 +421,76 @@ static void rings(tier0_client *client, const char *dir) {
     free(missing);
 }
 
+/* An open file is pinned to its version: another client commits a new version, of another
+ * size, between two reads of the handle; both reads, and the size, are the opened version's. */
+static void open_files(tier0_client *client, tier0_client *writer, const char *dir) {
+    char *path = join(dir, "pinned.bin");
+    char *missing = join(dir, "missing.bin");
+    const size_t old_size = 3 * 65536 + 999, new_size = 65536 + 5;
+    uint8_t *old_data = make(old_size, 7);
+    uint8_t *new_data = make(new_size, 8);
+    uint8_t *dst = malloc(old_size + 10);
+    size_t got = 0;
+    OK(tier0_write_file(client, path, old_data, old_size), "tier0_write_file");
+
+    tier0_file *const sentinel = (tier0_file *)(uintptr_t)0x5eed;
+    tier0_file *file = sentinel;
+    EXPECT(tier0_file_open(NULL, path, &file), TIER0_INVALID_ARGUMENT, "tier0_file_open");
+    EXPECT(tier0_file_open(client, NULL, &file), TIER0_INVALID_ARGUMENT, "tier0_file_open");
+    EXPECT(tier0_file_open(client, path, NULL), TIER0_INVALID_ARGUMENT, "tier0_file_open");
+    EXPECT(tier0_file_open(client, missing, &file), TIER0_NOT_FOUND, "tier0_file_open");
+    CHECK(file == sentinel);
+    OK(tier0_file_open(client, path, &file), "tier0_file_open");
+    tier0_file_version opened = {0};
+    OK(tier0_file_info(file, &opened), "tier0_file_info");
+    CHECK(opened.size == old_size && opened.version >= 1 && opened.id != 0);
+    EXPECT(tier0_file_info(NULL, &opened), TIER0_INVALID_ARGUMENT, "tier0_file_info");
+    EXPECT(tier0_file_info(file, NULL), TIER0_INVALID_ARGUMENT, "tier0_file_info");
+
+    size_t head = 65536 + 77;
+    OK(tier0_file_read_at(file, 0, dst, head, &got), "tier0_file_read_at");
+    CHECK(got == head);
+    /* Another client commits a new, shorter version. */
+    OK(tier0_write_file(writer, path, new_data, new_size), "tier0_write_file");
+    tier0_info now;
+    OK(tier0_stat(writer, path, &now), "tier0_stat");
+    CHECK(now.size == new_size && now.version > opened.version);
+    OK(tier0_file_read_at(file, head, dst + head, old_size + 10 - head, &got),
+       "tier0_file_read_at");
+    CHECK(got == old_size - head);
+    CHECK(memcmp(dst, old_data, old_size) == 0);
+    tier0_file_version after = {0};
+    OK(tier0_file_info(file, &after), "tier0_file_info");
+    CHECK(after.size == old_size && after.version == opened.version && after.id == opened.id);
+    /* At the end, past it, bad arguments. */
+    OK(tier0_file_read_at(file, old_size, dst, 10, &got), "tier0_file_read_at");
+    CHECK(got == 0);
+    got = 12345;
+    EXPECT(tier0_file_read_at(file, old_size + 1, dst, 10, &got), TIER0_INVALID_ARGUMENT,
+           "tier0_file_read_at");
+    CHECK(strstr(tier0_last_error(), "past the end") != NULL);
+    EXPECT(tier0_file_read_at(file, 0, NULL, 10, &got), TIER0_INVALID_ARGUMENT,
+           "tier0_file_read_at");
+    EXPECT(tier0_file_read_at(file, 0, dst, 10, NULL), TIER0_INVALID_ARGUMENT,
+           "tier0_file_read_at");
+    EXPECT(tier0_file_read_at(NULL, 0, dst, 10, &got), TIER0_INVALID_ARGUMENT,
+           "tier0_file_read_at");
+    CHECK(got == 12345);
+    tier0_file_close(file);
+
+    /* Opened again: the new version. */
+    OK(tier0_file_open(client, path, &file), "tier0_file_open");
+    OK(tier0_file_read_at(file, 0, dst, old_size, &got), "tier0_file_read_at");
+    CHECK(got == new_size && memcmp(dst, new_data, new_size) == 0);
+    tier0_file_close(file);
+    CHECK(strcmp(tier0_strerror(TIER0_STALE), "the open file's version is no longer readable") == 0);
+    free(old_data);
+    free(new_data);
+    free(dst);
+    free(path);
+    free(missing);
+}
+
 static void removing(tier0_client *client, const char *dir) {
     uint64_t removed = 0;
     char *small = join(dir, "small.bin");
@@ -432,6 +516,7 @@ int main(int argc, char **argv) {
     tier0_buffer_free(NULL);
     tier0_ring_free(NULL);
     tier0_listing_free(NULL);
+    tier0_file_close(NULL);
     if (argc > 1 && strcmp(argv[1], "--smoke") == 0) {
         tier0_buffer *buf = NULL;
         OK(tier0_buffer_new(4096, -1, &buf), "tier0_buffer_new");
@@ -460,6 +545,7 @@ int main(int argc, char **argv) {
     listing(client, dir);
     tier0_client *second = NULL;
     OK(tier0_client_new(control, token, &second), "tier0_client_new");
+    open_files(client, second, dir);
     rings(second, dir); /* frees `second` */
     removing(client, dir);
     tier0_client_free(client);
