@@ -10,6 +10,8 @@ whole at close (readers see the old version or the new one, never a part); a ``w
 that raises discards it instead, committing nothing.
 """
 
+from datetime import datetime, timezone
+
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from .client import Client, NotFound
@@ -36,11 +38,22 @@ class Tier0FileSystem(AbstractFileSystem):
     def ls(self, path, detail=True, **kwargs):
         path = self._strip_protocol(path)
         info = self.info(path)
-        entries = self.client.ls(path) if info["type"] == "directory" else [info]
+        entries = [_fsspec_info(entry) for entry in self.client.ls(path)] if info["type"] == "directory" else [info]
         return entries if detail else [entry["name"] for entry in entries]
 
     def info(self, path, **kwargs):
-        return self.client.stat(self._strip_protocol(path))
+        return _fsspec_info(self.client.stat(self._strip_protocol(path)))
+
+    def ukey(self, path):
+        """Changes whenever the file does: its id and version (see ``ETag`` in :meth:`info`)."""
+        info = self.info(path)
+        return info.get("ETag") or f"{info['id']}-{info['modified_ms']}"
+
+    def modified(self, path):
+        return datetime.fromtimestamp(self.info(path)["modified_ms"] / 1000, tz=timezone.utc)
+
+    def created(self, path):
+        return datetime.fromtimestamp(self.info(path)["created_ms"] / 1000, tz=timezone.utc)
 
     def exists(self, path, **kwargs):
         try:
@@ -85,6 +98,18 @@ class Tier0FileSystem(AbstractFileSystem):
 
     def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
         return Tier0File(self, self._strip_protocol(path), mode, block_size or "default", autocommit, cache_options=cache_options, **kwargs)
+
+
+def _fsspec_info(stat):
+    """A :meth:`tier0.Client.stat` dict with what fsspec users look for added: ``mtime`` (seconds
+    since the epoch, as the local file system gives it) and, for files, ``ETag``: the entry's
+    id and version, which change with every commit and never come back (an id is never reused),
+    so what keys a cache on it (Hugging Face datasets' data-file fingerprints, fsspec's
+    ``ukey``) sees a rewrite."""
+    stat["mtime"] = stat["modified_ms"] / 1000
+    if stat["type"] == "file":
+        stat["ETag"] = f"{stat['id']}-{stat['version']}"
+    return stat
 
 
 class Tier0File(AbstractBufferedFile):
