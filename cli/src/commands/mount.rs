@@ -86,10 +86,17 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         .map_err(|status| failed("stat /", &control.url, status))?;
     // The file system's writers borrow the client for the life of the process.
     let client: &'static Client = Box::leak(Box::new(Client::connect(url, &token, "tier0-mount")?));
+    // One client per request thread for reads: a client reads one batch at a time, so with
+    // one the kernel's parallel reads (readahead, several readers) would queue behind it.
+    let mut readers = Vec::with_capacity(args.threads);
+    for _ in 0..args.threads.max(1) {
+        readers.push(Client::connect(url, &token, "tier0-mount")?);
+    }
     // SAFETY: getuid and getgid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let fs = Tier0Fs {
         client,
+        readers: Mutex::new(readers),
         control,
         runtime,
         uid,
@@ -222,6 +229,9 @@ const ROOT: u64 = 1;
 /// The namespace as the kernel sees it.
 struct Tier0Fs {
     client: &'static Client,
+    /// Clients for reads, one taken per read (read handles are pinned to their layout, so any
+    /// client reads any handle's bytes).
+    readers: Mutex<Vec<Client>>,
     control: ControlClient,
     runtime: tokio::runtime::Runtime,
     uid: u32,
@@ -829,7 +839,15 @@ impl Filesystem for Tier0Fs {
             let ranges = [(offset, u64::from(size), 0)];
             for _ in 0..3 {
                 let pinned = Arc::clone(&lock(layout));
-                match self.client.read_pinned(&pinned, &ranges, buffer) {
+                let reader = lock(&self.readers).pop();
+                let result = match &reader {
+                    Some(reader) => reader.read_pinned(&pinned, &ranges, buffer),
+                    None => self.client.read_pinned(&pinned, &ranges, buffer),
+                };
+                if let Some(reader) = reader {
+                    lock(&self.readers).push(reader);
+                }
+                match result {
                     Ok(got) => return reply.data(&buffer[..got[0] as usize]),
                     Err(FileError::Read { source, .. })
                         if matches!(*source, StripedError::StaleLayout { .. }) =>
