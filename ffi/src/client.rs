@@ -305,24 +305,7 @@ impl Client {
             version: layout.layout_version,
         };
         for &(offset, len, buffer_offset) in ranges {
-            let end = offset.saturating_add(len).min(layout.size);
-            got.push(end.saturating_sub(offset));
-            for chunk in &layout.chunks {
-                let chunk_end = chunk.file_offset + u64::from(chunk.len);
-                let from = offset.max(chunk.file_offset);
-                let to = end.min(chunk_end);
-                if from >= to {
-                    continue;
-                }
-                spans.push(Span {
-                    chunk: chunk.id,
-                    buffer_offset: buffer_offset + (from - offset),
-                    chunk_offset: from - chunk.file_offset,
-                    len: (to - from) as u32,
-                    replicas: &chunk.replicas,
-                    layout: Some(pinned),
-                });
-            }
+            got.push(range_spans(layout, offset, len, buffer_offset, &mut spans));
         }
         self.read_spans(spans, &layout.domains, pinned, buffer)
             .map(|_| got)
@@ -417,27 +400,13 @@ impl Client {
             let mut got = Vec::with_capacity(reads.len());
             for read in reads {
                 let layout = &layouts[read.path.as_str()];
-                let end = read.offset.saturating_add(read.len).min(layout.size);
-                got.push(end.saturating_sub(read.offset));
-                for chunk in &layout.chunks {
-                    let chunk_end = chunk.file_offset + u64::from(chunk.len);
-                    let from = read.offset.max(chunk.file_offset);
-                    let to = end.min(chunk_end);
-                    if from >= to {
-                        continue;
-                    }
-                    spans.push(Span {
-                        chunk: chunk.id,
-                        buffer_offset: read.buffer_offset + (from - read.offset),
-                        chunk_offset: from - chunk.file_offset,
-                        len: (to - from) as u32,
-                        replicas: &chunk.replicas,
-                        layout: Some(LayoutRef {
-                            file: layout.file_id,
-                            version: layout.layout_version,
-                        }),
-                    });
-                }
+                got.push(range_spans(
+                    layout,
+                    read.offset,
+                    read.len,
+                    read.buffer_offset,
+                    &mut spans,
+                ));
             }
             let mut domains = HashMap::new();
             for layout in layouts.values() {
@@ -538,6 +507,38 @@ pub struct BatchRead {
     pub len: u64,
     /// Where in the buffer the bytes land.
     pub buffer_offset: u64,
+}
+
+/// Appends the spans that read `len` bytes at `offset` of `layout`'s file into the buffer at
+/// `buffer_offset`, each stamped with the layout; returns how many bytes that is (fewer past
+/// the end of the file).
+fn range_spans<'a>(
+    layout: &'a FileLayout,
+    offset: u64,
+    len: u64,
+    buffer_offset: u64,
+    spans: &mut Vec<Span<'a>>,
+) -> u64 {
+    let end = offset.saturating_add(len).min(layout.size);
+    let stamp = LayoutRef {
+        file: layout.file_id,
+        version: layout.layout_version,
+    };
+    for chunk in &layout.chunks {
+        let from = offset.max(chunk.file_offset);
+        let to = end.min(chunk.file_offset + u64::from(chunk.len));
+        if from < to {
+            spans.push(Span {
+                chunk: chunk.id,
+                buffer_offset: buffer_offset + (from - offset),
+                chunk_offset: from - chunk.file_offset,
+                len: (to - from) as u32,
+                replicas: &chunk.replicas,
+                layout: Some(stamp),
+            });
+        }
+    }
+    end.saturating_sub(offset)
 }
 
 /// A piece of a chunk to read, and where it goes.
