@@ -55,6 +55,9 @@ pub struct Upkeep {
     store: Arc<dyn MetadataStore>,
     token: Vec<u8>,
     timeout: Duration,
+    /// How long a superseded version is kept after its file last changed, for readers that
+    /// opened it before (see `with_version_grace`).
+    version_grace: Duration,
 }
 
 impl std::fmt::Debug for Upkeep {
@@ -63,6 +66,7 @@ impl std::fmt::Debug for Upkeep {
             .field("store", &self.store)
             .field("token", &"<redacted>")
             .field("timeout", &self.timeout)
+            .field("version_grace", &self.version_grace)
             .finish()
     }
 }
@@ -109,12 +113,24 @@ struct Listed {
 }
 
 impl Upkeep {
+    /// Upkeep that collects a superseded version at its first pass (see
+    /// `with_version_grace`).
     pub fn new(store: Arc<dyn MetadataStore>, token: Vec<u8>) -> Upkeep {
         Upkeep {
             store,
             token,
             timeout: Duration::from_secs(10),
+            version_grace: Duration::ZERO,
         }
+    }
+
+    /// Keeps the superseded versions of a file for `grace` after the file last changed (a
+    /// commit or a rollback), so that readers who opened one just before (an open file in
+    /// the mount, the C ABI or Python reads the version it opened) can finish. Versions of a
+    /// deleted file are not kept.
+    pub fn with_version_grace(mut self, grace: Duration) -> Upkeep {
+        self.version_grace = grace;
+        self
     }
 
     /// Repair, then collection.
@@ -405,6 +421,7 @@ impl Upkeep {
             None => model::ROOT_ID,
         };
         let current = self.file_inodes().await?;
+        let now_ms = model::now_ms();
         let mut pinned: HashSet<(u64, u64)> = HashSet::new();
         for entry in self.store.scan(model::SNAPSHOTS_PREFIX).await? {
             let snapshot: Snapshot = model::decode(&entry.key, &entry.value)?;
@@ -425,8 +442,12 @@ impl Upkeep {
                     entry.key
                 )));
             };
-            let is_current = current.get(&file).is_some_and(|(_, v)| *v == version);
-            if file > counter || is_current || pinned.contains(&(file, version)) {
+            let is_current = current.get(&file).is_some_and(|(_, v, _)| *v == version);
+            let grace = self.version_grace.as_millis() as u64;
+            let recent = current
+                .get(&file)
+                .is_some_and(|(_, _, modified_ms)| modified_ms.saturating_add(grace) > now_ms);
+            if file > counter || is_current || recent || pinned.contains(&(file, version)) {
                 continue;
             }
             doomed.entry(file).or_default().push(entry);
@@ -436,7 +457,7 @@ impl Upkeep {
                 let mut txn = Txn::new();
                 // The file must not have changed since it was read (a rollback may have
                 // made one of these versions current again).
-                if let Some((inode, _)) = current.get(&file) {
+                if let Some((inode, _, _)) = current.get(&file) {
                     txn.check(Check::At(inode.key.clone(), inode.revision));
                 }
                 for version in batch {
@@ -561,14 +582,16 @@ impl Upkeep {
         Ok(())
     }
 
-    /// Every file's inode entry and current version, by file id.
-    async fn file_inodes(&self) -> Result<HashMap<u64, (Entry, u64)>> {
-        Ok(self
-            .file_states()
-            .await?
-            .into_iter()
-            .map(|(id, (entry, state))| (id, (entry, state.version)))
-            .collect())
+    /// Every file's inode entry, current version and last change, by file id.
+    async fn file_inodes(&self) -> Result<HashMap<u64, (Entry, u64, u64)>> {
+        let mut files = HashMap::new();
+        for entry in self.store.scan(model::INODES_PREFIX).await? {
+            let inode: Inode = model::decode(&entry.key, &entry.value)?;
+            if let InodeKind::File(state) = &inode.kind {
+                files.insert(inode.id, (entry, state.version, inode.modified_ms));
+            }
+        }
+        Ok(files)
     }
 
     async fn file_states(&self) -> Result<HashMap<u64, (Entry, model::FileState)>> {

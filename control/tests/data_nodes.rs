@@ -52,6 +52,8 @@ impl Cluster {
         config.node_lease = Duration::from_secs(2);
         // Upkeep runs when the test asks (RunUpkeep), so each step is observable.
         config.upkeep_interval = Duration::from_secs(3600);
+        // Superseded versions go at the first pass here (the default keeps them 10 min).
+        config.version_grace = Duration::ZERO;
         config.defaults.chunk_size = CHUNK;
         let control = ControlServer::start(config).await.unwrap();
         let url = format!("http://{}", control.local_addr());

@@ -453,3 +453,30 @@ async fn etcd_limits_are_a_clear_error() {
     assert!(error.to_string().contains("--max-txn-ops"), "{error}");
     assert_eq!(ns.list(&p("/d")).await.unwrap().len(), 140);
 }
+
+/// A superseded version is kept for the grace period after its file changed (readers that
+/// opened it can finish), then collected; a pinned or current one never is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_versions_wait_out_the_grace_period() {
+    let w = world().await;
+    w.write("/f").await;
+    w.write("/f").await;
+    let graceful = Upkeep::new(w.inner.clone(), b"token".to_vec())
+        .with_version_grace(Duration::from_secs(3600));
+    let mut report = UpkeepReport::default();
+    graceful.collect(&mut report).await.unwrap();
+    assert_eq!(
+        (report.versions_collected, report.chunks_collected),
+        (0, 0),
+        "{report:?}"
+    );
+    let id = w.plain.stat(&p("/f")).await.unwrap().inode.id;
+    assert_eq!(w.plain.versions_of(id).await.unwrap(), [1, 2]);
+    let report = w.collect().await;
+    assert_eq!(
+        (report.versions_collected, report.chunks_collected),
+        (1, 1),
+        "{report:?}"
+    );
+    assert_eq!(w.plain.versions_of(id).await.unwrap(), [2]);
+}

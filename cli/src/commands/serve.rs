@@ -55,12 +55,24 @@ pub struct ControlServeArgs {
     /// garbage on the data daemons.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     upkeep_interval: std::time::Duration,
+    /// How long a file's superseded versions are kept after it changed, so readers that
+    /// opened one just before can finish (0s: collect at the next pass).
+    #[arg(long, default_value = "10m", value_parser = parse_grace)]
+    version_grace: std::time::Duration,
     /// Default chunk size of the namespace's root (set once, when the store is new).
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     chunk_size: u64,
     /// Default replicas per chunk of the namespace's root (set once, when the store is new).
     #[arg(long, default_value_t = 2)]
     replication: u32,
+}
+
+/// A duration that may be zero (`0s`).
+fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
+    if text.trim_end_matches(|c: char| c.is_ascii_alphabetic()) == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    parse_duration(text)
 }
 
 /// `500ms`, `10s`, `2m`.
@@ -186,6 +198,7 @@ fn control(args: ControlServeArgs) -> anyhow::Result<()> {
     config.node_lease = args.node_lease;
     config.leader_ttl = args.leader_ttl;
     config.upkeep_interval = args.upkeep_interval;
+    config.version_grace = args.version_grace;
     config.defaults = LayoutSettings {
         chunk_size,
         replication: args.replication,

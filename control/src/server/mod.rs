@@ -103,6 +103,9 @@ pub struct ControlConfig {
     pub pending_ttl: Duration,
     /// How often the leader re-replicates and collects garbage.
     pub upkeep_interval: Duration,
+    /// How long a file's superseded versions are kept after it changed, for readers that
+    /// opened them just before.
+    pub version_grace: Duration,
     pub defaults: LayoutSettings,
 }
 
@@ -118,6 +121,7 @@ impl std::fmt::Debug for ControlConfig {
             leader_ttl,
             pending_ttl,
             upkeep_interval,
+            version_grace,
             defaults,
         } = self;
         f.debug_struct("ControlConfig")
@@ -129,6 +133,7 @@ impl std::fmt::Debug for ControlConfig {
             .field("leader_ttl", leader_ttl)
             .field("pending_ttl", pending_ttl)
             .field("upkeep_interval", upkeep_interval)
+            .field("version_grace", version_grace)
             .field("defaults", defaults)
             .finish()
     }
@@ -145,6 +150,7 @@ impl ControlConfig {
             leader_ttl: Duration::from_secs(5),
             pending_ttl: Duration::from_secs(3600),
             upkeep_interval: Duration::from_secs(10),
+            version_grace: Duration::from_secs(600),
             defaults: LayoutSettings::default(),
         }
     }
@@ -247,7 +253,8 @@ impl ControlServer {
         let state = Arc::new(ControlState {
             namespace,
             membership: Membership::new(Arc::clone(&store), config.node_lease),
-            upkeep: Upkeep::new(Arc::clone(&store), config.token.clone()),
+            upkeep: Upkeep::new(Arc::clone(&store), config.token.clone())
+                .with_version_grace(config.version_grace),
             upkeep_lock: tokio::sync::Mutex::new(()),
             upkeep_interval: config.upkeep_interval,
             control_id,
