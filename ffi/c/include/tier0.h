@@ -69,6 +69,10 @@ typedef struct tier0_listing tier0_listing;
 // through an open file (`tier0_file_open`).
 typedef struct tier0_ring tier0_ring;
 
+// A new version of a file being written. Thread-safe (writes are serialised); keeps its
+// client alive until it is closed or freed.
+typedef struct tier0_writer tier0_writer;
+
 // A file's or directory's metadata, as the control plane has it now.
 typedef struct tier0_info {
     enum tier0_kind kind;
@@ -401,6 +405,39 @@ enum tier0_result tier0_ring_error(const struct tier0_ring *ring,
 // # Safety
 // `ring` is NULL or a ring handle, not used again.
 void tier0_ring_free(struct tier0_ring *ring);
+
+// Starts a new version of the file at `path` (made if missing; its directory must exist):
+// `*out_writer` takes its bytes with [`tier0_writer_write`] and commits them with
+// [`tier0_writer_close`]; [`tier0_writer_free`] without a close commits nothing.
+//
+// # Safety
+// `client` is a live handle, `path` a NUL-terminated string, `out_writer` writable.
+enum tier0_result tier0_writer_new(const struct tier0_client *client,
+                                   const char *path,
+                                   struct tier0_writer **out_writer);
+
+// Appends `len` bytes from `src`; full chunks are on every replica before it returns. A
+// writer whose write failed is spent: its close fails and commits nothing.
+//
+// # Safety
+// `writer` is a live writer handle, `src` readable for `len` bytes.
+enum tier0_result tier0_writer_write(const struct tier0_writer *writer,
+                                     const uint8_t *src,
+                                     size_t len);
+
+// Commits what was written as the file's new version, atomically; `*out_size` (may be NULL)
+// is its size. Fails, committing nothing, when another writer committed the file first.
+// The handle stays to be freed with [`tier0_writer_free`].
+//
+// # Safety
+// `writer` is a live writer handle; `out_size` NULL or writable.
+enum tier0_result tier0_writer_close(const struct tier0_writer *writer, uint64_t *out_size);
+
+// Frees a writer; one not closed commits nothing. NULL is a no-op.
+//
+// # Safety
+// `writer` is NULL or a live writer handle, not used again after this.
+void tier0_writer_free(struct tier0_writer *writer);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -22,6 +22,7 @@ mod buffer;
 mod error;
 mod file;
 mod ring;
+mod writer;
 
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::sync::Arc;
@@ -40,6 +41,9 @@ pub use file::{
 pub use ring::{
     tier0_completion, tier0_ring, tier0_ring_error, tier0_ring_free, tier0_ring_new,
     tier0_ring_prep_read, tier0_ring_submit, tier0_ring_wait,
+};
+pub use writer::{
+    tier0_writer, tier0_writer_close, tier0_writer_free, tier0_writer_new, tier0_writer_write,
 };
 
 use error::{Error, entry, entry_value, file_error};
