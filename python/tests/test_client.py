@@ -214,3 +214,28 @@ def test_close_waits_for_calls_in_flight(cluster, folder):
     for thread in threads:
         thread.join(30)
     assert not errors and other._native._raw is None
+
+
+def test_streaming_writer_commits_at_the_end(client, folder):
+    path = f"{folder}/streamed.bin"
+    client.write(path, b"old version")
+    data = np.random.default_rng(7).integers(0, 256, 300_001, dtype=np.uint8)
+    with client.create(path) as writer:
+        for start in range(0, data.size, 65_537):
+            writer.write(data[start:start + 65_537])
+        # Nothing is visible before the commit.
+        assert client.read(path) == b"old version"
+    assert client.read(path) == data.tobytes()
+    # A writer left by an exception, or discarded, commits nothing.
+    with pytest.raises(RuntimeError):
+        with client.create(path) as writer:
+            writer.write(b"partial")
+            raise RuntimeError("interrupted")
+    discarded = client.create(path)
+    discarded.write(b"also partial")
+    discarded.discard()
+    assert client.read(path) == data.tobytes()
+    with pytest.raises(tier0.NotFound):
+        client.create(f"{folder}/no/such/dir/file")
+    with pytest.raises(tier0.InvalidArgument):
+        discarded.write(b"after discard")

@@ -259,6 +259,55 @@ class File:
         self.close()
 
 
+class Writer:
+    """A new version of a file being written (:meth:`Client.create`): bytes go to the data
+    daemons chunk by chunk as they fill, and :meth:`commit` publishes them atomically;
+    :meth:`discard` (or leaving a ``with`` block by an exception) commits nothing."""
+
+    def __init__(self, client, path):
+        out = ffi.new("tier0_writer **")
+        with client._native.use() as handle:
+            _check(lib.tier0_writer_new(handle, _path(path), out))
+        self._native = _Native(out[0], lib.tier0_writer_free, f"tier0.Writer({path!r})")
+        self.path = path
+
+    def __repr__(self):
+        return f"tier0.Writer({self.path!r})"
+
+    def write(self, data):
+        """Appends ``data`` (any C-contiguous bytes-like object)."""
+        view = memoryview(data)
+        if not view.contiguous:
+            raise InvalidArgument("data must be C-contiguous", lib.TIER0_INVALID_ARGUMENT)
+        if view.nbytes == 0:
+            return
+        with self._native.use() as handle:
+            _check(lib.tier0_writer_write(handle, ffi.from_buffer(view), view.nbytes))
+
+    def commit(self):
+        """Publishes what was written as the file's new version; returns its size."""
+        size = ffi.new("uint64_t *")
+        try:
+            with self._native.use() as handle:
+                _check(lib.tier0_writer_close(handle, size))
+        finally:
+            self._native.close()
+        return size[0]
+
+    def discard(self):
+        """Commits nothing and releases the writer."""
+        self._native.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 # Every open client, so that a test harness can close them all before it stops a cluster.
 _OPEN = weakref.WeakSet()
 
@@ -294,6 +343,11 @@ class Client:
     def open(self, path):
         """Opens the file's current version: a :class:`File` pinned to it."""
         return File(self, path)
+
+    def create(self, path):
+        """Starts a new version of ``path``: a :class:`Writer`, committed by ``commit``
+        (or at the end of a ``with`` block), streamed to the daemons as it is written."""
+        return Writer(self, path)
 
     def __enter__(self):
         return self

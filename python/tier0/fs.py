@@ -5,7 +5,7 @@ read (and write) tier0 files through it.
 The cluster comes from ``control=`` and ``token=`` (storage options) or ``TIER0_CONTROL``
 and ``TIER0_TOKEN``. A file opened for reading is pinned to the version current at open
 (:meth:`tier0.Client.open`): its size and every range it fetches are that version's, even if
-another writer commits meanwhile. A file opened for writing is kept in memory and committed
+another writer commits meanwhile. A file opened for writing streams to the daemons and is committed
 whole at close (readers see the old version or the new one, never a part); a ``with`` block
 that raises discards it instead, committing nothing.
 """
@@ -113,8 +113,9 @@ def _fsspec_info(stat):
 
 
 class Tier0File(AbstractBufferedFile):
-    """A file on tier0: reads fetch ranges of the version opened; writes are kept and
-    committed whole at close (discarded when a ``with`` block raises)."""
+    """A file on tier0: reads fetch ranges of the version opened; writes stream to the data
+    daemons block by block and are committed whole at close (discarded when a ``with``
+    block raises)."""
 
     def __init__(self, fs, path, mode="rb", block_size="default", autocommit=True, cache_options=None, **kwargs):
         self._file = None
@@ -142,7 +143,10 @@ class Tier0File(AbstractBufferedFile):
         """Throws away what was written: nothing is committed, and the file is closed."""
         if self.closed:
             return
-        self._parts = []
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.discard()
+            self._writer = None
         self.buffer = None
         self.closed = True
 
@@ -153,11 +157,15 @@ class Tier0File(AbstractBufferedFile):
             self.close()
 
     def _initiate_upload(self):
-        self._parts = []
+        # Streamed to the daemons block by block; committed only by the final chunk.
+        self._writer = self.fs.client.create(self.path)
 
     def _upload_chunk(self, final=False):
-        self._parts.append(self.buffer.getvalue())
+        if getattr(self, "_writer", None) is None:
+            # A file closed without ever filling a block: fsspec uploads it all here.
+            self._initiate_upload()
+        self._writer.write(self.buffer.getbuffer())
         if final:
-            self.fs.client.write(self.path, b"".join(self._parts))
-            self._parts = []
+            writer, self._writer = self._writer, None
+            writer.commit()
         return True
