@@ -18,12 +18,7 @@ const MAX_ATTEMPTS: usize = 16;
 pub const MAX_NODE_ID: usize = 64;
 
 pub fn check_node_id(id: &str) -> Result<()> {
-    let valid = !id.is_empty()
-        && id.len() <= MAX_NODE_ID
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if valid {
+    if crate::path::is_identifier(id, MAX_NODE_ID, b"") {
         Ok(())
     } else {
         Err(ControlError::InvalidArgument(format!(

@@ -1023,12 +1023,7 @@ fn check_chunk_lengths(size: u64, chunk_size: u32, chunks: &[CommitChunk]) -> Re
 }
 
 fn check_tag(key: &str, value: Option<&String>) -> Result<()> {
-    let valid_key = !key.is_empty()
-        && key.len() <= MAX_TAG_KEY
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-/:".contains(&b));
-    if !valid_key {
+    if !crate::path::is_identifier(key, MAX_TAG_KEY, b"/:") {
         return Err(ControlError::InvalidArgument(format!(
             "tag key {key:?}: 1 to {MAX_TAG_KEY} characters of A-Z a-z 0-9 . _ - / :"
         )));

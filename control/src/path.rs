@@ -110,6 +110,15 @@ impl fmt::Display for NsPath {
     }
 }
 
+/// Whether `value` is a name of 1 to `max` bytes of ASCII letters, digits, `._-` and the
+/// bytes of `extra` (node ids, snapshot names, tag keys).
+pub fn is_identifier(value: &str, max: usize, extra: &[u8]) -> bool {
+    (1..=max).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || extra.contains(&b))
+}
+
 /// One path component.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {

@@ -59,12 +59,7 @@ pub struct RollbackReport {
 }
 
 pub fn check_snapshot_name(field: &str, name: &str) -> Result<()> {
-    let valid = !name.is_empty()
-        && name.len() <= MAX_SNAPSHOT_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if valid {
+    if crate::path::is_identifier(name, MAX_SNAPSHOT_NAME, b"") {
         Ok(())
     } else {
         Err(ControlError::InvalidArgument(format!(
@@ -89,6 +84,31 @@ fn entry_of(relative: &str, inode: &Inode) -> SnapshotEntry {
         },
         tags: inode.tags.clone(),
     }
+}
+
+/// A live file set back to its pinned `version` (and the snapshot's tags), with a new layout
+/// version whose fence `txn` writes, so cached layouts of it are refused.
+fn set_back(
+    live: &Inode,
+    version: u64,
+    size: u64,
+    entry: &SnapshotEntry,
+    now: u64,
+    txn: &mut Txn,
+) -> Inode {
+    let mut inode = live.clone();
+    if let InodeKind::File(state) = &mut inode.kind {
+        state.version = version;
+        state.size = size;
+        state.layout_version += 1;
+        txn.put(
+            model::fence_key(inode.id),
+            model::encode(&state.layout_version),
+        );
+    }
+    inode.tags = entry.tags.clone();
+    inode.modified_ms = now;
+    inode
 }
 
 fn absolute(base: &str, relative: &str) -> String {
@@ -378,17 +398,7 @@ impl Namespace {
                         report.unchanged += 1;
                         continue;
                     }
-                    let mut inode = found.inode.clone();
-                    let InodeKind::File(state) = &mut inode.kind else {
-                        unreachable!("checked above")
-                    };
-                    state.version = *version;
-                    state.size = *size;
-                    state.layout_version += 1;
-                    let fence = model::encode(&state.layout_version);
-                    txn.put(model::fence_key(found.inode.id), fence);
-                    inode.tags = entry.tags.clone();
-                    inode.modified_ms = now;
+                    let inode = set_back(&found.inode, *version, *size, entry, now, &mut txn);
                     txn.put(found.key.clone(), model::encode(&inode));
                     put_keys.insert(found.key.clone());
                     report.restored += 1;
@@ -408,19 +418,9 @@ impl Namespace {
                     let source = live_files[file_id];
                     claimed.insert(*file_id);
                     deletes.push(source.key.clone());
-                    let mut inode = source.inode.clone();
-                    let InodeKind::File(state) = &mut inode.kind else {
-                        unreachable!("live_files holds files")
-                    };
-                    state.version = *version;
-                    state.size = *size;
-                    state.layout_version += 1;
-                    let fence = model::encode(&state.layout_version);
-                    txn.put(model::fence_key(*file_id), fence);
+                    let mut inode = set_back(&source.inode, *version, *size, entry, now, &mut txn);
                     inode.parent = parent_id;
                     inode.name = name.to_owned();
-                    inode.tags = entry.tags.clone();
-                    inode.modified_ms = now;
                     let key = model::inode_key(parent_id, name);
                     txn.put(key.clone(), model::encode(&inode));
                     put_keys.insert(key);

@@ -90,8 +90,10 @@ pub enum FileError {
 /// connections are kept across reads).
 struct Readers {
     addresses: Vec<SocketAddr>,
-    /// Each address's failure domain, as the layouts said.
-    domains: HashMap<SocketAddr, String>,
+    /// Each address's index in `addresses` (the reader's daemon index).
+    index_of: HashMap<SocketAddr, usize>,
+    /// Each address's distance, worked out once, when it was first seen.
+    distances: Vec<u32>,
     reader: Option<StripedReader>,
 }
 
@@ -143,7 +145,8 @@ impl Client {
             layouts: Mutex::new(HashMap::new()),
             readers: Mutex::new(Readers {
                 addresses: Vec::new(),
-                domains: HashMap::new(),
+                index_of: HashMap::new(),
+                distances: Vec::new(),
                 reader: None,
             }),
             writers: Mutex::new(HashMap::new()),
@@ -307,7 +310,7 @@ impl Client {
         for &(offset, len, buffer_offset) in ranges {
             got.push(range_spans(layout, offset, len, buffer_offset, &mut spans));
         }
-        self.read_spans(spans, &layout.domains, pinned, buffer)
+        self.read_spans(spans, &[layout], pinned, buffer)
             .map(|_| got)
             .map_err(|source| FileError::Read {
                 path: layout.path.clone(),
@@ -370,7 +373,7 @@ impl Client {
             .collect();
         self.read_spans(
             spans,
-            &layout.domains,
+            &[layout],
             LayoutRef {
                 file: layout.file_id,
                 version: layout.layout_version,
@@ -408,11 +411,8 @@ impl Client {
                     &mut spans,
                 ));
             }
-            let mut domains = HashMap::new();
-            for layout in layouts.values() {
-                domains.extend(layout.domains.iter().map(|(a, d)| (*a, d.clone())));
-            }
-            match self.read_spans(spans, &domains, LayoutRef::default(), buffer) {
+            let planned: Vec<&FileLayout> = layouts.values().map(|layout| &**layout).collect();
+            match self.read_spans(spans, &planned, LayoutRef::default(), buffer) {
                 Ok(_) => return Ok(got),
                 Err(StripedError::StaleLayout { file, .. }) if attempt < STALE_RETRIES => {
                     attempt += 1;
@@ -439,47 +439,46 @@ impl Client {
     }
 
     /// Reads `spans` through the striped reader over every daemon this client knows.
+    /// `layouts` are those the spans were planned from: they name each daemon's failure
+    /// domain, looked at only when a daemon is new to this client.
     fn read_spans(
         &self,
         spans: Vec<Span<'_>>,
-        domains: &HashMap<SocketAddr, String>,
+        layouts: &[&FileLayout],
         layout: LayoutRef,
         buffer: &mut ReadBuffer,
     ) -> Result<ReadReport, StripedError> {
         let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
-        readers
-            .domains
-            .extend(domains.iter().map(|(a, d)| (*a, d.clone())));
-        let mut grew = false;
+        let known = readers.addresses.len();
+        let own = self.failure_domain.as_deref();
         for span in &spans {
             for addr in span.replicas {
-                if !readers.addresses.contains(addr) {
+                if !readers.index_of.contains_key(addr) {
+                    let domain = layouts
+                        .iter()
+                        .find_map(|layout| layout.domains.get(addr))
+                        .map(String::as_str);
+                    let index = readers.addresses.len();
+                    readers.index_of.insert(*addr, index);
                     readers.addresses.push(*addr);
-                    grew = true;
+                    readers.distances.push(distance(*addr, domain, own));
                 }
             }
         }
-        if grew || readers.reader.is_none() {
-            let own = self.failure_domain.as_deref();
+        // A daemon new to this client: a reader over every daemon, ranked by distance (its
+        // connections are kept across reads otherwise).
+        if readers.addresses.len() > known || readers.reader.is_none() {
             let endpoints = readers
                 .addresses
                 .iter()
-                .map(|&addr| DaemonEndpoint {
-                    addr,
-                    distance: distance(addr, readers.domains.get(&addr).map(String::as_str), own),
-                })
+                .zip(&readers.distances)
+                .map(|(&addr, &distance)| DaemonEndpoint { addr, distance })
                 .collect();
             readers.reader = Some(
                 StripedReader::new(endpoints, &self.token, &self.name, self.choice, None)
                     .with_timeout(Duration::from_secs(10)),
             );
         }
-        let index_of: HashMap<SocketAddr, usize> = readers
-            .addresses
-            .iter()
-            .enumerate()
-            .map(|(index, addr)| (*addr, index))
-            .collect();
         let file = StripedFile {
             chunks: spans
                 .into_iter()
@@ -488,7 +487,11 @@ impl Client {
                     file_offset: span.buffer_offset,
                     chunk_offset: span.chunk_offset,
                     len: span.len,
-                    replicas: span.replicas.iter().map(|addr| index_of[addr]).collect(),
+                    replicas: span
+                        .replicas
+                        .iter()
+                        .map(|addr| readers.index_of[addr])
+                        .collect(),
                     layout: span.layout,
                 })
                 .collect(),

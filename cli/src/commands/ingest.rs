@@ -94,17 +94,25 @@ fn bar(total: u64, quiet: bool) -> ProgressBar {
     bar
 }
 
-/// Runs `work` over `items` on `jobs` threads; the first error stops the rest.
-fn parallel<T: Send>(
+/// Runs `work` over `items` on `jobs` threads, each with its own state made by `make` for
+/// its first item (a client, kept for the rest); the first error stops the rest.
+fn parallel<T: Send, S>(
     items: Vec<T>,
     jobs: u32,
-    work: impl Fn(&T) -> anyhow::Result<()> + Sync,
+    make: impl Fn() -> anyhow::Result<S> + Sync,
+    work: impl Fn(&mut S, &T) -> anyhow::Result<()> + Sync,
 ) -> anyhow::Result<()> {
     let queue = Mutex::new(items.into_iter());
     let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let fail = |error: anyhow::Error| {
+        if let Ok(mut first) = first_error.lock() {
+            first.get_or_insert(error);
+        }
+    };
     std::thread::scope(|scope| {
         for _ in 0..jobs {
             scope.spawn(|| {
+                let mut state = None;
                 loop {
                     if first_error.lock().map(|e| e.is_some()).unwrap_or(true) {
                         return;
@@ -112,10 +120,15 @@ fn parallel<T: Send>(
                     let Some(item) = queue.lock().ok().and_then(|mut q| q.next()) else {
                         return;
                     };
-                    if let Err(error) = work(&item)
-                        && let Ok(mut first) = first_error.lock()
-                    {
-                        first.get_or_insert(error);
+                    let state = match &mut state {
+                        Some(state) => state,
+                        None => match make() {
+                            Ok(made) => state.insert(made),
+                            Err(error) => return fail(error),
+                        },
+                    };
+                    if let Err(error) = work(state, &item) {
+                        fail(error);
                     }
                 }
             });
@@ -221,12 +234,8 @@ pub fn put_tree(
         anyhow::Ok(())
     })?;
     let files = items.len() as u64;
-    let clients: Mutex<Vec<Client>> = Mutex::new(Vec::new());
-    parallel(items, jobs, |item| {
-        let client = match clients.lock().ok().and_then(|mut c| c.pop()) {
-            Some(client) => client,
-            None => Client::connect(&control.control, &token, "tier0-put")?,
-        };
+    let connect = || Ok(Client::connect(&control.control, &token, "tier0-put")?);
+    parallel(items, jobs, connect, |client, item| {
         let mut file = std::fs::File::open(&item.src)
             .with_context(|| format!("opening {}", item.src.display()))?;
         let mut writer = client.create(&item.dest)?;
@@ -242,9 +251,6 @@ pub fn put_tree(
             progress.inc(read as u64);
         }
         writer.close()?;
-        if let Ok(mut idle) = clients.lock() {
-            idle.push(client);
-        }
         Ok(())
     })?;
     progress.finish_and_clear();
@@ -331,12 +337,8 @@ pub fn get_tree(
     let progress = bar(total, quiet);
     progress.set_message("get");
     let started = Instant::now();
-    let clients: Mutex<Vec<Client>> = Mutex::new(Vec::new());
-    parallel(items, jobs, |item| {
-        let client = match clients.lock().ok().and_then(|mut c| c.pop()) {
-            Some(client) => client,
-            None => Client::connect(&control.control, &token, "tier0-get")?,
-        };
+    let connect = || Ok(Client::connect(&control.control, &token, "tier0-get")?);
+    parallel(items, jobs, connect, |client, item| {
         let layout = client.open(&item.src)?;
         let mut buffer = ReadBuffer::new((layout.size as usize).max(1))?;
         let (layout, _) = client.read(&item.src, &mut buffer)?;
@@ -355,9 +357,6 @@ pub fn get_tree(
         std::fs::rename(&partial, &item.dest)
             .with_context(|| format!("renaming {} into place", partial.display()))?;
         progress.inc(layout.size);
-        if let Ok(mut idle) = clients.lock() {
-            idle.push(client);
-        }
         Ok(())
     })?;
     progress.finish_and_clear();

@@ -383,7 +383,6 @@ fn exercise(
     for name in &names {
         expected.push(std::fs::read(dataset.join(name))?);
     }
-    let compare_started = Instant::now();
     let mut compare_time = 0.0;
     for (name, want) in names.iter().zip(&expected) {
         let path = format!("/datasets/quickstart/{name}");
@@ -395,7 +394,6 @@ fn exercise(
         }
         compare_time += check.elapsed().as_secs_f64();
     }
-    let _ = compare_started;
     let tier0_seconds = read_started.elapsed().as_secs_f64() - compare_time;
     // The baseline: the same files read from the local file system the daemons' stores are
     // on, with O_DIRECT as the daemons read (else it would measure the page cache, which
