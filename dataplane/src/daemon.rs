@@ -12,7 +12,8 @@ use crate::buffer::BufferPoolConfig;
 use crate::device::{BlockDevice, DeviceError, UringDevice, UringOptions, preallocate_file};
 use crate::fence::FenceTable;
 use crate::net::rdma::{RdmaService, device_names};
-use crate::net::tcp::{TcpServer, TcpServerConfig};
+use crate::net::tcp::{LocalSocket, TcpServer, TcpServerConfig};
+use crate::net::wire::LocalEndpoint;
 use crate::store::{ChunkStore, StoreConfig, StoreError};
 use crate::worker::{DeviceFactory, DriveSpec, PollMode, WorkerPool, WorkerPoolConfig};
 
@@ -41,6 +42,8 @@ pub struct DataDaemonConfig {
     pub hugepages: bool,
     pub pin: bool,
     pub rdma: RdmaMode,
+    /// The node-local socket of the shared-memory fast path.
+    pub local_socket: LocalSocket,
 }
 
 /// Whether and where a daemon serves RDMA.
@@ -152,6 +155,7 @@ impl DataDaemon {
                 node: config.node.clone(),
                 max_payload: chunk_size,
                 handshake_timeout: Duration::from_secs(5),
+                local_socket: config.local_socket.clone(),
             },
             stores.clone(),
             fences.clone(),
@@ -194,6 +198,7 @@ impl DataDaemon {
             chunks,
             workers = plan.worker_count(),
             rdma = ?rdma_devices,
+            local = server.local_endpoint().map(|local| local.socket.as_str()),
             "data daemon serving"
         );
         Ok(DataDaemon {
@@ -209,6 +214,11 @@ impl DataDaemon {
             .as_ref()
             .map(TcpServer::local_addr)
             .expect("running until shut down")
+    }
+
+    /// The node-local socket, when the daemon has one.
+    pub fn local_endpoint(&self) -> Option<&LocalEndpoint> {
+        self.server.as_ref().and_then(TcpServer::local_endpoint)
     }
 
     pub fn stores(&self) -> &[Arc<ChunkStore>] {

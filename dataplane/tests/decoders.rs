@@ -4,8 +4,9 @@
 
 use tier0_dataplane::decode_checks::{self, STORE_ID};
 use tier0_dataplane::net::wire::{
-    self, Delete, ErrorReply, Hello, LayoutRef, Message, RdmaEndpoint, RdmaRead, RdmaReadDone,
-    Read, ReadDone, Welcome, WireError, Write,
+    self, Delete, ErrorReply, Hello, LayoutRef, LocalEndpoint, LocalPool, LocalRead, LocalReadDone,
+    Message, RdmaEndpoint, RdmaRead, RdmaReadDone, Read, ReadDone, Release, Welcome, WireError,
+    Write,
 };
 use tier0_dataplane::store::format::{
     ChunkId, DecodedEntry, ENTRY_HEADER_SIZE, SUPERBLOCK_SIZE, SlotEntry, Superblock,
@@ -161,11 +162,39 @@ fn every_message() -> Vec<Message> {
             node: "node-1".into(),
             max_payload: 4 << 20,
             rdma: None,
+            local: None,
         }),
         Message::Welcome(Welcome {
             node: "node-1".into(),
             max_payload: 4 << 20,
             rdma: Some(endpoint()),
+            local: Some(LocalEndpoint {
+                socket: "@tier0-data-42-7000".into(),
+                boot_id: "3f1c2d4e-0000-4000-8000-000000000001".into(),
+            }),
+        }),
+        Message::LocalAttach,
+        Message::LocalPool(LocalPool {
+            len: 64 << 20,
+            held_max: 32,
+        }),
+        Message::LocalRead(LocalRead {
+            chunk,
+            offset: 4096,
+            len: 1 << 20,
+            layout: LayoutRef {
+                file: 0x77,
+                version: 12,
+            },
+        }),
+        Message::LocalReadDone(LocalReadDone {
+            len: 1 << 20,
+            crc: 0xdead_beef,
+            offset: 3 << 20,
+            lease: 7,
+        }),
+        Message::Release(Release {
+            leases: vec![0, 7, 31],
         }),
         Message::RdmaRead(RdmaRead {
             chunk,
@@ -291,9 +320,25 @@ fn read_bodies_match_the_documented_layout() {
     ] {
         let bytes = frame(1, &message);
         assert_eq!(&bytes[4..6], &wire::VERSION.to_le_bytes());
-        assert_eq!(wire::VERSION, 2);
+        assert_eq!(wire::VERSION, 3);
         assert_eq!(&bytes[wire::HEADER_SIZE..], &body[..], "{message:?}");
     }
+    // The local fast path's answer: len, crc, offset in the pool, lease id (docs/formats.md).
+    let done = frame(
+        1,
+        &Message::LocalReadDone(LocalReadDone {
+            len: 0x0102_0304,
+            crc: 0x0506_0708,
+            offset: 0x1112_1314_1516_1718,
+            lease: 0x2122_2324,
+        }),
+    );
+    let mut body = Vec::new();
+    body.extend_from_slice(&0x0102_0304u32.to_le_bytes());
+    body.extend_from_slice(&0x0506_0708u32.to_le_bytes());
+    body.extend_from_slice(&0x1112_1314_1516_1718u64.to_le_bytes());
+    body.extend_from_slice(&0x2122_2324u32.to_le_bytes());
+    assert_eq!(&done[wire::HEADER_SIZE..], &body[..]);
     assert_eq!(
         frame(
             1,

@@ -24,7 +24,7 @@ use crate::daemon::DaemonConnection;
 use crate::striped::{
     DaemonEndpoint, ReadReport, StripedChunk, StripedError, StripedFile, StripedReader,
 };
-use crate::transport::TransportChoice;
+use crate::transport::{TransportChoice, TransportKind};
 
 mod namespace;
 
@@ -84,6 +84,8 @@ pub enum FileError {
     },
     #[error("{path}: {message}")]
     Writer { path: String, message: String },
+    #[error("TIER0_TRANSPORT: {0}")]
+    Transport(String),
 }
 
 /// The daemons this client has read from, and one striped reader over all of them (its
@@ -123,11 +125,27 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to the control plane at `control` with the cluster token. Reads go over
-    /// TCP (RDMA reads through this client come with registered buffers). The client runs
+    /// Connects to the control plane at `control` with the cluster token. Reads from a
+    /// daemon on this node take the node-local shared-memory path, others go over TCP
+    /// (RDMA reads come through a striped reader with registered buffers);
+    /// `TIER0_TRANSPORT=tcp|local|auto` overrides that. The client runs
     /// its own small runtime for control-plane calls: call it from plain threads, not from
     /// inside an async runtime.
     pub fn connect(control: &str, token: &[u8], name: &str) -> Result<Client, FileError> {
+        let choice = match std::env::var("TIER0_TRANSPORT") {
+            Ok(text) if !text.is_empty() => match text
+                .parse::<TransportChoice>()
+                .map_err(FileError::Transport)?
+            {
+                TransportChoice::Rdma => {
+                    return Err(FileError::Transport(
+                        "rdma: this client opens no RDMA device (use auto, tcp or local)".into(),
+                    ));
+                }
+                choice => choice,
+            },
+            _ => TransportChoice::Auto,
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -138,7 +156,7 @@ impl Client {
             control: client,
             token: token.to_vec(),
             name: name.to_owned(),
-            choice: TransportChoice::Tcp,
+            choice,
             failure_domain: std::env::var("TIER0_FAILURE_DOMAIN")
                 .ok()
                 .filter(|d| !d.is_empty()),
@@ -247,6 +265,21 @@ impl Client {
     /// How many times a stale refusal made this client reopen a file.
     pub fn reopens(&self) -> u64 {
         self.reopens.load(Ordering::Relaxed)
+    }
+
+    /// The transport each daemon this client has read from is connected with (`None`: not
+    /// connected now), by daemon address.
+    pub fn transports(&self) -> Vec<(SocketAddr, Option<TransportKind>)> {
+        let readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        match &readers.reader {
+            Some(reader) => readers
+                .addresses
+                .iter()
+                .copied()
+                .zip(reader.transports())
+                .collect(),
+            None => Vec::new(),
+        }
     }
 
     /// The file's layout: cached, or asked of the control plane once.

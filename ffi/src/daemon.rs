@@ -4,14 +4,22 @@
 //! and each reply's payload is received straight into its destination slice, then checked
 //! against the CRC32C the daemon sent. A read whose bytes fail that check is an error; the
 //! destination's contents are then unspecified, and never reported as data.
+//!
+//! The same connection runs over a daemon's node-local Unix socket when the client is on
+//! the daemon's node (same kernel boot id): it then maps the daemon worker's buffer pool
+//! read-only (a sealed memfd passed with `LocalPool`), each read's bytes are copied once
+//! from the pool buffer the drive read into, and the buffer is handed back with `Release`.
 
 use std::io::{self, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use tier0_dataplane::net::wire::{
-    self, Delete, ErrorReply, HEADER_SIZE, Header, Hello, LayoutRef, Message, RdmaEndpoint, Read,
-    ReadDone, WireError, Write,
+    self, Delete, ErrorReply, HEADER_SIZE, Header, Hello, LayoutRef, LocalEndpoint, LocalRead,
+    LocalReadDone, Message, RdmaEndpoint, Read, ReadDone, Release, WireError, Write,
 };
 use tier0_dataplane::store::ChunkId;
 use tier0_dataplane::store::format::crc32c;
@@ -183,19 +191,132 @@ pub struct ReadInto<'a> {
 /// most this much to a copy before it bypasses the buffer.
 const RECEIVE_BUFFER: usize = 16 << 10;
 
+/// The socket under a connection: TCP, or a daemon's node-local Unix socket.
+#[derive(Debug)]
+enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl io::Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(stream) => stream.read(buf),
+            Socket::Unix(stream) => stream.read(buf),
+        }
+    }
+}
+
+impl io::Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(stream) => stream.write(buf),
+            Socket::Unix(stream) => stream.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Socket::Tcp(stream) => stream.as_fd(),
+            Socket::Unix(stream) => stream.as_fd(),
+        }
+    }
+}
+
+/// A daemon worker's buffer pool, mapped read-only: where node-local reads' bytes lie.
+#[derive(Debug)]
+struct SharedPool {
+    base: NonNull<u8>,
+    len: usize,
+    /// Buffers this connection may hold at once (the window is clamped to it).
+    held_max: u32,
+}
+
+// SAFETY: a read-only mapping; bytes are only copied out of it, from the ranges the daemon
+// named and holds for this connection until released.
+unsafe impl Send for SharedPool {}
+
+impl SharedPool {
+    fn map(memfd: &OwnedFd, len: u64, held_max: u32) -> io::Result<SharedPool> {
+        let len = usize::try_from(len).map_err(|_| io::Error::other("pool too large to map"))?;
+        if len == 0 {
+            return Err(io::Error::other("the daemon announced an empty pool"));
+        }
+        // SAFETY: maps `len` bytes of the daemon's sealed memfd read-only; the seals keep it
+        // from shrinking under the mapping. Checked for MAP_FAILED below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SharedPool {
+            base: NonNull::new(base.cast()).expect("mmap never returns null on success"),
+            len,
+            held_max: held_max.max(1),
+        })
+    }
+
+    /// Copies `dest.len()` bytes at `offset` of the pool into `dest`; `false` when the range
+    /// is not inside the pool.
+    fn copy_out(&self, offset: u64, dest: &mut [u8]) -> bool {
+        let Some(end) = (offset as usize).checked_add(dest.len()) else {
+            return false;
+        };
+        if end > self.len {
+            return false;
+        }
+        // SAFETY: the range is inside the mapping (checked above) and the daemon holds the
+        // buffer for this connection until it is released; a raw copy, never a reference
+        // into memory another process maps.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.base.as_ptr().add(offset as usize),
+                dest.as_mut_ptr(),
+                dest.len(),
+            )
+        };
+        true
+    }
+}
+
+impl Drop for SharedPool {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
 /// An authenticated connection to one data daemon.
 #[derive(Debug)]
 pub struct DaemonConnection {
     /// Replies are read through a small buffer, so a small read's header, body and payload
     /// come in one system call; large payloads bypass it and land straight in the caller's
     /// destination (`BufReader` reads past its buffer when the request is larger).
-    stream: BufReader<TcpStream>,
+    stream: BufReader<Socket>,
     addr: String,
     node: String,
     max_payload: u32,
     next_id: u64,
     /// Set after a framing error: nothing more can be trusted on this stream.
     broken: bool,
+    /// The daemon's node-local socket, from its welcome.
+    local_endpoint: Option<LocalEndpoint>,
+    /// Over the node-local socket, once attached: the daemon worker's pool.
+    pool: Option<SharedPool>,
 }
 
 impl DaemonConnection {
@@ -250,13 +371,156 @@ impl DaemonConnection {
         stream
             .set_write_timeout(Some(timeout))
             .map_err(io("setting a timeout"))?;
+        Self::greet(Socket::Tcp(stream), name, token, client, rdma)
+    }
+
+    /// Connects to a daemon's node-local socket (`endpoint`, from its welcome over TCP),
+    /// presents `token` and maps the worker's buffer pool. `addr` names the daemon in errors.
+    pub fn connect_local(
+        endpoint: &LocalEndpoint,
+        addr: &str,
+        token: &[u8],
+        client: &str,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let io = |operation: &'static str| {
+            let addr = format!("{addr} (local {})", endpoint.socket);
+            move |source| ClientError::Io {
+                addr,
+                operation,
+                source,
+            }
+        };
+        let socket_addr = tier0_dataplane::net::local_socket_addr(&endpoint.socket)
+            .map_err(io("naming the local socket"))?;
+        let stream = UnixStream::connect_addr(&socket_addr).map_err(io("connecting"))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(io("setting a timeout"))?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(io("setting a timeout"))?;
+        let (mut connection, _) =
+            Self::greet(Socket::Unix(stream), addr.to_string(), token, client, None)?;
+        connection.attach()?;
+        Ok(connection)
+    }
+
+    /// Asks for the worker's pool and maps it. The reply is received with `recvmsg`, as its
+    /// first byte carries the fd; nothing else is in flight, so the reply buffer is empty.
+    fn attach(&mut self) -> Result<(), ClientError> {
+        debug_assert!(self.stream.buffer().is_empty());
+        let id = self.take_id();
+        self.send(id, &Message::LocalAttach, &[])?;
+        let (frame, memfd) = self.receive_with_fd()?;
+        let (_, message, _) = wire::decode_frame(&frame, 0).map_err(|source| {
+            self.broken = true;
+            ClientError::Wire {
+                addr: self.addr.clone(),
+                source,
+            }
+        })?;
+        match (message, memfd) {
+            (Message::LocalPool(pool), Some(memfd)) => {
+                let mapped =
+                    SharedPool::map(&memfd, pool.len, pool.held_max).map_err(|source| {
+                        ClientError::Io {
+                            addr: self.addr.clone(),
+                            operation: "mapping the daemon's buffer pool",
+                            source,
+                        }
+                    })?;
+                self.pool = Some(mapped);
+                Ok(())
+            }
+            (Message::LocalPool(_), None) => {
+                self.broken = true;
+                Err(ClientError::Unusable {
+                    addr: self.addr.clone(),
+                    what: "the daemon's LocalPool came without its memfd".into(),
+                })
+            }
+            (other, _) => Err(self.remote_or_unexpected(id, other)),
+        }
+    }
+
+    /// Receives one whole small frame straight from the socket, with the fd that came with
+    /// its first byte, if any.
+    fn receive_with_fd(&mut self) -> Result<(Vec<u8>, Option<OwnedFd>), ClientError> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+        let io = |addr: &str, source: io::Error| ClientError::Io {
+            addr: addr.to_string(),
+            operation: "receiving the daemon's pool",
+            source,
+        };
+        let mut frame = vec![0u8; HEADER_SIZE];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let received = recvmsg(
+            self.stream.get_ref(),
+            &mut [io::IoSliceMut::new(&mut frame)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        );
+        let received = match received {
+            Ok(received) => received,
+            Err(error) => {
+                self.broken = true;
+                return Err(io(&self.addr, error.into()));
+            }
+        };
+        let mut memfd = None;
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = message {
+                for fd in fds {
+                    memfd.get_or_insert(fd);
+                }
+            }
+        }
+        if received.bytes == 0 {
+            self.broken = true;
+            return Err(io(
+                &self.addr,
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the daemon closed the connection",
+                ),
+            ));
+        }
+        self.read_exact(&mut frame[received.bytes..], "receiving the daemon's pool")?;
+        let head: &[u8; HEADER_SIZE] = frame[..].try_into().expect("32 bytes");
+        let header = match Header::decode(head, 0) {
+            Ok(header) => header,
+            Err(source) => {
+                self.broken = true;
+                return Err(ClientError::Wire {
+                    addr: self.addr.clone(),
+                    source,
+                });
+            }
+        };
+        frame.resize(HEADER_SIZE + header.body_len as usize, 0);
+        self.read_exact(&mut frame[HEADER_SIZE..], "receiving the daemon's pool")?;
+        Ok((frame, memfd))
+    }
+
+    /// Says hello on a connected socket and takes the welcome.
+    fn greet(
+        socket: Socket,
+        name: String,
+        token: &[u8],
+        client: &str,
+        rdma: Option<RdmaEndpoint>,
+    ) -> Result<(Self, Option<RdmaEndpoint>), ClientError> {
         let mut connection = DaemonConnection {
-            stream: BufReader::with_capacity(RECEIVE_BUFFER, stream),
+            stream: BufReader::with_capacity(RECEIVE_BUFFER, socket),
             addr: name,
             node: String::new(),
             max_payload: 0,
             next_id: 1,
             broken: false,
+            local_endpoint: None,
+            pool: None,
         };
         let hello = Message::Hello(Hello {
             token: token.to_vec(),
@@ -269,6 +533,7 @@ impl DaemonConnection {
             Message::Welcome(welcome) => {
                 connection.node = welcome.node;
                 connection.max_payload = welcome.max_payload;
+                connection.local_endpoint = welcome.local;
                 Ok((connection, welcome.rdma))
             }
             other => Err(connection.unexpected(0, other)),
@@ -278,6 +543,19 @@ impl DaemonConnection {
     /// The daemon's node name, from its welcome.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The daemon's node-local socket, from its welcome, when it runs on this node (the
+    /// same kernel boot id) and has one.
+    pub fn local_endpoint_here(&self) -> Option<&LocalEndpoint> {
+        self.local_endpoint
+            .as_ref()
+            .filter(|endpoint| endpoint.boot_id == tier0_dataplane::net::boot_id())
+    }
+
+    /// Whether reads go through the daemon's shared pool (the node-local fast path).
+    pub fn is_local(&self) -> bool {
+        self.pool.is_some()
     }
 
     pub fn max_payload(&self) -> u32 {
@@ -301,7 +579,12 @@ impl DaemonConnection {
         window: usize,
         landed: &mut dyn FnMut(usize, Duration),
     ) -> Vec<Result<(), ClientError>> {
-        let window = window.max(1);
+        // Over the node-local socket, at most the buffers the daemon lets this connection hold.
+        let window = match &self.pool {
+            Some(pool) => window.clamp(1, pool.held_max as usize),
+            None => window.max(1),
+        };
+        let mut releases: Vec<u32> = Vec::new();
         let mut results: Vec<Option<Result<(), ClientError>>> =
             (0..reads.len()).map(|_| None).collect();
         let mut sent_at: Vec<Option<Instant>> = vec![None; reads.len()];
@@ -315,6 +598,14 @@ impl DaemonConnection {
             // first, so one write carries the requests several replies made room for.
             requests.clear();
             let reply_buffered = outstanding > 0 && self.stream.buffer().len() >= HEADER_SIZE;
+            // Buffers copied out go back first, so the daemon counts them free before the
+            // reads that follow in the same write.
+            if !releases.is_empty() && (!reply_buffered || outstanding == 0) {
+                let release = Message::Release(Release {
+                    leases: std::mem::take(&mut releases),
+                });
+                wire::encode(0, &release, &mut requests).expect("a window of lease ids is small");
+            }
             let now = Instant::now();
             while !reply_buffered && next < reads.len() && outstanding < window {
                 let read = &reads[next];
@@ -325,12 +616,21 @@ impl DaemonConnection {
                         max: self.max_payload,
                     }));
                 } else {
-                    let message = Message::Read(Read {
-                        chunk: read.chunk,
-                        offset: read.offset,
-                        len: read.dest.len() as u32,
-                        layout: read.layout,
-                    });
+                    let message = if self.pool.is_some() {
+                        Message::LocalRead(LocalRead {
+                            chunk: read.chunk,
+                            offset: read.offset,
+                            len: read.dest.len() as u32,
+                            layout: read.layout,
+                        })
+                    } else {
+                        Message::Read(Read {
+                            chunk: read.chunk,
+                            offset: read.offset,
+                            len: read.dest.len() as u32,
+                            layout: read.layout,
+                        })
+                    };
                     wire::encode(base + next as u64, &message, &mut requests)
                         .expect("a read request is a few bytes");
                     sent_at[next] = Some(now);
@@ -361,6 +661,13 @@ impl DaemonConnection {
             let result = match message {
                 Message::ReadDone(done) => {
                     match self.receive_payload(header.request_id, &mut reads[index], &done) {
+                        Ok(result) => result,
+                        Err(error) => return fail_rest(results, &error),
+                    }
+                }
+                Message::LocalReadDone(done) if self.pool.is_some() => {
+                    releases.push(done.lease);
+                    match self.copy_local(header.request_id, &mut reads[index], &done) {
                         Ok(result) => result,
                         Err(error) => return fail_rest(results, &error),
                     }
@@ -403,6 +710,38 @@ impl DaemonConnection {
             }));
         }
         self.read_exact(read.dest, "receiving chunk bytes")?;
+        Ok(ClientError::check_read(
+            &self.addr, read.chunk, done.crc, read.dest,
+        ))
+    }
+
+    /// Copies a `LocalReadDone`'s bytes out of the shared pool into the read's destination
+    /// and checks them. The outer error is the connection's (the daemon named a range outside
+    /// its pool: nothing more it says can be trusted); the inner one only this read's.
+    fn copy_local(
+        &mut self,
+        request_id: u64,
+        read: &mut ReadInto<'_>,
+        done: &LocalReadDone,
+    ) -> Result<Result<(), ClientError>, ClientError> {
+        let pool = self.pool.as_ref().expect("checked by the caller");
+        if done.len as usize != read.dest.len() {
+            return Ok(Err(ClientError::Unexpected {
+                addr: self.addr.clone(),
+                request_id,
+                got: wire::Opcode::LocalReadDone,
+            }));
+        }
+        if !pool.copy_out(done.offset, read.dest) {
+            self.broken = true;
+            return Err(ClientError::Unusable {
+                addr: self.addr.clone(),
+                what: format!(
+                    "the daemon placed {} bytes at {} of a {}-byte pool",
+                    done.len, done.offset, pool.len
+                ),
+            });
+        }
         Ok(ClientError::check_read(
             &self.addr, read.chunk, done.crc, read.dest,
         ))
@@ -578,9 +917,12 @@ impl DaemonConnection {
     }
 
     /// The socket, for a session that uses it only as its side channel (RDMA).
-    pub(crate) fn into_stream(self) -> TcpStream {
+    pub(crate) fn into_stream(self) -> Option<TcpStream> {
         // Nothing is read on the side channel once the session is set up: no bytes are lost.
-        self.stream.into_inner()
+        match self.stream.into_inner() {
+            Socket::Tcp(stream) => Some(stream),
+            Socket::Unix(_) => None,
+        }
     }
 }
 

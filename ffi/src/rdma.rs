@@ -209,7 +209,7 @@ impl RdmaConnection {
         device.connect(&mut qp, psn, &remote).map_err(rdma_error)?;
         let node = tcp.node().to_string();
         let max_payload = tcp.max_payload();
-        let side = tcp.into_stream();
+        let side = tcp.into_stream().expect("RDMA is negotiated over TCP");
         let peer = side.peer_addr().map_err(|source| ClientError::Io {
             addr: name.clone(),
             operation: "reading the peer address",

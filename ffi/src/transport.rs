@@ -1,6 +1,6 @@
-//! The client's transports behind one trait: TCP ([`DaemonConnection`]) and RDMA
-//! ([`RdmaConnection`]). Both speak the same wire protocol and deliver checksum-verified
-//! bytes straight into the caller's destination.
+//! The client's transports behind one trait: TCP and the node-local shared-memory path
+//! ([`DaemonConnection`]), and RDMA ([`RdmaConnection`]). All speak the same wire protocol
+//! and deliver checksum-verified bytes into the caller's destination.
 
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
@@ -15,6 +15,8 @@ use crate::rdma::{RdmaClient, RdmaConnection, RdmaOrTcp};
 pub enum TransportKind {
     Tcp,
     Rdma,
+    /// The daemon's node-local socket and shared buffer pool (same node only).
+    Local,
 }
 
 impl std::fmt::Display for TransportKind {
@@ -22,6 +24,7 @@ impl std::fmt::Display for TransportKind {
         f.write_str(match self {
             TransportKind::Tcp => "tcp",
             TransportKind::Rdma => "rdma",
+            TransportKind::Local => "local",
         })
     }
 }
@@ -29,12 +32,15 @@ impl std::fmt::Display for TransportKind {
 /// What a client asks for: RDMA where both sides have it, or one transport by force.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TransportChoice {
-    /// RDMA when this host and the daemon both have a device, TCP otherwise.
+    /// The node-local fast path when the daemon runs on this node; else RDMA when this host
+    /// and the daemon both have a device; else TCP.
     #[default]
     Auto,
     Tcp,
     /// RDMA or an error.
     Rdma,
+    /// The node-local fast path or an error.
+    Local,
 }
 
 impl std::str::FromStr for TransportChoice {
@@ -45,7 +51,10 @@ impl std::str::FromStr for TransportChoice {
             "auto" => Ok(TransportChoice::Auto),
             "tcp" => Ok(TransportChoice::Tcp),
             "rdma" => Ok(TransportChoice::Rdma),
-            other => Err(format!("unknown transport {other:?} (auto, tcp, rdma)")),
+            "local" => Ok(TransportChoice::Local),
+            other => Err(format!(
+                "unknown transport {other:?} (auto, tcp, rdma, local)"
+            )),
         }
     }
 }
@@ -114,14 +123,47 @@ pub fn connect(
             source,
         })?
         .collect();
+    if matches!(choice, TransportChoice::Auto | TransportChoice::Local) {
+        // A plain handshake first: its welcome says whether the daemon is on this node.
+        let tcp = DaemonConnection::connect(&addr[..], token, client, timeout)?;
+        match tcp.local_endpoint_here() {
+            Some(endpoint) => {
+                match DaemonConnection::connect_local(endpoint, tcp.addr(), token, client, timeout)
+                {
+                    Ok(local) => return Ok(Box::new(local)),
+                    Err(error) if choice == TransportChoice::Local => return Err(error),
+                    Err(error) => {
+                        tracing::info!(%error, "no node-local fast path: staying on the network")
+                    }
+                }
+            }
+            None if choice == TransportChoice::Local => {
+                return Err(ClientError::Unusable {
+                    addr: tcp.addr().to_string(),
+                    what: format!(
+                        "the node-local path was asked for, but daemon {} is not on this node \
+                         or has no local socket",
+                        tcp.node()
+                    ),
+                });
+            }
+            None => {}
+        }
+        if rdma.is_none() {
+            return Ok(Box::new(tcp));
+        }
+    }
     match (choice, rdma) {
-        (TransportChoice::Tcp, _) | (TransportChoice::Auto, None) => Ok(Box::new(
-            DaemonConnection::connect(&addr[..], token, client, timeout)?,
-        )),
         (TransportChoice::Rdma, None) => Err(ClientError::Unusable {
             addr: addr.first().map(|a| a.to_string()).unwrap_or_default(),
             what: "RDMA was asked for but this host has no RDMA device open".into(),
         }),
+        (TransportChoice::Tcp, _) | (_, None) => Ok(Box::new(DaemonConnection::connect(
+            &addr[..],
+            token,
+            client,
+            timeout,
+        )?)),
         (choice, Some(rdma)) => {
             match RdmaConnection::connect(rdma, &addr[..], token, client, timeout)? {
                 RdmaOrTcp::Rdma(connection) => Ok(connection),
@@ -139,7 +181,11 @@ pub fn connect(
 
 impl Transport for DaemonConnection {
     fn kind(&self) -> TransportKind {
-        TransportKind::Tcp
+        if self.is_local() {
+            TransportKind::Local
+        } else {
+            TransportKind::Tcp
+        }
     }
 
     fn node(&self) -> &str {
@@ -175,6 +221,7 @@ impl Transport for DaemonConnection {
         DaemonConnection::is_healthy(self)
     }
 
-    /// Bytes reach memory over TCP only while `read_many` runs: nothing to stop.
+    /// Bytes reach memory over TCP, or are copied out of the shared pool, only while
+    /// `read_many` runs: nothing to stop.
     fn fence(&mut self) {}
 }

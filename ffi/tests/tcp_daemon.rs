@@ -1,17 +1,20 @@
-//! A data daemon's TCP path end to end, in one process: real sockets, real io_uring on a file
-//! store, the client from this crate. Authentication, pipelined reads into caller buffers,
-//! writes and deletes, reads at a stale layout version, and bad input from a peer.
+//! A data daemon's TCP path and node-local shared-memory path end to end, in one process:
+//! real sockets, real io_uring on a file store, the client from this crate. Authentication,
+//! pipelined reads into caller buffers, writes and deletes, reads at a stale layout version,
+//! bad input from a peer, and the shared pool's seals and allowance.
 
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tier0_client::{ClientError, DaemonConnection, ReadInto};
+use tier0_client::{ClientError, DaemonConnection, ReadInto, TransportChoice, TransportKind};
 use tier0_dataplane::buffer::BufferPoolConfig;
 use tier0_dataplane::device::{BlockDevice, UringDevice, UringOptions, preallocate_file};
 use tier0_dataplane::fence::FenceTable;
-use tier0_dataplane::net::tcp::{TcpServer, TcpServerConfig};
-use tier0_dataplane::net::wire::{self, LayoutRef, Message, Read};
+use tier0_dataplane::net::tcp::{LocalSocket, TcpServer, TcpServerConfig};
+use tier0_dataplane::net::wire::{
+    self, HEADER_SIZE, Header, Hello, LayoutRef, LocalEndpoint, LocalRead, Message, Read, Release,
+};
 use tier0_dataplane::store::{ChunkId, ChunkStore, StoreConfig};
 use tier0_dataplane::worker::{DeviceFactory, DriveSpec, PollMode, WorkerPool, WorkerPoolConfig};
 use tier0_topology::WorkerPlan;
@@ -29,6 +32,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(what: &str, workers: usize) -> Daemon {
+        Self::start_with(what, workers, LocalSocket::Auto)
+    }
+
+    fn start_with(what: &str, workers: usize, local_socket: LocalSocket) -> Daemon {
         let dir = std::env::temp_dir().join(format!("tier0-tcp-{what}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("drive");
@@ -53,6 +60,7 @@ impl Daemon {
                 node: format!("node-{what}"),
                 max_payload: CHUNK,
                 handshake_timeout: Duration::from_secs(2),
+                local_socket,
             },
             vec![store.clone()],
             fences.clone(),
@@ -95,6 +103,15 @@ impl Daemon {
 
     fn addr(&self) -> std::net::SocketAddr {
         self.server.as_ref().unwrap().local_addr()
+    }
+
+    fn local_endpoint(&self) -> LocalEndpoint {
+        self.server
+            .as_ref()
+            .unwrap()
+            .local_endpoint()
+            .expect("a local socket")
+            .clone()
     }
 
     fn connect(&self) -> DaemonConnection {
@@ -412,4 +429,312 @@ fn stopping_the_daemon_closes_idle_peers_instead_of_waiting_for_them() {
     );
     let mut dest = vec![0u8; 100];
     assert!(client.read_into(chunk(1), 0, &mut dest).is_err());
+}
+
+/// Reads chunks `0..count` (each `len` bytes, written first) through `transport`, `rounds`
+/// times, with more reads per batch than the daemon lets a local client hold.
+fn read_back(transport: &mut dyn tier0_client::Transport, count: u32, len: usize, rounds: usize) {
+    for _ in 0..rounds {
+        let mut dests: Vec<Vec<u8>> = (0..count).map(|_| vec![0u8; len]).collect();
+        let mut reads: Vec<ReadInto<'_>> = dests
+            .iter_mut()
+            .enumerate()
+            .map(|(index, dest)| ReadInto {
+                chunk: chunk(index as u32),
+                offset: 0,
+                dest,
+                layout: LayoutRef::default(),
+            })
+            .collect();
+        for result in transport.read_window(&mut reads, 64, &mut |_, _| {}) {
+            result.unwrap();
+        }
+        drop(reads);
+        for (index, dest) in dests.iter().enumerate() {
+            assert!(*dest == pattern(index as u32, len), "chunk {index} differs");
+        }
+    }
+}
+
+#[test]
+fn a_client_on_the_daemons_node_reads_through_the_shared_pool() {
+    let daemon = Daemon::start("local", 1);
+    let mut writer = daemon.connect();
+    let len = CHUNK as usize - 1000;
+    for index in 0..24 {
+        writer.write(chunk(index), &pattern(index, len)).unwrap();
+    }
+    let endpoint = writer.local_endpoint_here().expect("same node").clone();
+    assert!(endpoint.socket.starts_with("@tier0-data-"), "{endpoint:?}");
+    let connect = |choice| {
+        tier0_client::transport::connect(daemon.addr(), TOKEN, "test", TIMEOUT, choice, None)
+            .unwrap()
+    };
+    let mut local = connect(TransportChoice::Local);
+    assert_eq!(local.kind(), TransportKind::Local);
+    assert_eq!(connect(TransportChoice::Auto).kind(), TransportKind::Local);
+    assert_eq!(connect(TransportChoice::Tcp).kind(), TransportKind::Tcp);
+    // 24 reads a batch, 8 buffers held at most (half the 16-buffer pool), 20 batches: every
+    // buffer goes back, or the pool would run dry.
+    read_back(local.as_mut(), 24, len, 20);
+    // Ranges inside a chunk, and errors, the same as over TCP.
+    let mut part = vec![0u8; 5000];
+    let mut reads = [ReadInto {
+        chunk: chunk(3),
+        offset: 4097,
+        dest: &mut part,
+        layout: LayoutRef::default(),
+    }];
+    local.read_many(&mut reads).remove(0).unwrap();
+    assert_eq!(part, pattern(3, len)[4097..4097 + 5000]);
+    let mut missing = vec![0u8; 10];
+    let mut reads = [ReadInto {
+        chunk: chunk(99),
+        offset: 0,
+        dest: &mut missing,
+        layout: LayoutRef::default(),
+    }];
+    let error = local.read_many(&mut reads).remove(0).unwrap_err();
+    assert_eq!(error.errno(), libc::ENOENT, "{error}");
+    assert!(local.is_healthy());
+    read_back(local.as_mut(), 4, len, 1);
+    drop((local, writer));
+    daemon.stop();
+}
+
+#[test]
+fn without_a_local_socket_auto_stays_on_tcp_and_local_is_refused() {
+    let daemon = Daemon::start_with("nolocal", 1, LocalSocket::Off);
+    let tcp = daemon.connect();
+    assert!(tcp.local_endpoint_here().is_none());
+    let connect = |choice| {
+        tier0_client::transport::connect(daemon.addr(), TOKEN, "test", TIMEOUT, choice, None)
+    };
+    assert_eq!(
+        connect(TransportChoice::Auto).unwrap().kind(),
+        TransportKind::Tcp
+    );
+    let refused = connect(TransportChoice::Local).unwrap_err();
+    assert!(
+        refused.to_string().contains("not on this node"),
+        "{refused}"
+    );
+    drop(tcp);
+    daemon.stop();
+}
+
+/// Connects to the local socket and says hello, by hand.
+fn raw_local(endpoint: &LocalEndpoint) -> std::os::unix::net::UnixStream {
+    let addr = tier0_dataplane::net::local_socket_addr(&endpoint.socket).unwrap();
+    let stream = std::os::unix::net::UnixStream::connect_addr(&addr).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let hello = Message::Hello(Hello {
+        token: TOKEN.to_vec(),
+        client: "raw".into(),
+        rdma: None,
+    });
+    send_frame(&stream, 0, &hello);
+    let (_, welcome) = receive_frame(&stream).unwrap();
+    assert!(matches!(welcome, Message::Welcome(_)), "{welcome:?}");
+    stream
+}
+
+fn send_frame(mut stream: &std::os::unix::net::UnixStream, id: u64, message: &Message) {
+    let mut frame = Vec::new();
+    wire::encode(id, message, &mut frame).unwrap();
+    std::io::Write::write_all(&mut stream, &frame).unwrap();
+}
+
+fn receive_frame(
+    mut stream: &std::os::unix::net::UnixStream,
+) -> std::io::Result<(Header, Message)> {
+    let mut head = [0u8; HEADER_SIZE];
+    std::io::Read::read_exact(&mut stream, &mut head)?;
+    let header = Header::decode(&head, 0).unwrap();
+    let mut body = vec![0u8; header.body_len as usize];
+    std::io::Read::read_exact(&mut stream, &mut body)?;
+    Ok((header, wire::decode_body(&header, &body).unwrap()))
+}
+
+/// Asks for the pool by hand: its announced length, allowance and fd.
+fn attach(stream: &std::os::unix::net::UnixStream) -> (u64, u32, std::os::fd::OwnedFd) {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    send_frame(stream, 1, &Message::LocalAttach);
+    let mut frame = vec![0u8; 256];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = recvmsg(
+        stream,
+        &mut [std::io::IoSliceMut::new(&mut frame)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .unwrap();
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    let (_, message, _) = wire::decode_frame(&frame[..received.bytes], 0).unwrap();
+    let Message::LocalPool(pool) = message else {
+        panic!("expected LocalPool, got {message:?}");
+    };
+    assert_eq!(fds.len(), 1, "one fd with the pool");
+    (pool.len, pool.held_max, fds.pop().unwrap())
+}
+
+#[test]
+fn the_shared_pool_is_read_only_and_cannot_be_resized_by_a_client() {
+    use std::os::fd::AsRawFd as _;
+    let daemon = Daemon::start("sealed", 1);
+    let stream = raw_local(&daemon.local_endpoint());
+    let (len, held_max, fd) = attach(&stream);
+    assert_eq!(len, 16 * CHUNK as u64);
+    assert_eq!(held_max, 8);
+    let fd = fd.as_raw_fd();
+    // SAFETY: plain syscalls on the fd the daemon passed, whose results are checked; the
+    // mapping that succeeds is unmapped at the end.
+    unsafe {
+        assert_eq!(
+            libc::ftruncate(fd, 0),
+            -1,
+            "a client shrank the daemon's pool"
+        );
+        assert_eq!(
+            libc::ftruncate(fd, 2 * len as i64),
+            -1,
+            "a client grew the pool"
+        );
+        let writable = libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        assert_eq!(
+            writable,
+            libc::MAP_FAILED,
+            "a client mapped the pool writable"
+        );
+        assert_eq!(
+            libc::pwrite(fd, [1u8].as_ptr().cast(), 1, 0),
+            -1,
+            "a client wrote the pool"
+        );
+        let readable = libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        assert_ne!(
+            readable,
+            libc::MAP_FAILED,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        assert_ne!(
+            libc::mprotect(readable, len as usize, libc::PROT_READ | libc::PROT_WRITE),
+            0,
+            "a read-only mapping turned writable"
+        );
+        libc::munmap(readable, len as usize);
+    }
+    daemon.stop();
+}
+
+#[test]
+fn bad_local_frames_get_clear_errors_and_the_allowance_holds() {
+    let daemon = Daemon::start("localbad", 1);
+    let mut writer = daemon.connect();
+    writer.write(chunk(1), &pattern(1, 4096)).unwrap();
+    let endpoint = daemon.local_endpoint();
+    let read = |id: u64| {
+        let message = Message::LocalRead(LocalRead {
+            chunk: chunk(1),
+            offset: 0,
+            len: 4096,
+            layout: LayoutRef::default(),
+        });
+        (id, message)
+    };
+    // A LocalRead before LocalAttach: refused, connection closed.
+    let stream = raw_local(&endpoint);
+    send_frame(&stream, 5, &read(5).1);
+    let (header, message) = receive_frame(&stream).unwrap();
+    assert_eq!(header.request_id, 5);
+    assert!(
+        matches!(&message, Message::Error(error) if error.errno == libc::EPROTO && error.message.contains("before LocalAttach")),
+        "{message:?}"
+    );
+    assert!(receive_frame(&stream).is_err(), "connection left open");
+
+    // Past the allowance: the extra read is refused EBUSY; releasing makes room again.
+    let stream = raw_local(&endpoint);
+    let (_, held_max, _fd) = attach(&stream);
+    for id in 0..=held_max as u64 {
+        send_frame(&stream, 10 + id, &read(10 + id).1);
+    }
+    let mut leases = Vec::new();
+    let mut busy = 0;
+    for _ in 0..=held_max {
+        match receive_frame(&stream).unwrap().1 {
+            Message::LocalReadDone(done) => {
+                assert_eq!(done.len, 4096);
+                leases.push(done.lease);
+            }
+            Message::Error(error) if error.errno == libc::EBUSY => busy += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((leases.len(), busy), (held_max as usize, 1));
+    send_frame(
+        &stream,
+        0,
+        &Message::Release(Release {
+            leases: leases.clone(),
+        }),
+    );
+    send_frame(&stream, 50, &read(50).1);
+    let (header, message) = receive_frame(&stream).unwrap();
+    assert_eq!(header.request_id, 50);
+    let Message::LocalReadDone(done) = message else {
+        panic!("not served after releasing: {message:?}");
+    };
+    // Releasing a lease twice (or one never given) is a protocol error.
+    send_frame(
+        &stream,
+        0,
+        &Message::Release(Release {
+            leases: vec![done.lease, done.lease],
+        }),
+    );
+    let (_, message) = receive_frame(&stream).unwrap();
+    assert!(
+        matches!(&message, Message::Error(error) if error.errno == libc::EPROTO && error.message.contains("does not hold")),
+        "{message:?}"
+    );
+    assert!(receive_frame(&stream).is_err(), "connection left open");
+
+    // LocalAttach over TCP is refused.
+    let mut tcp = daemon.connect();
+    let mut frame = Vec::new();
+    wire::encode(3, &Message::LocalAttach, &mut frame).unwrap();
+    tcp.send_raw(&frame).unwrap();
+    let (_, message) = tcp.receive_head(0).unwrap();
+    assert!(
+        matches!(&message, Message::Error(error) if error.errno == libc::EPROTO),
+        "{message:?}"
+    );
+    // The daemon serves on.
+    let mut back = vec![0u8; 4096];
+    writer.read_into(chunk(1), 0, &mut back).unwrap();
+    assert_eq!(back, pattern(1, 4096));
+    drop((writer, tcp));
+    daemon.stop();
 }

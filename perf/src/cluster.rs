@@ -113,6 +113,7 @@ impl LocalCluster {
                 hugepages: false,
                 pin: false,
                 rdma: config.rdma.clone(),
+                local_socket: Default::default(),
             };
             // One worker per daemon, unpinned: N daemons share this machine's cores.
             let plan = WorkerPlan::single_node(0, vec![0]);

@@ -31,6 +31,9 @@ use crate::report::{Latency, ScenarioResult};
 pub enum NetTransport {
     Tcp,
     Rdma,
+    /// The node-local shared-memory path (the daemons run on this node); its baselines are
+    /// the TCP ones, the best a network path could do here.
+    Local,
 }
 
 #[derive(Clone, Debug)]
@@ -115,7 +118,7 @@ pub fn run(
         ));
     }
     let rdma = match options.transport {
-        NetTransport::Tcp => None,
+        NetTransport::Tcp | NetTransport::Local => None,
         NetTransport::Rdma => Some(RdmaClient::open(None).map_err(|error| {
             NetBenchError::Setup(format!(
                 "{error}: the RDMA bench needs a device (run it inside ../shared/tools/softroce-vm)"
@@ -129,7 +132,7 @@ pub fn run(
         store_size: per_daemon + 16 * u64::from(options.chunk_size) + (64 << 20),
         dir: options.dir.clone(),
         rdma: match options.transport {
-            NetTransport::Tcp => RdmaMode::Off,
+            NetTransport::Tcp | NetTransport::Local => RdmaMode::Off,
             NetTransport::Rdma => RdmaMode::Auto,
         },
         poll_mode: options.poll_mode,
@@ -156,6 +159,7 @@ pub fn run(
     let choice = match options.transport {
         NetTransport::Tcp => TransportChoice::Tcp,
         NetTransport::Rdma => TransportChoice::Rdma,
+        NetTransport::Local => TransportChoice::Local,
     };
     let mut reader = StripedReader::new(
         cluster.endpoints(),
@@ -184,7 +188,9 @@ pub fn run(
             mib_per_s(options.size, ours.last().expect("pushed").seconds)
         ));
         let baseline = match options.transport {
-            NetTransport::Tcp => vec![blaster(options, options.chunk_size as usize, false)?],
+            NetTransport::Tcp | NetTransport::Local => {
+                vec![blaster(options, options.chunk_size as usize, false)?]
+            }
             NetTransport::Rdma => vec![
                 perftest("ib_write_bw", options)?,
                 perftest("ib_read_bw", options)?,
@@ -203,7 +209,7 @@ pub fn run(
         }
     }
     let names = match options.transport {
-        NetTransport::Tcp => vec!["socket blaster (loopback TCP)"],
+        NetTransport::Tcp | NetTransport::Local => vec!["socket blaster (loopback TCP)"],
         NetTransport::Rdma => vec!["ib_write_bw", "ib_read_bw"],
     };
     let ours = median(ours);
@@ -248,7 +254,7 @@ pub fn run(
             rdma.as_ref(),
         )?);
         theirs.push(match options.transport {
-            NetTransport::Tcp => blaster(options, 4096, true)?,
+            NetTransport::Tcp | NetTransport::Local => blaster(options, 4096, true)?,
             NetTransport::Rdma => perftest_latency(options)?,
         });
     }
@@ -261,7 +267,7 @@ pub fn run(
             tier0: reads / ours.seconds,
             baseline: reads / base.seconds,
             baseline_name: match options.transport {
-                NetTransport::Tcp => "socket ping-pong (loopback TCP)".into(),
+                NetTransport::Tcp | NetTransport::Local => "socket ping-pong (loopback TCP)".into(),
                 NetTransport::Rdma => "ib_read_lat".into(),
             },
             ratio: 0.0,

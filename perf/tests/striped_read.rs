@@ -49,11 +49,14 @@ fn reads_a_striped_file_from_every_daemon() {
         "{report:?}"
     );
     assert_eq!(report.per_daemon.iter().sum::<u64>(), data.len() as u64);
+    // The daemons run on this node: `Auto` takes the node-local shared-memory path.
     assert!(
         reader
             .transports()
             .iter()
-            .all(|kind| *kind == Some(TransportKind::Tcp))
+            .all(|kind| *kind == Some(TransportKind::Local)),
+        "{:?}",
+        reader.transports()
     );
 }
 
@@ -82,6 +85,15 @@ fn the_nearest_replica_serves() {
 
 #[test]
 fn a_daemon_stopped_mid_read_fails_over_with_no_wrong_byte() {
+    stop_mid_read(TransportChoice::Tcp);
+}
+
+#[test]
+fn a_daemon_stopped_mid_read_on_the_local_path_fails_over_with_no_wrong_byte() {
+    stop_mid_read(TransportChoice::Local);
+}
+
+fn stop_mid_read(choice: TransportChoice) {
     let cluster = Arc::new(Mutex::new(cluster(3)));
     let data = pattern(48 * CHUNK as usize, 3);
     let (layout, endpoints) = {
@@ -103,7 +115,7 @@ fn a_daemon_stopped_mid_read_fails_over_with_no_wrong_byte() {
         })
     };
     let token = cluster.lock().unwrap().token().to_vec();
-    let mut reader = StripedReader::new(endpoints, &token, "test", TransportChoice::Tcp, None)
+    let mut reader = StripedReader::new(endpoints, &token, "test", choice, None)
         .with_window(2)
         .with_timeout(Duration::from_secs(5))
         .with_progress(progress);
@@ -145,7 +157,7 @@ fn a_replica_without_the_chunk_is_skipped_and_stays_in_use() {
     assert_eq!(report.failovers, 2, "{report:?}");
     let chunk = u64::from(CHUNK);
     assert_eq!(report.per_daemon, vec![2 * chunk, 2 * chunk]);
-    assert_eq!(reader.transports(), vec![Some(TransportKind::Tcp); 2]);
+    assert_eq!(reader.transports(), vec![Some(TransportKind::Local); 2]);
 }
 
 /// Flips one bit of the copy of `needle`'s first byte in daemon `daemon`'s store file.
@@ -270,7 +282,7 @@ fn forcing_rdma_without_a_device_is_a_clear_error() {
     .unwrap_err();
     assert!(matches!(error, ClientError::Unusable { .. }), "{error}");
     assert!(error.to_string().contains("RDMA"), "{error}");
-    // Auto without a device is TCP.
+    // Auto without a device is the node-local path to a daemon on this node, else TCP.
     let transport = tier0_client::transport::connect(
         cluster.addr(0),
         cluster.token(),
@@ -280,7 +292,7 @@ fn forcing_rdma_without_a_device_is_a_clear_error() {
         None,
     )
     .unwrap();
-    assert_eq!(transport.kind(), TransportKind::Tcp);
+    assert_eq!(transport.kind(), TransportKind::Local);
     // Without RDMA in the kernel, listing devices is "none", never an error.
     if !std::path::Path::new("/sys/class/infiniband").exists() {
         let devices = tier0_dataplane::net::rdma::device_names().unwrap();
@@ -337,7 +349,7 @@ fn a_stale_layout_fails_the_read_without_failover_and_the_refreshed_one_reads() 
     }
     assert!(error.to_string().contains("reopen the file"), "{error}");
     // A refusal is the daemon's answer: its connection is kept.
-    assert_eq!(reader.transports()[1], Some(TransportKind::Tcp));
+    assert_eq!(reader.transports()[1], Some(TransportKind::Local));
 
     // Reopened at version 4: every byte right, from every daemon, daemon 1 included.
     layout.layout.version = 4;

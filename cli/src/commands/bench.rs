@@ -22,8 +22,8 @@ pub enum BenchCommand {
 
 #[derive(Debug, Args)]
 pub struct NetArgs {
-    /// tcp or rdma.
-    #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
+    /// tcp, rdma, or local (the node-local shared-memory path, next to the TCP baselines).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma", "local"])]
     transport: String,
     /// Bytes of the striped file (default: 256MiB over TCP, 64MiB over RDMA).
     #[arg(long, value_parser = parse_bytes)]
@@ -102,6 +102,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
 fn net(args: NetArgs) -> anyhow::Result<()> {
     let transport = match args.transport.as_str() {
         "rdma" => NetTransport::Rdma,
+        "local" => NetTransport::Local,
         _ => NetTransport::Tcp,
     };
     let chunk_size = u32::try_from(args.chunk_size)
@@ -110,7 +111,7 @@ fn net(args: NetArgs) -> anyhow::Result<()> {
         .context("--chunk-size must be a multiple of 4 KiB, at most 64 MiB")?;
     let defaults = NetBenchOptions::default();
     let size = args.size.unwrap_or(match transport {
-        NetTransport::Tcp => 256 << 20,
+        NetTransport::Tcp | NetTransport::Local => 256 << 20,
         // Soft-RoCE moves ~50-70 MB/s.
         NetTransport::Rdma => 64 << 20,
     });

@@ -406,9 +406,18 @@ fn exercise(
     let local_seconds = local_started.elapsed().as_secs_f64();
     let tier0_rate = mib_per_s(read_bytes, tier0_seconds);
     let local_rate = mib_per_s(local_bytes, local_seconds);
+    // The daemons run on this machine: reads take the node-local shared-memory path.
+    let mut transports: Vec<String> = client
+        .transports()
+        .into_iter()
+        .filter_map(|(_, kind)| kind.map(|kind| kind.to_string()))
+        .collect();
+    transports.sort();
+    transports.dedup();
     writeln!(
         out,
-        "  striped read (Rust client, TCP): {:.1} MiB/s   plain local file read (O_DIRECT, same disk): {:.1} MiB/s   ratio {:.2}",
+        "  striped read (Rust client, {}): {:.1} MiB/s   plain local file read (O_DIRECT, same disk): {:.1} MiB/s   ratio {:.2}",
+        transports.join("+"),
         tier0_rate,
         local_rate,
         tier0_rate / local_rate.max(1e-9)

@@ -13,6 +13,7 @@ use tier0_control::server::{ControlConfig, ControlServer, StoreChoice};
 use tier0_control_api::agent::{Agent, AgentConfig};
 use tier0_control_api::proto;
 use tier0_dataplane::daemon::{DataDaemon, DataDaemonConfig, DriveConfig, RdmaMode};
+use tier0_dataplane::net::tcp::LocalSocket;
 use tier0_dataplane::store::StoreConfig;
 use tier0_dataplane::worker::PollMode;
 use tier0_topology::{WorkerPolicy, discover_live, plan_workers};
@@ -21,7 +22,7 @@ use tier0_topology::{WorkerPolicy, discover_live, plan_workers};
 pub enum ServeCommand {
     /// The data daemon of this node: serves chunk reads and writes from its drives over TCP,
     /// and reads over RDMA where there is an HCA, until SIGINT or SIGTERM.
-    Data(DataArgs),
+    Data(Box<DataArgs>),
     /// The control plane: namespace, layouts, snapshots and membership over gRPC, with its
     /// metadata in an embedded store (default) or etcd, until SIGINT or SIGTERM.
     Control(ControlServeArgs),
@@ -150,6 +151,10 @@ pub struct DataArgs {
     /// none), `off`, or a device name for every worker.
     #[arg(long, default_value = "auto")]
     rdma: RdmaMode,
+    /// The node-local socket clients on this machine use for the shared-memory fast path:
+    /// `auto` (`@tier0-data-<pid>-<port>`, abstract namespace), `off`, `@name` or a path.
+    #[arg(long, default_value = "auto")]
+    local_socket: LocalSocket,
     /// Register with this control plane and heartbeat to it (fences on stale layouts come
     /// back with each heartbeat). Several, comma-separated (control planes sharing one
     /// etcd): when the one in use fails, the daemon moves to the next. Without it the
@@ -175,7 +180,7 @@ pub struct DataArgs {
 
 pub fn run(command: ServeCommand) -> anyhow::Result<()> {
     match command {
-        ServeCommand::Data(args) => data(args),
+        ServeCommand::Data(args) => data(*args),
         ServeCommand::Control(args) => control(args),
     }
 }
@@ -282,6 +287,7 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
         hugepages: true,
         pin: !args.no_pin,
         rdma: args.rdma.clone(),
+        local_socket: args.local_socket.clone(),
     };
     let daemon = DataDaemon::start(&config, &plan)?;
     let control: Vec<String> = args

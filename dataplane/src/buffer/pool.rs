@@ -1,4 +1,5 @@
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -33,13 +34,19 @@ impl Default for BufferPoolConfig {
 
 const HUGEPAGE_SIZE: usize = 2 << 20;
 
-/// One anonymous mapping holding every buffer of a pool. Shared (Arc) with the leases, so the
-/// memory outlives any buffer still held by a consumer after its worker stopped.
+/// One mapping holding every buffer of a pool. Shared (Arc) with the leases, so the memory
+/// outlives any buffer still held by a consumer after its worker stopped.
+///
+/// The memory is a sealed memfd mapped shared where the kernel allows, so the node-local
+/// fast path can hand the pool to a client on the same node. The seals mean no holder of the
+/// fd can truncate it under this process's mapping (SIGBUS) or write to it: sealed after
+/// this process mapped it writable, a new mapping can only be read-only.
 #[derive(Debug)]
 struct Region {
     base: NonNull<u8>,
     len: usize,
     hugepages: bool,
+    memfd: Option<OwnedFd>,
 }
 
 // SAFETY: the region is plain memory; who may touch which buffer is decided by the pool's
@@ -69,45 +76,129 @@ pub enum BufferPoolError {
     },
 }
 
-fn map(len: usize, hugepages: bool) -> Result<Region, io::Error> {
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+/// A sealed memfd of `len` bytes (hugetlb-backed with `hugepages`).
+fn sealed_memfd(len: usize, hugepages: bool) -> Result<OwnedFd, io::Error> {
+    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     if hugepages {
+        flags |= libc::MFD_HUGETLB;
+    }
+    // SAFETY: memfd_create takes a NUL-terminated name and flags, returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"tier0-buffer-pool".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain fd syscalls on our own descriptor.
+    unsafe {
+        if libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        if libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(fd)
+}
+
+/// Maps `len` bytes: a sealed memfd, shared, or (no memfd) anonymous private memory. With
+/// `at`, the mapping replaces what is mapped there (`MAP_FIXED`).
+fn map_at(
+    len: usize,
+    hugepages: bool,
+    shared: bool,
+    at: Option<usize>,
+) -> Result<Region, io::Error> {
+    let memfd = match shared.then(|| sealed_memfd(len, hugepages)) {
+        None => None,
+        Some(Ok(fd)) => Some(fd),
+        Some(Err(error)) if hugepages => return Err(error),
+        Some(Err(error)) => {
+            tracing::info!(%error, "no memfd for the buffer pool: anonymous memory, no node-local sharing");
+            None
+        }
+    };
+    let mut flags = if memfd.is_some() {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+    };
+    if at.is_some() {
+        flags |= libc::MAP_FIXED;
+    }
+    if hugepages && memfd.is_none() {
         flags |= libc::MAP_HUGETLB;
     }
-    // SAFETY: an anonymous private mapping of `len` bytes at an address the kernel picks.
+    let fd = memfd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+    // SAFETY: maps `len` bytes of our memfd (or anonymous memory) at an address the kernel
+    // picks, or over our own reservation at `at`; checked for MAP_FAILED below.
     let pointer = unsafe {
         libc::mmap(
-            std::ptr::null_mut(),
+            at.map_or(std::ptr::null_mut(), |at| at as *mut libc::c_void),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             flags,
-            -1,
+            fd,
             0,
         )
     };
     if pointer == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
+    // Only this mapping may write: later ones (a client's) are read-only. A kernel without
+    // F_SEAL_FUTURE_WRITE (before 5.1) keeps the memory but does not share it.
+    let memfd = memfd.filter(|fd| {
+        let seals = libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on our own descriptor.
+        let sealed = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } == 0;
+        if !sealed {
+            tracing::info!(
+                error = %io::Error::last_os_error(),
+                "cannot seal the buffer pool against writes: not shared with node-local clients"
+            );
+        }
+        sealed
+    });
     Ok(Region {
         base: NonNull::new(pointer.cast()).expect("mmap returned a non-null address"),
         len,
         hugepages,
+        memfd,
     })
+}
+
+fn map(len: usize, hugepages: bool, shared: bool) -> Result<Region, io::Error> {
+    map_at(len, hugepages, shared, None)
 }
 
 /// Normal pages, but 2 MiB-aligned and marked for transparent hugepages: where the kernel
 /// grants them, a 1 MiB buffer is one physically contiguous segment instead of 256 pages
 /// (drives and NICs split requests that exceed their segment limits).
-fn map_transparent(len: usize) -> Result<Region, io::Error> {
+fn map_transparent(len: usize, shared: bool) -> Result<Region, io::Error> {
     let len = len.next_multiple_of(HUGEPAGE_SIZE);
-    let padded = map(len + HUGEPAGE_SIZE, false)?;
-    let base = padded.base.as_ptr() as usize;
+    // Reserve an aligned span, then map the pool over its aligned middle.
+    let reserve = len + HUGEPAGE_SIZE;
+    // SAFETY: an inaccessible anonymous reservation; checked for MAP_FAILED below.
+    let padded = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if padded == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base = padded as usize;
     let aligned = base.next_multiple_of(HUGEPAGE_SIZE);
     let head = aligned - base;
-    let tail = padded.len - head - len;
-    std::mem::forget(padded);
-    // SAFETY: head and tail are the unaligned ends of the mapping just made; the aligned
-    // middle stays mapped and becomes the region.
+    let tail = reserve - head - len;
+    // SAFETY: head and tail are the unaligned ends of the reservation just made; the aligned
+    // middle is replaced by the pool's mapping.
     unsafe {
         if head > 0 {
             libc::munmap(base as *mut libc::c_void, head);
@@ -115,13 +206,18 @@ fn map_transparent(len: usize) -> Result<Region, io::Error> {
         if tail > 0 {
             libc::munmap((aligned + len) as *mut libc::c_void, tail);
         }
-        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
     }
-    Ok(Region {
-        base: NonNull::new(aligned as *mut u8).expect("mapping is not at address 0"),
-        len,
-        hugepages: false,
-    })
+    let region = match map_at(len, false, shared, Some(aligned)) {
+        Ok(region) => region,
+        Err(error) => {
+            // SAFETY: the aligned middle of our reservation, still ours.
+            unsafe { libc::munmap(aligned as *mut libc::c_void, len) };
+            return Err(error);
+        }
+    };
+    // SAFETY: advice on our own mapping.
+    unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+    Ok(region)
 }
 
 /// Binds the mapping's pages to `node` (MPOL_BIND) before they are touched.
@@ -189,6 +285,16 @@ impl PoolBuffer {
 
 impl BufferPool {
     pub fn new(config: &BufferPoolConfig) -> Result<Self, BufferPoolError> {
+        Self::build(config, true)
+    }
+
+    /// As [`new`](Self::new), in anonymous memory that cannot be shared with node-local
+    /// clients: for kernels whose io_uring refuses file-backed (memfd) fixed buffers.
+    pub fn new_unshared(config: &BufferPoolConfig) -> Result<Self, BufferPoolError> {
+        Self::build(config, false)
+    }
+
+    fn build(config: &BufferPoolConfig, shared: bool) -> Result<Self, BufferPoolError> {
         if config.buffer_size == 0
             || !config
                 .buffer_size
@@ -201,7 +307,7 @@ impl BufferPool {
         }
         let len = config.buffer_size * config.buffer_count;
         let huge_len = len.next_multiple_of(HUGEPAGE_SIZE);
-        let region = match config.hugepages.then(|| map(huge_len, true)) {
+        let region = match config.hugepages.then(|| map(huge_len, true, shared)) {
             Some(Ok(region)) => region,
             Some(Err(error)) => {
                 tracing::info!(
@@ -210,9 +316,12 @@ impl BufferPool {
                     "no hugetlb pages for the buffer pool (set vm.nr_hugepages): \
                      using normal pages, transparent hugepages where the kernel allows"
                 );
-                map_transparent(len).map_err(|source| BufferPoolError::Map { len, source })?
+                map_transparent(len, shared)
+                    .map_err(|source| BufferPoolError::Map { len, source })?
             }
-            None => map(len, false).map_err(|source| BufferPoolError::Map { len, source })?,
+            None => {
+                map(len, false, shared).map_err(|source| BufferPoolError::Map { len, source })?
+            }
         };
         if let Some(node) = config.numa_node
             && let Err(error) = bind_to_node(&region, node)
@@ -257,6 +366,13 @@ impl BufferPool {
     /// start and length, covering every buffer.
     pub fn arena(&self) -> (*mut u8, usize) {
         (self.region.base.as_ptr(), self.count * self.buffer_size)
+    }
+
+    /// The pool's memfd (sealed against resizing), for a node-local client to map
+    /// read-only; `None` when the pool is anonymous memory.
+    pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        self.region.memfd.as_ref().map(|fd| fd.as_fd())
     }
 
     /// Every buffer, in index order: what `BlockDevice::register_buffers` takes, so the fixed
@@ -349,6 +465,12 @@ impl BufferLease {
     /// offset key of its RDMA memory region.
     pub fn buffer_index(&self) -> u16 {
         self.index
+    }
+
+    /// Where the bytes start in the pool's mapping: what a node-local client that mapped the
+    /// pool's memfd adds to its own base.
+    pub fn pool_offset(&self) -> u64 {
+        (self.pointer.as_ptr() as usize - self._region.base.as_ptr() as usize) as u64
     }
 }
 

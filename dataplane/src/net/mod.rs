@@ -2,6 +2,9 @@
 //! (TCP everywhere, RDMA verbs where there is an HCA).
 
 pub mod rdma;
+mod stream;
 mod tags;
 pub mod tcp;
 pub mod wire;
+
+pub use stream::{boot_id, local_socket_addr};

@@ -6,11 +6,19 @@
 //! turns them into requests on its own drives, and sends each reply as one vectored write:
 //! header and body from a small buffer, chunk bytes straight from the registered pool buffer
 //! the drive read into. Nothing on that path crosses a thread.
+//!
+//! The same sources serve the node-local Unix socket (when the daemon has one): a client on
+//! this node connects there, presents the token the same way, and may then ask for the
+//! worker's buffer pool (`LocalAttach`), which comes back as a sealed memfd it maps
+//! read-only. Its reads (`LocalRead`) are answered with where the bytes lie in that pool
+//! (`LocalReadDone`); the buffer stays held for it until it says `Release`, at most
+//! `held_max` at a time. Chunk bytes then cross no socket: the drive reads into the pool, the
+//! client copies out once.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd as _, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -19,9 +27,11 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use super::rdma::{RdmaAcceptor, RdmaService, Session};
+use super::stream::{LocalListener, Peer, Stream, boot_id, unix_peer};
 use super::tags::Tags;
 use super::wire::{
-    self, ErrorReply, HEADER_SIZE, Header, Hello, MAX_BODY, Message, Opcode, ReadDone, Welcome,
+    self, ErrorReply, HEADER_SIZE, Header, Hello, LayoutRef, LocalEndpoint, LocalPool,
+    LocalReadDone, MAX_BODY, Message, Opcode, ReadDone, Welcome,
 };
 use crate::buffer::BufferLease;
 use crate::fence::FenceTable;
@@ -40,19 +50,50 @@ pub struct TcpServerConfig {
     pub max_payload: u32,
     /// How long a new peer has to send its `Hello`.
     pub handshake_timeout: Duration,
+    /// The node-local socket of the shared-memory fast path.
+    pub local_socket: LocalSocket,
+}
+
+/// Whether and where a daemon listens for clients on its own node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LocalSocket {
+    /// `@tier0-data-<pid>-<port>` in the abstract namespace.
+    #[default]
+    Auto,
+    /// No local socket: node-local clients use TCP.
+    Off,
+    /// `@name` (abstract) or a filesystem path.
+    Named(String),
+}
+
+impl std::str::FromStr for LocalSocket {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(LocalSocket::Auto),
+            "off" | "none" => Ok(LocalSocket::Off),
+            "" | "@" => Err("a socket path, @name, `auto` or `off`".into()),
+            name if name.len() > 100 => Err(format!(
+                "{name:?}: longer than a Unix socket address holds (100 bytes)"
+            )),
+            name => Ok(LocalSocket::Named(name.to_string())),
+        }
+    }
 }
 
 /// The listening side: accepts, authenticates, and deals connections out to the workers.
 #[derive(Debug)]
 pub struct TcpServer {
     local_addr: SocketAddr,
+    local: Option<LocalEndpoint>,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
 }
 
 /// What the acceptor hands a worker's sources.
 struct Inbox {
-    connections: Sender<(TcpStream, SocketAddr)>,
+    connections: Sender<(Stream, Peer)>,
     notify: Arc<EventFd>,
     /// Sets RDMA sessions up on this worker, when it has a device.
     rdma: Option<Arc<RdmaAcceptor>>,
@@ -74,6 +115,19 @@ impl TcpServer {
         let listener = TcpListener::bind(config.listen)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
+        let local_listener = match &config.local_socket {
+            LocalSocket::Off => None,
+            LocalSocket::Auto => Some(LocalListener::bind(&format!(
+                "@tier0-data-{}-{}",
+                std::process::id(),
+                local_addr.port()
+            ))?),
+            LocalSocket::Named(name) => Some(LocalListener::bind(name)?),
+        };
+        let local = local_listener.as_ref().map(|listener| LocalEndpoint {
+            socket: listener.name.clone(),
+            boot_id: boot_id().to_string(),
+        });
         let stores: Arc<[Arc<ChunkStore>]> = stores.into();
         let mut rdma = rdma.map(|service| service.workers).unwrap_or_default();
         let mut inboxes = Vec::new();
@@ -105,9 +159,12 @@ impl TcpServer {
         let acceptor = {
             let stop = stop.clone();
             let config = config.clone();
+            let local = local.clone();
             std::thread::Builder::new()
                 .name("tier0-tcp-accept".into())
-                .spawn(move || accept_loop(listener, config, inboxes, stop))?
+                .spawn(move || {
+                    accept_loop(listener, local_listener, config, local, inboxes, stop)
+                })?
         };
         let sources = Arc::new(Mutex::new(sources));
         let factory: SourceFactory = Arc::new(move |worker: usize| {
@@ -120,6 +177,7 @@ impl TcpServer {
         Ok((
             TcpServer {
                 local_addr,
+                local,
                 stop,
                 acceptor: Some(acceptor),
             },
@@ -129,6 +187,11 @@ impl TcpServer {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The node-local socket, when the daemon has one.
+    pub fn local_endpoint(&self) -> Option<&LocalEndpoint> {
+        self.local.as_ref()
     }
 
     /// Stops accepting; the sources finish once their requests are answered, which lets the
@@ -153,25 +216,44 @@ impl Drop for TcpServer {
 
 fn accept_loop(
     listener: TcpListener,
+    local_listener: Option<LocalListener>,
     config: TcpServerConfig,
+    local: Option<LocalEndpoint>,
     inboxes: Vec<Inbox>,
     stop: Arc<AtomicBool>,
 ) {
     let inboxes = Arc::new(inboxes);
     let next = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::SeqCst) {
-        let (stream, peer) = match listener.accept() {
-            Ok(accepted) => accepted,
+        let accepted = match listener.accept() {
+            Ok((stream, peer)) => Ok((Stream::Tcp(stream), Peer::Tcp(peer))),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                let mut fd = libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: polls one pollfd we own; the timeout bounds how late `stop` is seen.
-                unsafe { libc::poll(&mut fd, 1, 100) };
-                continue;
+                match local_listener.as_ref().map(|local| local.listener.accept()) {
+                    Some(Ok((stream, _))) => {
+                        let peer = unix_peer(&stream);
+                        Ok((Stream::Unix(stream), peer))
+                    }
+                    Some(Err(error)) if error.kind() != io::ErrorKind::WouldBlock => Err(error),
+                    _ => {
+                        let mut fds = [listener.as_raw_fd(), -1].map(|fd| libc::pollfd {
+                            fd,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        });
+                        if let Some(local) = &local_listener {
+                            fds[1].fd = local.listener.as_raw_fd();
+                        }
+                        // SAFETY: polls two pollfds we own (a negative fd is skipped); the
+                        // timeout bounds how late `stop` is seen.
+                        unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+                        continue;
+                    }
+                }
             }
+            Err(error) => Err(error),
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "accepting a connection failed");
                 std::thread::sleep(Duration::from_millis(10));
@@ -181,6 +263,7 @@ fn accept_loop(
         // Each handshake on its own short-lived thread, so a slow or silent peer delays
         // nobody else; it has `handshake_timeout` to present the token.
         let config = config.clone();
+        let local = local.clone();
         let inboxes = inboxes.clone();
         let next = next.clone();
         let spawned = std::thread::Builder::new()
@@ -188,9 +271,14 @@ fn accept_loop(
             .spawn(move || {
                 let index = next.fetch_add(1, Ordering::Relaxed) % inboxes.len();
                 let inbox = &inboxes[index];
-                match handshake(stream, peer, &config, inbox.rdma.as_deref()) {
+                let kind = if stream.is_local() {
+                    "the local socket"
+                } else {
+                    "TCP"
+                };
+                match handshake(stream, peer, &config, local, inbox.rdma.as_deref()) {
                     Ok((client, Some(stream))) => {
-                        tracing::info!(%peer, client, worker = index, "peer connected over TCP");
+                        tracing::info!(%peer, client, worker = index, "peer connected over {kind}");
                         if inbox.connections.send((stream, peer)).is_ok() {
                             inbox.notify.signal();
                         }
@@ -225,11 +313,12 @@ enum HandshakeError {
 /// as its side channel (`Ok((client, None))`); otherwise the stream is returned for the TCP
 /// source.
 fn handshake(
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    peer: Peer,
     config: &TcpServerConfig,
+    local: Option<LocalEndpoint>,
     rdma: Option<&RdmaAcceptor>,
-) -> Result<(String, Option<TcpStream>), HandshakeError> {
+) -> Result<(String, Option<Stream>), HandshakeError> {
     stream.set_read_timeout(Some(config.handshake_timeout))?;
     stream.set_write_timeout(Some(config.handshake_timeout))?;
     let result = read_hello(&stream, config);
@@ -240,6 +329,8 @@ fn handshake(
         ..
     }) = &result
     {
+        // RDMA sessions are negotiated over TCP only.
+        let rdma = rdma.filter(|_| !stream.is_local());
         match rdma.map(|acceptor| acceptor.accept(remote)) {
             Some(Ok(accepted)) => session = Some(accepted),
             Some(Err(error)) => {
@@ -253,6 +344,7 @@ fn handshake(
             node: config.node.clone(),
             max_payload: config.max_payload,
             rdma: session.as_ref().map(|(local, _)| *local),
+            local,
         }),
         Err(error) => Message::Error(ErrorReply {
             errno: match error {
@@ -263,9 +355,9 @@ fn handshake(
         }),
     };
     let mut frame = Vec::new();
-    let rdma_session = match (session, rdma) {
-        (Some((_, session)), Some(acceptor)) => {
-            acceptor.hand_over(session, stream.try_clone()?, peer);
+    let rdma_session = match (session, rdma, &stream, peer) {
+        (Some((_, session)), Some(acceptor), Stream::Tcp(tcp), Peer::Tcp(addr)) => {
+            acceptor.hand_over(session, tcp.try_clone()?, addr);
             true
         }
         _ => false,
@@ -287,12 +379,12 @@ fn handshake(
     }
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
-    stream.set_nodelay(true)?;
+    stream.set_nodelay()?;
     stream.set_nonblocking(true)?;
     Ok((client, Some(stream.try_clone()?)))
 }
 
-fn read_hello(mut stream: &TcpStream, config: &TcpServerConfig) -> Result<Hello, HandshakeError> {
+fn read_hello(mut stream: &Stream, config: &TcpServerConfig) -> Result<Hello, HandshakeError> {
     let mut head = [0; HEADER_SIZE];
     stream.read_exact(&mut head)?;
     let header = Header::decode(&head, 0)?;
@@ -354,6 +446,8 @@ struct Outgoing {
     head: Vec<u8>,
     payload: Option<BufferLease>,
     sent: usize,
+    /// The worker's pool memfd goes with this reply's first byte (`LocalPool`).
+    attach: Option<OwnedFd>,
 }
 
 impl Outgoing {
@@ -363,8 +457,8 @@ impl Outgoing {
 }
 
 struct Connection {
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    peer: Peer,
     /// Distinguishes this connection from earlier ones in the same slot, so a late completion
     /// never reaches the wrong peer.
     generation: u64,
@@ -380,6 +474,45 @@ struct Connection {
     /// replies are sent.
     done_reading: bool,
     broken: bool,
+    /// Pool buffers a node-local client holds (answered, not yet released), once it
+    /// attached to the pool.
+    held: Option<Held>,
+}
+
+/// The buffers a node-local client holds, by lease id.
+#[derive(Default)]
+struct Held {
+    leases: Vec<Option<BufferLease>>,
+    free: Vec<u32>,
+    /// Held plus local reads in flight: never more than the pool's `held_max`.
+    count: usize,
+}
+
+impl Held {
+    fn insert(&mut self, lease: BufferLease) -> u32 {
+        match self.free.pop() {
+            Some(id) => {
+                self.leases[id as usize] = Some(lease);
+                id
+            }
+            None => {
+                self.leases.push(Some(lease));
+                (self.leases.len() - 1) as u32
+            }
+        }
+    }
+
+    fn release(&mut self, id: u32) -> bool {
+        match self.leases.get_mut(id as usize).and_then(Option::take) {
+            Some(lease) => {
+                drop(lease);
+                self.free.push(id);
+                self.count -= 1;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// A request in the worker: which connection and which of its request ids.
@@ -388,13 +521,23 @@ struct Pending {
     connection: usize,
     generation: u64,
     request_id: u64,
+    /// A `LocalRead`: answered with where its bytes lie in the shared pool.
+    local: bool,
+}
+
+/// The worker's buffer pool as node-local clients get it.
+struct SharedPool {
+    memfd: OwnedFd,
+    len: u64,
+    held_max: u32,
 }
 
 /// The TCP connections one worker serves, as a [`RequestSource`].
 pub struct TcpSource {
     epoll: OwnedFd,
     notify: Arc<EventFd>,
-    incoming: Receiver<(TcpStream, SocketAddr)>,
+    incoming: Receiver<(Stream, Peer)>,
+    pool: Option<SharedPool>,
     accepting: bool,
     connections: Vec<Option<Connection>>,
     generations: u64,
@@ -417,7 +560,7 @@ impl std::fmt::Debug for TcpSource {
 
 impl TcpSource {
     fn new(
-        incoming: Receiver<(TcpStream, SocketAddr)>,
+        incoming: Receiver<(Stream, Peer)>,
         notify: Arc<EventFd>,
         stores: Arc<[Arc<ChunkStore>]>,
         fences: Arc<FenceTable>,
@@ -434,6 +577,7 @@ impl TcpSource {
             epoll,
             notify,
             incoming,
+            pool: None,
             accepting: true,
             connections: Vec::new(),
             generations: 0,
@@ -466,7 +610,7 @@ impl TcpSource {
         Ok(())
     }
 
-    fn adopt(&mut self, stream: TcpStream, peer: SocketAddr) {
+    fn adopt(&mut self, stream: Stream, peer: Peer) {
         let slot = match self.connections.iter().position(Option::is_none) {
             Some(slot) => slot,
             None => {
@@ -491,6 +635,7 @@ impl TcpSource {
             in_flight: 0,
             done_reading: false,
             broken: false,
+            held: None,
         });
     }
 
@@ -559,9 +704,24 @@ impl TcpSource {
                         break;
                     }
                 };
-            let payload = &connection.input[parsed + len - header.payload_len as usize..]
-                [..header.payload_len as usize];
+            let payload_start = parsed + len - header.payload_len as usize;
             parsed += len;
+            let local = match local_frame(connection, self.pool.as_ref(), &message) {
+                LocalFrame::Done => continue,
+                LocalFrame::Refused(errno, text) => {
+                    let message = format!("{}: {text}", self.node);
+                    reply_error(connection, header.request_id, errno, message);
+                    if errno == libc::EPROTO {
+                        connection.done_reading = true;
+                        parsed = connection.input.len();
+                        break;
+                    }
+                    continue;
+                }
+                LocalFrame::Read => true,
+                LocalFrame::NotLocal => false,
+            };
+            let payload = &connection.input[payload_start..][..header.payload_len as usize];
             match request(
                 &self.stores,
                 &self.fences,
@@ -571,10 +731,14 @@ impl TcpSource {
             ) {
                 Ok((drive, op)) => {
                     connection.in_flight += 1;
+                    if local && let Some(held) = connection.held.as_mut() {
+                        held.count += 1;
+                    }
                     let pending = Pending {
                         connection: slot,
                         generation: connection.generation,
                         request_id: header.request_id,
+                        local,
                     };
                     let tag = self.pending.insert(pending);
                     requests.push((tag, drive, op));
@@ -615,32 +779,31 @@ fn request(
     message: &Message,
     payload: &[u8],
 ) -> Result<(usize, Op), (i32, String)> {
-    match message {
-        Message::Read(read) => {
-            fences
-                .check(read.layout)
-                .map_err(|stale| (libc::ESTALE, stale.to_string()))?;
-            if read.len > max_payload {
-                return Err((
-                    libc::EINVAL,
-                    format!(
-                        "read of {} bytes exceeds the {}-byte frame limit",
-                        read.len, max_payload
-                    ),
-                ));
-            }
-            let drive = locate(stores, read.chunk)?;
-            Ok((
-                drive,
-                Op::Read {
-                    chunk: read.chunk,
-                    offset: read.offset,
-                    len: read.len,
-                    // The client checks the payload against ReadDone's CRC (W3).
-                    check: ReadCheck::Reader,
-                },
-            ))
+    let read = |chunk: ChunkId, offset: u64, len: u32, layout: LayoutRef| {
+        fences
+            .check(layout)
+            .map_err(|stale| (libc::ESTALE, stale.to_string()))?;
+        if len > max_payload {
+            return Err((
+                libc::EINVAL,
+                format!("read of {len} bytes exceeds the {max_payload}-byte frame limit"),
+            ));
         }
+        let drive = locate(stores, chunk)?;
+        Ok((
+            drive,
+            Op::Read {
+                chunk,
+                offset,
+                len,
+                // The client checks the bytes against ReadDone's CRC (W3).
+                check: ReadCheck::Reader,
+            },
+        ))
+    };
+    match message {
+        Message::Read(r) => read(r.chunk, r.offset, r.len, r.layout),
+        Message::LocalRead(r) => read(r.chunk, r.offset, r.len, r.layout),
         Message::Write(write) => {
             wire::check_payload(write.crc, payload)
                 .map_err(|error| (libc::EBADMSG, error.to_string()))?;
@@ -678,6 +841,94 @@ fn request(
             libc::EPROTO,
             format!("{:?} is not a request", other.opcode()),
         )),
+    }
+}
+
+/// What the local fast path made of a frame.
+enum LocalFrame {
+    /// Not one of its frames.
+    NotLocal,
+    /// A `LocalRead` within the client's allowance: served as a read.
+    Read,
+    /// Handled (attach answered, leases released).
+    Done,
+    /// Refused with this errno and text; `EPROTO` also ends the connection.
+    Refused(i32, String),
+}
+
+/// Handles the local fast path's frames that never reach a drive (`LocalAttach`, `Release`)
+/// and checks a `LocalRead` against the client's allowance.
+fn local_frame(
+    connection: &mut Connection,
+    pool: Option<&SharedPool>,
+    message: &Message,
+) -> LocalFrame {
+    let (held_max, held) = match (pool, connection.held.as_mut()) {
+        (Some(pool), Some(held)) => (pool.held_max, Some(held)),
+        _ => (0, None),
+    };
+    match message {
+        Message::LocalAttach => {
+            if !connection.stream.is_local() {
+                return LocalFrame::Refused(
+                    libc::EPROTO,
+                    "LocalAttach over TCP: the pool is shared over the node-local socket only"
+                        .into(),
+                );
+            }
+            let Some(pool) = pool else {
+                return LocalFrame::Refused(
+                    libc::EOPNOTSUPP,
+                    "this worker's buffer pool cannot be shared (anonymous memory)".into(),
+                );
+            };
+            if connection.held.is_some() {
+                return LocalFrame::Refused(libc::EPROTO, "LocalAttach sent twice".into());
+            }
+            let memfd = match pool.memfd.try_clone() {
+                Ok(fd) => fd,
+                Err(error) => {
+                    return LocalFrame::Refused(
+                        libc::EMFILE,
+                        format!("duplicating the pool fd: {error}"),
+                    );
+                }
+            };
+            connection.held = Some(Held::default());
+            let reply = Message::LocalPool(LocalPool {
+                len: pool.len,
+                held_max: pool.held_max,
+            });
+            // `request_id` 0: the attach is answered before any read on this connection.
+            queue_with(connection, 0, &reply, None, Some(memfd));
+            LocalFrame::Done
+        }
+        Message::LocalRead(_) => match held {
+            None => LocalFrame::Refused(
+                libc::EPROTO,
+                "LocalRead before LocalAttach: no shared pool on this connection".into(),
+            ),
+            Some(held) if held.count >= held_max as usize => LocalFrame::Refused(
+                libc::EBUSY,
+                format!("{held_max} buffers are held already: release some first"),
+            ),
+            Some(_) => LocalFrame::Read,
+        },
+        Message::Release(release) => {
+            let Some(held) = held else {
+                return LocalFrame::Refused(libc::EPROTO, "Release before LocalAttach".into());
+            };
+            for &id in &release.leases {
+                if !held.release(id) {
+                    return LocalFrame::Refused(
+                        libc::EPROTO,
+                        format!("Release of lease {id}, which this connection does not hold"),
+                    );
+                }
+            }
+            LocalFrame::Done
+        }
+        _ => LocalFrame::NotLocal,
     }
 }
 
@@ -761,6 +1012,17 @@ fn queue(
     message: &Message,
     payload: Option<BufferLease>,
 ) {
+    queue_with(connection, request_id, message, payload, None);
+}
+
+/// As [`queue`], with an fd to pass along with the reply's first byte.
+fn queue_with(
+    connection: &mut Connection,
+    request_id: u64,
+    message: &Message,
+    payload: Option<BufferLease>,
+    attach: Option<OwnedFd>,
+) {
     let mut head = connection.spare_heads.pop().unwrap_or_default();
     head.clear();
     match wire::encode(request_id, message, &mut head) {
@@ -769,6 +1031,7 @@ fn queue(
                 head,
                 payload,
                 sent: 0,
+                attach,
             });
             flush(connection);
         }
@@ -782,6 +1045,34 @@ const SPARE_HEADS: usize = 64;
 /// Sends what it can of the queued replies, several per system call.
 fn flush(connection: &mut Connection) {
     while !connection.output.is_empty() && !connection.broken {
+        if let Some(front) = connection.output.front_mut()
+            && let Some(fd) = front.attach.take()
+        {
+            // The fd rides on the reply's first bytes, sent on their own.
+            match connection.stream.send_with_fd(&front.head, fd.as_fd()) {
+                Ok(written) => {
+                    front.sent = written;
+                    if written == front.head.len() {
+                        connection.output.pop_front();
+                    }
+                    continue;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    front.attach = Some(fd);
+                    return;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {
+                    front.attach = Some(fd);
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(peer = %connection.peer, %error, "passing the pool to a local peer failed");
+                    connection.broken = true;
+                    connection.output.clear();
+                    return;
+                }
+            }
+        }
         // Up to 8 replies, each a header slice and a payload slice, in one writev.
         let mut slices = [IoSlice::new(&[]); 16];
         let mut count = 0;
@@ -882,7 +1173,61 @@ impl RequestSource for TcpSource {
             return; // The peer left; the lease goes back to the pool here.
         };
         connection.in_flight -= 1;
-        let (message, payload) = match completion.result {
+        let held = connection.held.as_mut().filter(|_| pending.local);
+        let (message, payload) = match (completion.result, held) {
+            (Ok(Output::Read { lease, crc }), Some(held)) => {
+                let done = LocalReadDone {
+                    len: lease.len() as u32,
+                    crc,
+                    offset: lease.pool_offset(),
+                    lease: 0,
+                };
+                let lease = held.insert(lease);
+                (
+                    Message::LocalReadDone(LocalReadDone { lease, ..done }),
+                    None,
+                )
+            }
+            (result, held) => {
+                if let (Err(_), Some(held)) = (&result, held) {
+                    held.count -= 1;
+                }
+                Self::reply_for(result, &self.node)
+            }
+        };
+        queue(connection, pending.request_id, &message, payload);
+    }
+
+    fn close(self: Box<Self>) {}
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+
+    fn share_buffers(&mut self, memfd: BorrowedFd<'_>, len: usize, buffers: usize) {
+        match memfd.try_clone_to_owned() {
+            Ok(memfd) => {
+                self.pool = Some(SharedPool {
+                    memfd,
+                    len: len as u64,
+                    // Half the pool: one local client can never starve the others.
+                    held_max: (buffers / 2).max(1) as u32,
+                })
+            }
+            Err(error) => {
+                tracing::warn!(%error, "no node-local sharing: duplicating the pool fd failed")
+            }
+        }
+    }
+}
+
+impl TcpSource {
+    /// The reply to a request that is not a local read.
+    fn reply_for(
+        result: Result<Output, crate::worker::RequestError>,
+        node: &str,
+    ) -> (Message, Option<BufferLease>) {
+        match result {
             Ok(Output::Read { lease, crc }) => (
                 Message::ReadDone(ReadDone {
                     len: lease.len() as u32,
@@ -895,17 +1240,10 @@ impl RequestSource for TcpSource {
             Err(error) => (
                 Message::Error(ErrorReply {
                     errno: error.errno(),
-                    message: format!("{}: {}", self.node, crate::error_chain(&error)),
+                    message: format!("{node}: {}", crate::error_chain(&error)),
                 }),
                 None,
             ),
-        };
-        queue(connection, pending.request_id, &message, payload);
-    }
-
-    fn close(self: Box<Self>) {}
-
-    fn wake_fd(&self) -> Option<RawFd> {
-        Some(self.epoll.as_raw_fd())
+        }
     }
 }

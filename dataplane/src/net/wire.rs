@@ -14,7 +14,9 @@ use crate::store::format::crc32c;
 
 pub const MAGIC: [u8; 4] = *b"T0NW";
 /// 2: `Read` and `RdmaRead` carry the layout they were planned from ([`LayoutRef`]).
-pub const VERSION: u16 = 2;
+/// 3: `Welcome` names the daemon's node-local socket; the local fast path's frames
+/// (`LocalAttach`, `LocalPool`, `LocalRead`, `LocalReadDone`, `Release`).
+pub const VERSION: u16 = 3;
 pub const HEADER_SIZE: usize = 32;
 /// Largest body: requests and replies are small; only chunk data is large, and it is payload.
 pub const MAX_BODY: u32 = 64 << 10;
@@ -36,6 +38,11 @@ pub enum Opcode {
     Error = 9,
     RdmaRead = 10,
     RdmaReadDone = 11,
+    LocalAttach = 12,
+    LocalPool = 13,
+    LocalRead = 14,
+    LocalReadDone = 15,
+    Release = 16,
 }
 
 impl Opcode {
@@ -52,6 +59,11 @@ impl Opcode {
             9 => Opcode::Error,
             10 => Opcode::RdmaRead,
             11 => Opcode::RdmaReadDone,
+            12 => Opcode::LocalAttach,
+            13 => Opcode::LocalPool,
+            14 => Opcode::LocalRead,
+            15 => Opcode::LocalReadDone,
+            16 => Opcode::Release,
             _ => return None,
         })
     }
@@ -100,6 +112,56 @@ pub struct Welcome {
     pub max_payload: u32,
     /// The daemon's queue pair when the client asked for RDMA and the daemon has a device.
     pub rdma: Option<RdmaEndpoint>,
+    /// Where a client on the daemon's own node reaches it without the network stack.
+    pub local: Option<LocalEndpoint>,
+}
+
+/// A daemon's node-local socket: a client whose kernel has the same `boot_id` is on the same
+/// node and may connect to `socket` for the shared-memory fast path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalEndpoint {
+    /// A Unix socket: `@name` in the abstract namespace, otherwise a filesystem path.
+    pub socket: String,
+    /// The daemon's `/proc/sys/kernel/random/boot_id`: one per running kernel.
+    pub boot_id: String,
+}
+
+/// Over the node-local socket: the daemon's answer to `LocalAttach`. The frame carries the
+/// worker's buffer pool as a sealed memfd (SCM_RIGHTS), which the client maps read-only:
+/// `LocalReadDone` then says where in it a read's bytes lie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalPool {
+    /// Bytes of the pool to map.
+    pub len: u64,
+    /// Buffers the client may hold (answered but not released) at once; a read past that
+    /// is refused (`EBUSY`).
+    pub held_max: u32,
+}
+
+/// Over the node-local socket: read `len` bytes at `offset` of a chunk into the daemon's
+/// shared pool, through layout `layout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalRead {
+    pub chunk: ChunkId,
+    pub offset: u64,
+    pub len: u32,
+    pub layout: LayoutRef,
+}
+
+/// The bytes of a `LocalRead` lie at `offset` of the shared pool, held for the client as
+/// `lease` until it sends `Release`; `crc` is their CRC32C.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalReadDone {
+    pub len: u32,
+    pub crc: u32,
+    pub offset: u64,
+    pub lease: u32,
+}
+
+/// The client has copied these leases' bytes out: the daemon may reuse the buffers. No reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub leases: Vec<u32>,
 }
 
 /// The layout a read was planned from: the file it belongs to and that layout's version.
@@ -193,6 +255,11 @@ pub enum Message {
     Error(ErrorReply),
     RdmaRead(RdmaRead),
     RdmaReadDone(RdmaReadDone),
+    LocalAttach,
+    LocalPool(LocalPool),
+    LocalRead(LocalRead),
+    LocalReadDone(LocalReadDone),
+    Release(Release),
 }
 
 impl Message {
@@ -209,6 +276,11 @@ impl Message {
             Message::Error(_) => Opcode::Error,
             Message::RdmaRead(_) => Opcode::RdmaRead,
             Message::RdmaReadDone(_) => Opcode::RdmaReadDone,
+            Message::LocalAttach => Opcode::LocalAttach,
+            Message::LocalPool(_) => Opcode::LocalPool,
+            Message::LocalRead(_) => Opcode::LocalRead,
+            Message::LocalReadDone(_) => Opcode::LocalReadDone,
+            Message::Release(_) => Opcode::Release,
         }
     }
 
@@ -418,7 +490,11 @@ fn encode_body(message: &Message, out: &mut impl std::io::Write) -> Result<usize
         Message::Error(message) => body(message, out),
         Message::RdmaRead(message) => body(message, out),
         Message::RdmaReadDone(message) => body(message, out),
-        Message::WriteDone | Message::DeleteDone => Ok(0),
+        Message::LocalPool(message) => body(message, out),
+        Message::LocalRead(message) => body(message, out),
+        Message::LocalReadDone(message) => body(message, out),
+        Message::Release(message) => body(message, out),
+        Message::WriteDone | Message::DeleteDone | Message::LocalAttach => Ok(0),
     }
 }
 
@@ -450,6 +526,14 @@ pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
         Opcode::Error => Message::Error(decode_exact(opcode, body)?),
         Opcode::RdmaRead => Message::RdmaRead(decode_exact(opcode, body)?),
         Opcode::RdmaReadDone => Message::RdmaReadDone(decode_exact(opcode, body)?),
+        Opcode::LocalAttach => {
+            decode_empty(opcode, body)?;
+            Message::LocalAttach
+        }
+        Opcode::LocalPool => Message::LocalPool(decode_exact(opcode, body)?),
+        Opcode::LocalRead => Message::LocalRead(decode_exact(opcode, body)?),
+        Opcode::LocalReadDone => Message::LocalReadDone(decode_exact(opcode, body)?),
+        Opcode::Release => Message::Release(decode_exact(opcode, body)?),
     };
     let body_payload = message.payload_len();
     if body_payload != header.payload_len {

@@ -9,7 +9,7 @@ mod doorbell;
 mod pool;
 
 use std::collections::VecDeque;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -180,6 +180,13 @@ pub trait RequestSource: Send {
         Ok(())
     }
 
+    /// Called once, after `register_buffers`, when the pool is a memfd that can be shared
+    /// with clients on this node (`len` bytes, `buffers` buffers): the node-local transport
+    /// keeps a duplicate of the fd to hand them.
+    fn share_buffers(&mut self, memfd: BorrowedFd<'_>, len: usize, buffers: usize) {
+        let _ = (memfd, len, buffers);
+    }
+
     /// The source finished and none of its requests is in flight.
     fn close(self: Box<Self>);
 }
@@ -342,6 +349,12 @@ pub(crate) struct Worker {
     metrics: Metrics,
 }
 
+/// Which step of setting a drive up failed.
+enum Failed {
+    Opening,
+    Registering,
+}
+
 impl Worker {
     /// Sets the worker up on its own thread (pinned first, so the memory it touches lands on
     /// its node): buffer pool, device handles, buffer registration.
@@ -356,24 +369,33 @@ impl Worker {
         if let Some(cpu) = config.cpu {
             pin_to_cpu(cpu);
         }
-        let pool = BufferPool::new(&config.buffers).map_err(|error| crate::error_chain(&error))?;
-        let regions = pool.regions();
-        let mut owned = Vec::with_capacity(drives.len());
-        for spec in drives {
-            let mut device = factory(spec).map_err(|error| crate::error_chain(&error))?;
-            let store = spec.store.clone();
-            // SAFETY: the pool lives in this worker as long as the device does, and is dropped
-            // after it (field order of Worker: drives before pool).
-            unsafe { device.register_buffers(&regions) }
-                .map_err(|error| crate::error_chain(&error))?;
-            owned.push(Drive { device, store });
-        }
+        let mut pool =
+            BufferPool::new(&config.buffers).map_err(|error| crate::error_chain(&error))?;
+        let owned = match Self::open_drives(drives, factory, &pool) {
+            Ok(owned) => owned,
+            // Older kernels refuse memfd-backed fixed buffers: keep the drives' fixed
+            // buffers and give up node-local sharing instead.
+            Err((Failed::Registering, error)) if pool.memfd().is_some() => {
+                tracing::info!(
+                    worker = config.id,
+                    error,
+                    "the drives refuse a shared buffer pool: anonymous memory, no node-local sharing"
+                );
+                pool = BufferPool::new_unshared(&config.buffers)
+                    .map_err(|error| crate::error_chain(&error))?;
+                Self::open_drives(drives, factory, &pool).map_err(|(_, error)| error)?
+            }
+            Err((_, error)) => return Err(error),
+        };
         let mut sources = sources;
         let (base, len) = pool.arena();
         for source in &mut sources {
             // SAFETY: the pool is a field of this worker and outlives its sources (they are
             // closed, and dropped, before the worker ends).
             unsafe { source.register_buffers(base, len) }?;
+            if let Some(memfd) = pool.memfd() {
+                source.share_buffers(memfd, len, pool.capacity());
+            }
         }
         let in_flight_max = config.in_flight_max.max(1);
         Ok(Worker {
@@ -402,6 +424,27 @@ impl Worker {
             retired: VecDeque::with_capacity(in_flight_max),
             config,
         })
+    }
+
+    /// Opens every drive's device and registers the pool's buffers with it.
+    fn open_drives(
+        drives: &[DriveSpec],
+        factory: &DeviceFactory,
+        pool: &BufferPool,
+    ) -> Result<Vec<Drive>, (Failed, String)> {
+        let regions = pool.regions();
+        let mut owned = Vec::with_capacity(drives.len());
+        for spec in drives {
+            let mut device =
+                factory(spec).map_err(|error| (Failed::Opening, crate::error_chain(&error)))?;
+            let store = spec.store.clone();
+            // SAFETY: the pool lives in this worker as long as the device does, and is dropped
+            // after it (field order of Worker: drives before pool).
+            unsafe { device.register_buffers(&regions) }
+                .map_err(|error| (Failed::Registering, crate::error_chain(&error)))?;
+            owned.push(Drive { device, store });
+        }
+        Ok(owned)
     }
 
     pub(crate) fn run(mut self) {

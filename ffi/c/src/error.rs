@@ -86,7 +86,7 @@ pub(crate) fn file_error(error: FileError) -> Error {
     use tier0_result::*;
     let code = match &error {
         FileError::Connect(ClientError::Connect { .. }) => TIER0_UNAVAILABLE,
-        FileError::Connect(_) => TIER0_INVALID_ARGUMENT,
+        FileError::Connect(_) | FileError::Transport(_) => TIER0_INVALID_ARGUMENT,
         FileError::Control { status, .. } => match status.code() {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => TIER0_INVALID_ARGUMENT,
             tonic::Code::NotFound => TIER0_NOT_FOUND,
