@@ -136,6 +136,29 @@ fn a_cluster_comes_up_takes_a_tree_gives_it_back_and_goes_down() {
         tree(&local),
         "the tree comes back byte for byte"
     );
+    // The daemons counted those reads and their heartbeats carried them to the control plane.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let heat: Value =
+            serde_json::from_str(&ok(&env, &["admin", "heat", "/in/a/b/big.bin", "--json"]))
+                .unwrap();
+        let chunks = heat["chunks"].as_array().unwrap();
+        if chunks
+            .iter()
+            .all(|chunk| chunk["reads"].as_f64().unwrap() > 0.9)
+        {
+            assert!(
+                heat["bytes"].as_f64().unwrap() > 0.99 * big.len() as f64,
+                "{heat}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no heat reported: {heat}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     // A single file into an existing directory keeps its name, both ways.
     ok(&env, &["mkdir", "/single"]);
     ok(

@@ -72,6 +72,18 @@ fn tier0(url: &str, args: &[&str]) -> Output {
         .expect("run tier0")
 }
 
+/// `admin health --json`, which exits 1 while the cluster is degraded (as it is while a
+/// leader hands over) but prints its report either way.
+fn health_report(url: &str) -> Value {
+    let output = tier0(url, &["admin", "health", "--json"]);
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "admin health printed no report ({error}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
 /// Runs a command that must succeed with `--json`, and parses what it printed.
 fn json(url: &str, args: &[&str]) -> Value {
     let mut all = args.to_vec();
@@ -202,6 +214,12 @@ async fn commands_round_trip_on_the_embedded_store_and_survive_sigkill() {
     assert_eq!(shown["file_id"], layout.file_id);
     let text = tier0(&url, &["admin", "layout", "/datasets/web/shard-0"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("chunk      1"));
+    // No daemon has served it: every chunk is cold.
+    let heat = json(&url, &["admin", "heat", "/datasets/web/shard-0"]);
+    assert_eq!(heat["chunks"].as_array().unwrap().len(), 2, "{heat}");
+    assert_eq!(heat["reads"], 0.0, "{heat}");
+    let text = tier0(&url, &["admin", "heat", "/datasets/web/shard-0"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("cold"));
 
     let tags = json(&url, &["tag", "/datasets/web", "owner=vision", "tier=hot"]);
     assert_eq!(tags["tags"]["owner"], "vision");
@@ -312,7 +330,7 @@ async fn with_etcd_killing_the_leader_hands_over_and_loses_nothing() {
     let wait_for_leader = |url: &str| {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let health = json(url, &["admin", "health"]);
+            let health = health_report(url);
             if !health["leader_id"].as_str().unwrap_or_default().is_empty() {
                 return health;
             }
@@ -332,7 +350,7 @@ async fn with_etcd_killing_the_leader_hands_over_and_loses_nothing() {
     dead.kill();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let health = json(&survivor.url, &["admin", "health"]);
+        let health = health_report(&survivor.url);
         if health["leader"] == true {
             assert_ne!(health["leader_id"], leader);
             break;

@@ -3,6 +3,7 @@
 //! path: clients open a file once, cache its layout and read from the data daemons.
 
 pub mod error;
+pub mod heat;
 pub mod membership;
 pub mod model;
 pub mod namespace;

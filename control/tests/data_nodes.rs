@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tier0_client::striped::{DaemonEndpoint, StripedChunk, StripedFile, StripedReader};
 use tier0_client::{DaemonConnection, ReadBuffer, StripedError, TransportChoice};
 use tier0_control::server::{ControlConfig, ControlServer, StoreChoice};
-use tier0_control_api::agent::{Agent, AgentConfig};
+use tier0_control_api::agent::{Agent, AgentConfig, HeatReport};
 use tier0_control_api::client::ControlClient;
 use tier0_control_api::proto;
 use tier0_dataplane::net::wire::LayoutRef;
@@ -60,6 +60,7 @@ impl Cluster {
         let mut agents = Vec::new();
         for index in 0..NODES {
             let fences = Arc::clone(daemons.fences(index).unwrap());
+            let heat = Arc::clone(daemons.heat(index).unwrap());
             agents.push(Some(
                 Agent::spawn(AgentConfig {
                     control: vec![url.clone()],
@@ -70,6 +71,7 @@ impl Cluster {
                     interval: Some(Duration::from_millis(100)),
                     fences: Box::new(move |pairs| fences.raise_all(pairs.iter().copied())),
                     free_bytes: Box::new(|| 0),
+                    heat: Box::new(move || HeatReport::from_map(&heat)),
                 })
                 .unwrap(),
             ));
@@ -678,4 +680,112 @@ async fn a_batch_reads_ranges_of_many_files_into_one_buffer() {
     })
     .await
     .unwrap();
+}
+
+/// Reads are counted on the daemons that serve them, reported with their heartbeats, and
+/// shown per chunk and per node by `Admin.Heat`; an unread file is cold; bad heat reports are
+/// refused with the field named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_make_heat_that_the_heartbeats_report() {
+    let mut cluster = Cluster::start().await;
+    let hot_data = pattern(3 * CHUNK as usize, 21);
+    let layout = cluster.write("/hot.bin", &hot_data).await;
+    cluster
+        .write("/cold.bin", &pattern(CHUNK as usize, 22))
+        .await;
+    for _ in 0..5 {
+        assert_eq!(cluster.read(&layout).await.unwrap(), hot_data);
+    }
+    let mut admin = cluster.client.admin.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let heat = loop {
+        let heat = admin
+            .heat(proto::HeatRequest {
+                path: "/hot.bin".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Five reads of each chunk, a little decayed (half-life 10 min).
+        if heat.chunks.iter().all(|chunk| chunk.reads > 4.9) {
+            break heat;
+        }
+        assert!(Instant::now() < deadline, "heat never reported: {heat:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (heat.path.as_str(), heat.file_id),
+        ("/hot.bin", layout.file_id)
+    );
+    assert_eq!(heat.chunks.len(), 3);
+    for (chunk, placed) in heat.chunks.iter().zip(&layout.chunks) {
+        assert!(chunk.reads <= 5.0, "{chunk:?}");
+        assert!(
+            (chunk.bytes - 5.0 * f64::from(placed.length)).abs() < 0.01 * chunk.bytes,
+            "{chunk:?}"
+        );
+        // Only replicas served it.
+        for node in &chunk.nodes {
+            assert!(
+                placed.replicas.contains(&node.node_id),
+                "{chunk:?} {placed:?}"
+            );
+        }
+    }
+    assert!((heat.reads - heat.chunks.iter().map(|c| c.reads).sum::<f64>()).abs() < 1e-9);
+    let cold = admin
+        .heat(proto::HeatRequest {
+            path: "/cold.bin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cold.chunks.len(), 1);
+    assert_eq!((cold.reads, cold.chunks[0].nodes.len()), (0.0, 0));
+    let missing = admin
+        .heat(proto::HeatRequest {
+            path: "/nothing".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+
+    // A heartbeat with a bad heat report is refused, naming the field.
+    let mut membership = cluster.client.cluster.clone();
+    let bad = membership
+        .heartbeat(proto::HeartbeatRequest {
+            node_id: node_id(0),
+            heat: vec![proto::ExtentHeat {
+                chunk: Some(proto::ChunkId {
+                    file: 1,
+                    index: 0,
+                    generation: 1,
+                }),
+                reads: f64::NAN,
+                bytes: 0.0,
+            }],
+            heat_half_life_ms: 600_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("heat[0]"), "{}", bad.message());
+    let no_half_life = membership
+        .heartbeat(proto::HeartbeatRequest {
+            node_id: node_id(0),
+            heat: vec![proto::ExtentHeat {
+                chunk: None,
+                reads: 1.0,
+                bytes: 1.0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        no_half_life.message().contains("heat_half_life_ms"),
+        "{}",
+        no_half_life.message()
+    );
 }

@@ -11,6 +11,7 @@ use tier0_topology::WorkerPlan;
 use crate::buffer::BufferPoolConfig;
 use crate::device::{BlockDevice, DeviceError, UringDevice, UringOptions, preallocate_file};
 use crate::fence::FenceTable;
+use crate::heat::{DEFAULT_HALF_LIFE, HeatMap};
 use crate::net::rdma::{RdmaService, device_names};
 use crate::net::tcp::{LocalSocket, TcpServer, TcpServerConfig};
 use crate::net::wire::LocalEndpoint;
@@ -105,6 +106,7 @@ pub struct DataDaemon {
     pool: Option<WorkerPool>,
     stores: Vec<Arc<ChunkStore>>,
     fences: Arc<FenceTable>,
+    heat: Arc<HeatMap>,
 }
 
 impl DataDaemon {
@@ -146,7 +148,9 @@ impl DataDaemon {
         let stores: Vec<Arc<ChunkStore>> = specs.iter().map(|spec| spec.store.clone()).collect();
         // Empty until the control plane raises fences (`fences()`): every read passes.
         let fences = FenceTable::new();
-        let rdma = rdma_service(config, plan, &stores, &fences, chunk_size)?;
+        // Every read any source accepts is counted here; the membership agent reports it.
+        let heat = HeatMap::new(DEFAULT_HALF_LIFE);
+        let rdma = rdma_service(config, plan, &stores, &fences, &heat, chunk_size)?;
         let rdma_devices = rdma.as_ref().map(RdmaService::devices).unwrap_or_default();
         let (server, sources) = TcpServer::bind(
             TcpServerConfig {
@@ -156,6 +160,7 @@ impl DataDaemon {
                 max_payload: chunk_size,
                 handshake_timeout: Duration::from_secs(5),
                 local_socket: config.local_socket.clone(),
+                heat: heat.clone(),
             },
             stores.clone(),
             fences.clone(),
@@ -206,6 +211,7 @@ impl DataDaemon {
             pool: Some(pool),
             stores,
             fences,
+            heat,
         })
     }
 
@@ -219,6 +225,11 @@ impl DataDaemon {
     /// The node-local socket, when the daemon has one.
     pub fn local_endpoint(&self) -> Option<&LocalEndpoint> {
         self.server.as_ref().and_then(TcpServer::local_endpoint)
+    }
+
+    /// Read heat per chunk, counted by every request source.
+    pub fn heat(&self) -> &Arc<HeatMap> {
+        &self.heat
     }
 
     pub fn stores(&self) -> &[Arc<ChunkStore>] {
@@ -259,6 +270,7 @@ fn rdma_service(
     plan: &WorkerPlan,
     stores: &[Arc<ChunkStore>],
     fences: &Arc<FenceTable>,
+    heat: &Arc<HeatMap>,
     max_payload: u32,
 ) -> Result<Option<RdmaService>, DaemonError> {
     // Workers in the pool's order: node by node, one per planned CPU.
@@ -297,6 +309,7 @@ fn rdma_service(
         &devices,
         stores.to_vec().into(),
         fences.clone(),
+        heat.clone(),
         &config.node,
         max_payload,
     );

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod decode_checks;
 pub mod device;
 pub mod fence;
+pub mod heat;
 pub mod net;
 pub mod store;
 pub mod worker;

@@ -61,6 +61,7 @@ impl Daemon {
                 max_payload: CHUNK,
                 handshake_timeout: Duration::from_secs(2),
                 local_socket,
+                heat: tier0_dataplane::heat::HeatMap::new(Duration::from_secs(600)),
             },
             vec![store.clone()],
             fences.clone(),

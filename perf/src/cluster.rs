@@ -151,6 +151,11 @@ impl LocalCluster {
         self.daemons[index].as_ref().map(DataDaemon::fences)
     }
 
+    /// Daemon `index`'s read heat, unless it was stopped.
+    pub fn heat(&self, index: usize) -> Option<&Arc<tier0_dataplane::heat::HeatMap>> {
+        self.daemons[index].as_ref().map(DataDaemon::heat)
+    }
+
     /// The store file of daemon `index` (for tests that damage it).
     pub fn store_path(&self, index: usize) -> PathBuf {
         self.dir.join(format!("node-{index}.store"))

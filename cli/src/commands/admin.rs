@@ -29,6 +29,13 @@ pub enum AdminCommand {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// How hot each chunk of a file is: decayed reads and bytes, per node that served it, as
+    /// the nodes' last heartbeats reported (half-life 10 min).
+    Heat {
+        path: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Run the leader's upkeep now: re-replicate chunks off down or draining nodes, then
     /// collect versions and chunks nothing needs (on the leader only).
     Upkeep {
@@ -98,6 +105,61 @@ pub fn layout_json(layout: &proto::Layout) -> serde_json::Value {
             "id": node.id, "address": node.address, "state": state_name(node.state),
         })).collect::<Vec<_>>(),
     })
+}
+
+pub fn heat_json(heat: &proto::HeatReply) -> serde_json::Value {
+    json!({
+        "path": heat.path,
+        "file_id": heat.file_id,
+        "version": heat.version,
+        "reads": heat.reads,
+        "bytes": heat.bytes,
+        "chunks": heat.chunks.iter().map(|chunk| {
+            let id = chunk.id.unwrap_or_default();
+            json!({
+                "index": chunk.index,
+                "id": { "file": id.file, "index": id.index, "generation": id.generation },
+                "reads": chunk.reads,
+                "bytes": chunk.bytes,
+                "nodes": chunk.nodes.iter().map(|node| json!({
+                    "node": node.node_id, "reads": node.reads, "bytes": node.bytes,
+                })).collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+/// A file's heat as text: the totals, then one line per chunk with its nodes' shares.
+fn print_heat(out: &mut impl Write, heat: &proto::HeatReply) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}  file {:x}  version {}  {:.1} reads, {:.1} MiB read (decayed, half-life 10 min)",
+        heat.path,
+        heat.file_id,
+        heat.version,
+        heat.reads,
+        heat.bytes / f64::from(1 << 20)
+    )?;
+    for chunk in &heat.chunks {
+        let nodes: Vec<String> = chunk
+            .nodes
+            .iter()
+            .map(|node| format!("{} {:.1}", node.node_id, node.reads))
+            .collect();
+        writeln!(
+            out,
+            "  chunk {:>6}  {:>10.1} reads  {:>10.1} MiB  {}",
+            chunk.index,
+            chunk.reads,
+            chunk.bytes / f64::from(1 << 20),
+            if nodes.is_empty() {
+                "cold".to_string()
+            } else {
+                nodes.join(", ")
+            }
+        )?;
+    }
+    Ok(())
 }
 
 /// The layout as text: one line per chunk, then the nodes it names.
@@ -239,6 +301,20 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     return print_json(&layout_json(&layout));
                 }
                 print_layout(&mut std::io::stdout().lock(), &layout)?;
+                Ok(())
+            }
+            AdminCommand::Heat { path, control } => {
+                let mut client = connect(&control).await?;
+                let heat = client
+                    .admin
+                    .heat(proto::HeatRequest { path: path.clone() })
+                    .await
+                    .map_err(|s| failed(&format!("admin heat {path}"), &client.url, s))?
+                    .into_inner();
+                if control.json {
+                    return print_json(&heat_json(&heat));
+                }
+                print_heat(&mut std::io::stdout().lock(), &heat)?;
                 Ok(())
             }
             AdminCommand::Upkeep { control } => {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tier0_control::model::LayoutSettings;
 use tier0_control::server::{ControlConfig, ControlServer, StoreChoice};
-use tier0_control_api::agent::{Agent, AgentConfig};
+use tier0_control_api::agent::{Agent, AgentConfig, HeatReport};
 use tier0_control_api::proto;
 use tier0_dataplane::daemon::{DataDaemon, DataDaemonConfig, DriveConfig, RdmaMode};
 use tier0_dataplane::net::tcp::LocalSocket;
@@ -342,6 +342,7 @@ fn spawn_agent(
         .map(|store| store.superblock().slot_count * u64::from(store.chunk_size()))
         .sum();
     let fences = Arc::clone(daemon.fences());
+    let heat = Arc::clone(daemon.heat());
     let topology = proto::TopologySummary {
         numa_nodes: machine.numa_nodes.len() as u32,
         cores: machine
@@ -374,6 +375,7 @@ fn spawn_agent(
                 .map(|store| store.free_slots() * u64::from(store.chunk_size()))
                 .sum()
         }),
+        heat: Box::new(move || HeatReport::from_map(&heat)),
     })
     .context("starting the membership agent")
 }

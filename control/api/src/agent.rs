@@ -20,6 +20,46 @@ use crate::proto;
 pub type FenceSink = Box<dyn Fn(&[(u64, u64)]) + Send>;
 /// Free bytes on the node's drives now.
 pub type FreeBytes = Box<dyn Fn() -> u64 + Send>;
+/// The node's hottest chunks now, for the next heartbeat.
+pub type HeatSource = Box<dyn Fn() -> HeatReport + Send>;
+
+/// What a heartbeat says about read heat: decayed counts and their half-life.
+#[derive(Clone, Debug, Default)]
+pub struct HeatReport {
+    pub half_life: Duration,
+    /// At most 4096 (the control plane refuses more).
+    pub chunks: Vec<proto::ExtentHeat>,
+}
+
+/// Chunks one heartbeat reports at most (the control plane refuses more).
+pub const MAX_HEAT_REPORT: usize = 4096;
+
+impl HeatReport {
+    /// For a node that counts no reads.
+    pub fn none() -> HeatReport {
+        HeatReport::default()
+    }
+
+    /// The hottest chunks of a data daemon's heat map, now.
+    pub fn from_map(heat: &tier0_dataplane::heat::HeatMap) -> HeatReport {
+        HeatReport {
+            half_life: heat.half_life(),
+            chunks: heat
+                .hottest(MAX_HEAT_REPORT)
+                .into_iter()
+                .map(|(chunk, heat)| proto::ExtentHeat {
+                    chunk: Some(proto::ChunkId {
+                        file: chunk.file,
+                        index: chunk.index,
+                        generation: chunk.generation,
+                    }),
+                    reads: heat.reads,
+                    bytes: heat.bytes,
+                })
+                .collect(),
+        }
+    }
+}
 
 pub struct AgentConfig {
     /// The control planes' URLs (`http://host:port` or `host:port`), tried in this order;
@@ -34,6 +74,7 @@ pub struct AgentConfig {
     pub interval: Option<Duration>,
     pub fences: FenceSink,
     pub free_bytes: FreeBytes,
+    pub heat: HeatSource,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -234,11 +275,14 @@ async fn run(config: AgentConfig, stop: &AtomicBool, registered: &AtomicBool) {
             .max(Duration::from_millis(10));
         let mut fence_revision = 0;
         loop {
+            let heat = (config.heat)();
             let mut request = tonic::Request::new(proto::HeartbeatRequest {
                 node_id: config.node_id.clone(),
                 free_bytes: (config.free_bytes)(),
                 has_free_bytes: true,
                 fence_revision,
+                heat: heat.chunks,
+                heat_half_life_ms: heat.half_life.as_millis() as u64,
             });
             request.set_timeout(heartbeat_timeout(lease));
             match client.cluster.heartbeat(request).await {

@@ -59,6 +59,85 @@ fn proto_chunk_id(id: ChunkId) -> proto::ChunkId {
     }
 }
 
+/// Most chunks one heartbeat may report heat for.
+pub const MAX_HEAT_REPORT: usize = 4096;
+
+/// A heartbeat's heat report: at most [`MAX_HEAT_REPORT`] chunks, each with finite,
+/// non-negative counts, and a half-life when there is anything to decay.
+pub fn heat_report(
+    heat: Vec<proto::ExtentHeat>,
+    half_life_ms: u64,
+) -> Result<(std::time::Duration, Vec<(ChunkId, crate::heat::Heat)>), Status> {
+    if heat.len() > MAX_HEAT_REPORT {
+        return Err(Status::invalid_argument(format!(
+            "heat: {} chunks, at most {MAX_HEAT_REPORT} per heartbeat",
+            heat.len()
+        )));
+    }
+    if !heat.is_empty() && half_life_ms == 0 {
+        return Err(Status::invalid_argument(
+            "heat_half_life_ms: 0 with heat to report",
+        ));
+    }
+    let chunks = heat
+        .into_iter()
+        .enumerate()
+        .map(|(index, extent)| {
+            let field = format!("heat[{index}]");
+            let good = |value: f64| value.is_finite() && value >= 0.0;
+            if !good(extent.reads) || !good(extent.bytes) {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: reads {} and bytes {} must be finite and not negative",
+                    extent.reads, extent.bytes
+                )));
+            }
+            let id = chunk_id(&format!("{field}.chunk"), extent.chunk)?;
+            Ok((
+                id,
+                crate::heat::Heat {
+                    reads: extent.reads,
+                    bytes: extent.bytes,
+                },
+            ))
+        })
+        .collect::<Result<_, Status>>()?;
+    Ok((std::time::Duration::from_millis(half_life_ms), chunks))
+}
+
+/// A file's heat, chunk by chunk, from each chunk's per-node heat.
+pub fn heat_reply(
+    layout: &Layout,
+    chunks: Vec<Vec<(String, crate::heat::Heat)>>,
+) -> proto::HeatReply {
+    let mut reply = proto::HeatReply {
+        path: layout.path.clone(),
+        file_id: layout.file_id,
+        version: layout.version,
+        ..Default::default()
+    };
+    for (chunk, nodes) in layout.chunks.iter().zip(chunks) {
+        let reads: f64 = nodes.iter().map(|(_, heat)| heat.reads).sum();
+        let bytes: f64 = nodes.iter().map(|(_, heat)| heat.bytes).sum();
+        reply.reads += reads;
+        reply.bytes += bytes;
+        reply.chunks.push(proto::ChunkHeat {
+            index: chunk.index,
+            id: Some(proto_chunk_id(chunk.id)),
+            reads,
+            bytes,
+            nodes: nodes
+                .into_iter()
+                .map(|(node_id, heat)| proto::NodeHeat {
+                    node_id,
+                    reads: heat.reads,
+                    bytes: heat.bytes,
+                })
+                .collect(),
+        });
+    }
+    reply
+}
+
 pub fn node_state(state: NodeState) -> proto::NodeState {
     match state {
         NodeState::Up => proto::NodeState::Up,

@@ -167,6 +167,8 @@ pub(crate) struct ControlState {
     pub upkeep_interval: Duration,
     pub control_id: String,
     pub leadership: Leadership,
+    /// The data nodes' latest read-heat reports (soft state, from their heartbeats).
+    pub heat: crate::heat::HeatTable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +259,7 @@ impl ControlServer {
                 .with_version_grace(config.version_grace),
             upkeep_lock: tokio::sync::Mutex::new(()),
             upkeep_interval: config.upkeep_interval,
+            heat: crate::heat::HeatTable::default(),
             control_id,
             leadership,
         });

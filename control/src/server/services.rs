@@ -438,12 +438,15 @@ impl proto::cluster_server::Cluster for Services {
     ) -> Reply<proto::HeartbeatReply> {
         let request = request.into_inner();
         let free = request.has_free_bytes.then_some(request.free_bytes);
+        let (half_life, heat) = convert::heat_report(request.heat, request.heat_half_life_ms)?;
         let reply = self
             .state
             .membership
             .heartbeat(&request.node_id, free, request.fence_revision)
             .await
             .map_err(status)?;
+        // Only a node the membership knows gets here: its report replaces its last one.
+        self.state.heat.report(&request.node_id, half_life, heat);
         Ok(Response::new(proto::HeartbeatReply {
             state: convert::node_state(reply.state) as i32,
             lease_ms: reply.lease.as_millis() as u64,
@@ -642,6 +645,23 @@ impl proto::admin_server::Admin for Services {
             replicas_deleted: report.replicas_deleted,
             problems: report.problems,
         }))
+    }
+
+    async fn heat(&self, request: Request<proto::HeatRequest>) -> Reply<proto::HeatReply> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        let layout = self
+            .state
+            .namespace
+            .open(&path, None)
+            .await
+            .map_err(status)?;
+        let chunks = layout
+            .chunks
+            .iter()
+            .map(|chunk| self.state.heat.chunk(chunk.id))
+            .collect();
+        Ok(Response::new(convert::heat_reply(&layout, chunks)))
     }
 
     async fn layout(&self, request: Request<proto::LayoutRequest>) -> Reply<proto::Layout> {

@@ -35,6 +35,7 @@ use super::wire::{
 };
 use crate::buffer::BufferLease;
 use crate::fence::FenceTable;
+use crate::heat::HeatMap;
 use crate::store::{ChunkId, ChunkStore};
 use crate::worker::{Completion, Op, Output, ReadCheck, RequestSource, SourceFactory};
 
@@ -52,6 +53,8 @@ pub struct TcpServerConfig {
     pub handshake_timeout: Duration,
     /// The node-local socket of the shared-memory fast path.
     pub local_socket: LocalSocket,
+    /// Where every read accepted is counted (the rebalancer's input).
+    pub heat: Arc<HeatMap>,
 }
 
 /// Whether and where a daemon listens for clients on its own node.
@@ -544,6 +547,7 @@ pub struct TcpSource {
     pending: Tags<Pending>,
     stores: Arc<[Arc<ChunkStore>]>,
     fences: Arc<FenceTable>,
+    heat: Arc<HeatMap>,
     node: String,
     max_payload: u32,
     events: Vec<libc::epoll_event>,
@@ -584,6 +588,7 @@ impl TcpSource {
             pending: Tags::default(),
             stores,
             fences,
+            heat: config.heat.clone(),
             node: config.node.clone(),
             max_payload: config.max_payload,
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 64],
@@ -730,6 +735,9 @@ impl TcpSource {
                 payload,
             ) {
                 Ok((drive, op)) => {
+                    if let Op::Read { chunk, len, .. } = &op {
+                        self.heat.record(*chunk, u64::from(*len));
+                    }
                     connection.in_flight += 1;
                     if local && let Some(held) = connection.held.as_mut() {
                         held.count += 1;

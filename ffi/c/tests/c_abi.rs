@@ -139,6 +139,7 @@ async fn start_cluster() -> Cluster {
                 interval: Some(Duration::from_millis(500)),
                 fences: Box::new(move |pairs| fences.raise_all(pairs.iter().copied())),
                 free_bytes: Box::new(|| 0),
+                heat: Box::new(tier0_control_api::agent::HeatReport::none),
             })
             .unwrap(),
         );

@@ -28,6 +28,7 @@ use super::verbs::{
 };
 use crate::buffer::BufferLease;
 use crate::fence::FenceTable;
+use crate::heat::HeatMap;
 use crate::net::tags::Tags;
 use crate::net::tcp::{EventFd, locate};
 use crate::net::wire::{
@@ -55,6 +56,7 @@ impl RdmaService {
         devices: &[Option<String>],
         stores: Arc<[Arc<ChunkStore>]>,
         fences: Arc<FenceTable>,
+        heat: Arc<HeatMap>,
         node: &str,
         max_payload: u32,
     ) -> RdmaService {
@@ -76,6 +78,7 @@ impl RdmaService {
                     device,
                     stores.clone(),
                     fences.clone(),
+                    heat.clone(),
                     node,
                     max_payload,
                     worker,
@@ -273,6 +276,7 @@ pub struct RdmaSource {
     ready: VecDeque<(u64, usize, Op)>,
     stores: Arc<[Arc<ChunkStore>]>,
     fences: Arc<FenceTable>,
+    heat: Arc<HeatMap>,
     node: String,
     max_payload: u32,
     wcs: Vec<WorkCompletion>,
@@ -293,6 +297,7 @@ impl RdmaSource {
         device: Arc<RdmaDevice>,
         stores: Arc<[Arc<ChunkStore>]>,
         fences: Arc<FenceTable>,
+        heat: Arc<HeatMap>,
         node: &str,
         max_payload: u32,
         worker: usize,
@@ -342,6 +347,7 @@ impl RdmaSource {
             ready: VecDeque::new(),
             stores,
             fences,
+            heat,
             node: node.to_string(),
             max_payload,
             wcs: Vec::with_capacity(256),
@@ -568,6 +574,9 @@ impl RdmaSource {
                 return;
             }
         };
+        if let Op::Read { chunk, len, .. } = &op {
+            self.heat.record(*chunk, u64::from(*len));
+        }
         live.in_flight += 1;
         let pending = Pending {
             slot,
