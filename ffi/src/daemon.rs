@@ -317,7 +317,13 @@ pub struct DaemonConnection {
     local_endpoint: Option<LocalEndpoint>,
     /// Over the node-local socket, once attached: the daemon worker's pool.
     pool: Option<SharedPool>,
+    /// The lease of the last batch's last read, released with the next batch's first write.
+    deferred_release: Vec<u32>,
 }
+
+/// Leases a finished batch may keep until the next one: an idle connection holds at most
+/// this many of the daemon's buffers.
+const DEFERRED_RELEASES: usize = 1;
 
 impl DaemonConnection {
     /// Connects and presents `token`; fails with the daemon's refusal (EACCES) if it is wrong.
@@ -521,6 +527,7 @@ impl DaemonConnection {
             broken: false,
             local_endpoint: None,
             pool: None,
+            deferred_release: Vec::new(),
         };
         let hello = Message::Hello(Hello {
             token: token.to_vec(),
@@ -584,7 +591,7 @@ impl DaemonConnection {
             Some(pool) => window.clamp(1, pool.held_max as usize),
             None => window.max(1),
         };
-        let mut releases: Vec<u32> = Vec::new();
+        let mut releases: Vec<u32> = std::mem::take(&mut self.deferred_release);
         let mut results: Vec<Option<Result<(), ClientError>>> =
             (0..reads.len()).map(|_| None).collect();
         let mut sent_at: Vec<Option<Instant>> = vec![None; reads.len()];
@@ -598,9 +605,17 @@ impl DaemonConnection {
             // first, so one write carries the requests several replies made room for.
             requests.clear();
             let reply_buffered = outstanding > 0 && self.stream.buffer().len() >= HEADER_SIZE;
-            // Buffers copied out go back first, so the daemon counts them free before the
-            // reads that follow in the same write.
-            if !releases.is_empty() && (!reply_buffered || outstanding == 0) {
+            // Buffers copied out go back with the next requests, first, so the daemon counts
+            // them free before the reads that follow in the same write (it never sees more
+            // than `window` held). At the end of the batch, one buffer waits for the next
+            // batch's first write (a read at a time costs one write, not two, and the daemon
+            // one wake-up); more go back now.
+            let sending = !reply_buffered && next < reads.len() && outstanding < window;
+            let finished = outstanding == 0 && next == reads.len();
+            if finished && releases.len() <= DEFERRED_RELEASES {
+                self.deferred_release = std::mem::take(&mut releases);
+            }
+            if !releases.is_empty() && (sending || finished) {
                 let release = Message::Release(Release {
                     leases: std::mem::take(&mut releases),
                 });

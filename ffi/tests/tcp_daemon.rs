@@ -739,3 +739,32 @@ fn bad_local_frames_get_clear_errors_and_the_allowance_holds() {
     drop((writer, tcp));
     daemon.stop();
 }
+
+#[test]
+fn a_worker_takes_a_quarter_of_its_pool_in_local_clients_and_the_rest_stay_on_tcp() {
+    let daemon = Daemon::start("crowd", 1);
+    let connect = |choice| {
+        tier0_client::transport::connect(daemon.addr(), TOKEN, "test", TIMEOUT, choice, None)
+    };
+    // 16 buffers: 4 attached connections at most.
+    let mut attached: Vec<_> = (0..4)
+        .map(|_| connect(TransportChoice::Local).unwrap())
+        .collect();
+    let refused = connect(TransportChoice::Local).unwrap_err();
+    assert_eq!(refused.errno(), libc::EBUSY, "{refused}");
+    assert_eq!(
+        connect(TransportChoice::Auto).unwrap().kind(),
+        TransportKind::Tcp
+    );
+    // One leaves: its place is free again.
+    drop(attached.pop());
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while connect(TransportChoice::Local).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    daemon.stop();
+}

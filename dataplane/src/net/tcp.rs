@@ -533,6 +533,10 @@ struct SharedPool {
     memfd: OwnedFd,
     len: u64,
     held_max: u32,
+    /// Connections attached at once at most: an idle one may keep one buffer (its last
+    /// read's, until its next request), so together they never pin more than a quarter of
+    /// the pool.
+    attached_max: usize,
 }
 
 /// The TCP connections one worker serves, as a [`RequestSource`].
@@ -687,6 +691,12 @@ impl TcpSource {
 
     /// Reads and parses one connection's frames into requests, at most `max`.
     fn serve(&mut self, slot: usize, max: usize, requests: &mut Vec<(u64, usize, Op)>) {
+        let mut attached = self
+            .connections
+            .iter()
+            .flatten()
+            .filter(|connection| connection.held.is_some())
+            .count();
         let Some(connection) = self.connections[slot].as_mut() else {
             return;
         };
@@ -711,7 +721,7 @@ impl TcpSource {
                 };
             let payload_start = parsed + len - header.payload_len as usize;
             parsed += len;
-            let local = match local_frame(connection, self.pool.as_ref(), &message) {
+            let local = match local_frame(connection, self.pool.as_ref(), &mut attached, &message) {
                 LocalFrame::Done => continue,
                 LocalFrame::Refused(errno, text) => {
                     let message = format!("{}: {text}", self.node);
@@ -869,6 +879,7 @@ enum LocalFrame {
 fn local_frame(
     connection: &mut Connection,
     pool: Option<&SharedPool>,
+    attached: &mut usize,
     message: &Message,
 ) -> LocalFrame {
     let (held_max, held) = match (pool, connection.held.as_mut()) {
@@ -893,6 +904,16 @@ fn local_frame(
             if connection.held.is_some() {
                 return LocalFrame::Refused(libc::EPROTO, "LocalAttach sent twice".into());
             }
+            if *attached >= pool.attached_max {
+                return LocalFrame::Refused(
+                    libc::EBUSY,
+                    format!(
+                        "{} local clients share this worker's pool already: use TCP",
+                        pool.attached_max
+                    ),
+                );
+            }
+            *attached += 1;
             let memfd = match pool.memfd.try_clone() {
                 Ok(fd) => fd,
                 Err(error) => {
@@ -1220,6 +1241,7 @@ impl RequestSource for TcpSource {
                     len: len as u64,
                     // Half the pool: one local client can never starve the others.
                     held_max: (buffers / 2).max(1) as u32,
+                    attached_max: (buffers / 4).max(1),
                 })
             }
             Err(error) => {
