@@ -343,7 +343,8 @@ impl Client {
         for &(offset, len, buffer_offset) in ranges {
             got.push(range_spans(layout, offset, len, buffer_offset, &mut spans));
         }
-        self.read_spans(spans, &[layout], pinned, buffer)
+        // SAFETY: `&mut` gives this call the whole buffer.
+        unsafe { self.read_spans(spans, &[layout], pinned, buffer) }
             .map(|_| got)
             .map_err(|source| FileError::Read {
                 path: layout.path.clone(),
@@ -404,15 +405,12 @@ impl Client {
                 layout: None,
             })
             .collect();
-        self.read_spans(
-            spans,
-            &[layout],
-            LayoutRef {
-                file: layout.file_id,
-                version: layout.layout_version,
-            },
-            buffer,
-        )
+        let pinned = LayoutRef {
+            file: layout.file_id,
+            version: layout.layout_version,
+        };
+        // SAFETY: `&mut` gives this call the whole buffer.
+        unsafe { self.read_spans(spans, &[layout], pinned, buffer) }
     }
 
     /// Reads many ranges of many files into one buffer in one striped pass: each read is
@@ -423,6 +421,22 @@ impl Client {
         &self,
         reads: &[BatchRead],
         buffer: &mut ReadBuffer,
+    ) -> Result<Vec<u64>, FileError> {
+        // SAFETY: `&mut` gives this call the whole buffer.
+        unsafe { self.read_batch_shared(reads, buffer) }
+    }
+
+    /// As [`read_batch`](Self::read_batch), into a buffer others may use meanwhile: only
+    /// the reads' ranges are written, and no reference to any other byte is made (the C
+    /// ABI's rings, whose application keeps using the rest of its buffer).
+    ///
+    /// # Safety
+    /// Until this returns, nothing else reads or writes the reads' ranges of `buffer`
+    /// (`buffer_offset .. buffer_offset + len` of each).
+    pub unsafe fn read_batch_shared(
+        &self,
+        reads: &[BatchRead],
+        buffer: &ReadBuffer,
     ) -> Result<Vec<u64>, FileError> {
         let mut attempt = 0;
         loop {
@@ -445,7 +459,8 @@ impl Client {
                 ));
             }
             let planned: Vec<&FileLayout> = layouts.values().map(|layout| &**layout).collect();
-            match self.read_spans(spans, &planned, LayoutRef::default(), buffer) {
+            // SAFETY: the spans lie inside the reads' ranges, which are the caller's to give.
+            match unsafe { self.read_spans(spans, &planned, LayoutRef::default(), buffer) } {
                 Ok(_) => return Ok(got),
                 Err(StripedError::StaleLayout { file, .. }) if attempt < STALE_RETRIES => {
                     attempt += 1;
@@ -474,12 +489,16 @@ impl Client {
     /// Reads `spans` through the striped reader over every daemon this client knows.
     /// `layouts` are those the spans were planned from: they name each daemon's failure
     /// domain, looked at only when a daemon is new to this client.
-    fn read_spans(
+    ///
+    /// # Safety
+    /// Until this returns, nothing else reads or writes the bytes of `buffer` the spans land
+    /// in.
+    unsafe fn read_spans(
         &self,
         spans: Vec<Span<'_>>,
         layouts: &[&FileLayout],
         layout: LayoutRef,
-        buffer: &mut ReadBuffer,
+        buffer: &ReadBuffer,
     ) -> Result<ReadReport, StripedError> {
         let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
         let known = readers.addresses.len();
@@ -531,7 +550,8 @@ impl Client {
             layout,
         };
         let reader = readers.reader.as_mut().expect("made above");
-        reader.read(&file, buffer)
+        // SAFETY: the spans' ranges are the caller's to give (this function's contract).
+        unsafe { reader.read_shared(&file, buffer) }
     }
 }
 

@@ -221,6 +221,22 @@ impl StripedReader {
         file: &StripedFile,
         buffer: &mut ReadBuffer,
     ) -> Result<ReadReport, StripedError> {
+        // SAFETY: `&mut` gives this call the whole buffer.
+        unsafe { self.read_shared(file, buffer) }
+    }
+
+    /// As [`read`](Self::read), into a buffer others may use meanwhile: only the chunks'
+    /// ranges are written, and no reference to any other byte of the buffer is made. (The
+    /// C ABI's rings: the application keeps using the rest of its buffer during a batch.)
+    ///
+    /// # Safety
+    /// Until this returns, nothing else reads or writes the bytes of `buffer` the chunks'
+    /// ranges cover (`file_offset .. file_offset + len` of each).
+    pub unsafe fn read_shared(
+        &mut self,
+        file: &StripedFile,
+        buffer: &ReadBuffer,
+    ) -> Result<ReadReport, StripedError> {
         self.check(file, buffer)?;
         if let Some(rdma) = &self.rdma
             && self.choice != TransportChoice::Tcp
@@ -266,7 +282,10 @@ impl StripedReader {
             }
             first_round = false;
             // Carve the buffer into each chunk's destination, then hand each daemon its own.
-            let mut dests: Vec<Option<&mut [u8]>> = carve(buffer, chunks);
+            // SAFETY: the ranges lie inside the buffer and are disjoint (`check`), and are this
+            // call's alone (our caller's contract); the slices die with the round.
+            let mut dests: Vec<Option<&mut [u8]>> =
+                unsafe { carve(buffer.allocation().base(), chunks) };
             let mut work: Vec<Share<'_>> = Vec::new();
             for (daemon_index, daemon) in self.daemons.iter_mut().enumerate() {
                 let assigned = std::mem::take(&mut plan[daemon_index]);
@@ -406,23 +425,26 @@ impl StripedReader {
     }
 }
 
-/// Each chunk's destination slice in the buffer (disjoint: checked before).
-fn carve<'a>(buffer: &'a mut ReadBuffer, chunks: &[StripedChunk]) -> Vec<Option<&'a mut [u8]>> {
-    let mut order: Vec<usize> = (0..chunks.len()).collect();
-    order.sort_by_key(|&index| chunks[index].file_offset);
-    let mut dests: Vec<Option<&mut [u8]>> = (0..chunks.len()).map(|_| None).collect();
-    let mut rest: &mut [u8] = &mut buffer[..];
-    let mut position = 0u64;
-    for index in order {
-        let chunk = &chunks[index];
-        let skip = (chunk.file_offset - position) as usize;
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
-        let (dest, tail) = tail.split_at_mut(chunk.len as usize);
-        dests[index] = Some(dest);
-        rest = tail;
-        position = chunk.file_offset + u64::from(chunk.len);
-    }
-    dests
+/// Each chunk's destination slice in the buffer at `base`: its range alone, so no
+/// reference covers a byte outside the chunks.
+///
+/// # Safety
+/// The chunks' ranges lie inside the mapping at `base` and are disjoint, and nothing else
+/// touches them for `'a`.
+unsafe fn carve<'a>(base: *mut u8, chunks: &[StripedChunk]) -> Vec<Option<&'a mut [u8]>> {
+    chunks
+        .iter()
+        .map(|chunk| {
+            // SAFETY: this range is inside the mapping and no other slice or party covers it
+            // (the function's contract).
+            Some(unsafe {
+                std::slice::from_raw_parts_mut(
+                    base.add(chunk.file_offset as usize),
+                    chunk.len as usize,
+                )
+            })
+        })
+        .collect()
 }
 
 /// One daemon's part of a round: the chunks it reads and where they go.

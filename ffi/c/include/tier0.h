@@ -354,10 +354,8 @@ enum tier0_result tier0_ring_prep_read(const struct tier0_ring *ring,
 // The buffer rule: from this call until a read's completion is reaped, the application
 // must neither read nor write that read's buffer range (its bytes land there in any order,
 // and a failed read may leave part of them). Bytes of the buffer outside the ranges in
-// flight stay the application's to read and write meanwhile. Known limit: the library
-// hands the striped reader the whole buffer as one Rust `&mut [u8]` and writes only the
-// batch's ranges, so no byte is raced, but touching other bytes during a batch is formally
-// outside Rust's aliasing rules (ARCHITECTURE.md decision 48).
+// flight stay the application's to read and write meanwhile: the library makes no
+// reference to them.
 //
 // # Safety
 // `ring` is a live ring handle.

@@ -11,10 +11,8 @@
 //! The buffer is shared with the application: while a batch is in flight the ring's thread
 //! writes the ranges of its reads, and the application must neither read nor write those
 //! ranges until their completions are reaped. Bytes outside them stay the application's to
-//! use. (Known limit of the Rust side: the striped reader is handed the whole buffer as one
-//! `&mut [u8]` and writes only the ranges of the batch; the application touching other bytes
-//! meanwhile is a data race on no byte, but formally aliases that slice. See
-//! ARCHITECTURE.md decision 48.)
+//! use: the striped reader is handed exactly the batch's ranges (`read_batch_shared`), never
+//! a reference to the whole buffer.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::c_char;
@@ -246,8 +244,11 @@ fn read_batch(client: &Client, buffer: &SharedBuffer, batch: Vec<Prepared>) -> V
         }
     }
     if !reads.is_empty() {
-        let mut memory = buffer.buffer.lock().unwrap_or_else(|e| e.into_inner());
-        let outcome = client.read_batch(&reads, &mut memory);
+        let memory = buffer.buffer.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the reads' ranges are the library's from submit until reaped (the C
+        // contract of tier0_ring_submit), disjoint within the batch (checked at prep), and
+        // only they are written: the application may use the rest of the buffer meanwhile.
+        let outcome = unsafe { client.read_batch_shared(&reads, &memory) };
         drop(memory);
         match outcome {
             Ok(got) => {
@@ -357,10 +358,8 @@ pub unsafe extern "C" fn tier0_ring_prep_read(
 /// The buffer rule: from this call until a read's completion is reaped, the application
 /// must neither read nor write that read's buffer range (its bytes land there in any order,
 /// and a failed read may leave part of them). Bytes of the buffer outside the ranges in
-/// flight stay the application's to read and write meanwhile. Known limit: the library
-/// hands the striped reader the whole buffer as one Rust `&mut [u8]` and writes only the
-/// batch's ranges, so no byte is raced, but touching other bytes during a batch is formally
-/// outside Rust's aliasing rules (ARCHITECTURE.md decision 48).
+/// flight stay the application's to read and write meanwhile: the library makes no
+/// reference to them.
 ///
 /// # Safety
 /// `ring` is a live ring handle.
