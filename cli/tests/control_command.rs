@@ -220,6 +220,19 @@ async fn commands_round_trip_on_the_embedded_store_and_survive_sigkill() {
     assert_eq!(heat["reads"], 0.0, "{heat}");
     let text = tier0(&url, &["admin", "heat", "/datasets/web/shard-0"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("cold"));
+    // No scheduler has reported: no GPUs, no jobs, and every home costs the same.
+    let gpus = json(&url, &["admin", "gpus"]);
+    assert_eq!(gpus["jobs"], serde_json::json!([]), "{gpus}");
+    let explained = json(&url, &["admin", "explain", "/datasets/web/shard-0"]);
+    assert_eq!(explained["readers"], serde_json::json!([]), "{explained}");
+    assert!(
+        explained["homes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|home| home["cost"] == 0),
+        "{explained}"
+    );
 
     let tags = json(&url, &["tag", "/datasets/web", "owner=vision", "tier=hot"]);
     assert_eq!(tags["tags"]["owner"], "vision");

@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "../proto/tier0/control/v1/cluster.proto",
         "../proto/tier0/control/v1/snapshot.proto",
         "../proto/tier0/control/v1/admin.proto",
+        "../proto/tier0/control/v1/orchestration.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tier0_control_descriptor.bin"))

@@ -7,6 +7,7 @@ pub mod heat;
 pub mod membership;
 pub mod model;
 pub mod namespace;
+pub mod orchestration;
 pub mod path;
 pub mod placement;
 pub mod server;

@@ -244,6 +244,29 @@ pub struct TopologySummary {
     /// Replicas of a chunk go to distinct failure domains when there are enough (a rack, a
     /// power feed); empty means the node is its own.
     pub failure_domain: String,
+    /// How directly each GPU is fed (nearest drive and NIC), for placement.
+    #[serde(default)]
+    pub gpu_feeds: Vec<GpuFeed>,
+    /// Route cost from the nearest drive to the nearest NIC ([`NO_ROUTE`] without one).
+    #[serde(default = "no_route")]
+    pub drive_nic_cost: u32,
+}
+
+/// The route cost of a device a node does not have: beyond any real one.
+pub const NO_ROUTE: u32 = 6;
+
+fn no_route() -> u32 {
+    NO_ROUTE
+}
+
+/// One GPU of a node and its route costs (`Locality::cost`: 0 same device … 5 across
+/// packages, [`NO_ROUTE`] none) to the nearest drive and NIC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuFeed {
+    pub index: u32,
+    pub numa_node: Option<u32>,
+    pub drive_cost: u32,
+    pub nic_cost: u32,
 }
 
 /// `node/<id>`.

@@ -817,7 +817,13 @@ async fn reflection_lists_the_services() {
         panic!("unexpected reflection reply {reply:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for service in ["Namespace", "Cluster", "Snapshots", "Admin"] {
+    for service in [
+        "Namespace",
+        "Cluster",
+        "Snapshots",
+        "Admin",
+        "Orchestration",
+    ] {
         let full = format!("tier0.control.v1.{service}");
         assert!(names.contains(&full), "{full} missing from {names:?}");
     }
@@ -1108,4 +1114,173 @@ async fn a_watch_that_loses_its_store_says_so() {
     let status = ended.expect_err("an error, not a quiet end");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("watch again"), "{status:?}");
+}
+
+/// Schedulers report GPUs and declare jobs; `Explain` ranks the up nodes as homes of a
+/// file for the idle GPUs that will read it, from the feeds the nodes registered; bad
+/// reports are refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_ranks_homes_by_the_gpus_that_will_read() {
+    let mut h = Harness::start(Store::Redb).await;
+    // g1's two GPUs sit under its drive's PCIe switch (cost 1), g2's across the host bridge
+    // (2); s1 has no GPUs, its drive and NIC on one host bridge (2).
+    let feeds = |drive_cost| {
+        (0..2)
+            .map(|index| proto::GpuFeed {
+                index,
+                numa_node: 0,
+                has_numa_node: true,
+                drive_cost,
+                nic_cost: 1,
+            })
+            .collect::<Vec<_>>()
+    };
+    for (id, gpu_feeds) in [("g1", feeds(1)), ("g2", feeds(2)), ("s1", Vec::new())] {
+        h.client
+            .cluster
+            .register(proto::RegisterRequest {
+                node_id: id.into(),
+                address: format!("127.0.0.1:{}", 7500 + id.len()),
+                topology: Some(proto::TopologySummary {
+                    gpus: gpu_feeds.len() as u32,
+                    gpu_feeds,
+                    drive_nic_cost: 2,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+    h.write("/datasets/web/shard-0", 3 << 20).await;
+    let mut orchestration = h.client.orchestration.clone();
+    let explain = |orchestration: &mut tier0_control::client::ControlClient| {
+        let mut client = orchestration.orchestration.clone();
+        async move {
+            client
+                .explain(proto::ExplainRequest {
+                    path: "/datasets/web/shard-0".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    // Nobody will read it: every up node costs nothing.
+    let cold = explain(&mut h.client).await;
+    assert!(cold.readers.is_empty() && cold.jobs.is_empty());
+    assert_eq!(cold.homes.len(), 3);
+    assert!(cold.homes.iter().all(|home| home.cost == 0));
+    assert!(!cold.current_nodes.is_empty());
+
+    // A job will read the dataset on g2's GPUs; g2/1 is busy with another job.
+    orchestration
+        .report_gpus(proto::ReportGpusRequest {
+            node_id: "g2".into(),
+            gpus: vec![
+                proto::GpuStatus {
+                    index: 0,
+                    busy: false,
+                    job: String::new(),
+                },
+                proto::GpuStatus {
+                    index: 1,
+                    busy: true,
+                    job: "other".into(),
+                },
+            ],
+        })
+        .await
+        .unwrap();
+    orchestration
+        .declare_job(proto::DeclareJobRequest {
+            job: "train".into(),
+            paths: vec!["/datasets/web".into()],
+            gpus: vec![
+                proto::GpuRef {
+                    node_id: "g2".into(),
+                    index: 0,
+                },
+                proto::GpuRef {
+                    node_id: "g2".into(),
+                    index: 1,
+                },
+            ],
+        })
+        .await
+        .unwrap();
+    let hot = explain(&mut h.client).await;
+    assert_eq!(hot.jobs, vec!["train".to_string()]);
+    assert_eq!(hot.readers.len(), 1, "{hot:?}");
+    assert_eq!(
+        (hot.readers[0].node_id.as_str(), hot.readers[0].index),
+        ("g2", 0)
+    );
+    let ranked: Vec<(&str, u64, u32)> = hot
+        .homes
+        .iter()
+        .map(|home| (home.node_id.as_str(), home.cost, home.local_gpus))
+        .collect();
+    // g2 itself (its drive across the host bridge: 2), then the remote homes: drive-NIC 2 +
+    // network 6 + the GPU's NIC 1.
+    assert_eq!(ranked, vec![("g2", 2, 1), ("g1", 9, 0), ("s1", 9, 0)]);
+    let listed = orchestration
+        .gpus(proto::GpusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((listed.nodes.len(), listed.jobs.len()), (1, 1));
+    assert_eq!(listed.jobs[0].paths, vec!["/datasets/web".to_string()]);
+
+    // Bad input: named fields, nothing recorded.
+    let twice = orchestration
+        .report_gpus(proto::ReportGpusRequest {
+            node_id: "g1".into(),
+            gpus: vec![proto::GpuStatus::default(), proto::GpuStatus::default()],
+        })
+        .await;
+    assert_code(twice, Code::InvalidArgument, "gpus[1]");
+    let bad_job = orchestration
+        .declare_job(proto::DeclareJobRequest {
+            job: "no spaces".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_code(bad_job, Code::InvalidArgument, "job");
+    let bad_path = orchestration
+        .declare_job(proto::DeclareJobRequest {
+            job: "eval".into(),
+            paths: vec!["relative/path".into()],
+            ..Default::default()
+        })
+        .await;
+    assert_code(bad_path, Code::InvalidArgument, "paths[0]");
+    let bad_node = orchestration
+        .declare_job(proto::DeclareJobRequest {
+            job: "eval".into(),
+            paths: vec!["/datasets".into()],
+            gpus: vec![proto::GpuRef {
+                node_id: "bad node".into(),
+                index: 0,
+            }],
+        })
+        .await;
+    assert_code(bad_node, Code::InvalidArgument, "gpus[0]");
+    let missing = h
+        .client
+        .orchestration
+        .explain(proto::ExplainRequest {
+            path: "/nothing".into(),
+        })
+        .await;
+    assert_code(missing, Code::NotFound, "");
+    let listed = orchestration
+        .gpus(proto::GpusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (listed.nodes.len(), listed.jobs.len()),
+        (1, 1),
+        "bad input recorded"
+    );
 }

@@ -15,6 +15,7 @@
 mod discover;
 mod distance;
 mod error;
+mod feeds;
 mod machine;
 mod pci;
 mod plan;
@@ -23,6 +24,7 @@ mod report;
 pub use discover::{discover_live, load_xml_file, load_xml_str};
 pub use distance::{Distance, Locality, rank_by_distance};
 pub use error::TopologyError;
+pub use feeds::{GpuFeed, MachineFeeds, feeds};
 pub use machine::{
     BlockDevice, BlockDeviceKind, Core, Gpu, Located, Machine, NetworkDevice, NumaNode, Placement,
     RdmaDevice,

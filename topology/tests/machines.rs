@@ -369,3 +369,66 @@ fn bad_files_are_clear_errors() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Each GPU's nearest drive and NIC, by the distance model: what placement scores nodes by.
+#[test]
+fn each_gpu_knows_how_near_its_drive_and_nic_are() {
+    let feed = |locality| Some(Locality::cost(locality));
+    // Four GPUs over two nodes, an HCA on node 1 and a disk on node 0: GPU 0 shares a host
+    // bridge with the disk and reaches the HCA across the socket link; GPUs 2 and 3 sit
+    // under the HCA's PCIe switch.
+    let feeds = tier0_topology::feeds(&load(GPU_AND_HCA));
+    let costs: Vec<(Option<u32>, Option<u32>)> = feeds
+        .gpus
+        .iter()
+        .map(|gpu| {
+            (
+                gpu.drive.map(|d| d.locality.cost()),
+                gpu.nic.map(|d| d.locality.cost()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        costs,
+        vec![
+            (feed(Locality::HostBridge), feed(Locality::System)),
+            (feed(Locality::System), feed(Locality::HostBridge)),
+            (feed(Locality::System), feed(Locality::PcieSwitch)),
+            (feed(Locality::System), feed(Locality::PcieSwitch)),
+        ]
+    );
+    assert_eq!(
+        feeds
+            .gpus
+            .iter()
+            .map(|gpu| gpu.numa_node)
+            .collect::<Vec<_>>(),
+        vec![Some(0), Some(1), Some(1), Some(1)]
+    );
+    assert_eq!(feeds.drive_to_nic.unwrap().locality, Locality::System);
+    // One host bridge for the disk, the ConnectX-3 and GPU 0.
+    let feeds = tier0_topology::feeds(&load(CONNECTX3));
+    assert_eq!(feeds.gpus[0].drive.unwrap().locality, Locality::HostBridge);
+    assert_eq!(feeds.gpus[0].nic.unwrap().locality, Locality::HostBridge);
+    assert_eq!(feeds.drive_to_nic.unwrap().locality, Locality::HostBridge);
+    // The DGX-2 export lists no drives or NICs: its GPUs have no feeds to score by.
+    let feeds = tier0_topology::feeds(&load(DGX2));
+    assert_eq!(feeds.gpus.len(), 16);
+    assert!(
+        feeds
+            .gpus
+            .iter()
+            .all(|gpu| gpu.drive.is_none() && gpu.nic.is_none())
+    );
+    assert_eq!(feeds.drive_to_nic, None);
+    // The cost order is the locality order.
+    let all = [
+        Locality::SameDevice,
+        Locality::PcieSwitch,
+        Locality::HostBridge,
+        Locality::NumaNode,
+        Locality::Package,
+        Locality::System,
+    ];
+    assert!(all.windows(2).all(|pair| pair[0].cost() < pair[1].cost()));
+}

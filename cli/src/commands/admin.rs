@@ -36,6 +36,19 @@ pub enum AdminCommand {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// GPUs as schedulers reported them (idle or busy, and with which job), and the jobs
+    /// declared with the paths they will read.
+    Gpus {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Where a file's data would best live for the idle GPUs that will read it: up nodes
+    /// ranked by route cost from the topology distance model, next to where it is now.
+    Explain {
+        path: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Run the leader's upkeep now: re-replicate chunks off down or draining nodes, then
     /// collect versions and chunks nothing needs (on the leader only).
     Upkeep {
@@ -315,6 +328,114 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     return print_json(&heat_json(&heat));
                 }
                 print_heat(&mut std::io::stdout().lock(), &heat)?;
+                Ok(())
+            }
+            AdminCommand::Gpus { control } => {
+                let mut client = connect(&control).await?;
+                let gpus = client
+                    .orchestration
+                    .gpus(proto::GpusRequest {})
+                    .await
+                    .map_err(|s| failed("admin gpus", &client.url, s))?
+                    .into_inner();
+                let gpu = |g: &proto::GpuRef| format!("{}/{}", g.node_id, g.index);
+                if control.json {
+                    return print_json(&json!({
+                        "nodes": gpus.nodes.iter().map(|node| json!({
+                            "node": node.node_id,
+                            "reported_ms": node.reported_ms,
+                            "gpus": node.gpus.iter().map(|g| json!({
+                                "index": g.index, "busy": g.busy, "job": g.job,
+                            })).collect::<Vec<_>>(),
+                        })).collect::<Vec<_>>(),
+                        "jobs": gpus.jobs.iter().map(|job| json!({
+                            "job": job.job,
+                            "paths": job.paths,
+                            "gpus": job.gpus.iter().map(gpu).collect::<Vec<_>>(),
+                        })).collect::<Vec<_>>(),
+                    }));
+                }
+                let mut out = std::io::stdout().lock();
+                for node in &gpus.nodes {
+                    let states: Vec<String> = node
+                        .gpus
+                        .iter()
+                        .map(|g| match (g.busy, g.job.is_empty()) {
+                            (false, _) => format!("{} idle", g.index),
+                            (true, true) => format!("{} busy", g.index),
+                            (true, false) => format!("{} busy ({})", g.index, g.job),
+                        })
+                        .collect();
+                    writeln!(out, "node {:<16} {}", node.node_id, states.join(", "))?;
+                }
+                for job in &gpus.jobs {
+                    let on: Vec<String> = job.gpus.iter().map(gpu).collect();
+                    writeln!(
+                        out,
+                        "job  {:<16} reads {} on {}",
+                        job.job,
+                        job.paths.join(", "),
+                        on.join(", ")
+                    )?;
+                }
+                Ok(())
+            }
+            AdminCommand::Explain { path, control } => {
+                let mut client = connect(&control).await?;
+                let explained = client
+                    .orchestration
+                    .explain(proto::ExplainRequest { path: path.clone() })
+                    .await
+                    .map_err(|s| failed(&format!("admin explain {path}"), &client.url, s))?
+                    .into_inner();
+                let readers: Vec<String> = explained
+                    .readers
+                    .iter()
+                    .map(|g| format!("{}/{}", g.node_id, g.index))
+                    .collect();
+                if control.json {
+                    return print_json(&json!({
+                        "path": explained.path,
+                        "file_id": explained.file_id,
+                        "jobs": explained.jobs,
+                        "readers": readers,
+                        "current_nodes": explained.current_nodes,
+                        "homes": explained.homes.iter().map(|home| json!({
+                            "node": home.node_id,
+                            "cost": home.cost,
+                            "local_gpus": home.local_gpus,
+                            "holds_file": home.holds_file,
+                        })).collect::<Vec<_>>(),
+                    }));
+                }
+                let mut out = std::io::stdout().lock();
+                writeln!(
+                    out,
+                    "{}  file {:x}  now on {}",
+                    explained.path,
+                    explained.file_id,
+                    explained.current_nodes.join(", ")
+                )?;
+                if readers.is_empty() {
+                    writeln!(out, "  no job declared to read it: every home costs the same")?;
+                } else {
+                    writeln!(
+                        out,
+                        "  read by {} on {}",
+                        explained.jobs.join(", "),
+                        readers.join(", ")
+                    )?;
+                }
+                for home in &explained.homes {
+                    writeln!(
+                        out,
+                        "  home {:<16} cost {:>6}  {} local GPUs{}",
+                        home.node_id,
+                        home.cost,
+                        home.local_gpus,
+                        if home.holds_file { "  (holds it)" } else { "" }
+                    )?;
+                }
                 Ok(())
             }
             AdminCommand::Upkeep { control } => {

@@ -343,6 +343,7 @@ fn spawn_agent(
         .sum();
     let fences = Arc::clone(daemon.fences());
     let heat = Arc::clone(daemon.heat());
+    let feeds = tier0_topology::feeds(machine);
     let topology = proto::TopologySummary {
         numa_nodes: machine.numa_nodes.len() as u32,
         cores: machine
@@ -360,6 +361,10 @@ fn spawn_agent(
         capacity_bytes: capacity,
         free_bytes: 0,
         failure_domain: args.failure_domain.clone(),
+        gpu_feeds: gpu_feeds(&feeds),
+        drive_nic_cost: feeds
+            .drive_to_nic
+            .map_or(NO_ROUTE, |distance| distance.locality.cost()),
     };
     Agent::spawn(AgentConfig {
         control,
@@ -415,6 +420,26 @@ fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())
         .unwrap_or_else(|_| "localhost".to_string())
+}
+
+/// A GPU's route costs as registration carries them (see `GpuFeed` in cluster.proto).
+const NO_ROUTE: u32 = 6;
+
+fn gpu_feeds(feeds: &tier0_topology::MachineFeeds) -> Vec<proto::GpuFeed> {
+    let cost = |distance: Option<tier0_topology::Distance>| {
+        distance.map_or(NO_ROUTE, |distance| distance.locality.cost())
+    };
+    feeds
+        .gpus
+        .iter()
+        .map(|gpu| proto::GpuFeed {
+            index: gpu.index,
+            numa_node: gpu.numa_node.unwrap_or(0),
+            has_numa_node: gpu.numa_node.is_some(),
+            drive_cost: cost(gpu.drive),
+            nic_cost: cost(gpu.nic),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ pub struct ControlClient {
     pub cluster: proto::cluster_client::ClusterClient<Authed>,
     pub snapshots: proto::snapshots_client::SnapshotsClient<Authed>,
     pub admin: proto::admin_client::AdminClient<Authed>,
+    pub orchestration: proto::orchestration_client::OrchestrationClient<Authed>,
 }
 
 /// How long a client waits: to connect, for each call's reply, and for a keepalive ping's
@@ -126,6 +127,7 @@ impl ControlClient {
             cluster: proto::cluster_client::ClusterClient::new(authed()),
             snapshots: proto::snapshots_client::SnapshotsClient::new(authed()),
             admin: proto::admin_client::AdminClient::new(authed()),
+            orchestration: proto::orchestration_client::OrchestrationClient::new(authed()),
             url,
         })
     }

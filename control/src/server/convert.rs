@@ -218,6 +218,17 @@ pub fn topology(summary: Option<proto::TopologySummary>) -> TopologySummary {
         capacity_bytes: summary.capacity_bytes,
         free_bytes: summary.free_bytes,
         failure_domain: summary.failure_domain,
+        gpu_feeds: summary
+            .gpu_feeds
+            .iter()
+            .map(|feed| crate::model::GpuFeed {
+                index: feed.index,
+                numa_node: feed.has_numa_node.then_some(feed.numa_node),
+                drive_cost: feed.drive_cost.min(crate::model::NO_ROUTE),
+                nic_cost: feed.nic_cost.min(crate::model::NO_ROUTE),
+            })
+            .collect(),
+        drive_nic_cost: summary.drive_nic_cost.min(crate::model::NO_ROUTE),
     }
 }
 
@@ -236,6 +247,18 @@ pub fn node(node: &NodeRecord) -> proto::Node {
             capacity_bytes: topology.capacity_bytes,
             free_bytes: topology.free_bytes,
             failure_domain: topology.failure_domain.clone(),
+            gpu_feeds: topology
+                .gpu_feeds
+                .iter()
+                .map(|feed| proto::GpuFeed {
+                    index: feed.index,
+                    numa_node: feed.numa_node.unwrap_or(0),
+                    has_numa_node: feed.numa_node.is_some(),
+                    drive_cost: feed.drive_cost,
+                    nic_cost: feed.nic_cost,
+                })
+                .collect(),
+            drive_nic_cost: topology.drive_nic_cost,
         }),
         registered_ms: node.registered_ms,
         heartbeat_ms: node.heartbeat_ms,

@@ -169,6 +169,8 @@ pub(crate) struct ControlState {
     pub leadership: Leadership,
     /// The data nodes' latest read-heat reports (soft state, from their heartbeats).
     pub heat: crate::heat::HeatTable,
+    /// GPUs and jobs as schedulers report them (soft state).
+    pub gpus: crate::orchestration::GpuTable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +262,7 @@ impl ControlServer {
             upkeep_lock: tokio::sync::Mutex::new(()),
             upkeep_interval: config.upkeep_interval,
             heat: crate::heat::HeatTable::default(),
+            gpus: crate::orchestration::GpuTable::default(),
             control_id,
             leadership,
         });
@@ -284,6 +287,10 @@ impl ControlServer {
             ))
             .add_service(InterceptedService::new(
                 proto::snapshots_server::SnapshotsServer::new(service.clone()),
+                check.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                proto::orchestration_server::OrchestrationServer::new(service.clone()),
                 check.clone(),
             ))
             .add_service(InterceptedService::new(

@@ -677,3 +677,176 @@ impl proto::admin_server::Admin for Services {
         Ok(Response::new(convert::layout(&layout)))
     }
 }
+
+/// Most GPUs one node may report, and one job may name.
+const MAX_GPUS: usize = 4096;
+
+fn gpu_ref(field: &str, gpu: proto::GpuRef) -> Result<crate::orchestration::GpuRef, Status> {
+    crate::membership::check_node_id(&gpu.node_id)
+        .map_err(|error| Status::invalid_argument(format!("{field}: {error}")))?;
+    Ok(crate::orchestration::GpuRef {
+        node: gpu.node_id,
+        index: gpu.index,
+    })
+}
+
+#[tonic::async_trait]
+impl proto::orchestration_server::Orchestration for Services {
+    async fn report_gpus(
+        &self,
+        request: Request<proto::ReportGpusRequest>,
+    ) -> Reply<proto::ReportGpusReply> {
+        let request = request.into_inner();
+        crate::membership::check_node_id(&request.node_id)
+            .map_err(|error| Status::invalid_argument(format!("node_id: {error}")))?;
+        if request.gpus.len() > MAX_GPUS {
+            return Err(Status::invalid_argument(format!(
+                "gpus: {} GPUs, at most {MAX_GPUS} per node",
+                request.gpus.len()
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (position, gpu) in request.gpus.iter().enumerate() {
+            if !seen.insert(gpu.index) {
+                return Err(Status::invalid_argument(format!(
+                    "gpus[{position}]: GPU {} is listed twice",
+                    gpu.index
+                )));
+            }
+        }
+        let gpus = request
+            .gpus
+            .into_iter()
+            .map(|gpu| crate::orchestration::GpuStatus {
+                index: gpu.index,
+                busy: gpu.busy,
+                job: gpu.job,
+            })
+            .collect();
+        self.state.gpus.report(&request.node_id, gpus);
+        Ok(Response::new(proto::ReportGpusReply {}))
+    }
+
+    async fn declare_job(
+        &self,
+        request: Request<proto::DeclareJobRequest>,
+    ) -> Reply<proto::DeclareJobReply> {
+        let request = request.into_inner();
+        if !crate::path::is_identifier(&request.job, 64, b"") {
+            return Err(Status::invalid_argument(format!(
+                "job {:?}: 1 to 64 characters of A-Z a-z 0-9 . _ -",
+                request.job
+            )));
+        }
+        if request.gpus.len() > MAX_GPUS || request.paths.len() > MAX_GPUS {
+            return Err(Status::invalid_argument(format!(
+                "a job names at most {MAX_GPUS} GPUs and {MAX_GPUS} paths"
+            )));
+        }
+        let paths = request
+            .paths
+            .iter()
+            .enumerate()
+            .map(|(index, path)| {
+                convert::path(&format!("paths[{index}]"), path).map(|p| p.to_string())
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let gpus = request
+            .gpus
+            .into_iter()
+            .enumerate()
+            .map(|(index, gpu)| gpu_ref(&format!("gpus[{index}]"), gpu))
+            .collect::<Result<Vec<_>, Status>>()?;
+        self.state.gpus.declare(crate::orchestration::Job {
+            name: request.job,
+            paths,
+            gpus,
+        });
+        Ok(Response::new(proto::DeclareJobReply {}))
+    }
+
+    async fn gpus(&self, _request: Request<proto::GpusRequest>) -> Reply<proto::GpusReply> {
+        let (nodes, jobs) = self.state.gpus.snapshot();
+        let status = |gpu: crate::orchestration::GpuStatus| proto::GpuStatus {
+            index: gpu.index,
+            busy: gpu.busy,
+            job: gpu.job,
+        };
+        Ok(Response::new(proto::GpusReply {
+            nodes: nodes
+                .into_iter()
+                .map(|(node_id, gpus, reported_ms)| proto::NodeGpus {
+                    node_id,
+                    gpus: gpus.into_iter().map(status).collect(),
+                    reported_ms,
+                })
+                .collect(),
+            jobs: jobs
+                .into_iter()
+                .map(|job| proto::JobInfo {
+                    job: job.name,
+                    paths: job.paths,
+                    gpus: job
+                        .gpus
+                        .into_iter()
+                        .map(|gpu| proto::GpuRef {
+                            node_id: gpu.node,
+                            index: gpu.index,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn explain(&self, request: Request<proto::ExplainRequest>) -> Reply<proto::ExplainReply> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        let layout = self
+            .state
+            .namespace
+            .open(&path, None)
+            .await
+            .map_err(status)?;
+        let nodes = self.state.membership.nodes().await.map_err(status)?;
+        let (readers, jobs) = self.state.gpus.readers_of(&layout.path);
+        let holds = |node: &str| {
+            !layout.chunks.is_empty()
+                && layout
+                    .chunks
+                    .iter()
+                    .all(|chunk| chunk.replicas.iter().any(|replica| replica == node))
+        };
+        let mut current: Vec<String> = Vec::new();
+        for chunk in &layout.chunks {
+            for replica in &chunk.replicas {
+                if !current.contains(replica) {
+                    current.push(replica.clone());
+                }
+            }
+        }
+        let homes = crate::orchestration::rank_homes(&nodes, &readers)
+            .into_iter()
+            .map(|home| proto::HomeScore {
+                holds_file: holds(&home.node),
+                node_id: home.node,
+                cost: home.cost,
+                local_gpus: home.local_gpus,
+            })
+            .collect();
+        Ok(Response::new(proto::ExplainReply {
+            path: layout.path.clone(),
+            file_id: layout.file_id,
+            readers: readers
+                .into_iter()
+                .map(|gpu| proto::GpuRef {
+                    node_id: gpu.node,
+                    index: gpu.index,
+                })
+                .collect(),
+            jobs,
+            homes,
+            current_nodes: current,
+        }))
+    }
+}
