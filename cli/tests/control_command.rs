@@ -220,6 +220,8 @@ async fn commands_round_trip_on_the_embedded_store_and_survive_sigkill() {
     assert_eq!(heat["reads"], 0.0, "{heat}");
     let text = tier0(&url, &["admin", "heat", "/datasets/web/shard-0"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("cold"));
+    // No job declared: the rebalancer has moved nothing.
+    assert_eq!(json(&url, &["admin", "movements"]), serde_json::json!([]));
     // No scheduler has reported: no GPUs, no jobs, and every home costs the same.
     let gpus = json(&url, &["admin", "gpus"]);
     assert_eq!(gpus["jobs"], serde_json::json!([]), "{gpus}");

@@ -79,6 +79,12 @@ pub fn trash_key(id: ChunkId, node: &str) -> String {
 }
 
 pub const TRASH_PREFIX: &str = "trash/";
+pub const AUDIT_PREFIX: &str = "audit/";
+
+/// `audit/<at_ms:016x>/<seq:08x>`: one record of the rebalancer's audit log, in time order.
+pub fn audit_key(at_ms: u64, seq: u32) -> String {
+    format!("{AUDIT_PREFIX}{at_ms:016x}/{seq:08x}")
+}
 pub const INODE_COUNTER_KEY: &str = "counter/inode";
 pub const NODES_PREFIX: &str = "node/";
 pub const SNAPSHOTS_PREFIX: &str = "snapshot/";

@@ -761,6 +761,22 @@ impl Namespace {
         Ok(below)
     }
 
+    /// The absolute paths of the files at or below `path`.
+    pub async fn files_under(&self, path: &NsPath) -> Result<Vec<String>> {
+        let found = self.resolve(path).await?;
+        if !found.inode.is_dir() {
+            return Ok(vec![path.to_string()]);
+        }
+        let base = path.as_str().trim_end_matches('/');
+        Ok(self
+            .subtree(&found)
+            .await?
+            .into_iter()
+            .filter(|(_, child)| !child.inode.is_dir())
+            .map(|(relative, _)| format!("{base}/{relative}"))
+            .collect())
+    }
+
     /// Renames `from` to `to`. A file replaces an existing file (its versions become
     /// garbage unless a snapshot pins them); anything else at `to` is an error. A directory
     /// cannot move below itself.

@@ -49,6 +49,13 @@ pub struct UpkeepReport {
     pub replicas_deleted: u64,
     /// What could not be done now (retried next pass), one line each.
     pub problems: Vec<String>,
+    /// The rebalancing pass that follows (`rebalance.rs`): moves planned (dry-run),
+    /// executed, refused (budget) and failed, and the bytes copied.
+    pub moves_planned: u64,
+    pub moves_executed: u64,
+    pub moves_refused: u64,
+    pub moves_failed: u64,
+    pub bytes_moved: u64,
 }
 
 pub struct Upkeep {
@@ -333,7 +340,7 @@ impl Upkeep {
 
     /// A new layout version (and fence) for each file, so cached layouts that still name the
     /// old replicas are refreshed; retried while the file keeps changing.
-    async fn bump_layouts(&self, files: &HashSet<u64>) -> Result<()> {
+    pub(crate) async fn bump_layouts(&self, files: &HashSet<u64>) -> Result<()> {
         if files.is_empty() {
             return Ok(());
         }
@@ -372,7 +379,13 @@ impl Upkeep {
         Ok(())
     }
 
-    async fn copy(&self, chunk: ChunkId, len: u32, from: String, to: String) -> Result<(), String> {
+    pub(crate) async fn copy(
+        &self,
+        chunk: ChunkId,
+        len: u32,
+        from: String,
+        to: String,
+    ) -> Result<(), String> {
         let token = self.token.clone();
         let timeout = self.timeout;
         tokio::task::spawn_blocking(move || {

@@ -34,6 +34,10 @@ fn node_id(index: usize) -> String {
 
 impl Cluster {
     async fn start() -> Cluster {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(adjust: impl FnOnce(&mut ControlConfig)) -> Cluster {
         let daemons = tokio::task::spawn_blocking(|| {
             LocalCluster::start(&ClusterConfig::for_tests(NODES, CHUNK))
         })
@@ -54,6 +58,7 @@ impl Cluster {
         config.upkeep_interval = Duration::from_secs(3600);
         // Superseded versions go at the first pass here (the default keeps them 10 min).
         config.version_grace = Duration::ZERO;
+        adjust(&mut config);
         config.defaults.chunk_size = CHUNK;
         let control = ControlServer::start(config).await.unwrap();
         let url = format!("http://{}", control.local_addr());
@@ -788,4 +793,189 @@ async fn reads_make_heat_that_the_heartbeats_report() {
         "{}",
         no_half_life.message()
     );
+}
+
+/// Reads `layout` `times` times and waits until every chunk's heat reached the control plane.
+async fn heat_up(cluster: &Cluster, layout: &proto::Layout, times: usize) {
+    for _ in 0..times {
+        cluster.read(layout).await.unwrap();
+    }
+    let mut admin = cluster.client.admin.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let heat = admin
+            .heat(proto::HeatRequest {
+                path: layout.path.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if heat
+            .chunks
+            .iter()
+            .all(|chunk| chunk.reads >= times as f64 * 0.99)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "heat never reported: {heat:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn mkdir(cluster: &Cluster, path: &str) {
+    let mut namespace = cluster.client.namespace.clone();
+    namespace
+        .mkdir(proto::MkdirRequest {
+            path: path.into(),
+            parents: true,
+            settings: None,
+        })
+        .await
+        .unwrap();
+}
+
+async fn declare(cluster: &Cluster, job: &str, path: &str, node: &str) {
+    let mut orchestration = cluster.client.orchestration.clone();
+    orchestration
+        .declare_job(proto::DeclareJobRequest {
+            job: job.into(),
+            paths: vec![path.into()],
+            gpus: (0..2)
+                .map(|index| proto::GpuRef {
+                    node_id: node.into(),
+                    index,
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn movements(cluster: &Cluster) -> Vec<proto::Movement> {
+    let mut admin = cluster.client.admin.clone();
+    admin
+        .movements(proto::MovementsRequest { limit: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .movements
+}
+
+/// A hot file that a job will read on node d3's GPUs gets a replica of every chunk on d3,
+/// copied through the data plane and published in a new layout version; every move is in
+/// the audit log with its reason; a cold file the job also declared does not move; the
+/// bytes read back the same through the new layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_file_moves_to_the_node_whose_gpus_will_read_it() {
+    let mut cluster = Cluster::start().await;
+    mkdir(&cluster, "/train").await;
+    let data = pattern(4 * CHUNK as usize, 31);
+    let layout = cluster.write("/train/hot.bin", &data).await;
+    cluster
+        .write("/train/cold.bin", &pattern(CHUNK as usize, 32))
+        .await;
+    heat_up(&cluster, &layout, 3).await;
+    let missing: Vec<&proto::LayoutChunk> = layout
+        .chunks
+        .iter()
+        .filter(|chunk| !chunk.replicas.contains(&node_id(3)))
+        .collect();
+    assert!(
+        !missing.is_empty(),
+        "d3 already holds every chunk: {layout:?}"
+    );
+    declare(&cluster, "train", "/train", &node_id(3)).await;
+    let report = cluster.upkeep().await;
+    assert_eq!(
+        (
+            report.moves_executed,
+            report.moves_failed,
+            report.moves_refused
+        ),
+        (missing.len() as u64, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(report.bytes_moved, missing.len() as u64 * u64::from(CHUNK));
+    let moved = cluster.open("/train/hot.bin").await;
+    assert!(
+        moved.layout_version > layout.layout_version,
+        "layout not bumped"
+    );
+    for chunk in &moved.chunks {
+        assert!(chunk.replicas.contains(&node_id(3)), "{chunk:?}");
+        assert!(cluster.holds(3, chunk_id(chunk.id.unwrap())).await);
+    }
+    assert_eq!(cluster.read(&moved).await.unwrap(), data);
+    let log = movements(&cluster).await;
+    assert_eq!(log.len(), missing.len());
+    for movement in &log {
+        assert_eq!(
+            (
+                movement.state.as_str(),
+                movement.path.as_str(),
+                movement.to_node.as_str()
+            ),
+            ("executed", "/train/hot.bin", "d3")
+        );
+        assert!(
+            movement.reason.contains("hot (") && movement.reason.contains("train"),
+            "{}",
+            movement.reason
+        );
+        assert!(!movement.from_node.is_empty());
+    }
+    // Nothing left to do: a second pass moves nothing.
+    let again = cluster.upkeep().await;
+    assert_eq!(again.moves_executed, 0, "{again:?}");
+}
+
+/// Dry-run plans and moves nothing; a budget smaller than the moves refuses the rest, and
+/// the log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_moves_nothing_and_the_budget_holds() {
+    let mut cluster = Cluster::start_with(|config| {
+        config.rebalance.mode = tier0_control::rebalance::Mode::DryRun;
+    })
+    .await;
+    mkdir(&cluster, "/a").await;
+    let layout = cluster
+        .write("/a/hot.bin", &pattern(4 * CHUNK as usize, 41))
+        .await;
+    heat_up(&cluster, &layout, 2).await;
+    declare(&cluster, "job", "/a/hot.bin", &node_id(3)).await;
+    let report = cluster.upkeep().await;
+    assert!(report.moves_planned > 0, "{report:?}");
+    assert_eq!((report.moves_executed, report.bytes_moved), (0, 0));
+    assert_eq!(
+        cluster.open("/a/hot.bin").await.chunks,
+        layout.chunks,
+        "dry-run moved"
+    );
+    assert!(
+        movements(&cluster)
+            .await
+            .iter()
+            .all(|m| m.state == "planned")
+    );
+
+    // One chunk's worth of budget an hour.
+    let mut cluster = Cluster::start_with(|config| {
+        config.rebalance.max_bytes_per_hour = u64::from(CHUNK);
+    })
+    .await;
+    mkdir(&cluster, "/b").await;
+    let layout = cluster
+        .write("/b/hot.bin", &pattern(8 * CHUNK as usize, 42))
+        .await;
+    heat_up(&cluster, &layout, 2).await;
+    declare(&cluster, "job", "/b", &node_id(0)).await;
+    let report = cluster.upkeep().await;
+    assert_eq!(report.moves_executed, 1, "{report:?}");
+    assert!(report.moves_refused >= 1, "{report:?}");
+    let log = movements(&cluster).await;
+    let refused = log.iter().find(|m| m.state == "refused").unwrap();
+    assert!(refused.reason.contains("budget"), "{}", refused.reason);
+    // The next pass within the hour is refused too: the budget is per rolling hour.
+    let again = cluster.upkeep().await;
+    assert_eq!(again.moves_executed, 0, "{again:?}");
 }

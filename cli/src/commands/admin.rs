@@ -49,6 +49,14 @@ pub enum AdminCommand {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// The rebalancer's audit log: every move planned, executed, refused or failed, and why.
+    Movements {
+        /// The newest this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Run the leader's upkeep now: re-replicate chunks off down or draining nodes, then
     /// collect versions and chunks nothing needs (on the leader only).
     Upkeep {
@@ -328,6 +336,48 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     return print_json(&heat_json(&heat));
                 }
                 print_heat(&mut std::io::stdout().lock(), &heat)?;
+                Ok(())
+            }
+            AdminCommand::Movements { limit, control } => {
+                let mut client = connect(&control).await?;
+                let log = client
+                    .admin
+                    .movements(proto::MovementsRequest { limit })
+                    .await
+                    .map_err(|s| failed("admin movements", &client.url, s))?
+                    .into_inner();
+                if control.json {
+                    return print_json(&serde_json::Value::Array(
+                        log.movements
+                            .iter()
+                            .map(|m| {
+                                let id = m.chunk.unwrap_or_default();
+                                json!({
+                                    "at_ms": m.at_ms, "path": m.path, "file_id": m.file_id,
+                                    "chunk": { "file": id.file, "index": id.index, "generation": id.generation },
+                                    "bytes": m.bytes, "from": m.from_node, "to": m.to_node,
+                                    "state": m.state, "reason": m.reason,
+                                })
+                            })
+                            .collect(),
+                    ));
+                }
+                let mut out = std::io::stdout().lock();
+                for m in &log.movements {
+                    let id = m.chunk.unwrap_or_default();
+                    writeln!(
+                        out,
+                        "{}  {:<8}  {} chunk {}  {} -> {}  {} bytes  {}",
+                        timestamp(m.at_ms),
+                        m.state,
+                        m.path,
+                        id.index,
+                        if m.from_node.is_empty() { "-" } else { &m.from_node },
+                        m.to_node,
+                        m.bytes,
+                        m.reason
+                    )?;
+                }
                 Ok(())
             }
             AdminCommand::Gpus { control } => {

@@ -25,7 +25,7 @@ pub enum ServeCommand {
     Data(Box<DataArgs>),
     /// The control plane: namespace, layouts, snapshots and membership over gRPC, with its
     /// metadata in an embedded store (default) or etcd, until SIGINT or SIGTERM.
-    Control(ControlServeArgs),
+    Control(Box<ControlServeArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +60,17 @@ pub struct ControlServeArgs {
     /// opened one just before can finish (0s: collect at the next pass).
     #[arg(long, default_value = "10m", value_parser = parse_grace)]
     version_grace: std::time::Duration,
+    /// What the rebalancer does after each upkeep pass: `auto` (replicate hot chunks to the
+    /// node nearest the idle GPUs that will read them), `dry-run` (plan and log only), `off`.
+    #[arg(long, default_value = "auto")]
+    rebalance: tier0_control::rebalance::Mode,
+    /// Bytes the rebalancer copies per rolling hour at most.
+    #[arg(long, default_value = "64GiB", value_parser = parse_bytes)]
+    move_budget: u64,
+    /// Serve Prometheus metrics on this address (`/metrics`): the rebalancer's moves by
+    /// state (`tier0_rebalance_moves_total`) and bytes copied.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// Default chunk size of the namespace's root (set once, when the store is new).
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     chunk_size: u64,
@@ -181,7 +192,7 @@ pub struct DataArgs {
 pub fn run(command: ServeCommand) -> anyhow::Result<()> {
     match command {
         ServeCommand::Data(args) => data(*args),
-        ServeCommand::Control(args) => control(args),
+        ServeCommand::Control(args) => control(*args),
     }
 }
 
@@ -204,6 +215,14 @@ fn control(args: ControlServeArgs) -> anyhow::Result<()> {
     config.leader_ttl = args.leader_ttl;
     config.upkeep_interval = args.upkeep_interval;
     config.version_grace = args.version_grace;
+    if let Some(addr) = args.metrics {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+    config.rebalance.mode = args.rebalance;
+    config.rebalance.max_bytes_per_hour = args.move_budget;
     config.defaults = LayoutSettings {
         chunk_size,
         replication: args.replication,

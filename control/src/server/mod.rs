@@ -107,6 +107,8 @@ pub struct ControlConfig {
     /// opened them just before.
     pub version_grace: Duration,
     pub defaults: LayoutSettings,
+    /// What the leader's rebalancing pass (after each upkeep pass) may do.
+    pub rebalance: crate::rebalance::RebalanceConfig,
 }
 
 impl std::fmt::Debug for ControlConfig {
@@ -123,6 +125,7 @@ impl std::fmt::Debug for ControlConfig {
             upkeep_interval,
             version_grace,
             defaults,
+            rebalance,
         } = self;
         f.debug_struct("ControlConfig")
             .field("listen", listen)
@@ -135,6 +138,7 @@ impl std::fmt::Debug for ControlConfig {
             .field("upkeep_interval", upkeep_interval)
             .field("version_grace", version_grace)
             .field("defaults", defaults)
+            .field("rebalance", rebalance)
             .finish()
     }
 }
@@ -152,6 +156,7 @@ impl ControlConfig {
             upkeep_interval: Duration::from_secs(10),
             version_grace: Duration::from_secs(600),
             defaults: LayoutSettings::default(),
+            rebalance: crate::rebalance::RebalanceConfig::default(),
         }
     }
 }
@@ -171,6 +176,7 @@ pub(crate) struct ControlState {
     pub heat: crate::heat::HeatTable,
     /// GPUs and jobs as schedulers report them (soft state).
     pub gpus: crate::orchestration::GpuTable,
+    pub rebalance: crate::rebalance::RebalanceConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +269,7 @@ impl ControlServer {
             upkeep_interval: config.upkeep_interval,
             heat: crate::heat::HeatTable::default(),
             gpus: crate::orchestration::GpuTable::default(),
+            rebalance: config.rebalance.clone(),
             control_id,
             leadership,
         });
@@ -409,5 +416,53 @@ pub(crate) async fn run_upkeep(state: &ControlState) -> Result<UpkeepReport, Con
             state.control_id
         )));
     }
-    state.upkeep.run().await
+    let mut report = state.upkeep.run().await?;
+    let moves = rebalance(state).await?;
+    report.moves_planned = moves.planned;
+    report.moves_executed = moves.executed;
+    report.moves_refused = moves.refused;
+    report.moves_failed = moves.failed;
+    report.bytes_moved = moves.bytes_moved;
+    Ok(report)
+}
+
+/// The rebalancing pass: over every file a declared job will read.
+async fn rebalance(
+    state: &ControlState,
+) -> Result<crate::rebalance::RebalanceReport, ControlError> {
+    let (_, jobs) = state.gpus.snapshot();
+    let mut layouts = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for job in &jobs {
+        for declared in &job.paths {
+            let Ok(path) = crate::path::NsPath::parse("path", declared) else {
+                continue;
+            };
+            // A path that does not exist (yet) has nothing to move.
+            let Ok(files) = state.namespace.files_under(&path).await else {
+                continue;
+            };
+            for file in files {
+                let Ok(file_path) = crate::path::NsPath::parse("path", &file) else {
+                    continue;
+                };
+                if let Ok(layout) = state.namespace.open(&file_path, None).await
+                    && seen.insert(layout.file_id)
+                {
+                    layouts.push(layout);
+                }
+            }
+        }
+    }
+    let nodes = state.membership.nodes().await?;
+    crate::rebalance::run(
+        &state.rebalance,
+        state.namespace.store().as_ref(),
+        &state.upkeep,
+        &state.gpus,
+        &state.heat,
+        &layouts,
+        &nodes,
+    )
+    .await
 }

@@ -644,6 +644,50 @@ impl proto::admin_server::Admin for Services {
             chunks_collected: report.chunks_collected,
             replicas_deleted: report.replicas_deleted,
             problems: report.problems,
+            moves_planned: report.moves_planned,
+            moves_executed: report.moves_executed,
+            moves_refused: report.moves_refused,
+            moves_failed: report.moves_failed,
+            bytes_moved: report.bytes_moved,
+        }))
+    }
+
+    async fn movements(
+        &self,
+        request: Request<proto::MovementsRequest>,
+    ) -> Reply<proto::MovementsReply> {
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            limit => limit as usize,
+        };
+        let movements = crate::rebalance::movements(self.state.namespace.store().as_ref(), limit)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::MovementsReply {
+            movements: movements
+                .into_iter()
+                .map(|movement| proto::Movement {
+                    at_ms: movement.at_ms,
+                    path: movement.path,
+                    file_id: movement.file_id,
+                    chunk: Some(proto::ChunkId {
+                        file: movement.chunk.file,
+                        index: movement.chunk.index,
+                        generation: movement.chunk.generation,
+                    }),
+                    bytes: movement.bytes,
+                    from_node: movement.from,
+                    to_node: movement.to,
+                    state: match movement.state {
+                        crate::rebalance::MoveState::Planned => "planned",
+                        crate::rebalance::MoveState::Executed => "executed",
+                        crate::rebalance::MoveState::Refused => "refused",
+                        crate::rebalance::MoveState::Failed => "failed",
+                    }
+                    .into(),
+                    reason: movement.reason,
+                })
+                .collect(),
         }))
     }
 
