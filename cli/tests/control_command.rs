@@ -220,6 +220,16 @@ async fn commands_round_trip_on_the_embedded_store_and_survive_sigkill() {
     assert_eq!(heat["reads"], 0.0, "{heat}");
     let text = tier0(&url, &["admin", "heat", "/datasets/web/shard-0"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("cold"));
+    // Manual overrides: pin sets the file's tier0.pin tag, approve names the file.
+    let pinned = json(&url, &["admin", "pin", "/datasets/web/shard-0", "n1", "n2"]);
+    assert_eq!(pinned["tags"]["tier0.pin"], "n1,n2", "{pinned}");
+    let approved = json(&url, &["admin", "approve", "/datasets/web/shard-0"]);
+    assert_eq!(approved["file_id"], layout.file_id);
+    let unpinned = json(&url, &["admin", "pin", "/datasets/web/shard-0", "--clear"]);
+    assert!(unpinned["tags"].get("tier0.pin").is_none(), "{unpinned}");
+    let nothing = tier0(&url, &["admin", "pin", "/datasets/web/shard-0"]);
+    assert!(!nothing.status.success());
+    assert!(String::from_utf8_lossy(&nothing.stderr).contains("name the nodes"));
     // No job declared: the rebalancer has moved nothing.
     assert_eq!(json(&url, &["admin", "movements"]), serde_json::json!([]));
     // No scheduler has reported: no GPUs, no jobs, and every home costs the same.

@@ -10,6 +10,7 @@ pub mod namespace;
 pub mod orchestration;
 pub mod path;
 pub mod placement;
+pub mod policy;
 pub mod rebalance;
 pub mod server;
 pub mod snapshot;

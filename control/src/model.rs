@@ -80,6 +80,13 @@ pub fn trash_key(id: ChunkId, node: &str) -> String {
 
 pub const TRASH_PREFIX: &str = "trash/";
 pub const AUDIT_PREFIX: &str = "audit/";
+pub const APPROVALS_PREFIX: &str = "approval/";
+
+/// `approval/<file:016x>`: an operator approved the file's pending moves (the next pass
+/// makes them, then removes this).
+pub fn approval_key(file: u64) -> String {
+    format!("{APPROVALS_PREFIX}{file:016x}")
+}
 
 /// `audit/<at_ms:016x>/<seq:08x>`: one record of the rebalancer's audit log, in time order.
 pub fn audit_key(at_ms: u64, seq: u32) -> String {

@@ -12,7 +12,7 @@
 //! file's layout version so clients refresh. A move that would take the last hour's bytes
 //! past the budget is refused; in dry-run mode moves are only planned.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,9 @@ pub enum Mode {
     Auto,
     /// Plan only: every move is recorded as planned, nothing is copied.
     DryRun,
+    /// Plan, and execute a file's moves once an operator approved them
+    /// (`tier0 admin approve PATH`).
+    Approve,
     /// Nothing at all.
     Off,
 }
@@ -44,8 +47,11 @@ impl std::str::FromStr for Mode {
         match text {
             "auto" => Ok(Mode::Auto),
             "dry-run" => Ok(Mode::DryRun),
+            "approve" => Ok(Mode::Approve),
             "off" => Ok(Mode::Off),
-            other => Err(format!("rebalance mode {other:?}: auto, dry-run or off")),
+            other => Err(format!(
+                "rebalance mode {other:?}: auto, dry-run, approve or off"
+            )),
         }
     }
 }
@@ -58,6 +64,8 @@ pub struct RebalanceConfig {
     pub max_bytes_per_hour: u64,
     /// A chunk is hot with at least this many (decayed) reads.
     pub min_reads: f64,
+    /// Rules by path prefix or tag (`--policy FILE`).
+    pub policies: crate::policy::Policies,
 }
 
 impl Default for RebalanceConfig {
@@ -66,6 +74,7 @@ impl Default for RebalanceConfig {
             mode: Mode::Auto,
             max_bytes_per_hour: 64 << 30,
             min_reads: 1.0,
+            policies: crate::policy::Policies::default(),
         }
     }
 }
@@ -98,6 +107,9 @@ pub struct Movement {
     pub state: MoveState,
     /// Why it was planned, and why it was refused or failed.
     pub reason: String,
+    /// The policy rule that applied (`defaults`, `policy[N]`, `+ tags …`).
+    #[serde(default)]
+    pub policy: String,
 }
 
 /// What one pass did.
@@ -120,32 +132,57 @@ pub async fn run(
     upkeep: &Upkeep,
     gpus: &GpuTable,
     heat: &HeatTable,
-    layouts: &[Layout],
+    files: &[(Layout, BTreeMap<String, String>)],
     nodes: &[NodeRecord],
 ) -> Result<RebalanceReport> {
     let mut report = RebalanceReport::default();
-    if config.mode == Mode::Off {
+    if config.mode == Mode::Off && config.policies == crate::policy::Policies::default() {
         return Ok(report);
     }
     let now = model::now_ms();
-    let mut spent = bytes_moved_since(store, now.saturating_sub(HOUR.as_millis() as u64)).await?;
+    let recent = movements_since(store, now.saturating_sub(HOUR.as_millis() as u64)).await?;
+    let executed = |movement: &&Movement| movement.state == MoveState::Executed;
+    let mut spent: u64 = recent.iter().filter(executed).map(|m| m.bytes).sum();
+    let mut spent_by_policy: HashMap<String, u64> = HashMap::new();
+    for movement in recent.iter().filter(executed) {
+        *spent_by_policy.entry(movement.policy.clone()).or_default() += movement.bytes;
+    }
+    // The last word on each (chunk, target): a decision is logged when it changes, not on
+    // every pass.
+    let mut last: HashMap<(tier0_dataplane::store::ChunkId, String), MoveState> = HashMap::new();
+    for movement in movements(store, AUDIT_WINDOW).await? {
+        last.insert((movement.chunk, movement.to.clone()), movement.state);
+    }
     let mut seq = 0u32;
     let mut moved_files = HashSet::new();
-    for layout in layouts {
+    let mut approvals_used = Vec::new();
+    for (layout, tags) in files {
+        let policy = config.policies.effective(&layout.path, tags, config);
+        if policy.mode == Mode::Off {
+            continue;
+        }
         let (readers, jobs) = gpus.readers_of(&layout.path);
         if readers.is_empty() {
             continue;
         }
         let homes = rank_homes(nodes, &readers);
-        let Some(best) = homes.first() else {
+        let allowed = |home: &&crate::orchestration::HomeScore| {
+            policy.pin.is_empty() || policy.pin.contains(&home.node)
+        };
+        let Some(best) = homes.iter().find(allowed) else {
             continue;
         };
+        let approved = policy.mode == Mode::Approve
+            && store
+                .get(&model::approval_key(layout.file_id))
+                .await?
+                .is_some();
         for chunk in &layout.chunks {
             if chunk.replicas.contains(&best.node) || chunk.len == 0 {
                 continue;
             }
             let reads: f64 = heat.chunk(chunk.id).iter().map(|(_, h)| h.reads).sum();
-            if reads < config.min_reads {
+            if reads < policy.min_reads {
                 continue;
             }
             let current = homes
@@ -182,9 +219,34 @@ pub async fn run(
                 to: best.node.clone(),
                 state: MoveState::Planned,
                 reason,
+                policy: policy.source.clone(),
             };
-            if config.mode == Mode::DryRun {
+            let policy_spent = spent_by_policy.get(&policy.source).copied().unwrap_or(0);
+            if policy.never_move {
+                movement.state = MoveState::Refused;
+                movement.reason = format!(
+                    "{}; refused: never-move ({})",
+                    movement.reason, policy.source
+                );
+                report.refused += 1;
+            } else if policy.mode == Mode::DryRun {
+                movement.reason = format!("{}; dry-run ({})", movement.reason, policy.source);
                 report.planned += 1;
+            } else if policy.mode == Mode::Approve && !approved {
+                movement.reason = format!(
+                    "{}; awaiting approval: tier0 admin approve {} ({})",
+                    movement.reason, layout.path, policy.source
+                );
+                report.planned += 1;
+            } else if let Some(budget) = policy.max_bytes_per_hour
+                && policy_spent + bytes > budget
+            {
+                movement.state = MoveState::Refused;
+                movement.reason = format!(
+                    "{}; refused: {bytes} bytes would pass {}'s budget of {budget} bytes an hour ({policy_spent} spent)",
+                    movement.reason, policy.source
+                );
+                report.refused += 1;
             } else if spent + bytes > config.max_bytes_per_hour {
                 movement.state = MoveState::Refused;
                 movement.reason = format!(
@@ -201,6 +263,7 @@ pub async fn run(
                     Ok(()) => {
                         movement.state = MoveState::Executed;
                         spent += bytes;
+                        *spent_by_policy.entry(policy.source.clone()).or_default() += bytes;
                         report.executed += 1;
                         report.bytes_moved += bytes;
                         moved_files.insert(layout.file_id);
@@ -212,12 +275,39 @@ pub async fn run(
                     }
                 }
             }
-            record(store, &movement, seq).await?;
-            seq += 1;
+            let key = (movement.chunk, movement.to.clone());
+            if movement.state == MoveState::Executed || last.get(&key) != Some(&movement.state) {
+                record(store, &movement, seq).await?;
+                seq += 1;
+                last.insert(key, movement.state);
+            }
+        }
+        if approved {
+            approvals_used.push(layout.file_id);
         }
     }
     upkeep.bump_layouts(&moved_files).await?;
+    // An approval covers one pass over the file's moves.
+    for file in approvals_used {
+        let mut txn = Txn::new();
+        txn.delete(model::approval_key(file));
+        store.commit(&txn).await?;
+    }
     Ok(report)
+}
+
+/// Records of the audit log looked at to tell whether a decision changed.
+const AUDIT_WINDOW: usize = 100_000;
+
+/// Approves the pending moves of file `file_id` for the next pass (`Mode::Approve`).
+pub async fn approve(store: &dyn MetadataStore, file_id: u64) -> Result<()> {
+    let mut txn = Txn::new();
+    txn.put(
+        model::approval_key(file_id),
+        model::encode(&model::now_ms()),
+    );
+    store.commit(&txn).await?;
+    Ok(())
 }
 
 /// Copies the chunk and names the new replica, or says why not.
@@ -296,11 +386,11 @@ pub async fn movements(store: &dyn MetadataStore, limit: usize) -> Result<Vec<Mo
         .collect()
 }
 
-async fn bytes_moved_since(store: &dyn MetadataStore, since_ms: u64) -> Result<u64> {
+async fn movements_since(store: &dyn MetadataStore, since_ms: u64) -> Result<Vec<Movement>> {
+    let from = model::audit_key(since_ms, 0);
     Ok(movements(store, usize::MAX)
         .await?
         .into_iter()
-        .filter(|movement| movement.state == MoveState::Executed && movement.at_ms >= since_ms)
-        .map(|movement| movement.bytes)
-        .sum())
+        .filter(|movement| model::audit_key(movement.at_ms, 0) >= from)
+        .collect())
 }

@@ -979,3 +979,135 @@ async fn dry_run_moves_nothing_and_the_budget_holds() {
     let again = cluster.upkeep().await;
     assert_eq!(again.moves_executed, 0, "{again:?}");
 }
+
+async fn tag(cluster: &Cluster, path: &str, key: &str, value: &str) {
+    let mut namespace = cluster.client.namespace.clone();
+    namespace
+        .tag(proto::TagRequest {
+            path: path.into(),
+            set: [(key.to_string(), value.to_string())].into_iter().collect(),
+            remove: Vec::new(),
+        })
+        .await
+        .unwrap();
+}
+
+/// Policies and overrides: a never-move file stays (refused, with the reason); a file
+/// pinned to d1 moves to d1, not to the readers' node; under an approve rule moves wait
+/// for `Approve`, then the next pass makes them; each decision is logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_pin_forbid_and_hold_moves_for_approval() {
+    let mut cluster = Cluster::start_with(|config| {
+        config.rebalance.policies = tier0_control::policy::Policies::parse(
+            "[[policy]]\nprefix = \"/gated\"\nmode = \"approve\"\n",
+        )
+        .unwrap();
+    })
+    .await;
+    for dir in ["/free", "/gated"] {
+        mkdir(&cluster, dir).await;
+    }
+    let stay = cluster
+        .write("/free/stay.bin", &pattern(2 * CHUNK as usize, 51))
+        .await;
+    let pinned = cluster
+        .write("/free/pinned.bin", &pattern(2 * CHUNK as usize, 52))
+        .await;
+    let gated = cluster
+        .write("/gated/wait.bin", &pattern(2 * CHUNK as usize, 53))
+        .await;
+    for layout in [&stay, &pinned, &gated] {
+        heat_up(&cluster, layout, 2).await;
+    }
+    tag(&cluster, "/free/stay.bin", "tier0.never-move", "true").await;
+    tag(&cluster, "/free/pinned.bin", "tier0.pin", "d1").await;
+    declare(&cluster, "job", "/free", &node_id(3)).await;
+    declare(&cluster, "gated-job", "/gated", &node_id(3)).await;
+    let first = cluster.upkeep().await;
+    assert_eq!(
+        cluster.open("/free/stay.bin").await.chunks,
+        stay.chunks,
+        "never-move moved"
+    );
+    let moved = cluster.open("/free/pinned.bin").await;
+    for chunk in &moved.chunks {
+        assert!(chunk.replicas.contains(&node_id(1)), "{chunk:?}");
+        assert!(
+            !chunk.replicas.contains(&node_id(3))
+                || pinned
+                    .chunks
+                    .iter()
+                    .any(|c| c.index == chunk.index && c.replicas.contains(&node_id(3))),
+            "moved past the pin: {chunk:?}"
+        );
+    }
+    assert_eq!(
+        cluster.open("/gated/wait.bin").await.chunks,
+        gated.chunks,
+        "moved before approval"
+    );
+    let log = movements(&cluster).await;
+    let of = |path: &str, state: &str| {
+        log.iter()
+            .filter(|m| m.path == path && m.state == state)
+            .count()
+    };
+    let stay_moves = stay
+        .chunks
+        .iter()
+        .filter(|c| !c.replicas.contains(&node_id(3)))
+        .count();
+    assert_eq!(of("/free/stay.bin", "refused"), stay_moves, "{log:?}");
+    assert!(
+        log.iter()
+            .filter(|m| m.path == "/free/stay.bin")
+            .all(|m| m.reason.contains("never-move"))
+    );
+    let gated_moves = gated
+        .chunks
+        .iter()
+        .filter(|c| !c.replicas.contains(&node_id(3)))
+        .count();
+    assert_eq!(of("/gated/wait.bin", "planned"), gated_moves, "{log:?}");
+    assert!(
+        log.iter()
+            .filter(|m| m.path == "/gated/wait.bin")
+            .all(|m| m.reason.contains("awaiting approval") && m.policy == "policy[0]")
+    );
+    assert!(first.moves_refused as usize >= stay_moves);
+
+    // A second pass changes nothing and logs nothing new.
+    cluster.upkeep().await;
+    assert_eq!(
+        movements(&cluster).await.len(),
+        log.len(),
+        "decisions logged twice"
+    );
+
+    // Approved: the next pass makes the gated moves.
+    let mut admin = cluster.client.admin.clone();
+    admin
+        .approve(proto::ApproveRequest {
+            path: "/gated/wait.bin".into(),
+        })
+        .await
+        .unwrap();
+    let approved = cluster.upkeep().await;
+    assert_eq!(
+        approved.moves_executed as usize, gated_moves,
+        "{approved:?}"
+    );
+    let done = cluster.open("/gated/wait.bin").await;
+    assert!(
+        done.chunks
+            .iter()
+            .all(|chunk| chunk.replicas.contains(&node_id(3)))
+    );
+    let bad = admin
+        .approve(proto::ApproveRequest {
+            path: "/gated/none".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::NotFound);
+}

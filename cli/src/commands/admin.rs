@@ -49,6 +49,23 @@ pub enum AdminCommand {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Approve a file's pending moves (its policy's mode is `approve`): the next rebalancing
+    /// pass makes them.
+    Approve {
+        path: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Pin a file to nodes: the rebalancer moves it only to these (sets the file's
+    /// `tier0.pin` tag; `--clear` removes it).
+    Pin {
+        path: String,
+        nodes: Vec<String>,
+        #[arg(long, conflicts_with = "nodes")]
+        clear: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// The rebalancer's audit log: every move planned, executed, refused or failed, and why.
     Movements {
         /// The newest this many.
@@ -338,6 +355,62 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 print_heat(&mut std::io::stdout().lock(), &heat)?;
                 Ok(())
             }
+            AdminCommand::Approve { path, control } => {
+                let mut client = connect(&control).await?;
+                let reply = client
+                    .admin
+                    .approve(proto::ApproveRequest { path: path.clone() })
+                    .await
+                    .map_err(|s| failed(&format!("admin approve {path}"), &client.url, s))?
+                    .into_inner();
+                if control.json {
+                    return print_json(&json!({ "path": path, "file_id": reply.file_id }));
+                }
+                println!("{path}: pending moves approved for the next pass");
+                Ok(())
+            }
+            AdminCommand::Pin {
+                path,
+                nodes,
+                clear,
+                control,
+            } => {
+                if nodes.is_empty() && !clear {
+                    anyhow::bail!("admin pin {path}: name the nodes, or --clear");
+                }
+                let mut client = connect(&control).await?;
+                let (set, remove) = if clear {
+                    (Default::default(), vec![tier0_control::policy::TAG_PIN.to_string()])
+                } else {
+                    let set = [(tier0_control::policy::TAG_PIN.to_string(), nodes.join(","))]
+                        .into_iter()
+                        .collect();
+                    (set, Vec::new())
+                };
+                let reply = client
+                    .namespace
+                    .tag(proto::TagRequest {
+                        path: path.clone(),
+                        set,
+                        remove,
+                    })
+                    .await
+                    .map_err(|s| failed(&format!("admin pin {path}"), &client.url, s))?
+                    .into_inner();
+                if control.json {
+                    let tags = reply.entry.map(|entry| entry.tags).unwrap_or_default();
+                    return print_json(&json!({ "path": path, "tags": tags }));
+                }
+                println!(
+                    "{path}: {}",
+                    if clear {
+                        "not pinned".to_string()
+                    } else {
+                        format!("pinned to {}", nodes.join(", "))
+                    }
+                );
+                Ok(())
+            }
             AdminCommand::Movements { limit, control } => {
                 let mut client = connect(&control).await?;
                 let log = client
@@ -356,7 +429,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                                     "at_ms": m.at_ms, "path": m.path, "file_id": m.file_id,
                                     "chunk": { "file": id.file, "index": id.index, "generation": id.generation },
                                     "bytes": m.bytes, "from": m.from_node, "to": m.to_node,
-                                    "state": m.state, "reason": m.reason,
+                                    "state": m.state, "reason": m.reason, "policy": m.policy,
                                 })
                             })
                             .collect(),

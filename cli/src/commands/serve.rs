@@ -64,6 +64,10 @@ pub struct ControlServeArgs {
     /// node nearest the idle GPUs that will read them), `dry-run` (plan and log only), `off`.
     #[arg(long, default_value = "auto")]
     rebalance: tier0_control::rebalance::Mode,
+    /// Rebalancing rules by path prefix or tag (TOML: mode, pin, never_move,
+    /// max_bytes_per_hour, min_reads; see docs/SEMANTICS.md).
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
     /// Bytes the rebalancer copies per rolling hour at most.
     #[arg(long, default_value = "64GiB", value_parser = parse_bytes)]
     move_budget: u64,
@@ -220,6 +224,10 @@ fn control(args: ControlServeArgs) -> anyhow::Result<()> {
             .with_http_listener(addr)
             .install()
             .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+    if let Some(file) = &args.policy {
+        config.rebalance.policies =
+            tier0_control::policy::Policies::load(file).map_err(anyhow::Error::msg)?;
     }
     config.rebalance.mode = args.rebalance;
     config.rebalance.max_bytes_per_hour = args.move_budget;

@@ -449,7 +449,11 @@ async fn rebalance(
                 if let Ok(layout) = state.namespace.open(&file_path, None).await
                     && seen.insert(layout.file_id)
                 {
-                    layouts.push(layout);
+                    let tags = match state.namespace.stat(&file_path).await {
+                        Ok(stat) => stat.inode.tags,
+                        Err(_) => Default::default(),
+                    };
+                    layouts.push((layout, tags));
                 }
             }
         }

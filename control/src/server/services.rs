@@ -686,8 +686,26 @@ impl proto::admin_server::Admin for Services {
                     }
                     .into(),
                     reason: movement.reason,
+                    policy: movement.policy,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn approve(&self, request: Request<proto::ApproveRequest>) -> Reply<proto::ApproveReply> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        let layout = self
+            .state
+            .namespace
+            .open(&path, None)
+            .await
+            .map_err(status)?;
+        crate::rebalance::approve(self.state.namespace.store().as_ref(), layout.file_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ApproveReply {
+            file_id: layout.file_id,
         }))
     }
 
