@@ -66,6 +66,8 @@ pub struct RebalanceConfig {
     pub min_reads: f64,
     /// Rules by path prefix or tag (`--policy FILE`).
     pub policies: crate::policy::Policies,
+    /// A node with more than this share of its capacity used sheds surplus cold replicas.
+    pub high_watermark: f64,
 }
 
 impl Default for RebalanceConfig {
@@ -75,6 +77,7 @@ impl Default for RebalanceConfig {
             max_bytes_per_hour: 64 << 30,
             min_reads: 1.0,
             policies: crate::policy::Policies::default(),
+            high_watermark: 0.9,
         }
     }
 }
@@ -110,6 +113,18 @@ pub struct Movement {
     /// The policy rule that applied (`defaults`, `policy[N]`, `+ tags …`).
     #[serde(default)]
     pub policy: String,
+    /// What the move does.
+    #[serde(default)]
+    pub kind: MoveKind,
+}
+
+/// A replica added toward readers, or a surplus one dropped from a node over its watermark.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveKind {
+    #[default]
+    Replicate,
+    Drop,
 }
 
 /// What one pass did.
@@ -220,6 +235,7 @@ pub async fn run(
                 state: MoveState::Planned,
                 reason,
                 policy: policy.source.clone(),
+                kind: MoveKind::Replicate,
             };
             let policy_spent = spent_by_policy.get(&policy.source).copied().unwrap_or(0);
             if policy.never_move {
@@ -286,6 +302,18 @@ pub async fn run(
             approvals_used.push(layout.file_id);
         }
     }
+    shed(
+        config,
+        store,
+        heat,
+        files,
+        nodes,
+        &mut last,
+        &mut seq,
+        &mut moved_files,
+        &mut report,
+    )
+    .await?;
     upkeep.bump_layouts(&moved_files).await?;
     // An approval covers one pass over the file's moves.
     for file in approvals_used {
@@ -294,6 +322,125 @@ pub async fn run(
         store.commit(&txn).await?;
     }
     Ok(report)
+}
+
+/// Drops surplus cold replicas from nodes over the high watermark: a replica goes only when
+/// its chunk keeps at least its file's replication factor on other nodes, it is cold (fewer
+/// reads than the policy's `min_reads`), and its file is not pinned there or never-move.
+/// The replica leaves the chunk's record in one checked transaction and is queued in trash
+/// (M3), so the daemon deletes it only after no layout names it.
+#[allow(clippy::too_many_arguments)]
+async fn shed(
+    config: &RebalanceConfig,
+    store: &dyn MetadataStore,
+    heat: &HeatTable,
+    files: &[(Layout, BTreeMap<String, String>)],
+    nodes: &[NodeRecord],
+    last: &mut HashMap<(tier0_dataplane::store::ChunkId, String), MoveState>,
+    seq: &mut u32,
+    moved_files: &mut HashSet<u64>,
+    report: &mut RebalanceReport,
+) -> Result<()> {
+    let now = model::now_ms();
+    for node in nodes {
+        let capacity = node.topology.capacity_bytes;
+        if capacity == 0 || node.state != model::NodeState::Up {
+            continue;
+        }
+        let mut used = capacity.saturating_sub(node.topology.free_bytes);
+        let limit = (capacity as f64 * config.high_watermark) as u64;
+        for (layout, tags) in files {
+            if used <= limit {
+                break;
+            }
+            let policy = config.policies.effective(&layout.path, tags, config);
+            if policy.never_move || policy.mode == Mode::Off || policy.pin.contains(&node.id) {
+                continue;
+            }
+            for chunk in &layout.chunks {
+                if used <= limit {
+                    break;
+                }
+                if !chunk.replicas.contains(&node.id)
+                    || (chunk.replicas.len() as u32) <= layout.replication.max(1)
+                {
+                    continue;
+                }
+                let reads: f64 = heat.chunk(chunk.id).iter().map(|(_, h)| h.reads).sum();
+                if reads >= policy.min_reads {
+                    continue;
+                }
+                let mut movement = Movement {
+                    at_ms: now,
+                    path: layout.path.clone(),
+                    file_id: layout.file_id,
+                    chunk: chunk.id,
+                    bytes: u64::from(chunk.len),
+                    from: node.id.clone(),
+                    to: String::new(),
+                    state: MoveState::Planned,
+                    reason: format!(
+                        "{} is {:.0}% full (watermark {:.0}%); cold ({reads:.1} reads) and {} replicas for a replication factor of {}",
+                        node.id,
+                        100.0 * used as f64 / capacity as f64,
+                        100.0 * config.high_watermark,
+                        chunk.replicas.len(),
+                        layout.replication
+                    ),
+                    policy: policy.source.clone(),
+                    kind: MoveKind::Drop,
+                };
+                if matches!(policy.mode, Mode::DryRun | Mode::Approve) {
+                    movement.reason =
+                        format!("{}; not dropped ({:?})", movement.reason, policy.mode);
+                    report.planned += 1;
+                } else {
+                    match drop_replica(store, chunk.id, &node.id).await? {
+                        Ok(()) => {
+                            movement.state = MoveState::Executed;
+                            used = used.saturating_sub(u64::from(chunk.len));
+                            report.executed += 1;
+                            moved_files.insert(layout.file_id);
+                        }
+                        Err(problem) => {
+                            movement.state = MoveState::Failed;
+                            movement.reason = format!("{}; failed: {problem}", movement.reason);
+                            report.failed += 1;
+                        }
+                    }
+                }
+                let key = (movement.chunk, format!("-{}", node.id));
+                if movement.state == MoveState::Executed || last.get(&key) != Some(&movement.state)
+                {
+                    record(store, &movement, *seq).await?;
+                    *seq += 1;
+                    last.insert(key, movement.state);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn drop_replica(
+    store: &dyn MetadataStore,
+    chunk: tier0_dataplane::store::ChunkId,
+    node: &str,
+) -> Result<std::result::Result<(), String>> {
+    let key = model::chunk_key(chunk);
+    let Some(entry) = store.get(&key).await? else {
+        return Ok(Err("the chunk was collected meanwhile".into()));
+    };
+    let mut record: ChunkRecord = model::decode(&entry.key, &entry.value)?;
+    record.replicas.retain(|replica| replica != node);
+    let mut txn = Txn::new();
+    txn.check(Check::At(entry.key.clone(), entry.revision))
+        .put(entry.key.clone(), model::encode(&record))
+        .put(model::trash_key(chunk, node), b"{}".to_vec());
+    match store.commit(&txn).await? {
+        Outcome::Committed(_) => Ok(Ok(())),
+        Outcome::Conflict => Ok(Err("the chunk's record changed meanwhile".into())),
+    }
 }
 
 /// Records of the audit log looked at to tell whether a decision changed.
@@ -393,4 +540,173 @@ async fn movements_since(store: &dyn MetadataStore, since_ms: u64) -> Result<Vec
         .into_iter()
         .filter(|movement| model::audit_key(movement.at_ms, 0) >= from)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LayoutChunk, NodeState, TopologySummary};
+    use crate::store::RedbStore;
+    use tier0_dataplane::store::ChunkId;
+
+    fn node(id: &str, capacity: u64, free: u64) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            address: format!("{id}:7400"),
+            topology: TopologySummary {
+                capacity_bytes: capacity,
+                free_bytes: free,
+                ..TopologySummary::default()
+            },
+            state: NodeState::Up,
+            registered_ms: 0,
+            heartbeat_ms: 0,
+            lease_expires_ms: 0,
+        }
+    }
+
+    fn layout(path: &str, file: u64, replicas: &[&[&str]]) -> Layout {
+        Layout {
+            path: path.into(),
+            file_id: file,
+            version: 1,
+            layout_version: 1,
+            size: 0,
+            chunk_size: 1 << 20,
+            replication: 2,
+            chunks: replicas
+                .iter()
+                .enumerate()
+                .map(|(index, nodes)| LayoutChunk {
+                    index: index as u32,
+                    id: ChunkId {
+                        file,
+                        index: index as u32,
+                        generation: 1,
+                    },
+                    len: 1 << 20,
+                    replicas: nodes.iter().map(|n| n.to_string()).collect(),
+                })
+                .collect(),
+            nodes: Vec::new(),
+        }
+    }
+
+    async fn put_records(store: &dyn MetadataStore, layout: &Layout) {
+        let mut txn = Txn::new();
+        for chunk in &layout.chunks {
+            let record = ChunkRecord {
+                replicas: chunk.replicas.clone(),
+                expires_ms: 0,
+            };
+            txn.put(model::chunk_key(chunk.id), model::encode(&record));
+        }
+        store.commit(&txn).await.unwrap();
+    }
+
+    async fn replicas(store: &dyn MetadataStore, chunk: ChunkId) -> Vec<String> {
+        let entry = store.get(&model::chunk_key(chunk)).await.unwrap().unwrap();
+        let record: ChunkRecord = model::decode(&entry.key, &entry.value).unwrap();
+        record.replicas
+    }
+
+    /// A node over its watermark drops cold surplus replicas until it is under, never below
+    /// a file's replication factor, never a pinned file's, and queues each in trash.
+    #[tokio::test]
+    async fn a_full_node_sheds_cold_surplus_replicas_down_to_the_replication_factor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("m.redb")).unwrap();
+        // "full" holds 95 of 100 MiB: 5 MiB over a 90% watermark.
+        let nodes = [
+            node("full", 100 << 20, 5 << 20),
+            node("a", 100 << 20, 90 << 20),
+            node("b", 100 << 20, 90 << 20),
+        ];
+        // Surplus on "full" for every chunk of /x (3 replicas, factor 2); /y is at its
+        // factor; /z is pinned to "full".
+        let three: &[&str] = &["full", "a", "b"];
+        let x = layout("/x", 1, &[three; 8]);
+        let y = layout("/y", 2, &[&["full", "a"]]);
+        let z = layout("/z", 3, &[&["full", "a", "b"]]);
+        for file in [&x, &y, &z] {
+            put_records(&store, file).await;
+        }
+        let pinned: BTreeMap<String, String> =
+            [(crate::policy::TAG_PIN.to_string(), "full".to_string())].into();
+        let files = vec![
+            (x.clone(), BTreeMap::new()),
+            (y.clone(), BTreeMap::new()),
+            (z.clone(), pinned),
+        ];
+        let heat = HeatTable::default();
+        // Chunk 7 of /x is hot on "full": it stays.
+        heat.report(
+            "full",
+            Duration::from_secs(600),
+            vec![(
+                x.chunks[7].id,
+                crate::heat::Heat {
+                    reads: 10.0,
+                    bytes: 0.0,
+                },
+            )],
+        );
+        let (mut last, mut seq, mut moved, mut report) = (
+            HashMap::new(),
+            0,
+            HashSet::new(),
+            RebalanceReport::default(),
+        );
+        let config = RebalanceConfig::default();
+        shed(
+            &config,
+            &store,
+            &heat,
+            &files,
+            &nodes,
+            &mut last,
+            &mut seq,
+            &mut moved,
+            &mut report,
+        )
+        .await
+        .unwrap();
+        // 5 MiB over: five 1 MiB replicas go, the first cold ones of /x.
+        assert_eq!(report.executed, 5, "{report:?}");
+        for (index, chunk) in x.chunks.iter().enumerate() {
+            let now = replicas(&store, chunk.id).await;
+            assert_eq!(
+                now.contains(&"full".to_string()),
+                index >= 5,
+                "chunk {index}: {now:?}"
+            );
+            if index < 5 {
+                assert!(
+                    store
+                        .get(&model::trash_key(chunk.id, "full"))
+                        .await
+                        .unwrap()
+                        .is_some()
+                );
+            }
+        }
+        assert_eq!(
+            replicas(&store, y.chunks[0].id).await.len(),
+            2,
+            "below the factor"
+        );
+        assert_eq!(
+            replicas(&store, z.chunks[0].id).await.len(),
+            3,
+            "pinned dropped"
+        );
+        let log = movements(&store, 100).await.unwrap();
+        assert_eq!(log.len(), 5);
+        assert!(
+            log.iter()
+                .all(|m| m.kind == MoveKind::Drop && m.state == MoveState::Executed)
+        );
+        assert!(log[0].reason.contains("95% full"), "{}", log[0].reason);
+        assert_eq!(moved, HashSet::from([1]));
+    }
 }

@@ -429,7 +429,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                                     "at_ms": m.at_ms, "path": m.path, "file_id": m.file_id,
                                     "chunk": { "file": id.file, "index": id.index, "generation": id.generation },
                                     "bytes": m.bytes, "from": m.from_node, "to": m.to_node,
-                                    "state": m.state, "reason": m.reason, "policy": m.policy,
+                                    "state": m.state, "reason": m.reason, "policy": m.policy, "kind": m.kind,
                                 })
                             })
                             .collect(),
@@ -440,13 +440,14 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     let id = m.chunk.unwrap_or_default();
                     writeln!(
                         out,
-                        "{}  {:<8}  {} chunk {}  {} -> {}  {} bytes  {}",
+                        "{}  {:<9} {:<8}  {} chunk {}  {} -> {}  {} bytes  {}",
                         timestamp(m.at_ms),
+                        m.kind,
                         m.state,
                         m.path,
                         id.index,
                         if m.from_node.is_empty() { "-" } else { &m.from_node },
-                        m.to_node,
+                        if m.to_node.is_empty() { "-" } else { &m.to_node },
                         m.bytes,
                         m.reason
                     )?;

@@ -68,6 +68,10 @@ pub struct ControlServeArgs {
     /// max_bytes_per_hour, min_reads; see docs/SEMANTICS.md).
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
+    /// A node with more than this share of its capacity used sheds surplus cold replicas
+    /// (never below a file's replication factor).
+    #[arg(long, default_value_t = 0.9, value_parser = parse_watermark)]
+    high_watermark: f64,
     /// Bytes the rebalancer copies per rolling hour at most.
     #[arg(long, default_value = "64GiB", value_parser = parse_bytes)]
     move_budget: u64,
@@ -230,6 +234,7 @@ fn control(args: ControlServeArgs) -> anyhow::Result<()> {
             tier0_control::policy::Policies::load(file).map_err(anyhow::Error::msg)?;
     }
     config.rebalance.mode = args.rebalance;
+    config.rebalance.high_watermark = args.high_watermark;
     config.rebalance.max_bytes_per_hour = args.move_budget;
     config.defaults = LayoutSettings {
         chunk_size,
@@ -467,6 +472,15 @@ fn gpu_feeds(feeds: &tier0_topology::MachineFeeds) -> Vec<proto::GpuFeed> {
             nic_cost: cost(gpu.nic),
         })
         .collect()
+}
+
+fn parse_watermark(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!(
+            "{text:?}: a share of capacity from 0 to 1 (0.9 is 90%)"
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -431,10 +431,25 @@ async fn rebalance(
     state: &ControlState,
 ) -> Result<crate::rebalance::RebalanceReport, ControlError> {
     let (_, jobs) = state.gpus.snapshot();
+    let nodes = state.membership.nodes().await?;
+    let mut paths: Vec<&str> = jobs
+        .iter()
+        .flat_map(|job| job.paths.iter().map(String::as_str))
+        .collect();
+    // A node over its watermark may shed replicas of any file: look at all of them.
+    let watermark = state.rebalance.high_watermark;
+    if nodes.iter().any(|node| {
+        let capacity = node.topology.capacity_bytes;
+        capacity > 0
+            && (capacity.saturating_sub(node.topology.free_bytes) as f64)
+                > capacity as f64 * watermark
+    }) {
+        paths.push("/");
+    }
     let mut layouts = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for job in &jobs {
-        for declared in &job.paths {
+    {
+        for declared in paths {
             let Ok(path) = crate::path::NsPath::parse("path", declared) else {
                 continue;
             };
@@ -458,7 +473,6 @@ async fn rebalance(
             }
         }
     }
-    let nodes = state.membership.nodes().await?;
     crate::rebalance::run(
         &state.rebalance,
         state.namespace.store().as_ref(),

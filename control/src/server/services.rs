@@ -687,6 +687,11 @@ impl proto::admin_server::Admin for Services {
                     .into(),
                     reason: movement.reason,
                     policy: movement.policy,
+                    kind: match movement.kind {
+                        crate::rebalance::MoveKind::Replicate => "replicate",
+                        crate::rebalance::MoveKind::Drop => "drop",
+                    }
+                    .into(),
                 })
                 .collect(),
         }))
