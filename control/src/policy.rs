@@ -9,6 +9,7 @@
 //! never_move = false
 //! max_bytes_per_hour = "10GiB"    # on top of the global budget
 //! min_reads = 2.0                 # heat that counts as hot
+//! replication = 3                 # replicas a full node never sheds below
 //! ```
 //!
 //! A file takes the first rule whose tag it has, else the rule with the longest prefix that
@@ -52,6 +53,7 @@ struct RuleSpec {
     pin: Vec<String>,
     max_bytes_per_hour: Option<Bytes>,
     min_reads: Option<f64>,
+    replication: Option<u32>,
 }
 
 /// One rule, checked.
@@ -65,6 +67,7 @@ struct Rule {
     pin: Vec<String>,
     max_bytes_per_hour: Option<u64>,
     min_reads: Option<f64>,
+    replication: Option<u32>,
 }
 
 /// The rules of a policy file (none: the defaults apply everywhere).
@@ -83,6 +86,9 @@ pub struct Effective {
     /// This rule's own budget per rolling hour, on top of the global one.
     pub max_bytes_per_hour: Option<u64>,
     pub min_reads: f64,
+    /// Replicas a node over its watermark never sheds below (`None`: the file's own
+    /// replication factor).
+    pub replication: Option<u32>,
     /// Which rule (and tags) decided, for the audit log.
     pub source: String,
 }
@@ -132,6 +138,11 @@ impl Policies {
             {
                 return Err(format!("{name}.min_reads {min}: a number, 0 or more"));
             }
+            if let Some(replication) = spec.replication
+                && !(1..=8).contains(&replication)
+            {
+                return Err(format!("{name}.replication {replication}: 1 to 8"));
+            }
             for node in &spec.pin {
                 crate::membership::check_node_id(node)
                     .map_err(|error| format!("{name}.pin: {error}"))?;
@@ -145,6 +156,7 @@ impl Policies {
                 pin: spec.pin,
                 max_bytes_per_hour,
                 min_reads: spec.min_reads,
+                replication: spec.replication,
             });
         }
         Ok(Policies { rules })
@@ -190,6 +202,7 @@ impl Policies {
             pin: rule.map(|r| r.pin.clone()).unwrap_or_default(),
             max_bytes_per_hour: rule.and_then(|r| r.max_bytes_per_hour),
             min_reads: rule.and_then(|r| r.min_reads).unwrap_or(defaults.min_reads),
+            replication: rule.and_then(|r| r.replication),
             source: rule.map_or_else(|| "defaults".to_string(), |r| r.name.clone()),
         };
         let mut overridden = Vec::new();
@@ -242,6 +255,7 @@ mod tests {
             pin = ["n1", "n2"]
             max_bytes_per_hour = "1GiB"
             min_reads = 3.0
+            replication = 3
 
             [[policy]]
             tag = "tier=archive"
@@ -262,6 +276,7 @@ mod tests {
             (Mode::Approve, 2, Some(1 << 30), 3.0)
         );
         assert_eq!(deep.source, "policy[1]");
+        assert_eq!(deep.replication, Some(3));
         let shallow = policies.effective("/datasets/web/0", &none, &defaults);
         assert_eq!(
             (shallow.mode, shallow.source.as_str()),
@@ -323,6 +338,10 @@ mod tests {
                 "policy[0].min_reads",
             ),
             ("[[policy]]\nprefix = \"/a\"\nspeed = 3", "unknown field"),
+            (
+                "[[policy]]\nprefix = \"/a\"\nreplication = 0",
+                "policy[0].replication",
+            ),
             ("not toml at all [", ""),
         ];
         for (text, needle) in cases {

@@ -361,9 +361,8 @@ async fn shed(
                 if used <= limit {
                     break;
                 }
-                if !chunk.replicas.contains(&node.id)
-                    || (chunk.replicas.len() as u32) <= layout.replication.max(1)
-                {
+                let factor = policy.replication.unwrap_or(layout.replication).max(1);
+                if !chunk.replicas.contains(&node.id) || (chunk.replicas.len() as u32) <= factor {
                     continue;
                 }
                 let reads: f64 = heat.chunk(chunk.id).iter().map(|(_, h)| h.reads).sum();
@@ -385,7 +384,7 @@ async fn shed(
                         100.0 * used as f64 / capacity as f64,
                         100.0 * config.high_watermark,
                         chunk.replicas.len(),
-                        layout.replication
+                        factor
                     ),
                     policy: policy.source.clone(),
                     kind: MoveKind::Drop,
@@ -628,12 +627,15 @@ mod tests {
         let x = layout("/x", 1, &[three; 8]);
         let y = layout("/y", 2, &[&["full", "a"]]);
         let z = layout("/z", 3, &[&["full", "a", "b"]]);
-        for file in [&x, &y, &z] {
+        // /w's rule keeps three replicas: at its factor, though the file says two.
+        let w = layout("/w", 4, &[three]);
+        for file in [&w, &x, &y, &z] {
             put_records(&store, file).await;
         }
         let pinned: BTreeMap<String, String> =
             [(crate::policy::TAG_PIN.to_string(), "full".to_string())].into();
         let files = vec![
+            (w.clone(), BTreeMap::new()),
             (x.clone(), BTreeMap::new()),
             (y.clone(), BTreeMap::new()),
             (z.clone(), pinned),
@@ -657,7 +659,13 @@ mod tests {
             HashSet::new(),
             RebalanceReport::default(),
         );
-        let config = RebalanceConfig::default();
+        let config = RebalanceConfig {
+            policies: crate::policy::Policies::parse(
+                "[[policy]]\nprefix = \"/w\"\nreplication = 3\n",
+            )
+            .unwrap(),
+            ..RebalanceConfig::default()
+        };
         shed(
             &config,
             &store,
@@ -699,6 +707,11 @@ mod tests {
             replicas(&store, z.chunks[0].id).await.len(),
             3,
             "pinned dropped"
+        );
+        assert_eq!(
+            replicas(&store, w.chunks[0].id).await.len(),
+            3,
+            "policy factor ignored"
         );
         let log = movements(&store, 100).await.unwrap();
         assert_eq!(log.len(), 5);
