@@ -51,7 +51,7 @@ pub fn chunk_id(field: &str, id: Option<proto::ChunkId>) -> Result<ChunkId, Stat
     })
 }
 
-fn proto_chunk_id(id: ChunkId) -> proto::ChunkId {
+pub fn proto_chunk_id(id: ChunkId) -> proto::ChunkId {
     proto::ChunkId {
         file: id.file,
         index: id.index,

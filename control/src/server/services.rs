@@ -23,6 +23,14 @@ pub(crate) struct Services {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+impl Services {
+    /// The current layout of the file at `path` (the request's `path` field).
+    async fn current_layout(&self, path: &str) -> Result<model::Layout, Status> {
+        let path = convert::path("path", path)?;
+        self.state.namespace.open(&path, None).await.map_err(status)
+    }
+}
+
 #[tonic::async_trait]
 impl proto::namespace_server::Namespace for Services {
     async fn mkdir(&self, request: Request<proto::MkdirRequest>) -> Reply<proto::EntryReply> {
@@ -670,11 +678,7 @@ impl proto::admin_server::Admin for Services {
                     at_ms: movement.at_ms,
                     path: movement.path,
                     file_id: movement.file_id,
-                    chunk: Some(proto::ChunkId {
-                        file: movement.chunk.file,
-                        index: movement.chunk.index,
-                        generation: movement.chunk.generation,
-                    }),
+                    chunk: Some(convert::proto_chunk_id(movement.chunk)),
                     bytes: movement.bytes,
                     from_node: movement.from,
                     to_node: movement.to,
@@ -698,14 +702,7 @@ impl proto::admin_server::Admin for Services {
     }
 
     async fn approve(&self, request: Request<proto::ApproveRequest>) -> Reply<proto::ApproveReply> {
-        let request = request.into_inner();
-        let path = convert::path("path", &request.path)?;
-        let layout = self
-            .state
-            .namespace
-            .open(&path, None)
-            .await
-            .map_err(status)?;
+        let layout = self.current_layout(&request.into_inner().path).await?;
         crate::rebalance::approve(self.state.namespace.store().as_ref(), layout.file_id)
             .await
             .map_err(status)?;
@@ -715,14 +712,7 @@ impl proto::admin_server::Admin for Services {
     }
 
     async fn heat(&self, request: Request<proto::HeatRequest>) -> Reply<proto::HeatReply> {
-        let request = request.into_inner();
-        let path = convert::path("path", &request.path)?;
-        let layout = self
-            .state
-            .namespace
-            .open(&path, None)
-            .await
-            .map_err(status)?;
+        let layout = self.current_layout(&request.into_inner().path).await?;
         let chunks = layout
             .chunks
             .iter()
@@ -867,14 +857,7 @@ impl proto::orchestration_server::Orchestration for Services {
     }
 
     async fn explain(&self, request: Request<proto::ExplainRequest>) -> Reply<proto::ExplainReply> {
-        let request = request.into_inner();
-        let path = convert::path("path", &request.path)?;
-        let layout = self
-            .state
-            .namespace
-            .open(&path, None)
-            .await
-            .map_err(status)?;
+        let layout = self.current_layout(&request.into_inner().path).await?;
         let nodes = self.state.membership.nodes().await.map_err(status)?;
         let (readers, jobs) = self.state.gpus.readers_of(&layout.path);
         let holds = |node: &str| {
