@@ -54,6 +54,8 @@ struct Tables {
     /// Per node: its GPUs and when they were reported.
     nodes: BTreeMap<String, (Vec<GpuStatus>, u64)>,
     jobs: BTreeMap<String, Job>,
+    /// Paths a scheduler asked to have on nodes before its job starts.
+    prestages: BTreeMap<String, Vec<String>>,
 }
 
 /// GPU state and declared jobs: soft state, as the schedulers last reported them.
@@ -76,6 +78,40 @@ impl GpuTable {
         } else {
             tables.jobs.insert(job.name.clone(), job);
         }
+    }
+
+    /// Asks that `path` (a file or a directory) be copied to `nodes`; no nodes cancels it.
+    pub fn prestage(&self, path: &str, nodes: Vec<String>) {
+        let mut tables = self.lock();
+        if nodes.is_empty() {
+            tables.prestages.remove(path);
+        } else {
+            tables.prestages.insert(path.to_string(), nodes);
+        }
+    }
+
+    /// The nodes `path` should be prestaged to: those of every request for it or a
+    /// directory above it.
+    pub fn prestaged_to(&self, path: &str) -> Vec<String> {
+        let tables = self.lock();
+        let mut nodes: Vec<String> = tables
+            .prestages
+            .iter()
+            .filter(|(requested, _)| covers(requested, path))
+            .flat_map(|(_, nodes)| nodes.iter().cloned())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
+    /// Every prestage request: path and nodes.
+    pub fn prestages(&self) -> Vec<(String, Vec<String>)> {
+        self.lock()
+            .prestages
+            .iter()
+            .map(|(path, nodes)| (path.clone(), nodes.clone()))
+            .collect()
     }
 
     /// Every node's GPUs (with the report time, ms since the epoch) and every job.

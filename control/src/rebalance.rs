@@ -177,125 +177,143 @@ pub async fn run(
             continue;
         }
         let (readers, jobs) = gpus.readers_of(&layout.path);
-        if readers.is_empty() {
+        let homes = rank_homes(nodes, &readers);
+        let allowed = |node: &str| policy.pin.is_empty() || policy.pin.iter().any(|p| p == node);
+        // Where the file's chunks should be: the best allowed home for its readers (hot
+        // chunks only), and every node a scheduler asked it prestaged to (all chunks).
+        let mut targets: Vec<(String, Option<u64>)> = Vec::new();
+        if !readers.is_empty()
+            && let Some(best) = homes.iter().find(|home| allowed(&home.node))
+        {
+            targets.push((best.node.clone(), Some(best.cost)));
+        }
+        for node in gpus.prestaged_to(&layout.path) {
+            let up = nodes
+                .iter()
+                .any(|n| n.id == node && n.state == model::NodeState::Up);
+            if up && allowed(&node) && !targets.iter().any(|(t, _)| *t == node) {
+                targets.push((node, None));
+            }
+        }
+        if targets.is_empty() {
             continue;
         }
-        let homes = rank_homes(nodes, &readers);
-        let allowed = |home: &&crate::orchestration::HomeScore| {
-            policy.pin.is_empty() || policy.pin.contains(&home.node)
-        };
-        let Some(best) = homes.iter().find(allowed) else {
-            continue;
-        };
         let approved = policy.mode == Mode::Approve
             && store
                 .get(&model::approval_key(layout.file_id))
                 .await?
                 .is_some();
-        for chunk in &layout.chunks {
-            if chunk.replicas.contains(&best.node) || chunk.len == 0 {
-                continue;
-            }
-            let reads: f64 = heat.chunk(chunk.id).iter().map(|(_, h)| h.reads).sum();
-            if reads < policy.min_reads {
-                continue;
-            }
-            let current = homes
-                .iter()
-                .filter(|home| chunk.replicas.contains(&home.node))
-                .map(|home| home.cost)
-                .min();
-            let reason = format!(
-                "hot ({reads:.1} reads), read by {} on {} GPUs; {} costs {} (its nearest replica {})",
-                jobs.join(", "),
-                readers.len(),
-                best.node,
-                best.cost,
-                current.map_or("none up".to_string(), |cost| cost.to_string()),
-            );
-            let source = chunk
-                .replicas
-                .iter()
-                .find(|replica| {
-                    nodes
-                        .iter()
-                        .any(|n| &n.id == *replica && n.state == model::NodeState::Up)
-                })
-                .cloned()
-                .unwrap_or_default();
-            let bytes = u64::from(chunk.len);
-            let mut movement = Movement {
-                at_ms: now,
-                path: layout.path.clone(),
-                file_id: layout.file_id,
-                chunk: chunk.id,
-                bytes,
-                from: source.clone(),
-                to: best.node.clone(),
-                state: MoveState::Planned,
-                reason,
-                policy: policy.source.clone(),
-                kind: MoveKind::Replicate,
-            };
-            let policy_spent = spent_by_policy.get(&policy.source).copied().unwrap_or(0);
-            if policy.never_move {
-                movement.state = MoveState::Refused;
-                movement.reason = format!(
-                    "{}; refused: never-move ({})",
-                    movement.reason, policy.source
-                );
-                report.refused += 1;
-            } else if policy.mode == Mode::DryRun {
-                movement.reason = format!("{}; dry-run ({})", movement.reason, policy.source);
-                report.planned += 1;
-            } else if policy.mode == Mode::Approve && !approved {
-                movement.reason = format!(
-                    "{}; awaiting approval: tier0 admin approve {} ({})",
-                    movement.reason, layout.path, policy.source
-                );
-                report.planned += 1;
-            } else if let Some(budget) = policy.max_bytes_per_hour
-                && policy_spent + bytes > budget
-            {
-                movement.state = MoveState::Refused;
-                movement.reason = format!(
-                    "{}; refused: {bytes} bytes would pass {}'s budget of {budget} bytes an hour ({policy_spent} spent)",
-                    movement.reason, policy.source
-                );
-                report.refused += 1;
-            } else if spent + bytes > config.max_bytes_per_hour {
-                movement.state = MoveState::Refused;
-                movement.reason = format!(
-                    "{}; refused: {} bytes would pass the budget of {} bytes an hour ({} spent)",
-                    movement.reason, bytes, config.max_bytes_per_hour, spent
-                );
-                report.refused += 1;
-            } else if source.is_empty() {
-                movement.state = MoveState::Failed;
-                movement.reason = format!("{}; failed: no replica on an up node", movement.reason);
-                report.failed += 1;
-            } else {
-                match execute(store, upkeep, nodes, &movement).await? {
-                    Ok(()) => {
-                        movement.state = MoveState::Executed;
-                        spent += bytes;
-                        *spent_by_policy.entry(policy.source.clone()).or_default() += bytes;
-                        report.executed += 1;
-                        report.bytes_moved += bytes;
-                        moved_files.insert(layout.file_id);
+        for (target, cost) in &targets {
+            for chunk in &layout.chunks {
+                if chunk.replicas.contains(target) || chunk.len == 0 {
+                    continue;
+                }
+                let reads: f64 = heat.chunk(chunk.id).iter().map(|(_, h)| h.reads).sum();
+                let reason = match cost {
+                    Some(cost) => {
+                        if reads < policy.min_reads {
+                            continue;
+                        }
+                        let current = homes
+                            .iter()
+                            .filter(|home| chunk.replicas.contains(&home.node))
+                            .map(|home| home.cost)
+                            .min();
+                        format!(
+                            "hot ({reads:.1} reads), read by {} on {} GPUs; {target} costs {cost} (its nearest replica {})",
+                            jobs.join(", "),
+                            readers.len(),
+                            current.map_or("none up".to_string(), |cost| cost.to_string()),
+                        )
                     }
-                    Err(problem) => {
-                        movement.state = MoveState::Failed;
-                        movement.reason = format!("{}; failed: {problem}", movement.reason);
-                        report.failed += 1;
+                    None => format!("prestage to {target} requested ({reads:.1} reads)"),
+                };
+                let source = chunk
+                    .replicas
+                    .iter()
+                    .find(|replica| {
+                        nodes
+                            .iter()
+                            .any(|n| &n.id == *replica && n.state == model::NodeState::Up)
+                    })
+                    .cloned()
+                    .unwrap_or_default();
+                let bytes = u64::from(chunk.len);
+                let mut movement = Movement {
+                    at_ms: now,
+                    path: layout.path.clone(),
+                    file_id: layout.file_id,
+                    chunk: chunk.id,
+                    bytes,
+                    from: source.clone(),
+                    to: target.clone(),
+                    state: MoveState::Planned,
+                    reason,
+                    policy: policy.source.clone(),
+                    kind: MoveKind::Replicate,
+                };
+                let policy_spent = spent_by_policy.get(&policy.source).copied().unwrap_or(0);
+                if policy.never_move {
+                    movement.state = MoveState::Refused;
+                    movement.reason = format!(
+                        "{}; refused: never-move ({})",
+                        movement.reason, policy.source
+                    );
+                    report.refused += 1;
+                } else if policy.mode == Mode::DryRun {
+                    movement.reason = format!("{}; dry-run ({})", movement.reason, policy.source);
+                    report.planned += 1;
+                } else if policy.mode == Mode::Approve && !approved {
+                    movement.reason = format!(
+                        "{}; awaiting approval: tier0 admin approve {} ({})",
+                        movement.reason, layout.path, policy.source
+                    );
+                    report.planned += 1;
+                } else if let Some(budget) = policy.max_bytes_per_hour
+                    && policy_spent + bytes > budget
+                {
+                    movement.state = MoveState::Refused;
+                    movement.reason = format!(
+                        "{}; refused: {bytes} bytes would pass {}'s budget of {budget} bytes an hour ({policy_spent} spent)",
+                        movement.reason, policy.source
+                    );
+                    report.refused += 1;
+                } else if spent + bytes > config.max_bytes_per_hour {
+                    movement.state = MoveState::Refused;
+                    movement.reason = format!(
+                        "{}; refused: {} bytes would pass the budget of {} bytes an hour ({} spent)",
+                        movement.reason, bytes, config.max_bytes_per_hour, spent
+                    );
+                    report.refused += 1;
+                } else if source.is_empty() {
+                    movement.state = MoveState::Failed;
+                    movement.reason =
+                        format!("{}; failed: no replica on an up node", movement.reason);
+                    report.failed += 1;
+                } else {
+                    match execute(store, upkeep, nodes, &movement).await? {
+                        Ok(()) => {
+                            movement.state = MoveState::Executed;
+                            spent += bytes;
+                            *spent_by_policy.entry(policy.source.clone()).or_default() += bytes;
+                            report.executed += 1;
+                            report.bytes_moved += bytes;
+                            moved_files.insert(layout.file_id);
+                        }
+                        Err(problem) => {
+                            movement.state = MoveState::Failed;
+                            movement.reason = format!("{}; failed: {problem}", movement.reason);
+                            report.failed += 1;
+                        }
                     }
                 }
-            }
-            let key = (movement.chunk, movement.to.clone());
-            if movement.state == MoveState::Executed || last.get(&key) != Some(&movement.state) {
-                record(store, &movement, seq).await?;
-                seq += 1;
-                last.insert(key, movement.state);
+                let key = (movement.chunk, movement.to.clone());
+                if movement.state == MoveState::Executed || last.get(&key) != Some(&movement.state)
+                {
+                    record(store, &movement, seq).await?;
+                    seq += 1;
+                    last.insert(key, movement.state);
+                }
             }
         }
         if approved {

@@ -1119,3 +1119,71 @@ async fn policies_pin_forbid_and_hold_moves_for_approval() {
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::NotFound);
 }
+
+/// A scheduler's prestage request copies every chunk of a path to the nodes it names, hot or
+/// not, and a bad node id is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prestaged_path_is_copied_to_the_nodes_asked_for() {
+    let mut cluster = Cluster::start().await;
+    mkdir(&cluster, "/pre").await;
+    let data = pattern(3 * CHUNK as usize, 61);
+    let layout = cluster.write("/pre/cold.bin", &data).await;
+    let mut orchestration = cluster.client.orchestration.clone();
+    orchestration
+        .prestage(proto::PrestageRequest {
+            path: "/pre".into(),
+            nodes: vec![node_id(2)],
+        })
+        .await
+        .unwrap();
+    let missing = layout
+        .chunks
+        .iter()
+        .filter(|chunk| !chunk.replicas.contains(&node_id(2)))
+        .count();
+    let report = cluster.upkeep().await;
+    assert_eq!(report.moves_executed as usize, missing, "{report:?}");
+    let moved = cluster.open("/pre/cold.bin").await;
+    assert!(
+        moved
+            .chunks
+            .iter()
+            .all(|chunk| chunk.replicas.contains(&node_id(2)))
+    );
+    assert_eq!(cluster.read(&moved).await.unwrap(), data);
+    assert!(
+        movements(&cluster)
+            .await
+            .iter()
+            .all(|m| m.reason.contains("prestage to d2 requested"))
+    );
+    let listed = orchestration
+        .gpus(proto::GpusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.prestages.len(), 1);
+    let bad = orchestration
+        .prestage(proto::PrestageRequest {
+            path: "/pre".into(),
+            nodes: vec!["no such/node".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("nodes[0]"), "{}", bad.message());
+    // Cancelled: nothing more is asked.
+    orchestration
+        .prestage(proto::PrestageRequest {
+            path: "/pre".into(),
+            nodes: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let listed = orchestration
+        .gpus(proto::GpusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.prestages.is_empty());
+}

@@ -477,6 +477,9 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                             "paths": job.paths,
                             "gpus": job.gpus.iter().map(gpu).collect::<Vec<_>>(),
                         })).collect::<Vec<_>>(),
+                        "prestages": gpus.prestages.iter().map(|p| json!({
+                            "path": p.path, "nodes": p.nodes,
+                        })).collect::<Vec<_>>(),
                     }));
                 }
                 let mut out = std::io::stdout().lock();
@@ -491,6 +494,14 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                         })
                         .collect();
                     writeln!(out, "node {:<16} {}", node.node_id, states.join(", "))?;
+                }
+                for prestage in &gpus.prestages {
+                    writeln!(
+                        out,
+                        "prestage {} to {}",
+                        prestage.path,
+                        prestage.nodes.join(", ")
+                    )?;
                 }
                 for job in &gpus.jobs {
                     let on: Vec<String> = job.gpus.iter().map(gpu).collect();

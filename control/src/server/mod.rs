@@ -432,9 +432,11 @@ async fn rebalance(
 ) -> Result<crate::rebalance::RebalanceReport, ControlError> {
     let (_, jobs) = state.gpus.snapshot();
     let nodes = state.membership.nodes().await?;
+    let prestages = state.gpus.prestages();
     let mut paths: Vec<&str> = jobs
         .iter()
         .flat_map(|job| job.paths.iter().map(String::as_str))
+        .chain(prestages.iter().map(|(path, _)| path.as_str()))
         .collect();
     // A node over its watermark may shed replicas of any file: look at all of them.
     let watermark = state.rebalance.high_watermark;

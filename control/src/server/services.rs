@@ -822,6 +822,25 @@ impl proto::orchestration_server::Orchestration for Services {
         Ok(Response::new(proto::DeclareJobReply {}))
     }
 
+    async fn prestage(
+        &self,
+        request: Request<proto::PrestageRequest>,
+    ) -> Reply<proto::PrestageReply> {
+        let request = request.into_inner();
+        let path = convert::path("path", &request.path)?;
+        if request.nodes.len() > MAX_GPUS {
+            return Err(Status::invalid_argument(format!(
+                "nodes: at most {MAX_GPUS}"
+            )));
+        }
+        for (index, node) in request.nodes.iter().enumerate() {
+            crate::membership::check_node_id(node)
+                .map_err(|error| Status::invalid_argument(format!("nodes[{index}]: {error}")))?;
+        }
+        self.state.gpus.prestage(&path.to_string(), request.nodes);
+        Ok(Response::new(proto::PrestageReply {}))
+    }
+
     async fn gpus(&self, _request: Request<proto::GpusRequest>) -> Reply<proto::GpusReply> {
         let (nodes, jobs) = self.state.gpus.snapshot();
         let status = |gpu: crate::orchestration::GpuStatus| proto::GpuStatus {
@@ -852,6 +871,13 @@ impl proto::orchestration_server::Orchestration for Services {
                         })
                         .collect(),
                 })
+                .collect(),
+            prestages: self
+                .state
+                .gpus
+                .prestages()
+                .into_iter()
+                .map(|(path, nodes)| proto::PrestageInfo { path, nodes })
                 .collect(),
         }))
     }
