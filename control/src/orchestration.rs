@@ -179,17 +179,18 @@ pub struct HomeScore {
     pub local_gpus: u32,
 }
 
-/// The route cost from home `home` to GPU `gpu`.
-fn route_cost(home: &NodeRecord, reader: &NodeRecord, gpu: u32) -> u32 {
-    let feed = reader
-        .topology
-        .gpu_feeds
-        .iter()
-        .find(|feed| feed.index == gpu);
+/// The route cost from home `home` to GPU `reader` (`node`: its node's record, if listed).
+fn route_cost(home: &NodeRecord, reader: &GpuRef, node: Option<&NodeRecord>) -> u32 {
+    let feed = node.and_then(|node| {
+        node.topology
+            .gpu_feeds
+            .iter()
+            .find(|feed| feed.index == reader.index)
+    });
     let (drive, nic) = feed.map_or((NO_ROUTE, NO_ROUTE), |feed| {
         (feed.drive_cost, feed.nic_cost)
     });
-    if home.id == reader.id {
+    if home.id == reader.node {
         drive
     } else {
         home.topology.drive_nic_cost + NETWORK_COST + nic
@@ -200,28 +201,19 @@ fn route_cost(home: &NodeRecord, reader: &NodeRecord, gpu: u32) -> u32 {
 /// node id). A reader on a node `nodes` does not list counts as remote from every home, at
 /// the worst route cost.
 pub fn rank_homes(nodes: &[NodeRecord], readers: &[GpuRef]) -> Vec<HomeScore> {
-    let unknown = |id: &str| NodeRecord {
-        id: id.to_string(),
-        address: String::new(),
-        topology: crate::model::TopologySummary {
-            drive_nic_cost: NO_ROUTE,
-            ..Default::default()
-        },
-        state: NodeState::Down,
-        registered_ms: 0,
-        heartbeat_ms: 0,
-        lease_expires_ms: 0,
-    };
+    // Each reader's node record, found once.
+    let reading: Vec<(&GpuRef, Option<&NodeRecord>)> = readers
+        .iter()
+        .map(|reader| (reader, nodes.iter().find(|node| node.id == reader.node)))
+        .collect();
     let mut homes: Vec<HomeScore> = nodes
         .iter()
         .filter(|node| node.state == NodeState::Up)
         .map(|home| {
             let mut cost = 0u64;
             let mut local_gpus = 0;
-            for reader in readers {
-                let found = nodes.iter().find(|node| node.id == reader.node);
-                let record = found.cloned().unwrap_or_else(|| unknown(&reader.node));
-                cost += u64::from(route_cost(home, &record, reader.index));
+            for &(reader, node) in &reading {
+                cost += u64::from(route_cost(home, reader, node));
                 if home.id == reader.node {
                     local_gpus += 1;
                 }

@@ -119,7 +119,7 @@ pub struct Movement {
 }
 
 /// A replica added toward readers, or a surplus one dropped from a node over its watermark.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MoveKind {
     #[default]
@@ -155,20 +155,21 @@ pub async fn run(
         return Ok(report);
     }
     let now = model::now_ms();
-    let recent = movements_since(store, now.saturating_sub(HOUR.as_millis() as u64)).await?;
-    let executed = |movement: &&Movement| movement.state == MoveState::Executed;
-    let mut spent: u64 = recent.iter().filter(executed).map(|m| m.bytes).sum();
+    // One read of the log: the last hour's bytes (the budgets) and the last decision on
+    // each move (logged again only when it changes).
+    let since = now.saturating_sub(HOUR.as_millis() as u64);
+    let mut spent = 0u64;
     let mut spent_by_policy: HashMap<String, u64> = HashMap::new();
-    for movement in recent.iter().filter(executed) {
-        *spent_by_policy.entry(movement.policy.clone()).or_default() += movement.bytes;
-    }
-    // The last word on each (chunk, target): a decision is logged when it changes, not on
-    // every pass.
-    let mut last: HashMap<(tier0_dataplane::store::ChunkId, String), MoveState> = HashMap::new();
+    let mut decisions = Decisions::default();
     for movement in movements(store, AUDIT_WINDOW).await? {
-        last.insert((movement.chunk, movement.to.clone()), movement.state);
+        if movement.state == MoveState::Executed && movement.at_ms >= since {
+            spent += movement.bytes;
+            *spent_by_policy.entry(movement.policy.clone()).or_default() += movement.bytes;
+        }
+        decisions
+            .last
+            .insert(Decisions::key(&movement), movement.state);
     }
-    let mut seq = 0u32;
     let mut moved_files = HashSet::new();
     let mut approvals_used = Vec::new();
     for (layout, tags) in files {
@@ -307,13 +308,7 @@ pub async fn run(
                         }
                     }
                 }
-                let key = (movement.chunk, movement.to.clone());
-                if movement.state == MoveState::Executed || last.get(&key) != Some(&movement.state)
-                {
-                    record(store, &movement, seq).await?;
-                    seq += 1;
-                    last.insert(key, movement.state);
-                }
+                decisions.log(store, &movement).await?;
             }
         }
         if approved {
@@ -326,8 +321,7 @@ pub async fn run(
         heat,
         files,
         nodes,
-        &mut last,
-        &mut seq,
+        &mut decisions,
         &mut moved_files,
         &mut report,
     )
@@ -354,8 +348,7 @@ async fn shed(
     heat: &HeatTable,
     files: &[(Layout, BTreeMap<String, String>)],
     nodes: &[NodeRecord],
-    last: &mut HashMap<(tier0_dataplane::store::ChunkId, String), MoveState>,
-    seq: &mut u32,
+    decisions: &mut Decisions,
     moved_files: &mut HashSet<u64>,
     report: &mut RebalanceReport,
 ) -> Result<()> {
@@ -426,13 +419,7 @@ async fn shed(
                         }
                     }
                 }
-                let key = (movement.chunk, format!("-{}", node.id));
-                if movement.state == MoveState::Executed || last.get(&key) != Some(&movement.state)
-                {
-                    record(store, &movement, *seq).await?;
-                    *seq += 1;
-                    last.insert(key, movement.state);
-                }
+                decisions.log(store, &movement).await?;
             }
         }
     }
@@ -550,13 +537,34 @@ pub async fn movements(store: &dyn MetadataStore, limit: usize) -> Result<Vec<Mo
         .collect()
 }
 
-async fn movements_since(store: &dyn MetadataStore, since_ms: u64) -> Result<Vec<Movement>> {
-    let from = model::audit_key(since_ms, 0);
-    Ok(movements(store, usize::MAX)
-        .await?
-        .into_iter()
-        .filter(|movement| model::audit_key(movement.at_ms, 0) >= from)
-        .collect())
+/// The last decision on each move, and the sequence numbers of this pass's records.
+#[derive(Debug, Default)]
+struct Decisions {
+    last: HashMap<(tier0_dataplane::store::ChunkId, MoveKind, String), MoveState>,
+    seq: u32,
+}
+
+impl Decisions {
+    /// A move is its chunk, its kind and the node it changes (the target of a copy, the
+    /// holder of a dropped replica).
+    fn key(movement: &Movement) -> (tier0_dataplane::store::ChunkId, MoveKind, String) {
+        let node = match movement.kind {
+            MoveKind::Replicate => &movement.to,
+            MoveKind::Drop => &movement.from,
+        };
+        (movement.chunk, movement.kind, node.clone())
+    }
+
+    /// Records `movement` when it was made or differs from the last decision on its move.
+    async fn log(&mut self, store: &dyn MetadataStore, movement: &Movement) -> Result<()> {
+        let key = Self::key(movement);
+        if movement.state == MoveState::Executed || self.last.get(&key) != Some(&movement.state) {
+            record(store, movement, self.seq).await?;
+            self.seq += 1;
+            self.last.insert(key, movement.state);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -671,9 +679,8 @@ mod tests {
                 },
             )],
         );
-        let (mut last, mut seq, mut moved, mut report) = (
-            HashMap::new(),
-            0,
+        let (mut decisions, mut moved, mut report) = (
+            Decisions::default(),
             HashSet::new(),
             RebalanceReport::default(),
         );
@@ -690,8 +697,7 @@ mod tests {
             &heat,
             &files,
             &nodes,
-            &mut last,
-            &mut seq,
+            &mut decisions,
             &mut moved,
             &mut report,
         )

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use super::parse_bytes;
 use std::sync::Arc;
 
-use tier0_control::model::LayoutSettings;
+use tier0_control::model::{LayoutSettings, NO_ROUTE};
 use tier0_control::server::{ControlConfig, ControlServer, StoreChoice};
 use tier0_control_api::agent::{Agent, AgentConfig, HeatReport};
 use tier0_control_api::proto;
@@ -453,9 +453,6 @@ fn host_name() -> String {
         .map(|name| name.trim().to_string())
         .unwrap_or_else(|_| "localhost".to_string())
 }
-
-/// A GPU's route costs as registration carries them (see `GpuFeed` in cluster.proto).
-const NO_ROUTE: u32 = 6;
 
 fn gpu_feeds(feeds: &tier0_topology::MachineFeeds) -> Vec<proto::GpuFeed> {
     let cost = |distance: Option<tier0_topology::Distance>| {

@@ -545,6 +545,9 @@ pub struct TcpSource {
     notify: Arc<EventFd>,
     incoming: Receiver<(Stream, Peer)>,
     pool: Option<SharedPool>,
+    /// Connections attached to the pool now (kept as they attach and leave, not counted per
+    /// poll).
+    attached: usize,
     accepting: bool,
     connections: Vec<Option<Connection>>,
     generations: u64,
@@ -586,6 +589,7 @@ impl TcpSource {
             notify,
             incoming,
             pool: None,
+            attached: 0,
             accepting: true,
             connections: Vec::new(),
             generations: 0,
@@ -691,12 +695,6 @@ impl TcpSource {
 
     /// Reads and parses one connection's frames into requests, at most `max`.
     fn serve(&mut self, slot: usize, max: usize, requests: &mut Vec<(u64, usize, Op)>) {
-        let mut attached = self
-            .connections
-            .iter()
-            .flatten()
-            .filter(|connection| connection.held.is_some())
-            .count();
         let Some(connection) = self.connections[slot].as_mut() else {
             return;
         };
@@ -721,21 +719,22 @@ impl TcpSource {
                 };
             let payload_start = parsed + len - header.payload_len as usize;
             parsed += len;
-            let local = match local_frame(connection, self.pool.as_ref(), &mut attached, &message) {
-                LocalFrame::Done => continue,
-                LocalFrame::Refused(errno, text) => {
-                    let message = format!("{}: {text}", self.node);
-                    reply_error(connection, header.request_id, errno, message);
-                    if errno == libc::EPROTO {
-                        connection.done_reading = true;
-                        parsed = connection.input.len();
-                        break;
+            let local =
+                match local_frame(connection, self.pool.as_ref(), &mut self.attached, &message) {
+                    LocalFrame::Done => continue,
+                    LocalFrame::Refused(errno, text) => {
+                        let message = format!("{}: {text}", self.node);
+                        reply_error(connection, header.request_id, errno, message);
+                        if errno == libc::EPROTO {
+                            connection.done_reading = true;
+                            parsed = connection.input.len();
+                            break;
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                LocalFrame::Read => true,
-                LocalFrame::NotLocal => false,
-            };
+                    LocalFrame::Read => true,
+                    LocalFrame::NotLocal => false,
+                };
             let payload = &connection.input[payload_start..][..header.payload_len as usize];
             match request(
                 &self.stores,
@@ -781,6 +780,9 @@ impl TcpSource {
             });
             if finished {
                 let connection = self.connections[slot].take().expect("checked");
+                if connection.held.is_some() {
+                    self.attached -= 1;
+                }
                 tracing::info!(peer = %connection.peer, "peer disconnected");
                 // Dropping the stream closes it, which also takes it out of the epoll set.
             }
