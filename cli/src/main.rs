@@ -45,6 +45,9 @@ enum Command {
     /// The operator's view: health, nodes, layouts, drain.
     #[command(subcommand)]
     Admin(commands::admin::AdminCommand),
+    /// The MCP server for AI agents, on stdin/stdout: read-only unless the control plane's
+    /// agents policy allows prestage, snapshot or rollback; every agent action is audited.
+    Mcp(commands::mcp::McpArgs),
     /// Copy a local file or directory into the namespace (files in parallel).
     Put(commands::ingest::PutArgs),
     /// Copy a file or directory out of the namespace.
@@ -54,6 +57,9 @@ enum Command {
     /// A local cluster on loopback that keeps running: `up` and `down`.
     #[command(subcommand)]
     Cluster(commands::cluster::ClusterCommand),
+    /// Simulate a GPU cluster: accelerator utilization with no rebalancing, with tier0's
+    /// rebalancer and with an oracle (`sim planner`: time one planning pass at scale).
+    Sim(commands::sim::SimArgs),
     /// Bring up a local cluster, ingest a dataset, read it back striped and verify every
     /// byte, compare with a plain local read, show a layout, clean up.
     Quickstart(commands::quickstart::QuickstartArgs),
@@ -81,11 +87,13 @@ fn main() -> ExitCode {
         Command::Tag(args) => commands::namespace::tag(args),
         Command::Snapshot(command) => commands::snapshot::run(command),
         Command::Admin(command) => commands::admin::run(command),
+        Command::Mcp(args) => commands::mcp::run(args),
         Command::Put(args) => commands::ingest::put(args),
         Command::Get(args) => commands::ingest::get(args),
         Command::Mount(args) => commands::mount::run(args),
         Command::Cluster(command) => commands::cluster::run(command),
         Command::Quickstart(args) => commands::quickstart::run(args),
+        Command::Sim(args) => commands::sim::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -89,6 +89,24 @@ impl HeatTable {
         self.chunk_at(chunk, Instant::now())
     }
 
+    /// Every reported chunk's reads, summed over the nodes that reported it and decayed to
+    /// `now`: one walk over the reports, for a pass that looks at many chunks.
+    pub fn totals_at(&self, now: Instant) -> HashMap<ChunkId, f64> {
+        let reports = self.lock();
+        let mut totals: HashMap<ChunkId, f64> = HashMap::new();
+        for report in reports.values() {
+            let elapsed = now.saturating_duration_since(report.at);
+            for (chunk, heat) in &report.chunks {
+                *totals.entry(*chunk).or_default() += heat.decayed(elapsed, report.half_life).reads;
+            }
+        }
+        totals
+    }
+
+    pub fn totals(&self) -> HashMap<ChunkId, f64> {
+        self.totals_at(Instant::now())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Report>> {
         self.reports
             .lock()
@@ -136,6 +154,9 @@ mod tests {
         assert_eq!(nodes[0].0, "a");
         assert!((nodes[0].1.reads - 4.0).abs() < 1e-9, "{nodes:?}");
         assert!((nodes[1].1.reads - 1.0).abs() < 1e-9, "{nodes:?}");
+        let totals = table.totals_at(later);
+        assert!((totals[&chunk(0)] - 5.0).abs() < 1e-9, "{totals:?}");
+        assert!((totals[&chunk(1)] - 4.0).abs() < 1e-9, "{totals:?}");
         // Node a's next report no longer lists chunk 1: it went cold there.
         table.report_at("a", minute, vec![(chunk(0), hot)], later);
         assert!(table.chunk_at(chunk(1), later).is_empty());

@@ -2,6 +2,7 @@
 //! placement, kept in a [`store::MetadataStore`] and served over gRPC. It is never on the read
 //! path: clients open a file once, cache its layout and read from the data daemons.
 
+pub mod agents;
 pub mod error;
 pub mod heat;
 pub mod membership;

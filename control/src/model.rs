@@ -92,6 +92,14 @@ pub fn approval_key(file: u64) -> String {
 pub fn audit_key(at_ms: u64, seq: u32) -> String {
     format!("{AUDIT_PREFIX}{at_ms:016x}/{seq:08x}")
 }
+
+pub const AGENT_AUDIT_PREFIX: &str = "agent-audit/";
+
+/// `agent-audit/<at_ms:016x>/<seq:08x>`: one mutating call of an agent (`tier0 mcp`), allowed
+/// or refused, with its outcome, in time order.
+pub fn agent_audit_key(at_ms: u64, seq: u32) -> String {
+    format!("{AGENT_AUDIT_PREFIX}{at_ms:016x}/{seq:08x}")
+}
 pub const INODE_COUNTER_KEY: &str = "counter/inode";
 pub const NODES_PREFIX: &str = "node/";
 pub const SNAPSHOTS_PREFIX: &str = "snapshot/";

@@ -16,6 +16,15 @@
 //! covers it, else the defaults; then its own tags override: `tier0.rebalance=MODE`,
 //! `tier0.pin=NODE,NODE`, `tier0.never-move=true` (set with `tier0 tag` or
 //! `tier0 admin pin`).
+//!
+//! An optional `[agents]` table says what agents (calls through `tier0 mcp`, marked with the
+//! `x-tier0-agent` header) may change; without it they are read-only:
+//!
+//! ```toml
+//! [agents]
+//! allow = ["prestage", "snapshot", "rollback"]   # the mutating actions agents may take
+//! prefixes = ["/datasets"]                       # the paths they may take them on (default: all)
+//! ```
 
 use std::collections::BTreeMap;
 
@@ -32,6 +41,123 @@ pub const TAG_NEVER_MOVE: &str = "tier0.never-move";
 struct PolicyFile {
     #[serde(default)]
     policy: Vec<RuleSpec>,
+    agents: Option<AgentsSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentsSpec {
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    prefixes: Vec<String>,
+}
+
+/// A mutating action an agent may be allowed to take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AgentAction {
+    /// `Orchestration.Prestage`: copy a path to nodes (or cancel that).
+    Prestage,
+    /// `Snapshots.Create`.
+    Snapshot,
+    /// `Snapshots.Rollback`.
+    Rollback,
+}
+
+impl AgentAction {
+    pub const ALL: [AgentAction; 3] = [
+        AgentAction::Prestage,
+        AgentAction::Snapshot,
+        AgentAction::Rollback,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentAction::Prestage => "prestage",
+            AgentAction::Snapshot => "snapshot",
+            AgentAction::Rollback => "rollback",
+        }
+    }
+}
+
+impl std::fmt::Display for AgentAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AgentAction {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<AgentAction, String> {
+        AgentAction::ALL
+            .into_iter()
+            .find(|action| action.as_str() == text)
+            .ok_or_else(|| {
+                let all: Vec<&str> = AgentAction::ALL.iter().map(|a| a.as_str()).collect();
+                format!("one of {}", all.join(", "))
+            })
+    }
+}
+
+/// What agents may change (the `[agents]` table); the default: nothing (read-only).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentPolicy {
+    /// The actions allowed, in order, each once.
+    pub allow: Vec<AgentAction>,
+    /// The paths those actions may touch, without a trailing `/` but for `/` itself (empty:
+    /// every path).
+    pub prefixes: Vec<String>,
+}
+
+impl AgentPolicy {
+    pub fn allows(&self, action: AgentAction) -> bool {
+        self.allow.contains(&action)
+    }
+
+    /// Whether `agent` may take `action` on `path` (`None`: no path to check); the refusal
+    /// names the part of the policy that refused.
+    pub fn check(
+        &self,
+        agent: &str,
+        action: AgentAction,
+        path: Option<&str>,
+    ) -> Result<(), String> {
+        if !self.allows(action) {
+            let allowed = if self.allow.is_empty() {
+                "none: agents are read-only".to_string()
+            } else {
+                let names: Vec<&str> = self.allow.iter().map(|a| a.as_str()).collect();
+                format!("only {}", names.join(", "))
+            };
+            return Err(format!(
+                "agent {agent:?} may not {action}: the agents policy ([agents] allow in the \
+                 control plane's --policy file) allows {allowed}"
+            ));
+        }
+        if let Some(path) = path
+            && !self.covers(path)
+        {
+            return Err(format!(
+                "agent {agent:?} may not {action} {path}: outside the agents policy's prefixes \
+                 {} ([agents] prefixes in the control plane's --policy file)",
+                self.prefixes.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `path` is at or below one of the prefixes (or there are none).
+    pub fn covers(&self, path: &str) -> bool {
+        self.prefixes.is_empty()
+            || self.prefixes.iter().any(|prefix| {
+                prefix == "/"
+                    || path == prefix
+                    || path
+                        .strip_prefix(prefix.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+            })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +200,7 @@ struct Rule {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Policies {
     rules: Vec<Rule>,
+    agents: AgentPolicy,
 }
 
 /// What applies to one file.
@@ -159,7 +286,16 @@ impl Policies {
                 replication: spec.replication,
             });
         }
-        Ok(Policies { rules })
+        let agents = match file.agents {
+            None => AgentPolicy::default(),
+            Some(spec) => parse_agents(spec)?,
+        };
+        Ok(Policies { rules, agents })
+    }
+
+    /// What agents may change (`[agents]`; default: nothing).
+    pub fn agents(&self) -> &AgentPolicy {
+        &self.agents
     }
 
     /// Reads and parses a policy file.
@@ -228,6 +364,26 @@ impl Policies {
         }
         effective
     }
+}
+
+fn parse_agents(spec: AgentsSpec) -> Result<AgentPolicy, String> {
+    let mut allow = Vec::new();
+    for (index, name) in spec.allow.iter().enumerate() {
+        let action = name
+            .parse::<AgentAction>()
+            .map_err(|error| format!("agents.allow[{index}] {name:?}: {error}"))?;
+        if !allow.contains(&action) {
+            allow.push(action);
+        }
+    }
+    let mut prefixes = Vec::new();
+    for (index, prefix) in spec.prefixes.iter().enumerate() {
+        crate::path::NsPath::parse(&format!("agents.prefixes[{index}]"), prefix)
+            .map_err(|error| error.to_string())?;
+        let trimmed = prefix.trim_end_matches('/');
+        prefixes.push(if trimmed.is_empty() { "/" } else { trimmed }.to_string());
+    }
+    Ok(AgentPolicy { allow, prefixes })
 }
 
 #[cfg(test)]
@@ -349,5 +505,84 @@ mod tests {
             assert!(error.contains(needle), "{text:?}: {error}");
         }
         assert_eq!(Policies::parse("").unwrap(), Policies::default());
+    }
+
+    #[test]
+    fn agents_are_read_only_unless_the_agents_table_allows_an_action() {
+        let none = Policies::parse("[[policy]]\nprefix = \"/a\"\nmode = \"auto\"").unwrap();
+        assert_eq!(none.agents(), &AgentPolicy::default());
+        let refused = none
+            .agents()
+            .check("mcp", AgentAction::Snapshot, Some("/a"))
+            .unwrap_err();
+        assert!(refused.contains("agents are read-only"), "{refused}");
+        assert!(refused.contains("[agents] allow"), "{refused}");
+
+        let policies = Policies::parse(
+            r#"
+            [agents]
+            allow = ["snapshot", "prestage", "snapshot"]
+            prefixes = ["/datasets/", "/scratch"]
+            "#,
+        )
+        .unwrap();
+        let agents = policies.agents();
+        assert_eq!(agents.allow, [AgentAction::Snapshot, AgentAction::Prestage]);
+        assert_eq!(agents.prefixes, ["/datasets", "/scratch"]);
+        assert!(
+            agents
+                .check("a", AgentAction::Snapshot, Some("/datasets"))
+                .is_ok()
+        );
+        assert!(
+            agents
+                .check("a", AgentAction::Prestage, Some("/scratch/x/y"))
+                .is_ok()
+        );
+        let outside = agents
+            .check("a", AgentAction::Snapshot, Some("/datasetsX"))
+            .unwrap_err();
+        assert!(outside.contains("[agents] prefixes"), "{outside}");
+        assert!(outside.contains("/datasetsX"), "{outside}");
+        let not_listed = agents
+            .check("a", AgentAction::Rollback, Some("/datasets"))
+            .unwrap_err();
+        assert!(
+            not_listed.contains("only snapshot, prestage"),
+            "{not_listed}"
+        );
+        // "/" covers everything.
+        let everywhere =
+            Policies::parse("[agents]\nallow = [\"rollback\"]\nprefixes = [\"/\"]").unwrap();
+        assert!(
+            everywhere
+                .agents()
+                .check("a", AgentAction::Rollback, Some("/x"))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_bad_agents_table_is_an_error_naming_the_field() {
+        let cases = [
+            (
+                "[agents]\nallow = [\"prestage\", \"delete\"]",
+                "agents.allow[1] \"delete\": one of prestage, snapshot, rollback",
+            ),
+            (
+                "[agents]\nprefixes = [\"rel\"]",
+                "agents.prefixes[0] \"rel\"",
+            ),
+            (
+                "[agents]\nallow = [\"snapshot\"]\nsudo = true",
+                "unknown field `sudo`",
+            ),
+            ("[agents]\nallow = \"snapshot\"", "allow"),
+            ("[agent]\nallow = []", "unknown field `agent`"),
+        ];
+        for (text, needle) in cases {
+            let error = Policies::parse(text).unwrap_err();
+            assert!(error.contains(needle), "{text:?}: {error}");
+        }
     }
 }

@@ -15,12 +15,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use tier0_dataplane::store::ChunkId;
 
 use crate::error::Result;
 use crate::heat::HeatTable;
 use crate::model::{self, ChunkRecord, Layout, NodeRecord};
-use crate::orchestration::{GpuTable, rank_homes};
+use crate::orchestration::{GpuRef, GpuTable, rank_homes};
 use crate::store::{Check, MetadataStore, Outcome, Txn};
 use crate::upkeep::Upkeep;
 
@@ -139,8 +141,385 @@ pub struct RebalanceReport {
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-/// One rebalancing pass over the files declared jobs will read (`layouts`, each with its
-/// chunks' heat summed over nodes), with `nodes` as membership sees them.
+/// Target nodes a pass copies to at once. Copies to one node go one after another: its NIC
+/// and drives are the limit there, and one stream keeps a pass from flooding it.
+pub const COPY_STREAMS: usize = 32;
+
+/// Bytes that the rolling hour's executed moves copied: in all, and per policy rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Spent {
+    pub total: u64,
+    pub by_policy: HashMap<String, u64>,
+}
+
+/// What a pass plans from.
+#[derive(Debug)]
+pub struct PlanInput<'a> {
+    /// The files declared jobs will read or schedulers asked prestaged, with their tags.
+    pub files: &'a [(Layout, BTreeMap<String, String>)],
+    /// The nodes as membership sees them (capacity and free bytes from their heartbeats).
+    pub nodes: &'a [NodeRecord],
+    pub gpus: &'a GpuTable,
+    /// Each chunk's reads, summed over the nodes that served it (`HeatTable::totals`).
+    pub heat: &'a HashMap<ChunkId, f64>,
+    /// Files whose pending moves an operator approved (`Mode::Approve`).
+    pub approved: &'a HashSet<u64>,
+    pub spent: Spent,
+    /// The time the moves are stamped with (ms since the epoch).
+    pub now_ms: u64,
+}
+
+/// One move of a plan: made by this pass (`execute`), or only recorded (planned in dry-run or
+/// awaiting approval, refused, failed before it started).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedMove {
+    pub movement: Movement,
+    pub execute: bool,
+}
+
+/// A pass's moves, in the order they are made, and the approvals it uses up.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub moves: Vec<PlannedMove>,
+    pub approvals_used: Vec<u64>,
+}
+
+/// Where one group of a file's readers wants its chunks.
+#[derive(Debug)]
+struct Target {
+    node: String,
+    /// The route cost to the group from `node`; `None` for a prestage request.
+    cost: Option<u64>,
+    /// Every allowed home's cost for the group, to tell what a chunk's replicas cost it now
+    /// (a replica where the pin does not allow counts as none).
+    home_costs: HashMap<String, u64>,
+    /// The reading GPUs of the group, and the node they are on.
+    gpus: usize,
+    readers_on: String,
+}
+
+/// A move to consider: chunk `chunk` of file `file` to target `target`.
+#[derive(Debug)]
+struct Candidate {
+    file: usize,
+    chunk: usize,
+    target: usize,
+    reads: f64,
+    /// The route cost of the chunk's best replica for the target's readers now.
+    current: Option<u64>,
+}
+
+/// Plans one pass, without touching the store or any daemon: the rebalancer's whole logic of
+/// what moves where, shared by the control plane's pass ([`run`]) and the cluster simulator.
+///
+/// For each file: its reading GPUs grouped by node, and for each group the best allowed home
+/// (`orchestration::rank_homes`: the readers' own node when its drives feed its GPUs); each
+/// hot chunk (at least `min_reads`) whose replicas all cost the group more than that home is
+/// a candidate, and so is every chunk not yet on a node the file was asked prestaged to.
+/// Candidates are decided hottest first (prestages after), so a budget that runs out refuses
+/// the coldest; a target is never filled past the high watermark. Then the drops: surplus
+/// cold replicas on nodes over the high watermark.
+pub fn plan(config: &RebalanceConfig, input: &PlanInput) -> Plan {
+    let mut plan = Plan::default();
+    if config.mode == Mode::Off && config.policies == crate::policy::Policies::default() {
+        return plan;
+    }
+    let nodes = input.nodes;
+    let by_id: HashMap<&str, &NodeRecord> = nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    let up = |id: &str| {
+        by_id
+            .get(id)
+            .is_some_and(|n| n.state == model::NodeState::Up)
+    };
+    let policies: Vec<crate::policy::Effective> = input
+        .files
+        .iter()
+        .map(|(layout, tags)| config.policies.effective(&layout.path, tags, config))
+        .collect();
+    let mut targets: Vec<Vec<Target>> = Vec::with_capacity(input.files.len());
+    let mut jobs_of: Vec<Vec<String>> = Vec::with_capacity(input.files.len());
+    let mut candidates = Vec::new();
+    for (file, (layout, _)) in input.files.iter().enumerate() {
+        let policy = &policies[file];
+        let mut file_targets: Vec<Target> = Vec::new();
+        let (readers, jobs) = input.gpus.readers_of(&layout.path);
+        jobs_of.push(jobs);
+        if policy.mode != Mode::Off {
+            let allowed =
+                |node: &str| policy.pin.is_empty() || policy.pin.iter().any(|p| p == node);
+            let mut groups: BTreeMap<&str, Vec<GpuRef>> = BTreeMap::new();
+            for reader in &readers {
+                groups.entry(&reader.node).or_default().push(reader.clone());
+            }
+            for (readers_on, group) in groups {
+                let homes = rank_homes(nodes, &group);
+                let Some(best) = homes.iter().find(|home| allowed(&home.node)) else {
+                    continue;
+                };
+                if file_targets.iter().any(|t| t.node == best.node) {
+                    continue;
+                }
+                file_targets.push(Target {
+                    node: best.node.clone(),
+                    cost: Some(best.cost),
+                    home_costs: homes
+                        .iter()
+                        .filter(|home| allowed(&home.node))
+                        .map(|home| (home.node.clone(), home.cost))
+                        .collect(),
+                    gpus: group.len(),
+                    readers_on: readers_on.to_string(),
+                });
+            }
+            for node in input.gpus.prestaged_to(&layout.path) {
+                if up(&node) && allowed(&node) && !file_targets.iter().any(|t| t.node == node) {
+                    file_targets.push(Target {
+                        node,
+                        cost: None,
+                        home_costs: HashMap::new(),
+                        gpus: 0,
+                        readers_on: String::new(),
+                    });
+                }
+            }
+        }
+        for (index, target) in file_targets.iter().enumerate() {
+            for (chunk_index, chunk) in layout.chunks.iter().enumerate() {
+                if chunk.len == 0 || chunk.replicas.contains(&target.node) {
+                    continue;
+                }
+                let reads = input.heat.get(&chunk.id).copied().unwrap_or(0.0);
+                let current = chunk
+                    .replicas
+                    .iter()
+                    .filter_map(|replica| target.home_costs.get(replica))
+                    .min()
+                    .copied();
+                if let Some(cost) = target.cost
+                    && (reads < policy.min_reads || current.is_some_and(|now| now <= cost))
+                {
+                    continue;
+                }
+                candidates.push(Candidate {
+                    file,
+                    chunk: chunk_index,
+                    target: index,
+                    reads,
+                    current,
+                });
+            }
+        }
+        targets.push(file_targets);
+    }
+    // Hottest first; prestages (asked for, hot or not) after; ties in file and chunk order.
+    candidates.sort_by(|a, b| {
+        let prestage = |c: &Candidate| targets[c.file][c.target].cost.is_none();
+        prestage(a)
+            .cmp(&prestage(b))
+            .then(b.reads.total_cmp(&a.reads))
+            .then((a.file, a.chunk, a.target).cmp(&(b.file, b.chunk, b.target)))
+    });
+
+    let mut spent = input.spent.clone();
+    // Bytes each node holds, with this pass's copies to it.
+    let mut used: HashMap<&str, u64> = nodes
+        .iter()
+        .map(|n| {
+            let t = &n.topology;
+            (n.id.as_str(), t.capacity_bytes.saturating_sub(t.free_bytes))
+        })
+        .collect();
+    let mut approvals_used = HashSet::new();
+    for candidate in &candidates {
+        let (layout, _) = &input.files[candidate.file];
+        let policy = &policies[candidate.file];
+        let target = &targets[candidate.file][candidate.target];
+        let chunk = &layout.chunks[candidate.chunk];
+        let reads = candidate.reads;
+        let reason = match target.cost {
+            Some(cost) => format!(
+                "hot ({reads:.1} reads), read by {} on {} GPUs of {}; {} costs them {cost} (their nearest replica {})",
+                jobs_of[candidate.file].join(", "),
+                target.gpus,
+                target.readers_on,
+                target.node,
+                candidate
+                    .current
+                    .map_or("none up".to_string(), |cost| cost.to_string()),
+            ),
+            None => format!("prestage to {} requested ({reads:.1} reads)", target.node),
+        };
+        let source = chunk
+            .replicas
+            .iter()
+            .find(|replica| up(replica))
+            .cloned()
+            .unwrap_or_default();
+        let bytes = u64::from(chunk.len);
+        let mut movement = Movement {
+            at_ms: input.now_ms,
+            path: layout.path.clone(),
+            file_id: layout.file_id,
+            chunk: chunk.id,
+            bytes,
+            from: source.clone(),
+            to: target.node.clone(),
+            state: MoveState::Planned,
+            reason,
+            policy: policy.source.clone(),
+            kind: MoveKind::Replicate,
+        };
+        let approved = policy.mode == Mode::Approve && input.approved.contains(&layout.file_id);
+        let policy_spent = spent.by_policy.get(&policy.source).copied().unwrap_or(0);
+        let capacity = by_id
+            .get(target.node.as_str())
+            .map_or(0, |n| n.topology.capacity_bytes);
+        let target_used = used.get(target.node.as_str()).copied().unwrap_or(0);
+        let limit = (capacity as f64 * config.high_watermark) as u64;
+        let mut execute = false;
+        if policy.never_move {
+            movement.state = MoveState::Refused;
+            movement.reason = format!(
+                "{}; refused: never-move ({})",
+                movement.reason, policy.source
+            );
+        } else if policy.mode == Mode::DryRun {
+            movement.reason = format!("{}; dry-run ({})", movement.reason, policy.source);
+        } else if policy.mode == Mode::Approve && !approved {
+            movement.reason = format!(
+                "{}; awaiting approval: tier0 admin approve {} ({})",
+                movement.reason, layout.path, policy.source
+            );
+        } else if let Some(budget) = policy.max_bytes_per_hour
+            && policy_spent + bytes > budget
+        {
+            movement.state = MoveState::Refused;
+            movement.reason = format!(
+                "{}; refused: {bytes} bytes would pass {}'s budget of {budget} bytes an hour ({policy_spent} spent)",
+                movement.reason, policy.source
+            );
+        } else if spent.total + bytes > config.max_bytes_per_hour {
+            movement.state = MoveState::Refused;
+            movement.reason = format!(
+                "{}; refused: {} bytes would pass the budget of {} bytes an hour ({} spent)",
+                movement.reason, bytes, config.max_bytes_per_hour, spent.total
+            );
+        } else if capacity > 0 && target_used + bytes > limit {
+            movement.state = MoveState::Refused;
+            movement.reason = format!(
+                "{}; refused: {} would pass its high watermark of {:.0}% ({:.0}% full)",
+                movement.reason,
+                target.node,
+                100.0 * config.high_watermark,
+                100.0 * target_used as f64 / capacity as f64
+            );
+        } else if source.is_empty() {
+            movement.state = MoveState::Failed;
+            movement.reason = format!("{}; failed: no replica on an up node", movement.reason);
+        } else {
+            // Counted as spent now: a copy that then fails holds its bytes until next pass.
+            execute = true;
+            spent.total += bytes;
+            *spent.by_policy.entry(policy.source.clone()).or_default() += bytes;
+            if let Some(held) = used.get_mut(target.node.as_str()) {
+                *held += bytes;
+            }
+        }
+        plan.moves.push(PlannedMove { movement, execute });
+    }
+    plan_drops(config, input, &policies, &mut plan);
+    // An approval covers one pass over the file's moves, whichever were made.
+    for (file, (layout, _)) in input.files.iter().enumerate() {
+        if policies[file].mode == Mode::Approve && input.approved.contains(&layout.file_id) {
+            approvals_used.insert(layout.file_id);
+        }
+    }
+    plan.approvals_used = approvals_used.into_iter().collect();
+    plan.approvals_used.sort_unstable();
+    plan
+}
+
+/// Drops surplus cold replicas from nodes over the high watermark: a replica goes only when
+/// its chunk keeps at least its file's replication factor on other nodes, it is cold (fewer
+/// reads than the policy's `min_reads`), and its file is not pinned there or never-move.
+fn plan_drops(
+    config: &RebalanceConfig,
+    input: &PlanInput,
+    policies: &[crate::policy::Effective],
+    plan: &mut Plan,
+) {
+    // Replicas this pass drops already, so a chunk is never cut below its factor twice over.
+    let mut dropped: HashMap<ChunkId, u32> = HashMap::new();
+    for node in input.nodes {
+        let capacity = node.topology.capacity_bytes;
+        if capacity == 0 || node.state != model::NodeState::Up {
+            continue;
+        }
+        let mut used = capacity.saturating_sub(node.topology.free_bytes);
+        let limit = (capacity as f64 * config.high_watermark) as u64;
+        for (file, (layout, _)) in input.files.iter().enumerate() {
+            if used <= limit {
+                break;
+            }
+            let policy = &policies[file];
+            if policy.never_move || policy.mode == Mode::Off || policy.pin.contains(&node.id) {
+                continue;
+            }
+            let factor = policy.replication.unwrap_or(layout.replication).max(1);
+            for chunk in &layout.chunks {
+                if used <= limit {
+                    break;
+                }
+                let gone = dropped.get(&chunk.id).copied().unwrap_or(0);
+                let left = (chunk.replicas.len() as u32).saturating_sub(gone);
+                if !chunk.replicas.contains(&node.id) || left <= factor {
+                    continue;
+                }
+                let reads = input.heat.get(&chunk.id).copied().unwrap_or(0.0);
+                if reads >= policy.min_reads {
+                    continue;
+                }
+                let mut movement = Movement {
+                    at_ms: input.now_ms,
+                    path: layout.path.clone(),
+                    file_id: layout.file_id,
+                    chunk: chunk.id,
+                    bytes: u64::from(chunk.len),
+                    from: node.id.clone(),
+                    to: String::new(),
+                    state: MoveState::Planned,
+                    reason: format!(
+                        "{} is {:.0}% full (watermark {:.0}%); cold ({reads:.1} reads) and {} replicas for a replication factor of {}",
+                        node.id,
+                        100.0 * used as f64 / capacity as f64,
+                        100.0 * config.high_watermark,
+                        left,
+                        factor
+                    ),
+                    policy: policy.source.clone(),
+                    kind: MoveKind::Drop,
+                };
+                let execute = !matches!(policy.mode, Mode::DryRun | Mode::Approve);
+                if execute {
+                    used = used.saturating_sub(u64::from(chunk.len));
+                    *dropped.entry(chunk.id).or_default() += 1;
+                } else {
+                    movement.reason =
+                        format!("{}; not dropped ({:?})", movement.reason, policy.mode);
+                }
+                plan.moves.push(PlannedMove { movement, execute });
+            }
+        }
+    }
+}
+
+/// A move made, and what became of it.
+type Made = (Movement, std::result::Result<(), String>);
+
+/// One rebalancing pass: reads the audit log (budgets spent, last decisions) and approvals,
+/// plans ([`plan`]), makes the plan's moves (drops through trash; copies through the data
+/// plane, to at most [`COPY_STREAMS`] target nodes at once, one after another per target),
+/// records each decision that changed, and bumps the layouts of the files it changed.
 pub async fn run(
     config: &RebalanceConfig,
     store: &dyn MetadataStore,
@@ -158,272 +537,113 @@ pub async fn run(
     // One read of the log: the last hour's bytes (the budgets) and the last decision on
     // each move (logged again only when it changes).
     let since = now.saturating_sub(HOUR.as_millis() as u64);
-    let mut spent = 0u64;
-    let mut spent_by_policy: HashMap<String, u64> = HashMap::new();
+    let mut spent = Spent::default();
     let mut decisions = Decisions::default();
     for movement in movements(store, AUDIT_WINDOW).await? {
         if movement.state == MoveState::Executed && movement.at_ms >= since {
-            spent += movement.bytes;
-            *spent_by_policy.entry(movement.policy.clone()).or_default() += movement.bytes;
+            spent.total += movement.bytes;
+            *spent.by_policy.entry(movement.policy.clone()).or_default() += movement.bytes;
         }
         decisions
             .last
             .insert(Decisions::key(&movement), movement.state);
     }
-    let mut moved_files = HashSet::new();
-    let mut approvals_used = Vec::new();
+    let mut approved = HashSet::new();
     for (layout, tags) in files {
-        let policy = config.policies.effective(&layout.path, tags, config);
-        if policy.mode == Mode::Off {
-            continue;
-        }
-        let (readers, jobs) = gpus.readers_of(&layout.path);
-        let homes = rank_homes(nodes, &readers);
-        let allowed = |node: &str| policy.pin.is_empty() || policy.pin.iter().any(|p| p == node);
-        // Where the file's chunks should be: the best allowed home for its readers (hot
-        // chunks only), and every node a scheduler asked it prestaged to (all chunks).
-        let mut targets: Vec<(String, Option<u64>)> = Vec::new();
-        if !readers.is_empty()
-            && let Some(best) = homes.iter().find(|home| allowed(&home.node))
-        {
-            targets.push((best.node.clone(), Some(best.cost)));
-        }
-        for node in gpus.prestaged_to(&layout.path) {
-            let up = nodes
-                .iter()
-                .any(|n| n.id == node && n.state == model::NodeState::Up);
-            if up && allowed(&node) && !targets.iter().any(|(t, _)| *t == node) {
-                targets.push((node, None));
-            }
-        }
-        if targets.is_empty() {
-            continue;
-        }
-        let approved = policy.mode == Mode::Approve
+        if config.policies.effective(&layout.path, tags, config).mode == Mode::Approve
             && store
                 .get(&model::approval_key(layout.file_id))
                 .await?
-                .is_some();
-        for (target, cost) in &targets {
-            for chunk in &layout.chunks {
-                if chunk.replicas.contains(target) || chunk.len == 0 {
-                    continue;
-                }
-                let reads: f64 = heat.chunk(chunk.id).iter().map(|(_, h)| h.reads).sum();
-                let reason = match cost {
-                    Some(cost) => {
-                        if reads < policy.min_reads {
-                            continue;
-                        }
-                        let current = homes
-                            .iter()
-                            .filter(|home| chunk.replicas.contains(&home.node))
-                            .map(|home| home.cost)
-                            .min();
-                        format!(
-                            "hot ({reads:.1} reads), read by {} on {} GPUs; {target} costs {cost} (its nearest replica {})",
-                            jobs.join(", "),
-                            readers.len(),
-                            current.map_or("none up".to_string(), |cost| cost.to_string()),
-                        )
-                    }
-                    None => format!("prestage to {target} requested ({reads:.1} reads)"),
-                };
-                let source = chunk
-                    .replicas
-                    .iter()
-                    .find(|replica| {
-                        nodes
-                            .iter()
-                            .any(|n| &n.id == *replica && n.state == model::NodeState::Up)
-                    })
-                    .cloned()
-                    .unwrap_or_default();
-                let bytes = u64::from(chunk.len);
-                let mut movement = Movement {
-                    at_ms: now,
-                    path: layout.path.clone(),
-                    file_id: layout.file_id,
-                    chunk: chunk.id,
-                    bytes,
-                    from: source.clone(),
-                    to: target.clone(),
-                    state: MoveState::Planned,
-                    reason,
-                    policy: policy.source.clone(),
-                    kind: MoveKind::Replicate,
-                };
-                let policy_spent = spent_by_policy.get(&policy.source).copied().unwrap_or(0);
-                if policy.never_move {
-                    movement.state = MoveState::Refused;
-                    movement.reason = format!(
-                        "{}; refused: never-move ({})",
-                        movement.reason, policy.source
-                    );
-                    report.refused += 1;
-                } else if policy.mode == Mode::DryRun {
-                    movement.reason = format!("{}; dry-run ({})", movement.reason, policy.source);
-                    report.planned += 1;
-                } else if policy.mode == Mode::Approve && !approved {
-                    movement.reason = format!(
-                        "{}; awaiting approval: tier0 admin approve {} ({})",
-                        movement.reason, layout.path, policy.source
-                    );
-                    report.planned += 1;
-                } else if let Some(budget) = policy.max_bytes_per_hour
-                    && policy_spent + bytes > budget
-                {
-                    movement.state = MoveState::Refused;
-                    movement.reason = format!(
-                        "{}; refused: {bytes} bytes would pass {}'s budget of {budget} bytes an hour ({policy_spent} spent)",
-                        movement.reason, policy.source
-                    );
-                    report.refused += 1;
-                } else if spent + bytes > config.max_bytes_per_hour {
-                    movement.state = MoveState::Refused;
-                    movement.reason = format!(
-                        "{}; refused: {} bytes would pass the budget of {} bytes an hour ({} spent)",
-                        movement.reason, bytes, config.max_bytes_per_hour, spent
-                    );
-                    report.refused += 1;
-                } else if source.is_empty() {
-                    movement.state = MoveState::Failed;
-                    movement.reason =
-                        format!("{}; failed: no replica on an up node", movement.reason);
-                    report.failed += 1;
-                } else {
-                    match execute(store, upkeep, nodes, &movement).await? {
-                        Ok(()) => {
-                            movement.state = MoveState::Executed;
-                            spent += bytes;
-                            *spent_by_policy.entry(policy.source.clone()).or_default() += bytes;
-                            report.executed += 1;
-                            report.bytes_moved += bytes;
-                            moved_files.insert(layout.file_id);
-                        }
-                        Err(problem) => {
-                            movement.state = MoveState::Failed;
-                            movement.reason = format!("{}; failed: {problem}", movement.reason);
-                            report.failed += 1;
-                        }
-                    }
-                }
-                decisions.log(store, &movement).await?;
-            }
-        }
-        if approved {
-            approvals_used.push(layout.file_id);
+                .is_some()
+        {
+            approved.insert(layout.file_id);
         }
     }
-    shed(
+    let totals = heat.totals();
+    let plan = plan(
         config,
-        store,
-        heat,
-        files,
-        nodes,
-        &mut decisions,
-        &mut moved_files,
-        &mut report,
-    )
-    .await?;
-    upkeep.bump_layouts(&moved_files).await?;
-    // An approval covers one pass over the file's moves.
-    for file in approvals_used {
+        &PlanInput {
+            files,
+            nodes,
+            gpus,
+            heat: &totals,
+            approved: &approved,
+            spent,
+            now_ms: now,
+        },
+    );
+    // Drops are metadata: made in order. Copies are grouped by target node; each group's go
+    // one after another (the target's NIC and drives are the limit), COPY_STREAMS groups at
+    // once.
+    let mut made: Vec<Made> = Vec::new();
+    let mut groups: Vec<Vec<Movement>> = Vec::new();
+    let mut group_of: HashMap<String, usize> = HashMap::new();
+    let mut logged_only = Vec::new();
+    for PlannedMove { movement, execute } in plan.moves {
+        if !execute {
+            logged_only.push(movement);
+        } else if movement.kind == MoveKind::Drop {
+            let outcome = drop_replica(store, movement.chunk, &movement.from).await?;
+            made.push((movement, outcome));
+        } else {
+            let group = *group_of.entry(movement.to.clone()).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[group].push(movement);
+        }
+    }
+    let copied: Vec<Result<Vec<Made>>> = futures_util::stream::iter(groups)
+        .map(|group| async move {
+            let mut done = Vec::with_capacity(group.len());
+            for movement in group {
+                let outcome = execute_copy(store, upkeep, nodes, &movement).await?;
+                done.push((movement, outcome));
+            }
+            Ok(done)
+        })
+        .buffer_unordered(COPY_STREAMS)
+        .collect()
+        .await;
+    for group in copied {
+        made.extend(group?);
+    }
+    let mut changed_files = HashSet::new();
+    for movement in logged_only {
+        match movement.state {
+            MoveState::Refused => report.refused += 1,
+            MoveState::Failed => report.failed += 1,
+            _ => report.planned += 1,
+        }
+        decisions.log(store, &movement).await?;
+    }
+    for (mut movement, outcome) in made {
+        {
+            match outcome {
+                Ok(()) => {
+                    movement.state = MoveState::Executed;
+                    report.executed += 1;
+                    if movement.kind == MoveKind::Replicate {
+                        report.bytes_moved += movement.bytes;
+                    }
+                    changed_files.insert(movement.file_id);
+                }
+                Err(problem) => {
+                    movement.state = MoveState::Failed;
+                    movement.reason = format!("{}; failed: {problem}", movement.reason);
+                    report.failed += 1;
+                }
+            }
+        }
+        decisions.log(store, &movement).await?;
+    }
+    upkeep.bump_layouts(&changed_files).await?;
+    for file in plan.approvals_used {
         let mut txn = Txn::new();
         txn.delete(model::approval_key(file));
         store.commit(&txn).await?;
     }
     Ok(report)
-}
-
-/// Drops surplus cold replicas from nodes over the high watermark: a replica goes only when
-/// its chunk keeps at least its file's replication factor on other nodes, it is cold (fewer
-/// reads than the policy's `min_reads`), and its file is not pinned there or never-move.
-/// The replica leaves the chunk's record in one checked transaction and is queued in trash
-/// (M3), so the daemon deletes it only after no layout names it.
-#[allow(clippy::too_many_arguments)]
-async fn shed(
-    config: &RebalanceConfig,
-    store: &dyn MetadataStore,
-    heat: &HeatTable,
-    files: &[(Layout, BTreeMap<String, String>)],
-    nodes: &[NodeRecord],
-    decisions: &mut Decisions,
-    moved_files: &mut HashSet<u64>,
-    report: &mut RebalanceReport,
-) -> Result<()> {
-    let now = model::now_ms();
-    for node in nodes {
-        let capacity = node.topology.capacity_bytes;
-        if capacity == 0 || node.state != model::NodeState::Up {
-            continue;
-        }
-        let mut used = capacity.saturating_sub(node.topology.free_bytes);
-        let limit = (capacity as f64 * config.high_watermark) as u64;
-        for (layout, tags) in files {
-            if used <= limit {
-                break;
-            }
-            let policy = config.policies.effective(&layout.path, tags, config);
-            if policy.never_move || policy.mode == Mode::Off || policy.pin.contains(&node.id) {
-                continue;
-            }
-            for chunk in &layout.chunks {
-                if used <= limit {
-                    break;
-                }
-                let factor = policy.replication.unwrap_or(layout.replication).max(1);
-                if !chunk.replicas.contains(&node.id) || (chunk.replicas.len() as u32) <= factor {
-                    continue;
-                }
-                let reads: f64 = heat.chunk(chunk.id).iter().map(|(_, h)| h.reads).sum();
-                if reads >= policy.min_reads {
-                    continue;
-                }
-                let mut movement = Movement {
-                    at_ms: now,
-                    path: layout.path.clone(),
-                    file_id: layout.file_id,
-                    chunk: chunk.id,
-                    bytes: u64::from(chunk.len),
-                    from: node.id.clone(),
-                    to: String::new(),
-                    state: MoveState::Planned,
-                    reason: format!(
-                        "{} is {:.0}% full (watermark {:.0}%); cold ({reads:.1} reads) and {} replicas for a replication factor of {}",
-                        node.id,
-                        100.0 * used as f64 / capacity as f64,
-                        100.0 * config.high_watermark,
-                        chunk.replicas.len(),
-                        factor
-                    ),
-                    policy: policy.source.clone(),
-                    kind: MoveKind::Drop,
-                };
-                if matches!(policy.mode, Mode::DryRun | Mode::Approve) {
-                    movement.reason =
-                        format!("{}; not dropped ({:?})", movement.reason, policy.mode);
-                    report.planned += 1;
-                } else {
-                    match drop_replica(store, chunk.id, &node.id).await? {
-                        Ok(()) => {
-                            movement.state = MoveState::Executed;
-                            used = used.saturating_sub(u64::from(chunk.len));
-                            report.executed += 1;
-                            moved_files.insert(layout.file_id);
-                        }
-                        Err(problem) => {
-                            movement.state = MoveState::Failed;
-                            movement.reason = format!("{}; failed: {problem}", movement.reason);
-                            report.failed += 1;
-                        }
-                    }
-                }
-                decisions.log(store, &movement).await?;
-            }
-        }
-    }
-    Ok(())
 }
 
 async fn drop_replica(
@@ -462,7 +682,7 @@ pub async fn approve(store: &dyn MetadataStore, file_id: u64) -> Result<()> {
 }
 
 /// Copies the chunk and names the new replica, or says why not.
-async fn execute(
+async fn execute_copy(
     store: &dyn MetadataStore,
     upkeep: &Upkeep,
     nodes: &[NodeRecord],
@@ -666,24 +886,8 @@ mod tests {
             (y.clone(), BTreeMap::new()),
             (z.clone(), pinned),
         ];
-        let heat = HeatTable::default();
         // Chunk 7 of /x is hot on "full": it stays.
-        heat.report(
-            "full",
-            Duration::from_secs(600),
-            vec![(
-                x.chunks[7].id,
-                crate::heat::Heat {
-                    reads: 10.0,
-                    bytes: 0.0,
-                },
-            )],
-        );
-        let (mut decisions, mut moved, mut report) = (
-            Decisions::default(),
-            HashSet::new(),
-            RebalanceReport::default(),
-        );
+        let heat = HashMap::from([(x.chunks[7].id, 10.0)]);
         let config = RebalanceConfig {
             policies: crate::policy::Policies::parse(
                 "[[policy]]\nprefix = \"/w\"\nreplication = 3\n",
@@ -691,18 +895,37 @@ mod tests {
             .unwrap(),
             ..RebalanceConfig::default()
         };
-        shed(
+        let gpus = GpuTable::default();
+        let approved = HashSet::new();
+        let planned = plan(
             &config,
-            &store,
-            &heat,
-            &files,
-            &nodes,
-            &mut decisions,
-            &mut moved,
-            &mut report,
-        )
-        .await
-        .unwrap();
+            &PlanInput {
+                files: &files,
+                nodes: &nodes,
+                gpus: &gpus,
+                heat: &heat,
+                approved: &approved,
+                spent: Spent::default(),
+                now_ms: 1,
+            },
+        );
+        let mut report = RebalanceReport::default();
+        let mut log = Vec::new();
+        for PlannedMove {
+            mut movement,
+            execute,
+        } in planned.moves
+        {
+            assert!(execute, "{movement:?}");
+            assert_eq!(movement.kind, MoveKind::Drop);
+            drop_replica(&store, movement.chunk, &movement.from)
+                .await
+                .unwrap()
+                .unwrap();
+            movement.state = MoveState::Executed;
+            report.executed += 1;
+            log.push(movement);
+        }
         // 5 MiB over: five 1 MiB replicas go, the first cold ones of /x.
         assert_eq!(report.executed, 5, "{report:?}");
         for (index, chunk) in x.chunks.iter().enumerate() {
@@ -737,13 +960,124 @@ mod tests {
             3,
             "policy factor ignored"
         );
-        let log = movements(&store, 100).await.unwrap();
         assert_eq!(log.len(), 5);
-        assert!(
-            log.iter()
-                .all(|m| m.kind == MoveKind::Drop && m.state == MoveState::Executed)
-        );
         assert!(log[0].reason.contains("95% full"), "{}", log[0].reason);
-        assert_eq!(moved, HashSet::from([1]));
+        assert!(
+            log.iter().all(|m| m.file_id == 1 && m.from == "full"),
+            "{log:?}"
+        );
+    }
+
+    fn gpu_node(id: &str, capacity: u64, free: u64) -> NodeRecord {
+        let mut record = node(id, capacity, free);
+        record.topology.gpu_feeds = (0..2)
+            .map(|index| crate::model::GpuFeed {
+                index,
+                numa_node: Some(0),
+                drive_cost: 2,
+                nic_cost: 2,
+            })
+            .collect();
+        record.topology.drive_nic_cost = 2;
+        record
+    }
+
+    /// A job on the GPUs of two nodes gets the hot chunks on each of them, hottest first
+    /// while the budget lasts; a node near its watermark takes none; cold chunks stay.
+    #[test]
+    fn plan_copies_hot_chunks_to_each_reading_node_hottest_first_within_budget_and_room() {
+        // r1 and r2 run the job; r3 too but is 90% full; "store" holds the data.
+        let nodes = [
+            gpu_node("r1", 100 << 20, 100 << 20),
+            gpu_node("r2", 100 << 20, 100 << 20),
+            gpu_node("r3", 100 << 20, 10 << 20),
+            node("store", 100 << 20, 50 << 20),
+        ];
+        let store: &[&str] = &["store"];
+        let data = layout("/d/train", 9, &[store; 4]);
+        let gpus = GpuTable::default();
+        gpus.declare(crate::orchestration::Job {
+            name: "job".into(),
+            paths: vec!["/d".into()],
+            gpus: ["r1", "r2", "r3"]
+                .iter()
+                .flat_map(|node| {
+                    (0..2).map(|index| GpuRef {
+                        node: node.to_string(),
+                        index,
+                    })
+                })
+                .collect(),
+        });
+        // Chunk 3 hottest, then 1, then 0; chunk 2 cold.
+        let heat = HashMap::from([
+            (data.chunks[0].id, 2.0),
+            (data.chunks[1].id, 5.0),
+            (data.chunks[3].id, 9.0),
+        ]);
+        // Room in the budget for five 1 MiB copies, one spent already.
+        let config = RebalanceConfig {
+            max_bytes_per_hour: 6 << 20,
+            ..RebalanceConfig::default()
+        };
+        let files = vec![(data.clone(), BTreeMap::new())];
+        let approved = HashSet::new();
+        let planned = plan(
+            &config,
+            &PlanInput {
+                files: &files,
+                nodes: &nodes,
+                gpus: &gpus,
+                heat: &heat,
+                approved: &approved,
+                spent: Spent {
+                    total: 1 << 20,
+                    by_policy: HashMap::new(),
+                },
+                now_ms: 7,
+            },
+        );
+        let summary: Vec<(u32, &str, bool, MoveState)> = planned
+            .moves
+            .iter()
+            .map(|m| {
+                let mv = &m.movement;
+                (mv.chunk.index, mv.to.as_str(), m.execute, mv.state)
+            })
+            .collect();
+        use MoveState::{Planned, Refused};
+        assert_eq!(
+            summary,
+            vec![
+                (3, "r1", true, Planned),
+                (3, "r2", true, Planned),
+                (3, "r3", false, Refused),
+                (1, "r1", true, Planned),
+                (1, "r2", true, Planned),
+                (1, "r3", false, Refused),
+                (0, "r1", true, Planned),
+                (0, "r2", false, Refused),
+                (0, "r3", false, Refused),
+            ]
+        );
+        let watermark = &planned.moves[2].movement.reason;
+        assert!(
+            watermark.contains("r3 would pass its high watermark of 90% (90% full)"),
+            "{watermark}"
+        );
+        let budget = &planned.moves[7].movement.reason;
+        assert!(budget.contains("would pass the budget"), "{budget}");
+        let first = &planned.moves[0].movement;
+        assert_eq!(
+            (first.from.as_str(), first.at_ms, first.bytes),
+            ("store", 7, 1 << 20)
+        );
+        assert!(
+            first
+                .reason
+                .contains("read by job on 2 GPUs of r1; r1 costs them 4"),
+            "{}",
+            first.reason
+        );
     }
 }

@@ -9,5 +9,6 @@ pub mod local;
 pub mod measure;
 pub mod net;
 pub mod report;
+pub mod sim;
 
 pub use report::{Latency, ScenarioResult, render_table};

@@ -1,4 +1,4 @@
-//! `tier0 admin health|nodes|layout|drain`: the operator's view of the cluster.
+//! `tier0 admin health|nodes|layout|drain|…`: the operator's view of the cluster.
 
 use std::io::Write;
 
@@ -74,6 +74,15 @@ pub enum AdminCommand {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// The agent audit log: every call of an agent (`tier0 mcp`) that would change anything,
+    /// allowed or refused by the agents policy, and how it ended.
+    AgentActions {
+        /// The newest this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Run the leader's upkeep now: re-replicate chunks off down or draining nodes, then
     /// collect versions and chunks nothing needs (on the leader only).
     Upkeep {
@@ -91,81 +100,9 @@ pub enum AdminCommand {
     },
 }
 
-fn state_name(state: i32) -> &'static str {
-    match proto::NodeState::try_from(state) {
-        Ok(proto::NodeState::Up) => "up",
-        Ok(proto::NodeState::Down) => "down",
-        Ok(proto::NodeState::Draining) => "draining",
-        Ok(proto::NodeState::Drained) => "drained",
-        _ => "unknown",
-    }
-}
-
-fn node_json(node: &proto::Node) -> serde_json::Value {
-    let topology = node.topology.clone().unwrap_or_default();
-    json!({
-        "id": node.id,
-        "address": node.address,
-        "state": state_name(node.state),
-        "failure_domain": topology.failure_domain,
-        "numa_nodes": topology.numa_nodes,
-        "cores": topology.cores,
-        "gpus": topology.gpus,
-        "rdma_devices": topology.rdma_devices,
-        "drives": topology.drives,
-        "capacity_bytes": topology.capacity_bytes,
-        "free_bytes": topology.free_bytes,
-        "registered_ms": node.registered_ms,
-        "heartbeat_ms": node.heartbeat_ms,
-        "lease_expires_ms": node.lease_expires_ms,
-    })
-}
-
-pub fn layout_json(layout: &proto::Layout) -> serde_json::Value {
-    json!({
-        "path": layout.path,
-        "file_id": layout.file_id,
-        "version": layout.version,
-        "layout_version": layout.layout_version,
-        "size": layout.size,
-        "chunk_size": layout.chunk_size,
-        "replication": layout.replication,
-        "chunks": layout.chunks.iter().map(|chunk| {
-            let id = chunk.id.unwrap_or_default();
-            json!({
-                "index": chunk.index,
-                "id": { "file": id.file, "index": id.index, "generation": id.generation },
-                "length": chunk.length,
-                "replicas": chunk.replicas,
-            })
-        }).collect::<Vec<_>>(),
-        "nodes": layout.nodes.iter().map(|node| json!({
-            "id": node.id, "address": node.address, "state": state_name(node.state),
-        })).collect::<Vec<_>>(),
-    })
-}
-
-pub fn heat_json(heat: &proto::HeatReply) -> serde_json::Value {
-    json!({
-        "path": heat.path,
-        "file_id": heat.file_id,
-        "version": heat.version,
-        "reads": heat.reads,
-        "bytes": heat.bytes,
-        "chunks": heat.chunks.iter().map(|chunk| {
-            let id = chunk.id.unwrap_or_default();
-            json!({
-                "index": chunk.index,
-                "id": { "file": id.file, "index": id.index, "generation": id.generation },
-                "reads": chunk.reads,
-                "bytes": chunk.bytes,
-                "nodes": chunk.nodes.iter().map(|node| json!({
-                    "node": node.node_id, "reads": node.reads, "bytes": node.bytes,
-                })).collect::<Vec<_>>(),
-            })
-        }).collect::<Vec<_>>(),
-    })
-}
+use tier0_control_api::json::{
+    heat as heat_json, layout as layout_json, node as node_json, node_state as state_name,
+};
 
 /// A file's heat as text: the totals, then one line per chunk with its nodes' shares.
 fn print_heat(out: &mut impl Write, heat: &proto::HeatReply) -> std::io::Result<()> {
@@ -251,19 +188,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     .map_err(|s| failed("admin health", &client.url, s))?
                     .into_inner();
                 if control.json {
-                    print_json(&json!({
-                        "status": health.status,
-                        "problems": health.problems,
-                        "store": health.store,
-                        "store_location": health.store_location,
-                        "control_id": health.control_id,
-                        "leader": health.leader,
-                        "leader_id": health.leader_id,
-                        "nodes_up": health.nodes_up,
-                        "nodes_down": health.nodes_down,
-                        "nodes_draining": health.nodes_draining,
-                        "version": health.version,
-                    }))?;
+                    print_json(&tier0_control_api::json::health(&health))?;
                 } else {
                     let mut out = std::io::stdout().lock();
                     writeln!(out, "status:   {}", health.status)?;
@@ -421,18 +346,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     .into_inner();
                 if control.json {
                     return print_json(&serde_json::Value::Array(
-                        log.movements
-                            .iter()
-                            .map(|m| {
-                                let id = m.chunk.unwrap_or_default();
-                                json!({
-                                    "at_ms": m.at_ms, "path": m.path, "file_id": m.file_id,
-                                    "chunk": { "file": id.file, "index": id.index, "generation": id.generation },
-                                    "bytes": m.bytes, "from": m.from_node, "to": m.to_node,
-                                    "state": m.state, "reason": m.reason, "policy": m.policy, "kind": m.kind,
-                                })
-                            })
-                            .collect(),
+                        log.movements.iter().map(tier0_control_api::json::movement).collect(),
                     ));
                 }
                 let mut out = std::io::stdout().lock();
@@ -454,6 +368,35 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            AdminCommand::AgentActions { limit, control } => {
+                let mut client = connect(&control).await?;
+                let log = client
+                    .admin
+                    .agent_actions(proto::AgentActionsRequest { limit })
+                    .await
+                    .map_err(|s| failed("admin agent-actions", &client.url, s))?
+                    .into_inner();
+                if control.json {
+                    return print_json(&serde_json::Value::Array(
+                        log.actions.iter().map(tier0_control_api::json::agent_action).collect(),
+                    ));
+                }
+                let mut out = std::io::stdout().lock();
+                for a in &log.actions {
+                    writeln!(
+                        out,
+                        "{}  {:<12} {:<9} {} {} {}{}",
+                        timestamp(a.at_ms),
+                        a.agent,
+                        a.outcome,
+                        a.rpc,
+                        if a.path.is_empty() { "-" } else { &a.path },
+                        a.detail,
+                        if a.reason.is_empty() { String::new() } else { format!("  ({})", a.reason) }
+                    )?;
+                }
+                Ok(())
+            }
             AdminCommand::Gpus { control } => {
                 let mut client = connect(&control).await?;
                 let gpus = client
@@ -462,25 +405,9 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     .await
                     .map_err(|s| failed("admin gpus", &client.url, s))?
                     .into_inner();
-                let gpu = |g: &proto::GpuRef| format!("{}/{}", g.node_id, g.index);
+                let gpu = tier0_control_api::json::gpu_ref;
                 if control.json {
-                    return print_json(&json!({
-                        "nodes": gpus.nodes.iter().map(|node| json!({
-                            "node": node.node_id,
-                            "reported_ms": node.reported_ms,
-                            "gpus": node.gpus.iter().map(|g| json!({
-                                "index": g.index, "busy": g.busy, "job": g.job,
-                            })).collect::<Vec<_>>(),
-                        })).collect::<Vec<_>>(),
-                        "jobs": gpus.jobs.iter().map(|job| json!({
-                            "job": job.job,
-                            "paths": job.paths,
-                            "gpus": job.gpus.iter().map(gpu).collect::<Vec<_>>(),
-                        })).collect::<Vec<_>>(),
-                        "prestages": gpus.prestages.iter().map(|p| json!({
-                            "path": p.path, "nodes": p.nodes,
-                        })).collect::<Vec<_>>(),
-                    }));
+                    return print_json(&tier0_control_api::json::gpus(&gpus));
                 }
                 let mut out = std::io::stdout().lock();
                 for node in &gpus.nodes {
@@ -523,26 +450,14 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     .await
                     .map_err(|s| failed(&format!("admin explain {path}"), &client.url, s))?
                     .into_inner();
+                if control.json {
+                    return print_json(&tier0_control_api::json::explain(&explained));
+                }
                 let readers: Vec<String> = explained
                     .readers
                     .iter()
-                    .map(|g| format!("{}/{}", g.node_id, g.index))
+                    .map(tier0_control_api::json::gpu_ref)
                     .collect();
-                if control.json {
-                    return print_json(&json!({
-                        "path": explained.path,
-                        "file_id": explained.file_id,
-                        "jobs": explained.jobs,
-                        "readers": readers,
-                        "current_nodes": explained.current_nodes,
-                        "homes": explained.homes.iter().map(|home| json!({
-                            "node": home.node_id,
-                            "cost": home.cost,
-                            "local_gpus": home.local_gpus,
-                            "holds_file": home.holds_file,
-                        })).collect::<Vec<_>>(),
-                    }));
-                }
                 let mut out = std::io::stdout().lock();
                 writeln!(
                     out,

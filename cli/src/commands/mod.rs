@@ -3,10 +3,12 @@ pub mod bench;
 pub mod cluster;
 pub mod control;
 pub mod ingest;
+pub mod mcp;
 pub mod mount;
 pub mod namespace;
 pub mod quickstart;
 pub mod serve;
+pub mod sim;
 pub mod snapshot;
 pub mod topology;
 

@@ -68,31 +68,7 @@ pub struct TagArgs {
     control: ControlArgs,
 }
 
-fn kind(entry: &proto::Entry) -> &'static str {
-    if entry.kind == proto::EntryKind::Directory as i32 {
-        "dir"
-    } else {
-        "file"
-    }
-}
-
-pub fn entry_json(path: &str, entry: &proto::Entry) -> serde_json::Value {
-    let settings = entry.settings.unwrap_or_default();
-    json!({
-        "path": path,
-        "name": entry.name,
-        "id": entry.id,
-        "kind": kind(entry),
-        "size": entry.size,
-        "version": entry.version,
-        "layout_version": entry.layout_version,
-        "chunk_size": settings.chunk_size,
-        "replication": settings.replication,
-        "tags": entry.tags.iter().collect::<BTreeMap<_, _>>(),
-        "created_ms": entry.created_ms,
-        "modified_ms": entry.modified_ms,
-    })
-}
+use tier0_control_api::json::{entry as entry_json, entry_kind as kind};
 
 fn child_path(dir: &str, name: &str) -> String {
     if dir == "/" {
@@ -181,12 +157,10 @@ pub fn stat(args: StatArgs) -> anyhow::Result<()> {
             .await
             .map_err(|s| failed(&format!("stat {}", args.path), &client.url, s))?
             .into_inner();
-        let entry = reply.entry.unwrap_or_default();
         if args.control.json {
-            let mut value = entry_json(&reply.path, &entry);
-            value["versions"] = json!(reply.versions);
-            return print_json(&value);
+            return print_json(&tier0_control_api::json::stat(&reply));
         }
+        let entry = reply.entry.unwrap_or_default();
         let settings = entry.settings.unwrap_or_default();
         let mut out = std::io::stdout().lock();
         writeln!(out, "path:        {}", reply.path)?;

@@ -45,16 +45,7 @@ pub enum SnapshotCommand {
     },
 }
 
-fn info_json(info: &proto::SnapshotInfo) -> serde_json::Value {
-    json!({
-        "name": info.name,
-        "path": info.path,
-        "created_ms": info.created_ms,
-        "files": info.files,
-        "directories": info.directories,
-        "bytes": info.bytes,
-    })
-}
+use tier0_control_api::json::snapshot as info_json;
 
 fn change_name(change: i32) -> &'static str {
     match proto::Change::try_from(change) {
@@ -188,12 +179,7 @@ pub fn run(command: SnapshotCommand) -> anyhow::Result<()> {
                     .map_err(|s| failed(&format!("snapshot rollback {name}"), &client.url, s))?
                     .into_inner();
                 if control.json {
-                    return print_json(&json!({
-                        "name": name,
-                        "restored": report.restored,
-                        "removed": report.removed,
-                        "unchanged": report.unchanged,
-                    }));
+                    return print_json(&tier0_control_api::json::rollback(&name, &report));
                 }
                 println!(
                     "rolled back to {name}: {} restored, {} removed, {} unchanged",

@@ -10,10 +10,15 @@ use tonic::{Request, Status};
 
 use crate::proto;
 
-/// Adds `authorization: Bearer <token>` to every request.
+/// The header that marks a call as an agent's (`tier0 mcp`), naming the agent: the control
+/// plane holds such calls that change anything to the agents policy and audits them.
+pub const AGENT_HEADER: &str = "x-tier0-agent";
+
+/// Adds `authorization: Bearer <token>` (and, for an agent, [`AGENT_HEADER`]) to every request.
 #[derive(Clone, Debug)]
 pub struct TokenInterceptor {
     header: MetadataValue<tonic::metadata::Ascii>,
+    agent: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl tonic::service::Interceptor for TokenInterceptor {
@@ -21,6 +26,9 @@ impl tonic::service::Interceptor for TokenInterceptor {
         request
             .metadata_mut()
             .insert("authorization", self.header.clone());
+        if let Some(agent) = &self.agent {
+            request.metadata_mut().insert(AGENT_HEADER, agent.clone());
+        }
         Ok(request)
     }
 }
@@ -78,6 +86,8 @@ pub enum ClientError {
     },
     #[error("the cluster token must be printable ASCII (it travels in a header)")]
     Token,
+    #[error("agent name {0:?}: printable ASCII (it travels in a header)")]
+    Agent(String),
 }
 
 impl ControlClient {
@@ -92,6 +102,31 @@ impl ControlClient {
         token: &[u8],
         timeouts: Timeouts,
     ) -> Result<ControlClient, ClientError> {
+        ControlClient::connect_inner(url, token, timeouts, None).await
+    }
+
+    /// Connects to `url` as the agent `agent`: every call carries [`AGENT_HEADER`].
+    pub async fn connect_as_agent(
+        url: &str,
+        token: &[u8],
+        timeouts: Timeouts,
+        agent: &str,
+    ) -> Result<ControlClient, ClientError> {
+        ControlClient::connect_inner(url, token, timeouts, Some(agent)).await
+    }
+
+    async fn connect_inner(
+        url: &str,
+        token: &[u8],
+        timeouts: Timeouts,
+        agent: Option<&str>,
+    ) -> Result<ControlClient, ClientError> {
+        let agent = agent
+            .map(|name| {
+                name.parse::<MetadataValue<tonic::metadata::Ascii>>()
+                    .map_err(|_| ClientError::Agent(name.to_owned()))
+            })
+            .transpose()?;
         let url = if url.contains("://") {
             url.to_owned()
         } else {
@@ -120,7 +155,7 @@ impl ControlClient {
                 url: url.clone(),
                 source,
             })?;
-        let interceptor = TokenInterceptor { header };
+        let interceptor = TokenInterceptor { header, agent };
         let authed = || InterceptedService::new(channel.clone(), interceptor.clone());
         Ok(ControlClient {
             namespace: proto::namespace_client::NamespaceClient::new(authed()),

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod json;
 
 /// The generated protobuf types and gRPC stubs.
 #[allow(missing_docs, missing_debug_implementations, clippy::all)]

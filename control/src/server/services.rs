@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::ControlState;
 use super::convert::{self, status};
+use crate::agents;
 use crate::model::{self, InodeKind, NodeState};
 use crate::namespace::{CommitChunk, Found};
 use crate::proto;
@@ -29,11 +30,66 @@ impl Services {
         let path = convert::path("path", path)?;
         self.state.namespace.open(&path, None).await.map_err(status)
     }
+
+    /// An agent's call that would change something: held to the agents policy and recorded
+    /// in the agent audit log (`None`: not an agent's call).
+    async fn agent_call(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        call: agents::Call,
+    ) -> Result<Option<agents::Ticket>, Status> {
+        let Some(agent) = agents::caller(metadata) else {
+            return Ok(None);
+        };
+        agents::admit(
+            self.state.namespace.store().as_ref(),
+            self.state.rebalance.policies.agents(),
+            agent,
+            call,
+        )
+        .await
+        .map(Some)
+    }
+
+    /// Refuses (and records) an agent's call that would change something and is no agent
+    /// action; lets every other call through.
+    async fn no_agents(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        rpc: &'static str,
+    ) -> Result<(), Status> {
+        // `admit` refuses every call that is no agent action: a ticket never comes back.
+        if let Some(ticket) = self.agent_call(metadata, agents::Call::other(rpc)).await? {
+            let refused = Err::<(), _>(Status::permission_denied(format!(
+                "{rpc}: not an agent action"
+            )));
+            ticket
+                .finish(self.state.namespace.store().as_ref(), &refused)
+                .await;
+            return refused;
+        }
+        Ok(())
+    }
+
+    /// Records how an agent's call ended, if it was an agent's.
+    async fn agent_done<T>(&self, ticket: Option<agents::Ticket>, result: &Result<T, Status>) {
+        agents::finish(ticket, self.state.namespace.store().as_ref(), result).await;
+    }
+}
+
+/// A request's path as the agents policy sees it: normalised when it is valid (an invalid one
+/// fails the call after it is recorded).
+fn agent_path(text: &str) -> String {
+    crate::path::NsPath::parse("path", text)
+        .map(|path| path.to_string())
+        .unwrap_or_else(|_| text.to_owned())
 }
 
 #[tonic::async_trait]
 impl proto::namespace_server::Namespace for Services {
     async fn mkdir(&self, request: Request<proto::MkdirRequest>) -> Reply<proto::EntryReply> {
+        self.no_agents(request.metadata(), "Namespace.Mkdir")
+            .await?;
         let request = request.into_inner();
         let path = convert::path("path", &request.path)?;
         let inode = self
@@ -49,6 +105,8 @@ impl proto::namespace_server::Namespace for Services {
     }
 
     async fn create(&self, request: Request<proto::CreateRequest>) -> Reply<proto::EntryReply> {
+        self.no_agents(request.metadata(), "Namespace.Create")
+            .await?;
         let request = request.into_inner();
         let path = convert::path("path", &request.path)?;
         let inode = self
@@ -84,6 +142,8 @@ impl proto::namespace_server::Namespace for Services {
         &self,
         request: Request<proto::PlaceChunksRequest>,
     ) -> Reply<proto::PlaceChunksReply> {
+        self.no_agents(request.metadata(), "Namespace.PlaceChunks")
+            .await?;
         let request = request.into_inner();
         let path = convert::path("path", &request.path)?;
         if request.file_id == 0 {
@@ -103,6 +163,8 @@ impl proto::namespace_server::Namespace for Services {
     }
 
     async fn commit(&self, request: Request<proto::CommitRequest>) -> Reply<proto::Layout> {
+        self.no_agents(request.metadata(), "Namespace.Commit")
+            .await?;
         let request = request.into_inner();
         let path = convert::path("path", &request.path)?;
         if request.file_id == 0 {
@@ -157,6 +219,8 @@ impl proto::namespace_server::Namespace for Services {
     }
 
     async fn rename(&self, request: Request<proto::RenameRequest>) -> Reply<proto::EntryReply> {
+        self.no_agents(request.metadata(), "Namespace.Rename")
+            .await?;
         let request = request.into_inner();
         let from = convert::path("from", &request.from)?;
         let to = convert::path("to", &request.to)?;
@@ -173,6 +237,8 @@ impl proto::namespace_server::Namespace for Services {
     }
 
     async fn delete(&self, request: Request<proto::DeleteRequest>) -> Reply<proto::DeleteReply> {
+        self.no_agents(request.metadata(), "Namespace.Delete")
+            .await?;
         let request = request.into_inner();
         let path = convert::path("path", &request.path)?;
         let removed = self
@@ -187,6 +253,7 @@ impl proto::namespace_server::Namespace for Services {
     }
 
     async fn tag(&self, request: Request<proto::TagRequest>) -> Reply<proto::EntryReply> {
+        self.no_agents(request.metadata(), "Namespace.Tag").await?;
         let request = request.into_inner();
         let path = convert::path("path", &request.path)?;
         let set: BTreeMap<String, String> = request.set.into_iter().collect();
@@ -423,6 +490,8 @@ impl proto::cluster_server::Cluster for Services {
         &self,
         request: Request<proto::RegisterRequest>,
     ) -> Reply<proto::RegisterReply> {
+        self.no_agents(request.metadata(), "Cluster.Register")
+            .await?;
         let request = request.into_inner();
         let node = self
             .state
@@ -444,6 +513,8 @@ impl proto::cluster_server::Cluster for Services {
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Reply<proto::HeartbeatReply> {
+        self.no_agents(request.metadata(), "Cluster.Heartbeat")
+            .await?;
         let request = request.into_inner();
         let free = request.has_free_bytes.then_some(request.free_bytes);
         let (half_life, heat) = convert::heat_report(request.heat, request.heat_half_life_ms)?;
@@ -471,6 +542,7 @@ impl proto::cluster_server::Cluster for Services {
     }
 
     async fn drain(&self, request: Request<proto::DrainRequest>) -> Reply<proto::Node> {
+        self.no_agents(request.metadata(), "Cluster.Drain").await?;
         let request = request.into_inner();
         let node = self
             .state
@@ -488,15 +560,27 @@ impl proto::snapshots_server::Snapshots for Services {
         &self,
         request: Request<proto::CreateSnapshotRequest>,
     ) -> Reply<proto::SnapshotInfo> {
-        let request = request.into_inner();
-        let path = convert::path("path", &request.path)?;
-        let snapshot = self
-            .state
-            .namespace
-            .create_snapshot(&request.name, &path)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(convert::snapshot_info(&snapshot)))
+        let (metadata, _, request) = request.into_parts();
+        let call = agents::Call {
+            rpc: "Snapshots.Create",
+            action: Some(crate::policy::AgentAction::Snapshot),
+            path: Some(agent_path(&request.path)),
+            detail: format!("snapshot {}", request.name),
+        };
+        let ticket = self.agent_call(&metadata, call).await?;
+        let result = async {
+            let path = convert::path("path", &request.path)?;
+            let snapshot = self
+                .state
+                .namespace
+                .create_snapshot(&request.name, &path)
+                .await
+                .map_err(status)?;
+            Ok(Response::new(convert::snapshot_info(&snapshot)))
+        }
+        .await;
+        self.agent_done(ticket, &result).await;
+        result
     }
 
     async fn list(
@@ -550,23 +634,44 @@ impl proto::snapshots_server::Snapshots for Services {
         &self,
         request: Request<proto::RollbackRequest>,
     ) -> Reply<proto::RollbackReply> {
-        let report = self
-            .state
-            .namespace
-            .rollback(&request.into_inner().name)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(proto::RollbackReply {
-            restored: report.restored as u64,
-            removed: report.removed as u64,
-            unchanged: report.unchanged as u64,
-        }))
+        let (metadata, _, request) = request.into_parts();
+        let name = request.name;
+        let mut ticket = None;
+        if agents::caller(&metadata).is_some() {
+            // The policy's prefixes bound the subtree the rollback restores: the snapshot's.
+            let snapshot = self.state.namespace.snapshot("name", &name).await;
+            let call = agents::Call {
+                rpc: "Snapshots.Rollback",
+                action: Some(crate::policy::AgentAction::Rollback),
+                path: snapshot.as_ref().ok().map(|snapshot| snapshot.path.clone()),
+                detail: format!("snapshot {name}"),
+            };
+            ticket = self.agent_call(&metadata, call).await?;
+            if let Err(error) = snapshot {
+                let failed = Err(status(error));
+                self.agent_done(ticket, &failed).await;
+                return failed;
+            }
+        }
+        let result = async {
+            let report = self.state.namespace.rollback(&name).await.map_err(status)?;
+            Ok(Response::new(proto::RollbackReply {
+                restored: report.restored as u64,
+                removed: report.removed as u64,
+                unchanged: report.unchanged as u64,
+            }))
+        }
+        .await;
+        self.agent_done(ticket, &result).await;
+        result
     }
 
     async fn delete(
         &self,
         request: Request<proto::DeleteSnapshotRequest>,
     ) -> Reply<proto::DeleteSnapshotReply> {
+        self.no_agents(request.metadata(), "Snapshots.Delete")
+            .await?;
         self.state
             .namespace
             .delete_snapshot(&request.into_inner().name)
@@ -642,8 +747,10 @@ impl proto::admin_server::Admin for Services {
 
     async fn run_upkeep(
         &self,
-        _request: Request<proto::UpkeepRequest>,
+        request: Request<proto::UpkeepRequest>,
     ) -> Reply<proto::UpkeepReply> {
+        self.no_agents(request.metadata(), "Admin.RunUpkeep")
+            .await?;
         let report = super::run_upkeep(&self.state).await.map_err(status)?;
         Ok(Response::new(proto::UpkeepReply {
             replicas_copied: report.replicas_copied,
@@ -702,12 +809,52 @@ impl proto::admin_server::Admin for Services {
     }
 
     async fn approve(&self, request: Request<proto::ApproveRequest>) -> Reply<proto::ApproveReply> {
+        self.no_agents(request.metadata(), "Admin.Approve").await?;
         let layout = self.current_layout(&request.into_inner().path).await?;
         crate::rebalance::approve(self.state.namespace.store().as_ref(), layout.file_id)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::ApproveReply {
             file_id: layout.file_id,
+        }))
+    }
+
+    async fn agent_policy(
+        &self,
+        _request: Request<proto::AgentPolicyRequest>,
+    ) -> Reply<proto::AgentPolicyReply> {
+        let policy = self.state.rebalance.policies.agents();
+        Ok(Response::new(proto::AgentPolicyReply {
+            allow: policy.allow.iter().map(|a| a.as_str().to_owned()).collect(),
+            prefixes: policy.prefixes.clone(),
+        }))
+    }
+
+    async fn agent_actions(
+        &self,
+        request: Request<proto::AgentActionsRequest>,
+    ) -> Reply<proto::AgentActionsReply> {
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            limit => limit as usize,
+        };
+        let records = agents::actions(self.state.namespace.store().as_ref(), limit)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::AgentActionsReply {
+            actions: records
+                .into_iter()
+                .map(|record| proto::AgentAction {
+                    at_ms: record.at_ms,
+                    agent: record.agent,
+                    rpc: record.rpc,
+                    action: record.action,
+                    path: record.path,
+                    detail: record.detail,
+                    outcome: record.outcome.as_str().to_owned(),
+                    reason: record.reason,
+                })
+                .collect(),
         }))
     }
 
@@ -747,12 +894,31 @@ fn gpu_ref(field: &str, gpu: proto::GpuRef) -> Result<crate::orchestration::GpuR
     })
 }
 
+impl Services {
+    fn prestage_checked(&self, request: proto::PrestageRequest) -> Reply<proto::PrestageReply> {
+        let path = convert::path("path", &request.path)?;
+        if request.nodes.len() > MAX_GPUS {
+            return Err(Status::invalid_argument(format!(
+                "nodes: at most {MAX_GPUS}"
+            )));
+        }
+        for (index, node) in request.nodes.iter().enumerate() {
+            crate::membership::check_node_id(node)
+                .map_err(|error| Status::invalid_argument(format!("nodes[{index}]: {error}")))?;
+        }
+        self.state.gpus.prestage(&path.to_string(), request.nodes);
+        Ok(Response::new(proto::PrestageReply {}))
+    }
+}
+
 #[tonic::async_trait]
 impl proto::orchestration_server::Orchestration for Services {
     async fn report_gpus(
         &self,
         request: Request<proto::ReportGpusRequest>,
     ) -> Reply<proto::ReportGpusReply> {
+        self.no_agents(request.metadata(), "Orchestration.ReportGpus")
+            .await?;
         let request = request.into_inner();
         crate::membership::check_node_id(&request.node_id)
             .map_err(|error| Status::invalid_argument(format!("node_id: {error}")))?;
@@ -788,6 +954,8 @@ impl proto::orchestration_server::Orchestration for Services {
         &self,
         request: Request<proto::DeclareJobRequest>,
     ) -> Reply<proto::DeclareJobReply> {
+        self.no_agents(request.metadata(), "Orchestration.DeclareJob")
+            .await?;
         let request = request.into_inner();
         if !crate::path::is_identifier(&request.job, 64, b"") {
             return Err(Status::invalid_argument(format!(
@@ -826,19 +994,21 @@ impl proto::orchestration_server::Orchestration for Services {
         &self,
         request: Request<proto::PrestageRequest>,
     ) -> Reply<proto::PrestageReply> {
-        let request = request.into_inner();
-        let path = convert::path("path", &request.path)?;
-        if request.nodes.len() > MAX_GPUS {
-            return Err(Status::invalid_argument(format!(
-                "nodes: at most {MAX_GPUS}"
-            )));
-        }
-        for (index, node) in request.nodes.iter().enumerate() {
-            crate::membership::check_node_id(node)
-                .map_err(|error| Status::invalid_argument(format!("nodes[{index}]: {error}")))?;
-        }
-        self.state.gpus.prestage(&path.to_string(), request.nodes);
-        Ok(Response::new(proto::PrestageReply {}))
+        let (metadata, _, request) = request.into_parts();
+        let call = agents::Call {
+            rpc: "Orchestration.Prestage",
+            action: Some(crate::policy::AgentAction::Prestage),
+            path: Some(agent_path(&request.path)),
+            detail: if request.nodes.is_empty() {
+                "cancel (no nodes)".to_owned()
+            } else {
+                format!("to {}", request.nodes.join(", "))
+            },
+        };
+        let ticket = self.agent_call(&metadata, call).await?;
+        let result = self.prestage_checked(request);
+        self.agent_done(ticket, &result).await;
+        result
     }
 
     async fn gpus(&self, _request: Request<proto::GpusRequest>) -> Reply<proto::GpusReply> {
