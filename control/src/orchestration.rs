@@ -22,13 +22,23 @@ use crate::model::{NO_ROUTE, NodeRecord, NodeState, now_ms};
 /// beats every remote one.
 pub const NETWORK_COST: u32 = 6;
 
-/// One GPU as its scheduler sees it.
+/// One GPU as its scheduler sees it, or as NVML on its node measured it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuStatus {
     pub index: u32,
     pub busy: bool,
-    /// The job it runs (empty: none).
+    /// The job it runs (empty: none, or not known).
     pub job: String,
+    /// What NVML measured on the node, if it did.
+    pub measured: Option<Measured>,
+}
+
+/// A GPU's activity as NVML measured it on its node (`tier0_topology::GpuMonitor`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Measured {
+    pub utilization_percent: u32,
+    pub compute_processes: u32,
+    pub memory_used_bytes: u64,
 }
 
 /// A GPU of the cluster: its node and index.
@@ -51,9 +61,14 @@ pub type NodeGpus = (String, Vec<GpuStatus>, u64);
 
 #[derive(Debug, Default)]
 struct Tables {
-    /// Per node: its GPUs and when they were reported.
+    /// Per node: its GPUs as its scheduler reported them, and when.
     nodes: BTreeMap<String, (Vec<GpuStatus>, u64)>,
+    /// Per node: its GPUs as NVML there measured them (its heartbeats), and when.
+    measured: BTreeMap<String, (Vec<GpuStatus>, u64)>,
     jobs: BTreeMap<String, Job>,
+    /// Per declared path (without a trailing `/`; the root is empty): the jobs that declared
+    /// it, so a file's readers are found by walking its ancestors, not every job.
+    by_path: BTreeMap<String, BTreeSet<String>>,
     /// Paths a scheduler asked to have on nodes before its job starts.
     prestages: BTreeMap<String, Vec<String>>,
 }
@@ -70,12 +85,40 @@ impl GpuTable {
         self.lock().nodes.insert(node.to_string(), (gpus, now_ms()));
     }
 
+    /// Replaces what NVML on `node` last measured (a heartbeat's GPUs).
+    pub fn measure(&self, node: &str, gpus: Vec<GpuStatus>) {
+        self.lock()
+            .measured
+            .insert(node.to_string(), (gpus, now_ms()));
+    }
+
+    /// Forgets what `node` measured (its heartbeat says it has no NVML any more).
+    pub fn forget_measures(&self, node: &str) {
+        self.lock().measured.remove(node);
+    }
+
     /// Replaces `job`'s declaration; one with no paths and no GPUs ends it.
     pub fn declare(&self, job: Job) {
         let mut tables = self.lock();
-        if job.paths.is_empty() && job.gpus.is_empty() {
-            tables.jobs.remove(&job.name);
-        } else {
+        if let Some(old) = tables.jobs.remove(&job.name) {
+            for path in &old.paths {
+                let key = path.trim_end_matches('/');
+                if let Some(jobs) = tables.by_path.get_mut(key) {
+                    jobs.remove(&old.name);
+                    if jobs.is_empty() {
+                        tables.by_path.remove(key);
+                    }
+                }
+            }
+        }
+        if !(job.paths.is_empty() && job.gpus.is_empty()) {
+            for path in &job.paths {
+                tables
+                    .by_path
+                    .entry(path.trim_end_matches('/').to_string())
+                    .or_default()
+                    .insert(job.name.clone());
+            }
             tables.jobs.insert(job.name.clone(), job);
         }
     }
@@ -114,30 +157,59 @@ impl GpuTable {
             .collect()
     }
 
-    /// Every node's GPUs (with the report time, ms since the epoch) and every job.
+    /// Every node's GPUs (with the latest report time, ms since the epoch) and every job.
+    /// A GPU both reported and measured is busy when either says so, with the scheduler's
+    /// job and NVML's figures.
     pub fn snapshot(&self) -> (Vec<NodeGpus>, Vec<Job>) {
         let tables = self.lock();
-        (
-            tables
-                .nodes
-                .iter()
-                .map(|(node, (gpus, at))| (node.clone(), gpus.clone(), *at))
-                .collect(),
-            tables.jobs.values().cloned().collect(),
-        )
+        let names: BTreeSet<&String> = tables.nodes.keys().chain(tables.measured.keys()).collect();
+        let nodes = names
+            .into_iter()
+            .map(|node| {
+                let mut gpus: BTreeMap<u32, GpuStatus> = BTreeMap::new();
+                let mut at = 0;
+                if let Some((reported, reported_at)) = tables.nodes.get(node) {
+                    gpus.extend(reported.iter().map(|gpu| (gpu.index, gpu.clone())));
+                    at = *reported_at;
+                }
+                if let Some((measured, measured_at)) = tables.measured.get(node) {
+                    for gpu in measured {
+                        gpus.entry(gpu.index)
+                            .and_modify(|known| {
+                                known.busy |= gpu.busy;
+                                known.measured = gpu.measured.clone();
+                            })
+                            .or_insert_with(|| gpu.clone());
+                    }
+                    at = at.max(*measured_at);
+                }
+                (node.clone(), gpus.into_values().collect(), at)
+            })
+            .collect();
+        (nodes, tables.jobs.values().cloned().collect())
     }
 
     /// The GPUs that will read `path`: those of every job that declared `path` or a
-    /// directory above it, unless their node reports them busy with another job. Also the
-    /// jobs counted.
+    /// directory above it, unless their scheduler reports them busy with another job. Also
+    /// the jobs counted. (NVML's busy, which names no job, does not take a GPU from the job
+    /// that declared it: that job is most likely what keeps it busy.)
     pub fn readers_of(&self, path: &str) -> (Vec<GpuRef>, Vec<String>) {
         let tables = self.lock();
         let mut readers = BTreeSet::new();
-        let mut jobs = Vec::new();
-        for job in tables.jobs.values() {
-            if !job.paths.iter().any(|declared| covers(declared, path)) {
-                continue;
+        // The jobs that declared `path` or a directory above it: its ancestors, looked up.
+        let mut names: BTreeSet<&String> = BTreeSet::new();
+        let mut ancestor = path.trim_end_matches('/');
+        loop {
+            if let Some(declared) = tables.by_path.get(ancestor) {
+                names.extend(declared);
             }
+            match ancestor.rfind('/') {
+                Some(slash) => ancestor = &ancestor[..slash],
+                None => break,
+            }
+        }
+        let mut jobs = Vec::new();
+        for job in names.into_iter().filter_map(|name| tables.jobs.get(name)) {
             jobs.push(job.name.clone());
             for gpu in &job.gpus {
                 let status = tables
@@ -179,7 +251,9 @@ pub struct HomeScore {
     pub local_gpus: u32,
 }
 
-/// The route cost from home `home` to GPU `reader` (`node`: its node's record, if listed).
+/// The route cost from home `home` to GPU `reader` (`node`: its node's record, if listed):
+/// the definition [`home_costs`] sums in closed form (a test checks they agree).
+#[cfg(test)]
 fn route_cost(home: &NodeRecord, reader: &GpuRef, node: Option<&NodeRecord>) -> u32 {
     let feed = node.and_then(|node| {
         node.topology
@@ -197,32 +271,83 @@ fn route_cost(home: &NodeRecord, reader: &GpuRef, node: Option<&NodeRecord>) -> 
     }
 }
 
+/// Each of `nodes`' cost as the home of data `readers` will read, and the readers on it, in
+/// `nodes`' order (`None` for a node that is not up); `index_of` finds a reader's node in
+/// `nodes`. A reader on a node `nodes` does not list counts as remote from every home, at the
+/// worst route cost.
+///
+/// The sum over readers of [`route_cost`] splits into what every home pays (each reader's
+/// NIC cost, and the home's drive–NIC cost plus the network per reader) and what only a
+/// reader's own node pays instead (its drive costs), so all homes cost O(nodes + readers).
+pub fn home_costs(
+    nodes: &[NodeRecord],
+    readers: &[GpuRef],
+    index_of: impl Fn(&str) -> Option<usize>,
+) -> Vec<Option<(u64, u32)>> {
+    let count = readers.len() as u64;
+    let mut all_nic = 0u64;
+    // Per node with readers: (its index, their drive costs, their NIC costs, how many).
+    let mut local: Vec<(usize, u64, u64, u32)> = Vec::new();
+    for reader in readers {
+        let node = index_of(&reader.node);
+        let feed = node.and_then(|node| {
+            nodes[node]
+                .topology
+                .gpu_feeds
+                .iter()
+                .find(|feed| feed.index == reader.index)
+        });
+        let (drive, nic) = feed.map_or((NO_ROUTE, NO_ROUTE), |feed| {
+            (feed.drive_cost, feed.nic_cost)
+        });
+        all_nic += u64::from(nic);
+        if let Some(node) = node {
+            match local.iter_mut().find(|entry| entry.0 == node) {
+                Some(entry) => {
+                    entry.1 += u64::from(drive);
+                    entry.2 += u64::from(nic);
+                    entry.3 += 1;
+                }
+                None => local.push((node, u64::from(drive), u64::from(nic), 1)),
+            }
+        }
+    }
+    let remote = |home: &NodeRecord, readers: u64| {
+        readers * u64::from(home.topology.drive_nic_cost + NETWORK_COST)
+    };
+    let mut costs: Vec<Option<(u64, u32)>> = nodes
+        .iter()
+        .map(|home| (home.state == NodeState::Up).then(|| (remote(home, count) + all_nic, 0)))
+        .collect();
+    for (node, drive, nic, on_it) in local {
+        if let Some(cost) = &mut costs[node] {
+            let home = &nodes[node];
+            *cost = (
+                drive + remote(home, count - u64::from(on_it)) + (all_nic - nic),
+                on_it,
+            );
+        }
+    }
+    costs
+}
+
 /// The up nodes of `nodes` as homes for data `readers` will read, cheapest first (ties by
 /// node id). A reader on a node `nodes` does not list counts as remote from every home, at
 /// the worst route cost.
 pub fn rank_homes(nodes: &[NodeRecord], readers: &[GpuRef]) -> Vec<HomeScore> {
-    // Each reader's node record, found once.
-    let reading: Vec<(&GpuRef, Option<&NodeRecord>)> = readers
-        .iter()
-        .map(|reader| (reader, nodes.iter().find(|node| node.id == reader.node)))
-        .collect();
+    let costs = home_costs(nodes, readers, |id| {
+        nodes.iter().position(|node| node.id == id)
+    });
     let mut homes: Vec<HomeScore> = nodes
         .iter()
-        .filter(|node| node.state == NodeState::Up)
-        .map(|home| {
-            let mut cost = 0u64;
-            let mut local_gpus = 0;
-            for &(reader, node) in &reading {
-                cost += u64::from(route_cost(home, reader, node));
-                if home.id == reader.node {
-                    local_gpus += 1;
-                }
-            }
-            HomeScore {
+        .zip(costs)
+        .filter_map(|(home, cost)| {
+            let (cost, local_gpus) = cost?;
+            Some(HomeScore {
                 node: home.id.clone(),
                 cost,
                 local_gpus,
-            }
+            })
         })
         .collect();
     homes.sort_by(|a, b| a.cost.cmp(&b.cost).then(a.node.cmp(&b.node)));
@@ -322,16 +447,19 @@ mod tests {
                     index: 0,
                     busy: false,
                     job: String::new(),
+                    measured: None,
                 },
                 GpuStatus {
                     index: 1,
                     busy: true,
                     job: "other".into(),
+                    measured: None,
                 },
                 GpuStatus {
                     index: 2,
                     busy: true,
                     job: "train".into(),
+                    measured: None,
                 },
             ],
         );
@@ -364,5 +492,95 @@ mod tests {
         assert!(table.readers_of("/datasets/web/shard-0").0.is_empty());
         let (nodes, jobs) = table.snapshot();
         assert_eq!((nodes.len(), jobs.len()), (1, 1));
+    }
+
+    /// NVML's measures join the scheduler's reports: busy if either says so, the scheduler's
+    /// job, NVML's figures; a GPU only NVML knows is listed too; the job that declared a GPU
+    /// NVML sees busy still reads with it.
+    #[test]
+    fn measured_gpus_merge_with_reported_ones_and_do_not_take_readers_away() {
+        let table = GpuTable::default();
+        let status = |index, busy, job: &str, measured: Option<u32>| GpuStatus {
+            index,
+            busy,
+            job: job.into(),
+            measured: measured.map(|utilization_percent| Measured {
+                utilization_percent,
+                compute_processes: 1,
+                memory_used_bytes: 1 << 30,
+            }),
+        };
+        table.report(
+            "a",
+            vec![status(0, false, "", None), status(1, true, "train", None)],
+        );
+        table.measure(
+            "a",
+            vec![status(0, true, "", Some(80)), status(2, false, "", Some(0))],
+        );
+        table.measure("m", vec![status(0, true, "", Some(99))]);
+        table.declare(Job {
+            name: "train".into(),
+            paths: vec!["/d".into()],
+            gpus: vec![gpu("a", 0), gpu("m", 0)],
+        });
+        let (nodes, _) = table.snapshot();
+        let a = &nodes.iter().find(|(node, _, _)| node == "a").unwrap().1;
+        assert_eq!(a.len(), 3);
+        assert!(a[0].busy && a[0].measured.as_ref().unwrap().utilization_percent == 80);
+        assert_eq!(
+            (a[1].busy, a[1].job.as_str(), a[1].measured.is_none()),
+            (true, "train", true)
+        );
+        assert!(!a[2].busy && a[2].measured.is_some());
+        assert!(
+            nodes
+                .iter()
+                .any(|(node, gpus, _)| node == "m" && gpus[0].busy)
+        );
+        assert_eq!(table.readers_of("/d/x").0, vec![gpu("a", 0), gpu("m", 0)]);
+        table.forget_measures("m");
+        assert!(!table.snapshot().0.iter().any(|(node, _, _)| node == "m"));
+    }
+
+    /// The closed form of `home_costs` is the sum of `route_cost` over the readers, on random
+    /// clusters: readers on one node, on several, on unlisted nodes, down homes.
+    #[test]
+    fn home_costs_are_the_sum_of_route_costs() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..200 {
+            let mut nodes: Vec<NodeRecord> = (0..rng.usize(1..8))
+                .map(|n| {
+                    let gpus: Vec<(u32, u32)> = (0..rng.u32(0..4))
+                        .map(|_| (rng.u32(0..7), rng.u32(0..7)))
+                        .collect();
+                    node(&format!("n{n}"), &gpus, rng.u32(0..7))
+                })
+                .collect();
+            for node in &mut nodes {
+                if rng.u8(0..5) == 0 {
+                    node.state = NodeState::Down;
+                }
+            }
+            let readers: Vec<GpuRef> = (0..rng.usize(0..10))
+                .map(|_| gpu(&format!("n{}", rng.usize(0..9)), rng.u32(0..4)))
+                .collect();
+            let costs = home_costs(&nodes, &readers, |id| nodes.iter().position(|n| n.id == id));
+            for (home, cost) in nodes.iter().zip(costs) {
+                if home.state != NodeState::Up {
+                    assert_eq!(cost, None);
+                    continue;
+                }
+                let sum: u64 = readers
+                    .iter()
+                    .map(|r| {
+                        let node = nodes.iter().find(|n| n.id == r.node);
+                        u64::from(route_cost(home, r, node))
+                    })
+                    .sum();
+                let local = readers.iter().filter(|r| r.node == home.id).count() as u32;
+                assert_eq!(cost, Some((sum, local)), "{home:?} {readers:?}");
+            }
+        }
     }
 }

@@ -1,16 +1,18 @@
-//! The rebalancer: replicates hot chunks to the node nearest the idle GPUs that will read
+//! The rebalancer: replicates hot chunks to the nodes nearest the idle GPUs that will read
 //! them, within a bandwidth budget, and records every move it plans, makes or refuses in the
 //! audit log.
 //!
-//! A pass (on the leader, after upkeep) looks at every file a declared job will read. The
-//! best home is the first of `orchestration::rank_homes` for the file's readers; each chunk
-//! of the file that the best home does not hold, and that is hot (its reads, summed over the
-//! nodes that served it, at least `min_reads`), is a move: copy a replica to the best home
+//! A pass (on the leader, after upkeep) is a plan ([`plan`], pure: the cluster simulator runs
+//! it too) and its execution ([`run`]). For every file a declared job will read, the job's
+//! GPUs on each node get their best allowed home (`orchestration::home_costs`: their own node
+//! when its drives feed them); each hot chunk (its reads, summed over the nodes that served
+//! it, at least `min_reads`) whose replicas all cost them more is a move: copy a replica there
 //! (through the data plane; chunks are immutable and a daemon acknowledges a write only once
-//! all of it is stored, so no replica is named before it is whole), then add the home to the
+//! all of it is stored, so no replica is named before it is whole), then add the node to the
 //! chunk's replicas in one transaction checked against the record's revision, then bump the
-//! file's layout version so clients refresh. A move that would take the last hour's bytes
-//! past the budget is refused; in dry-run mode moves are only planned.
+//! file's layout version so clients refresh. Moves are decided hottest first; one that would
+//! take the last hour's bytes past the budget, or its target past the high watermark, is
+//! refused; in dry-run mode moves are only planned.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -22,7 +24,7 @@ use tier0_dataplane::store::ChunkId;
 use crate::error::Result;
 use crate::heat::HeatTable;
 use crate::model::{self, ChunkRecord, Layout, NodeRecord};
-use crate::orchestration::{GpuRef, GpuTable, rank_homes};
+use crate::orchestration::{GpuRef, GpuTable, home_costs};
 use crate::store::{Check, MetadataStore, Outcome, Txn};
 use crate::upkeep::Upkeep;
 
@@ -143,7 +145,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 /// Target nodes a pass copies to at once. Copies to one node go one after another: its NIC
 /// and drives are the limit there, and one stream keeps a pass from flooding it.
-pub const COPY_STREAMS: usize = 32;
+pub const COPY_STREAMS: usize = 256;
 
 /// Bytes that the rolling hour's executed moves copied: in all, and per policy rule.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -188,11 +190,10 @@ pub struct Plan {
 #[derive(Debug)]
 struct Target {
     node: String,
+    /// `node`'s index in the plan's node list.
+    node_index: usize,
     /// The route cost to the group from `node`; `None` for a prestage request.
     cost: Option<u64>,
-    /// Every allowed home's cost for the group, to tell what a chunk's replicas cost it now
-    /// (a replica where the pin does not allow counts as none).
-    home_costs: HashMap<String, u64>,
     /// The reading GPUs of the group, and the node they are on.
     gpus: usize,
     readers_on: String,
@@ -209,6 +210,15 @@ struct Candidate {
     current: Option<u64>,
 }
 
+/// Why a move is refused, when the same refusal covers many chunks of a file to one node: one
+/// audit record for them all, not one per chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Refusal {
+    PolicyBudget,
+    Budget,
+    Watermark,
+}
+
 /// Plans one pass, without touching the store or any daemon: the rebalancer's whole logic of
 /// what moves where, shared by the control plane's pass ([`run`]) and the cluster simulator.
 ///
@@ -217,20 +227,21 @@ struct Candidate {
 /// hot chunk (at least `min_reads`) whose replicas all cost the group more than that home is
 /// a candidate, and so is every chunk not yet on a node the file was asked prestaged to.
 /// Candidates are decided hottest first (prestages after), so a budget that runs out refuses
-/// the coldest; a target is never filled past the high watermark. Then the drops: surplus
-/// cold replicas on nodes over the high watermark.
+/// the coldest; a target is never filled past the high watermark. Refusals by a budget or a
+/// watermark are one record per file, target and cause, counting the chunks it covers. Then
+/// the drops: surplus cold replicas on nodes over the high watermark.
 pub fn plan(config: &RebalanceConfig, input: &PlanInput) -> Plan {
     let mut plan = Plan::default();
     if config.mode == Mode::Off && config.policies == crate::policy::Policies::default() {
         return plan;
     }
     let nodes = input.nodes;
-    let by_id: HashMap<&str, &NodeRecord> = nodes.iter().map(|n| (n.id.as_str(), n)).collect();
-    let up = |id: &str| {
-        by_id
-            .get(id)
-            .is_some_and(|n| n.state == model::NodeState::Up)
-    };
+    let index_of: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(index, node)| (node.id.as_str(), index))
+        .collect();
+    let up = |index: usize| nodes[index].state == model::NodeState::Up;
     let policies: Vec<crate::policy::Effective> = input
         .files
         .iter()
@@ -239,9 +250,15 @@ pub fn plan(config: &RebalanceConfig, input: &PlanInput) -> Plan {
     let mut targets: Vec<Vec<Target>> = Vec::with_capacity(input.files.len());
     let mut jobs_of: Vec<Vec<String>> = Vec::with_capacity(input.files.len());
     let mut candidates = Vec::new();
+    // Per chunk, its replicas' node indexes (a replica on no listed node is left out).
+    let mut holders: Vec<usize> = Vec::with_capacity(8);
     for (file, (layout, _)) in input.files.iter().enumerate() {
         let policy = &policies[file];
         let mut file_targets: Vec<Target> = Vec::new();
+        // Per target: every node's cost as the group's home, by index (`None`: not up, or not
+        // allowed by the file's pin), to tell what a chunk's replicas cost the group now;
+        // empty for a prestage. Kept only while the file's candidates are found.
+        let mut target_costs: Vec<Vec<Option<u64>>> = Vec::new();
         let (readers, jobs) = input.gpus.readers_of(&layout.path);
         jobs_of.push(jobs);
         if policy.mode != Mode::Off {
@@ -252,47 +269,74 @@ pub fn plan(config: &RebalanceConfig, input: &PlanInput) -> Plan {
                 groups.entry(&reader.node).or_default().push(reader.clone());
             }
             for (readers_on, group) in groups {
-                let homes = rank_homes(nodes, &group);
-                let Some(best) = homes.iter().find(|home| allowed(&home.node)) else {
+                let costs: Vec<Option<u64>> =
+                    home_costs(nodes, &group, |id| index_of.get(id).copied())
+                        .into_iter()
+                        .zip(nodes)
+                        .map(|(cost, node)| {
+                            cost.filter(|_| allowed(&node.id)).map(|(cost, _)| cost)
+                        })
+                        .collect();
+                // The cheapest allowed home, ties by node id (as `rank_homes` ranks them).
+                let Some((best, cost)) = costs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(index, cost)| cost.map(|cost| (index, cost)))
+                    .min_by(|a, b| a.1.cmp(&b.1).then(nodes[a.0].id.cmp(&nodes[b.0].id)))
+                else {
                     continue;
                 };
-                if file_targets.iter().any(|t| t.node == best.node) {
+                if file_targets.iter().any(|t| t.node_index == best) {
                     continue;
                 }
                 file_targets.push(Target {
-                    node: best.node.clone(),
-                    cost: Some(best.cost),
-                    home_costs: homes
-                        .iter()
-                        .filter(|home| allowed(&home.node))
-                        .map(|home| (home.node.clone(), home.cost))
-                        .collect(),
+                    node: nodes[best].id.clone(),
+                    node_index: best,
+                    cost: Some(cost),
                     gpus: group.len(),
                     readers_on: readers_on.to_string(),
                 });
+                target_costs.push(costs);
             }
             for node in input.gpus.prestaged_to(&layout.path) {
-                if up(&node) && allowed(&node) && !file_targets.iter().any(|t| t.node == node) {
+                let Some(&index) = index_of.get(node.as_str()) else {
+                    continue;
+                };
+                if up(index) && allowed(&node) && !file_targets.iter().any(|t| t.node == node) {
                     file_targets.push(Target {
                         node,
+                        node_index: index,
                         cost: None,
-                        home_costs: HashMap::new(),
                         gpus: 0,
                         readers_on: String::new(),
                     });
+                    target_costs.push(Vec::new());
                 }
             }
         }
-        for (index, target) in file_targets.iter().enumerate() {
-            for (chunk_index, chunk) in layout.chunks.iter().enumerate() {
-                if chunk.len == 0 || chunk.replicas.contains(&target.node) {
-                    continue;
-                }
-                let reads = input.heat.get(&chunk.id).copied().unwrap_or(0.0);
-                let current = chunk
+        if file_targets.is_empty() {
+            targets.push(file_targets);
+            continue;
+        }
+        for (chunk_index, chunk) in layout.chunks.iter().enumerate() {
+            if chunk.len == 0 {
+                continue;
+            }
+            holders.clear();
+            holders.extend(
+                chunk
                     .replicas
                     .iter()
-                    .filter_map(|replica| target.home_costs.get(replica))
+                    .filter_map(|replica| index_of.get(replica.as_str()).copied()),
+            );
+            let reads = input.heat.get(&chunk.id).copied().unwrap_or(0.0);
+            for (index, (target, costs)) in file_targets.iter().zip(&target_costs).enumerate() {
+                if holders.contains(&target.node_index) {
+                    continue;
+                }
+                let current = holders
+                    .iter()
+                    .filter_map(|&h| costs.get(h)?.as_ref())
                     .min()
                     .copied();
                 if let Some(cost) = target.cost
@@ -322,19 +366,51 @@ pub fn plan(config: &RebalanceConfig, input: &PlanInput) -> Plan {
 
     let mut spent = input.spent.clone();
     // Bytes each node holds, with this pass's copies to it.
-    let mut used: HashMap<&str, u64> = nodes
+    let mut used: Vec<u64> = nodes
         .iter()
         .map(|n| {
             let t = &n.topology;
-            (n.id.as_str(), t.capacity_bytes.saturating_sub(t.free_bytes))
+            t.capacity_bytes.saturating_sub(t.free_bytes)
         })
         .collect();
-    let mut approvals_used = HashSet::new();
+    // Refusals recorded once per file, target and cause: the record's index, the chunks and
+    // bytes it covers.
+    let mut refusals: HashMap<(usize, usize, Refusal), (usize, u64, u64)> = HashMap::new();
     for candidate in &candidates {
         let (layout, _) = &input.files[candidate.file];
         let policy = &policies[candidate.file];
         let target = &targets[candidate.file][candidate.target];
         let chunk = &layout.chunks[candidate.chunk];
+        let bytes = u64::from(chunk.len);
+        let approved = policy.mode == Mode::Approve && input.approved.contains(&layout.file_id);
+        let policy_spent = spent.by_policy.get(&policy.source).copied().unwrap_or(0);
+        let capacity = nodes[target.node_index].topology.capacity_bytes;
+        let target_used = used[target.node_index];
+        let limit = (capacity as f64 * config.high_watermark) as u64;
+        let held = policy.never_move
+            || policy.mode == Mode::DryRun
+            || (policy.mode == Mode::Approve && !approved);
+        let refusal = if held {
+            None
+        } else if policy
+            .max_bytes_per_hour
+            .is_some_and(|budget| policy_spent + bytes > budget)
+        {
+            Some(Refusal::PolicyBudget)
+        } else if spent.total + bytes > config.max_bytes_per_hour {
+            Some(Refusal::Budget)
+        } else if capacity > 0 && target_used + bytes > limit {
+            Some(Refusal::Watermark)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal
+            && let Some(group) = refusals.get_mut(&(candidate.file, candidate.target, refusal))
+        {
+            group.1 += 1;
+            group.2 += bytes;
+            continue;
+        }
         let reads = candidate.reads;
         let reason = match target.cost {
             Some(cost) => format!(
@@ -352,10 +428,9 @@ pub fn plan(config: &RebalanceConfig, input: &PlanInput) -> Plan {
         let source = chunk
             .replicas
             .iter()
-            .find(|replica| up(replica))
+            .find(|replica| index_of.get(replica.as_str()).is_some_and(|&i| up(i)))
             .cloned()
             .unwrap_or_default();
-        let bytes = u64::from(chunk.len);
         let mut movement = Movement {
             at_ms: input.now_ms,
             path: layout.path.clone(),
@@ -369,73 +444,89 @@ pub fn plan(config: &RebalanceConfig, input: &PlanInput) -> Plan {
             policy: policy.source.clone(),
             kind: MoveKind::Replicate,
         };
-        let approved = policy.mode == Mode::Approve && input.approved.contains(&layout.file_id);
-        let policy_spent = spent.by_policy.get(&policy.source).copied().unwrap_or(0);
-        let capacity = by_id
-            .get(target.node.as_str())
-            .map_or(0, |n| n.topology.capacity_bytes);
-        let target_used = used.get(target.node.as_str()).copied().unwrap_or(0);
-        let limit = (capacity as f64 * config.high_watermark) as u64;
         let mut execute = false;
-        if policy.never_move {
-            movement.state = MoveState::Refused;
-            movement.reason = format!(
-                "{}; refused: never-move ({})",
-                movement.reason, policy.source
-            );
-        } else if policy.mode == Mode::DryRun {
-            movement.reason = format!("{}; dry-run ({})", movement.reason, policy.source);
-        } else if policy.mode == Mode::Approve && !approved {
-            movement.reason = format!(
-                "{}; awaiting approval: tier0 admin approve {} ({})",
-                movement.reason, layout.path, policy.source
-            );
-        } else if let Some(budget) = policy.max_bytes_per_hour
-            && policy_spent + bytes > budget
-        {
-            movement.state = MoveState::Refused;
-            movement.reason = format!(
-                "{}; refused: {bytes} bytes would pass {}'s budget of {budget} bytes an hour ({policy_spent} spent)",
-                movement.reason, policy.source
-            );
-        } else if spent.total + bytes > config.max_bytes_per_hour {
-            movement.state = MoveState::Refused;
-            movement.reason = format!(
-                "{}; refused: {} bytes would pass the budget of {} bytes an hour ({} spent)",
-                movement.reason, bytes, config.max_bytes_per_hour, spent.total
-            );
-        } else if capacity > 0 && target_used + bytes > limit {
-            movement.state = MoveState::Refused;
-            movement.reason = format!(
-                "{}; refused: {} would pass its high watermark of {:.0}% ({:.0}% full)",
-                movement.reason,
-                target.node,
-                100.0 * config.high_watermark,
-                100.0 * target_used as f64 / capacity as f64
-            );
-        } else if source.is_empty() {
-            movement.state = MoveState::Failed;
-            movement.reason = format!("{}; failed: no replica on an up node", movement.reason);
-        } else {
-            // Counted as spent now: a copy that then fails holds its bytes until next pass.
-            execute = true;
-            spent.total += bytes;
-            *spent.by_policy.entry(policy.source.clone()).or_default() += bytes;
-            if let Some(held) = used.get_mut(target.node.as_str()) {
-                *held += bytes;
+        match refusal {
+            Some(refusal) => {
+                movement.state = MoveState::Refused;
+                movement.reason = match refusal {
+                    Refusal::PolicyBudget => format!(
+                        "{}; refused: {bytes} bytes would pass {}'s budget of {} bytes an hour ({policy_spent} spent)",
+                        movement.reason,
+                        policy.source,
+                        policy.max_bytes_per_hour.unwrap_or(0)
+                    ),
+                    Refusal::Budget => format!(
+                        "{}; refused: {} bytes would pass the budget of {} bytes an hour ({} spent)",
+                        movement.reason, bytes, config.max_bytes_per_hour, spent.total
+                    ),
+                    Refusal::Watermark => format!(
+                        "{}; refused: {} would pass its high watermark of {:.0}% ({:.0}% full)",
+                        movement.reason,
+                        target.node,
+                        100.0 * config.high_watermark,
+                        100.0 * target_used as f64 / capacity as f64
+                    ),
+                };
+                refusals.insert(
+                    (candidate.file, candidate.target, refusal),
+                    (plan.moves.len(), 1, bytes),
+                );
+            }
+            None if policy.never_move => {
+                movement.state = MoveState::Refused;
+                movement.reason = format!(
+                    "{}; refused: never-move ({})",
+                    movement.reason, policy.source
+                );
+            }
+            None if policy.mode == Mode::DryRun => {
+                movement.reason = format!("{}; dry-run ({})", movement.reason, policy.source);
+            }
+            None if policy.mode == Mode::Approve && !approved => {
+                movement.reason = format!(
+                    "{}; awaiting approval: tier0 admin approve {} ({})",
+                    movement.reason, layout.path, policy.source
+                );
+            }
+            None if source.is_empty() => {
+                movement.state = MoveState::Failed;
+                movement.reason = format!("{}; failed: no replica on an up node", movement.reason);
+            }
+            None => {
+                // Counted as spent now: a copy that then fails holds its bytes until next pass.
+                execute = true;
+                spent.total += bytes;
+                *spent.by_policy.entry(policy.source.clone()).or_default() += bytes;
+                used[target.node_index] += bytes;
             }
         }
         plan.moves.push(PlannedMove { movement, execute });
     }
-    plan_drops(config, input, &policies, &mut plan);
-    // An approval covers one pass over the file's moves, whichever were made.
-    for (file, (layout, _)) in input.files.iter().enumerate() {
-        if policies[file].mode == Mode::Approve && input.approved.contains(&layout.file_id) {
-            approvals_used.insert(layout.file_id);
+    for (index, chunks, bytes) in refusals.into_values() {
+        if chunks > 1 {
+            let movement = &mut plan.moves[index].movement;
+            movement.reason = format!(
+                "{} (and {} more chunks of this file to {}, {bytes} bytes in all)",
+                movement.reason,
+                chunks - 1,
+                movement.to
+            );
         }
     }
-    plan.approvals_used = approvals_used.into_iter().collect();
-    plan.approvals_used.sort_unstable();
+    plan_drops(config, input, &policies, &mut plan);
+    // An approval covers one pass over the file's moves, whichever were made.
+    let mut approvals_used: Vec<u64> = input
+        .files
+        .iter()
+        .zip(&policies)
+        .filter(|((layout, _), policy)| {
+            policy.mode == Mode::Approve && input.approved.contains(&layout.file_id)
+        })
+        .map(|((layout, _), _)| layout.file_id)
+        .collect();
+    approvals_used.sort_unstable();
+    approvals_used.dedup();
+    plan.approvals_used = approvals_used;
     plan
 }
 
@@ -1051,11 +1142,12 @@ mod tests {
             vec![
                 (3, "r1", true, Planned),
                 (3, "r2", true, Planned),
+                // Refused by r3's watermark: one record for chunks 3 and 1.
                 (3, "r3", false, Refused),
                 (1, "r1", true, Planned),
                 (1, "r2", true, Planned),
-                (1, "r3", false, Refused),
                 (0, "r1", true, Planned),
+                // Refused by the budget.
                 (0, "r2", false, Refused),
                 (0, "r3", false, Refused),
             ]
@@ -1065,7 +1157,11 @@ mod tests {
             watermark.contains("r3 would pass its high watermark of 90% (90% full)"),
             "{watermark}"
         );
-        let budget = &planned.moves[7].movement.reason;
+        assert!(
+            watermark.ends_with("(and 1 more chunks of this file to r3, 2097152 bytes in all)"),
+            "{watermark}"
+        );
+        let budget = &planned.moves[6].movement.reason;
         assert!(budget.contains("would pass the budget"), "{budget}");
         let first = &planned.moves[0].movement;
         assert_eq!(

@@ -4,7 +4,8 @@
 //! Both read the metadata, act on the data daemons through the client (`tier0-client`, over
 //! TCP with the cluster token), and record what they did in transactions that commit only if
 //! what they read is unchanged, so a concurrent commit, snapshot or rollback wins and the
-//! work is retried on the next pass.
+//! work is retried on the next pass. A copy is an order to the target daemon (`Replicate`),
+//! which pulls the chunk from the source itself: the control plane never holds chunk data.
 //!
 //! Collection never deletes too early. A version is kept while it is a file's current
 //! version or a snapshot pins it; snapshots only pin current versions, and a rollback
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tier0_client::DaemonConnection;
+use tier0_dataplane::net::replicate::DEFAULT_COPY_TIMEOUT;
 use tier0_dataplane::store::ChunkId;
 
 use crate::error::{ControlError, Result};
@@ -110,6 +112,10 @@ fn trash_of_key(key: &str) -> Option<(ChunkId, String)> {
 const COLLECT_BATCH: usize = 32;
 /// Attempts to bump one file's layout version when it keeps changing.
 const BUMP_ATTEMPTS: usize = 8;
+/// Times a copy is asked again of a target that answered `EBUSY` (too many copies in
+/// flight there), each pause one `COPY_BUSY_PAUSE` longer than the last.
+const COPY_BUSY_RETRIES: u32 = 5;
+const COPY_BUSY_PAUSE: Duration = Duration::from_millis(100);
 
 /// Which chunks the kept versions list: their lengths, and the files whose versions list
 /// them.
@@ -379,7 +385,13 @@ impl Upkeep {
         Ok(())
     }
 
-    pub(crate) async fn copy(
+    /// Copies `chunk` (`len` bytes) from the daemon at `from` to the daemon at `to`, daemon
+    /// to daemon: the target is sent a `Replicate` naming the source, pulls the bytes itself,
+    /// checks and stores them, and answers once they are whole. No chunk byte passes through
+    /// the control plane. A chunk already on the target counts as copied (chunks are
+    /// immutable and stored atomically); a target busy with other copies (`EBUSY`) is asked
+    /// again a few times, a moment apart. Errors name the chunk, the nodes and the cause.
+    pub async fn copy(
         &self,
         chunk: ChunkId,
         len: u32,
@@ -388,24 +400,34 @@ impl Upkeep {
     ) -> Result<(), String> {
         let token = self.token.clone();
         let timeout = self.timeout;
-        tokio::task::spawn_blocking(move || {
-            let mut source = DaemonConnection::connect(&from, &token, "tier0-control", timeout)
-                .map_err(|e| format!("chunk {chunk}: reading from {from}: {e}"))?;
-            let mut data = vec![0u8; len as usize];
-            source
-                .read_into(chunk, 0, &mut data)
-                .map_err(|e| format!("chunk {chunk}: reading from {from}: {e}"))?;
-            let mut target = DaemonConnection::connect(&to, &token, "tier0-control", timeout)
-                .map_err(|e| format!("chunk {chunk}: writing to {to}: {e}"))?;
-            match target.write(chunk, &data) {
-                Ok(()) => Ok(()),
+        // The target's answer comes after its own fetch deadline at the latest, plus the
+        // write: wait longer than that, so its error (and not a timeout here) is the cause.
+        let wait = timeout.max(DEFAULT_COPY_TIMEOUT) + timeout;
+        let mut busy_retries = 0;
+        loop {
+            let (token, source, target) = (token.clone(), from.clone(), to.clone());
+            let outcome = tokio::task::spawn_blocking(move || {
+                let mut target =
+                    DaemonConnection::connect(&target, &token, "tier0-control", timeout)?;
+                target.replicate(chunk, len, &source, wait)
+            })
+            .await
+            .map_err(|e| format!("chunk {chunk}: copy task failed: {e}"))?;
+            match outcome {
+                Ok(()) => return Ok(()),
                 // Chunks are immutable and written atomically: there already means complete.
-                Err(error) if error.errno() == libc::EEXIST => Ok(()),
-                Err(error) => Err(format!("chunk {chunk}: writing to {to}: {error}")),
+                Err(error) if error.errno() == libc::EEXIST => return Ok(()),
+                Err(error) if error.errno() == libc::EBUSY && busy_retries < COPY_BUSY_RETRIES => {
+                    busy_retries += 1;
+                    tokio::time::sleep(COPY_BUSY_PAUSE * busy_retries).await;
+                }
+                Err(error) => {
+                    return Err(format!(
+                        "chunk {chunk}: copying from {from} to {to}: {error}"
+                    ));
+                }
             }
-        })
-        .await
-        .map_err(|e| format!("chunk {chunk}: copy task failed: {e}"))?
+        }
     }
 
     async fn delete_replica(&self, chunk: ChunkId, address: String) -> Result<(), String> {

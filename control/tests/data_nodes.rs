@@ -83,6 +83,8 @@ impl Cluster {
                     fences: Box::new(move |pairs| fences.raise_all(pairs.iter().copied())),
                     free_bytes: Box::new(|| 0),
                     heat: Box::new(move || HeatReport::from_map(&heat)),
+                    // d0 measures its GPUs (as NVML would); the others have no NVML.
+                    gpus: Box::new(move || (index == 0).then(measured_gpus)),
                 })
                 .unwrap(),
             ));
@@ -1186,4 +1188,55 @@ async fn a_prestaged_path_is_copied_to_the_nodes_asked_for() {
         .unwrap()
         .into_inner();
     assert!(listed.prestages.is_empty());
+}
+
+/// What d0's heartbeats say NVML measured.
+fn measured_gpus() -> Vec<proto::GpuStatus> {
+    vec![
+        proto::GpuStatus {
+            index: 0,
+            busy: true,
+            measured: true,
+            utilization_percent: 87,
+            compute_processes: 1,
+            memory_used_bytes: 40 << 30,
+            ..Default::default()
+        },
+        proto::GpuStatus {
+            index: 1,
+            measured: true,
+            ..Default::default()
+        },
+    ]
+}
+
+/// GPU activity measured on a node comes with its heartbeats and is listed with its node,
+/// next to what schedulers report; nodes without NVML list none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_activity_measured_on_a_node_comes_with_its_heartbeats() {
+    let cluster = Cluster::start().await;
+    let mut orchestration = cluster.client.orchestration.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let listed = orchestration
+            .gpus(proto::GpusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if !listed.nodes.is_empty() || Instant::now() > deadline {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(listed.nodes.len(), 1, "{listed:?}");
+    let d0 = &listed.nodes[0];
+    assert_eq!(d0.node_id, node_id(0));
+    assert_eq!(d0.gpus.len(), 2);
+    assert!(d0.gpus[0].busy && d0.gpus[0].measured);
+    assert_eq!(
+        (d0.gpus[0].utilization_percent, d0.gpus[0].memory_used_bytes),
+        (87, 40 << 30)
+    );
+    assert!(!d0.gpus[1].busy && d0.gpus[1].measured);
+    assert!(d0.reported_ms > 0);
 }

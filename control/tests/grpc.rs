@@ -1181,11 +1181,13 @@ async fn explain_ranks_homes_by_the_gpus_that_will_read() {
                     index: 0,
                     busy: false,
                     job: String::new(),
+                    ..Default::default()
                 },
                 proto::GpuStatus {
                     index: 1,
                     busy: true,
                     job: "other".into(),
+                    ..Default::default()
                 },
             ],
         })

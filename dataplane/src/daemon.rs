@@ -1,5 +1,7 @@
 //! The data daemon of one node: its drives' chunk stores, the worker pool that owns their
-//! rings, and the TCP listener whose connections the workers serve (`tier0 serve data`).
+//! rings, and the TCP listener whose connections the workers serve (`tier0 serve data`),
+//! which also takes the copies the control plane orders (`Replicate`: this daemon pulls the
+//! chunk from the source daemon, `net::replicate`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +15,7 @@ use crate::device::{BlockDevice, DeviceError, UringDevice, UringOptions, preallo
 use crate::fence::FenceTable;
 use crate::heat::{DEFAULT_HALF_LIFE, HeatMap};
 use crate::net::rdma::{RdmaService, device_names};
+use crate::net::replicate::CopyConfig;
 use crate::net::tcp::{LocalSocket, TcpServer, TcpServerConfig};
 use crate::net::wire::LocalEndpoint;
 use crate::store::{ChunkStore, StoreConfig, StoreError};
@@ -110,8 +113,19 @@ pub struct DataDaemon {
 }
 
 impl DataDaemon {
-    /// Opens (or creates and formats) every drive, starts the workers of `plan` and listens.
+    /// Opens (or creates and formats) every drive, starts the workers of `plan` and listens;
+    /// copies it is asked for (`Replicate`) run as [`CopyConfig::default`] says.
     pub fn start(config: &DataDaemonConfig, plan: &WorkerPlan) -> Result<Self, DaemonError> {
+        Self::start_with_copies(config, plan, CopyConfig::default())
+    }
+
+    /// As [`start`](Self::start), with `copies` bounding the chunk copies this daemon pulls
+    /// from others at once and timing each out.
+    pub fn start_with_copies(
+        config: &DataDaemonConfig,
+        plan: &WorkerPlan,
+        copies: CopyConfig,
+    ) -> Result<Self, DaemonError> {
         if config.drives.is_empty() {
             return Err(DaemonError::NoDrives);
         }
@@ -161,6 +175,7 @@ impl DataDaemon {
                 handshake_timeout: Duration::from_secs(5),
                 local_socket: config.local_socket.clone(),
                 heat: heat.clone(),
+                copies,
             },
             stores.clone(),
             fences.clone(),

@@ -5,8 +5,8 @@
 use tier0_dataplane::decode_checks::{self, STORE_ID};
 use tier0_dataplane::net::wire::{
     self, Delete, ErrorReply, Hello, LayoutRef, LocalEndpoint, LocalPool, LocalRead, LocalReadDone,
-    Message, RdmaEndpoint, RdmaRead, RdmaReadDone, Read, ReadDone, Release, Welcome, WireError,
-    Write,
+    Message, RdmaEndpoint, RdmaRead, RdmaReadDone, Read, ReadDone, Release, Replicate, Welcome,
+    WireError, Write,
 };
 use tier0_dataplane::store::format::{
     ChunkId, DecodedEntry, ENTRY_HEADER_SIZE, SUPERBLOCK_SIZE, SlotEntry, Superblock,
@@ -243,6 +243,16 @@ fn every_message() -> Vec<Message> {
         Message::WriteDone,
         Message::Delete(Delete { chunk }),
         Message::DeleteDone,
+        Message::Replicate(Replicate {
+            chunk,
+            len: 4 << 20,
+            source: "10.0.0.7:7400".into(),
+        }),
+        Message::Replicate(Replicate {
+            chunk,
+            len: 1,
+            source: "[fe80::1]:7400".into(),
+        }),
         Message::Error(ErrorReply {
             errno: libc::ENOENT,
             message: "node-1: chunk 7 not found".into(),
@@ -367,6 +377,25 @@ fn read_bodies_match_the_documented_layout() {
         .len(),
         32 + 56
     );
+    // The copy order: chunk, len, then the source address as a string (docs/formats.md).
+    let replicate = frame(
+        1,
+        &Message::Replicate(Replicate {
+            chunk,
+            len: 0x6162_6364,
+            source: "node-7:7400".into(),
+        }),
+    );
+    let mut body = Vec::new();
+    body.extend_from_slice(&chunk.file.to_le_bytes());
+    body.extend_from_slice(&chunk.index.to_le_bytes());
+    body.extend_from_slice(&chunk.generation.to_le_bytes());
+    body.extend_from_slice(&0x6162_6364u32.to_le_bytes());
+    body.extend_from_slice(&11u64.to_le_bytes());
+    body.extend_from_slice(b"node-7:7400");
+    assert_eq!(&replicate[wire::HEADER_SIZE..], &body[..]);
+    assert_eq!(replicate.len(), 32 + 28 + 11);
+    assert_eq!(&replicate[6..8], &17u16.to_le_bytes());
     // A version 1 frame (its read bodies had no layout) is refused from its header.
     let mut old = frame(1, &Message::DeleteDone);
     old[4..6].copy_from_slice(&1u16.to_le_bytes());

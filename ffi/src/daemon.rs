@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tier0_dataplane::net::wire::{
     self, Delete, ErrorReply, HEADER_SIZE, Header, Hello, LayoutRef, LocalEndpoint, LocalRead,
-    LocalReadDone, Message, RdmaEndpoint, Read, ReadDone, Release, WireError, Write,
+    LocalReadDone, Message, RdmaEndpoint, Read, ReadDone, Release, Replicate, WireError, Write,
 };
 use tier0_dataplane::store::ChunkId;
 use tier0_dataplane::store::format::crc32c;
@@ -804,6 +804,56 @@ impl DaemonConnection {
             (_, Message::WriteDone) => Ok(()),
             (_, other) => Err(self.remote_or_unexpected(id, other)),
         }
+    }
+
+    /// Has the daemon copy `chunk` (`len` bytes) to itself from the daemon at `source`
+    /// (`HOST:PORT`; `Replicate`): it fetches the bytes there, checks and stores them, and
+    /// answers once they are whole, so no chunk byte passes through this connection. `wait`
+    /// bounds the wait for the answer; make it longer than the daemon's own copy deadline
+    /// (`tier0_dataplane::net::replicate::DEFAULT_COPY_TIMEOUT`), so the daemon's error
+    /// (its errno and cause) arrives before this side gives up. `EEXIST`: the chunk is there
+    /// already (complete: chunks are stored atomically).
+    pub fn replicate(
+        &mut self,
+        chunk: ChunkId,
+        len: u32,
+        source: &str,
+        wait: Duration,
+    ) -> Result<(), ClientError> {
+        let id = self.take_id();
+        let message = Message::Replicate(Replicate {
+            chunk,
+            len,
+            source: source.to_string(),
+        });
+        self.send(id, &message, &[])?;
+        let before = self.set_read_timeout(Some(wait))?;
+        let reply = self.receive_head(0);
+        self.set_read_timeout(before)?;
+        match reply? {
+            (_, Message::WriteDone) => Ok(()),
+            (_, other) => Err(self.remote_or_unexpected(id, other)),
+        }
+    }
+
+    /// Sets the socket's read timeout; returns the one it had.
+    fn set_read_timeout(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Duration>, ClientError> {
+        let result = match self.stream.get_ref() {
+            Socket::Tcp(stream) => stream
+                .read_timeout()
+                .and_then(|before| stream.set_read_timeout(timeout).map(|()| before)),
+            Socket::Unix(stream) => stream
+                .read_timeout()
+                .and_then(|before| stream.set_read_timeout(timeout).map(|()| before)),
+        };
+        result.map_err(|source| ClientError::Io {
+            addr: self.addr.clone(),
+            operation: "setting a timeout",
+            source,
+        })
     }
 
     pub fn delete(&mut self, chunk: ChunkId) -> Result<(), ClientError> {

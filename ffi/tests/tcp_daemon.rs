@@ -62,6 +62,7 @@ impl Daemon {
                 handshake_timeout: Duration::from_secs(2),
                 local_socket,
                 heat: tier0_dataplane::heat::HeatMap::new(Duration::from_secs(600)),
+                copies: Default::default(),
             },
             vec![store.clone()],
             fences.clone(),

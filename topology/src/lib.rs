@@ -12,6 +12,7 @@
 //! - [`WorkerPlan`] says, per NUMA node, which cores run data-plane workers and which drives,
 //!   HCA and GPUs those workers use.
 
+mod activity;
 mod discover;
 mod distance;
 mod error;
@@ -21,6 +22,7 @@ mod pci;
 mod plan;
 mod report;
 
+pub use activity::{BUSY_PERCENT, GpuActivity, GpuMonitor, is_busy, parse_nvml_bus_id};
 pub use discover::{discover_live, load_xml_file, load_xml_str};
 pub use distance::{Distance, Locality, rank_by_distance};
 pub use error::TopologyError;

@@ -36,8 +36,9 @@ pub enum AdminCommand {
         #[command(flatten)]
         control: ControlArgs,
     },
-    /// GPUs as schedulers reported them (idle or busy, and with which job), and the jobs
-    /// declared with the paths they will read.
+    /// GPUs as schedulers reported them (idle or busy, and with which job) and as NVML on
+    /// the node measured them (`[utilization%]`), and the jobs declared with the paths they
+    /// will read.
     Gpus {
         #[command(flatten)]
         control: ControlArgs,
@@ -414,10 +415,17 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     let states: Vec<String> = node
                         .gpus
                         .iter()
-                        .map(|g| match (g.busy, g.job.is_empty()) {
-                            (false, _) => format!("{} idle", g.index),
-                            (true, true) => format!("{} busy", g.index),
-                            (true, false) => format!("{} busy ({})", g.index, g.job),
+                        .map(|g| {
+                            let state = match (g.busy, g.job.is_empty()) {
+                                (false, _) => format!("{} idle", g.index),
+                                (true, true) => format!("{} busy", g.index),
+                                (true, false) => format!("{} busy ({})", g.index, g.job),
+                            };
+                            if g.measured {
+                                format!("{state} [{}%]", g.utilization_percent)
+                            } else {
+                                state
+                            }
                         })
                         .collect();
                     writeln!(out, "node {:<16} {}", node.node_id, states.join(", "))?;

@@ -375,6 +375,12 @@ fn spawn_agent(
         .sum();
     let fences = Arc::clone(daemon.fences());
     let heat = Arc::clone(daemon.heat());
+    let monitor = tier0_topology::GpuMonitor::open();
+    match &monitor.unavailable {
+        None => tracing::info!(gpus = machine.gpus.len(), "GPU activity from NVML"),
+        Some(why) => tracing::debug!(%why, "no GPU activity to report"),
+    }
+    let gpus = machine.gpus.clone();
     let feeds = tier0_topology::feeds(machine);
     let topology = proto::TopologySummary {
         numa_nodes: machine.numa_nodes.len() as u32,
@@ -413,8 +419,34 @@ fn spawn_agent(
                 .sum()
         }),
         heat: Box::new(move || HeatReport::from_map(&heat)),
+        gpus: Box::new(move || measure_gpus(&monitor, &gpus)),
     })
     .context("starting the membership agent")
+}
+
+/// The node's GPUs as NVML measures them now, by topology index; `None` without NVML.
+fn measure_gpus(
+    monitor: &tier0_topology::GpuMonitor,
+    gpus: &[tier0_topology::Gpu],
+) -> Option<Vec<proto::GpuStatus>> {
+    if !monitor.available() {
+        return None;
+    }
+    Some(
+        monitor
+            .activity(gpus)
+            .into_iter()
+            .map(|gpu| proto::GpuStatus {
+                index: gpu.index,
+                busy: gpu.busy,
+                job: String::new(),
+                measured: true,
+                utilization_percent: gpu.utilization_percent,
+                compute_processes: gpu.compute_processes,
+                memory_used_bytes: gpu.memory_used_bytes,
+            })
+            .collect(),
+    )
 }
 
 pub(crate) fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {

@@ -22,6 +22,8 @@ pub type FenceSink = Box<dyn Fn(&[(u64, u64)]) + Send>;
 pub type FreeBytes = Box<dyn Fn() -> u64 + Send>;
 /// The node's hottest chunks now, for the next heartbeat.
 pub type HeatSource = Box<dyn Fn() -> HeatReport + Send>;
+/// The node's GPUs as NVML measures them now; `None` where there is no NVML.
+pub type GpuSource = Box<dyn Fn() -> Option<Vec<proto::GpuStatus>> + Send>;
 
 /// What a heartbeat says about read heat: decayed counts and their half-life.
 #[derive(Clone, Debug, Default)]
@@ -75,6 +77,7 @@ pub struct AgentConfig {
     pub fences: FenceSink,
     pub free_bytes: FreeBytes,
     pub heat: HeatSource,
+    pub gpus: GpuSource,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -276,6 +279,7 @@ async fn run(config: AgentConfig, stop: &AtomicBool, registered: &AtomicBool) {
         let mut fence_revision = 0;
         loop {
             let heat = (config.heat)();
+            let gpus = (config.gpus)();
             let mut request = tonic::Request::new(proto::HeartbeatRequest {
                 node_id: config.node_id.clone(),
                 free_bytes: (config.free_bytes)(),
@@ -283,6 +287,8 @@ async fn run(config: AgentConfig, stop: &AtomicBool, registered: &AtomicBool) {
                 fence_revision,
                 heat: heat.chunks,
                 heat_half_life_ms: heat.half_life.as_millis() as u64,
+                has_gpus: gpus.is_some(),
+                gpus: gpus.unwrap_or_default(),
             });
             request.set_timeout(heartbeat_timeout(lease));
             match client.cluster.heartbeat(request).await {

@@ -152,7 +152,7 @@ pub fn gpu_ref(gpu: &proto::GpuRef) -> String {
     format!("{}/{}", gpu.node_id, gpu.index)
 }
 
-/// GPUs as reported, jobs declared, prestages asked.
+/// GPUs as reported (and measured), jobs declared, prestages asked.
 pub fn gpus(gpus: &proto::GpusReply) -> Value {
     json!({
         "nodes": gpus.nodes.iter().map(|node| json!({
@@ -160,6 +160,11 @@ pub fn gpus(gpus: &proto::GpusReply) -> Value {
             "reported_ms": node.reported_ms,
             "gpus": node.gpus.iter().map(|g| json!({
                 "index": g.index, "busy": g.busy, "job": g.job,
+                "measured": g.measured.then(|| json!({
+                    "utilization_percent": g.utilization_percent,
+                    "compute_processes": g.compute_processes,
+                    "memory_used_bytes": g.memory_used_bytes,
+                })),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "jobs": gpus.jobs.iter().map(|job| json!({

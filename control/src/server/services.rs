@@ -518,6 +518,27 @@ impl proto::cluster_server::Cluster for Services {
         let request = request.into_inner();
         let free = request.has_free_bytes.then_some(request.free_bytes);
         let (half_life, heat) = convert::heat_report(request.heat, request.heat_half_life_ms)?;
+        let measured = if request.has_gpus {
+            check_gpus(&request.gpus)?;
+            Some(
+                request
+                    .gpus
+                    .into_iter()
+                    .map(|gpu| crate::orchestration::GpuStatus {
+                        index: gpu.index,
+                        busy: gpu.busy,
+                        job: String::new(),
+                        measured: Some(crate::orchestration::Measured {
+                            utilization_percent: gpu.utilization_percent.min(100),
+                            compute_processes: gpu.compute_processes,
+                            memory_used_bytes: gpu.memory_used_bytes,
+                        }),
+                    })
+                    .collect(),
+            )
+        } else {
+            None
+        };
         let reply = self
             .state
             .membership
@@ -526,6 +547,10 @@ impl proto::cluster_server::Cluster for Services {
             .map_err(status)?;
         // Only a node the membership knows gets here: its report replaces its last one.
         self.state.heat.report(&request.node_id, half_life, heat);
+        match measured {
+            Some(gpus) => self.state.gpus.measure(&request.node_id, gpus),
+            None => self.state.gpus.forget_measures(&request.node_id),
+        }
         Ok(Response::new(proto::HeartbeatReply {
             state: convert::node_state(reply.state) as i32,
             lease_ms: reply.lease.as_millis() as u64,
@@ -885,6 +910,26 @@ impl proto::admin_server::Admin for Services {
 /// Most GPUs one node may report, and one job may name.
 const MAX_GPUS: usize = 4096;
 
+/// A node's GPU list: at most [`MAX_GPUS`], none listed twice.
+fn check_gpus(gpus: &[proto::GpuStatus]) -> Result<(), Status> {
+    if gpus.len() > MAX_GPUS {
+        return Err(Status::invalid_argument(format!(
+            "gpus: {} GPUs, at most {MAX_GPUS} per node",
+            gpus.len()
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (position, gpu) in gpus.iter().enumerate() {
+        if !seen.insert(gpu.index) {
+            return Err(Status::invalid_argument(format!(
+                "gpus[{position}]: GPU {} is listed twice",
+                gpu.index
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn gpu_ref(field: &str, gpu: proto::GpuRef) -> Result<crate::orchestration::GpuRef, Status> {
     crate::membership::check_node_id(&gpu.node_id)
         .map_err(|error| Status::invalid_argument(format!("{field}: {error}")))?;
@@ -922,21 +967,7 @@ impl proto::orchestration_server::Orchestration for Services {
         let request = request.into_inner();
         crate::membership::check_node_id(&request.node_id)
             .map_err(|error| Status::invalid_argument(format!("node_id: {error}")))?;
-        if request.gpus.len() > MAX_GPUS {
-            return Err(Status::invalid_argument(format!(
-                "gpus: {} GPUs, at most {MAX_GPUS} per node",
-                request.gpus.len()
-            )));
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for (position, gpu) in request.gpus.iter().enumerate() {
-            if !seen.insert(gpu.index) {
-                return Err(Status::invalid_argument(format!(
-                    "gpus[{position}]: GPU {} is listed twice",
-                    gpu.index
-                )));
-            }
-        }
+        check_gpus(&request.gpus)?;
         let gpus = request
             .gpus
             .into_iter()
@@ -944,6 +975,7 @@ impl proto::orchestration_server::Orchestration for Services {
                 index: gpu.index,
                 busy: gpu.busy,
                 job: gpu.job,
+                measured: None,
             })
             .collect();
         self.state.gpus.report(&request.node_id, gpus);
@@ -1017,6 +1049,10 @@ impl proto::orchestration_server::Orchestration for Services {
             index: gpu.index,
             busy: gpu.busy,
             job: gpu.job,
+            measured: gpu.measured.is_some(),
+            utilization_percent: gpu.measured.as_ref().map_or(0, |m| m.utilization_percent),
+            compute_processes: gpu.measured.as_ref().map_or(0, |m| m.compute_processes),
+            memory_used_bytes: gpu.measured.as_ref().map_or(0, |m| m.memory_used_bytes),
         };
         Ok(Response::new(proto::GpusReply {
             nodes: nodes

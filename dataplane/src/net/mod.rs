@@ -1,7 +1,9 @@
-//! The network side of the data plane: the wire protocol, and the transports that carry it
-//! (TCP everywhere, RDMA verbs where there is an HCA).
+//! The network side of the data plane: the wire protocol, the transports that carry it (TCP
+//! everywhere, RDMA verbs where there is an HCA), and the copies daemons pull from each other
+//! (`replicate`).
 
 pub mod rdma;
+pub mod replicate;
 mod stream;
 mod tags;
 pub mod tcp;

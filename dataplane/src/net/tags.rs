@@ -31,6 +31,11 @@ impl<T> Tags<T> {
         }
     }
 
+    /// The value filed under `tag`, left filed.
+    pub(crate) fn get(&self, tag: u64) -> Option<&T> {
+        self.slots.get(tag as usize).and_then(Option::as_ref)
+    }
+
     /// Takes the value filed under `tag`, freeing the tag; `None` for a tag not in use.
     pub(crate) fn take(&mut self, tag: u64) -> Option<T> {
         let value = self.slots.get_mut(tag as usize).and_then(Option::take)?;

@@ -14,6 +14,12 @@
 //! (`LocalReadDone`); the buffer stays held for it until it says `Release`, at most
 //! `held_max` at a time. Chunk bytes then cross no socket: the drive reads into the pool, the
 //! client copies out once.
+//!
+//! A `Replicate` (a copy the control plane orders) is the one request a worker does not
+//! start on a drive at once: its chunk is fetched from the source daemon on a copy thread
+//! (`replicate`), which hands the checked bytes back through the source's eventfd; the worker
+//! then stores them exactly as it stores a `Write` and answers `WriteDone`. The poll loop
+//! never waits on another daemon.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read as _, Write as _};
@@ -27,6 +33,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use super::rdma::{RdmaAcceptor, RdmaService, Session};
+use super::replicate::{Copier, CopyConfig, CopyError, CopyPermit};
 use super::stream::{LocalListener, Peer, Stream, boot_id, unix_peer};
 use super::tags::Tags;
 use super::wire::{
@@ -55,6 +62,8 @@ pub struct TcpServerConfig {
     pub local_socket: LocalSocket,
     /// Where every read accepted is counted (the rebalancer's input).
     pub heat: Arc<HeatMap>,
+    /// How many chunk copies (`Replicate`) run at once, and each one's deadline.
+    pub copies: CopyConfig,
 }
 
 /// Whether and where a daemon listens for clients on its own node.
@@ -132,6 +141,8 @@ impl TcpServer {
             boot_id: boot_id().to_string(),
         });
         let stores: Arc<[Arc<ChunkStore>]> = stores.into();
+        // One bound on copies for the whole daemon, whichever worker took the request.
+        let copier = Arc::new(Copier::new(config.copies, &config.token, &config.node));
         let mut rdma = rdma.map(|service| service.workers).unwrap_or_default();
         let mut inboxes = Vec::new();
         let mut sources = Vec::new();
@@ -143,6 +154,7 @@ impl TcpServer {
                 notify.clone(),
                 stores.clone(),
                 fences.clone(),
+                copier.clone(),
                 &config,
             )?)];
             let mut acceptor = None;
@@ -519,13 +531,22 @@ impl Held {
 }
 
 /// A request in the worker: which connection and which of its request ids.
-#[derive(Clone, Copy)]
 struct Pending {
     connection: usize,
     generation: u64,
     request_id: u64,
     /// A `LocalRead`: answered with where its bytes lie in the shared pool.
     local: bool,
+    /// A `Replicate`: its place under the daemon's bound on copies, held (never read) until
+    /// its reply: dropping the request frees it.
+    _copy: Option<CopyPermit>,
+}
+
+/// A copy's fetch, done: the bytes to store under `tag` (a [`Pending`]), or why not.
+struct Fetched {
+    tag: u64,
+    chunk: ChunkId,
+    result: Result<Vec<u8>, CopyError>,
 }
 
 /// The worker's buffer pool as node-local clients get it.
@@ -558,6 +579,13 @@ pub struct TcpSource {
     node: String,
     max_payload: u32,
     events: Vec<libc::epoll_event>,
+    /// The daemon's copies (`Replicate`), shared by every worker's source.
+    copier: Arc<Copier>,
+    /// Copy threads hand their fetches back here (and ring `notify`).
+    fetched_sender: Sender<Fetched>,
+    fetched: Receiver<Fetched>,
+    /// Fetches back, waiting for room in the worker.
+    ready_copies: VecDeque<Fetched>,
 }
 
 impl std::fmt::Debug for TcpSource {
@@ -575,6 +603,7 @@ impl TcpSource {
         notify: Arc<EventFd>,
         stores: Arc<[Arc<ChunkStore>]>,
         fences: Arc<FenceTable>,
+        copier: Arc<Copier>,
         config: &TcpServerConfig,
     ) -> io::Result<Self> {
         // SAFETY: epoll_create1 takes a flag and returns a new fd or -1.
@@ -584,6 +613,7 @@ impl TcpSource {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (fetched_sender, fetched) = crossbeam_channel::unbounded();
         let source = TcpSource {
             epoll,
             notify,
@@ -600,6 +630,10 @@ impl TcpSource {
             node: config.node.clone(),
             max_payload: config.max_payload,
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 64],
+            copier,
+            fetched_sender,
+            fetched,
+            ready_copies: VecDeque::new(),
         };
         source.watch(
             source.notify.0.as_raw_fd(),
@@ -735,6 +769,44 @@ impl TcpSource {
                     LocalFrame::Read => true,
                     LocalFrame::NotLocal => false,
                 };
+            if let Message::Replicate(replicate) = message {
+                let admitted = admit_copy(&self.stores, &self.copier, self.max_payload, &replicate);
+                let permit = match admitted {
+                    Ok(permit) => permit,
+                    Err((errno, text)) => {
+                        let message = format!("{}: {text}", self.node);
+                        reply_error(connection, header.request_id, errno, message);
+                        continue;
+                    }
+                };
+                let tag = self.pending.insert(Pending {
+                    connection: slot,
+                    generation: connection.generation,
+                    request_id: header.request_id,
+                    local: false,
+                    _copy: Some(permit),
+                });
+                let sender = self.fetched_sender.clone();
+                let notify = self.notify.clone();
+                let chunk = replicate.chunk;
+                let spawned =
+                    self.copier
+                        .spawn(chunk, replicate.len, replicate.source, move |result| {
+                            // A source that is gone (the daemon stopping) no longer wants it.
+                            if sender.send(Fetched { tag, chunk, result }).is_ok() {
+                                notify.signal();
+                            }
+                        });
+                match spawned {
+                    Ok(()) => connection.in_flight += 1,
+                    Err(error) => {
+                        drop(self.pending.take(tag));
+                        let message = format!("{}: no thread for the copy: {error}", self.node);
+                        reply_error(connection, header.request_id, libc::EBUSY, message);
+                    }
+                }
+                continue;
+            }
             let payload = &connection.input[payload_start..][..header.payload_len as usize];
             match request(
                 &self.stores,
@@ -756,6 +828,7 @@ impl TcpSource {
                         generation: connection.generation,
                         request_id: header.request_id,
                         local,
+                        _copy: None,
                     };
                     let tag = self.pending.insert(pending);
                     requests.push((tag, drive, op));
@@ -767,6 +840,66 @@ impl TcpSource {
             }
         }
         connection.input.drain(..parsed);
+    }
+
+    /// Turns the copies fetched since the last poll into writes on the drives, at most
+    /// `max`; a failed fetch is answered here.
+    fn store_copies(&mut self, max: usize, requests: &mut Vec<(u64, usize, Op)>) {
+        self.ready_copies.extend(self.fetched.try_iter());
+        let start = requests.len();
+        while requests.len() - start < max
+            && let Some(fetched) = self.ready_copies.pop_front()
+        {
+            let Some(pending) = self.pending.get(fetched.tag) else {
+                continue;
+            };
+            let Some(connection) = self.connections[pending.connection]
+                .as_mut()
+                .filter(|connection| connection.generation == pending.generation)
+            else {
+                drop(self.pending.take(fetched.tag));
+                continue;
+            };
+            if connection.broken || connection.done_reading {
+                // The requester hung up (or the daemon is stopping): it cannot learn of the
+                // copy, so no record would ever name it, nor trash delete it. Stored, it would
+                // be an orphan; it is dropped instead, and the connection may close.
+                connection.in_flight -= 1;
+                drop(self.pending.take(fetched.tag));
+                continue;
+            }
+            let written = fetched
+                .result
+                .map_err(|error| (error.errno, error.message))
+                .and_then(|data| {
+                    let drive = write_drive(&self.stores, fetched.chunk)?;
+                    Ok((
+                        drive,
+                        Op::Write {
+                            chunk: fetched.chunk,
+                            data,
+                        },
+                    ))
+                });
+            match written {
+                // Answered by `complete` as a client's write is: WriteDone, or the error.
+                Ok((drive, op)) => requests.push((fetched.tag, drive, op)),
+                Err((errno, text)) => {
+                    let Some(pending) = self.pending.take(fetched.tag) else {
+                        continue;
+                    };
+                    let Some(connection) = self.connections[pending.connection]
+                        .as_mut()
+                        .filter(|connection| connection.generation == pending.generation)
+                    else {
+                        continue;
+                    };
+                    connection.in_flight -= 1;
+                    let message = format!("{}: {text}", self.node);
+                    reply_error(connection, pending.request_id, errno, message);
+                }
+            }
+        }
     }
 
     /// Drops connections that are finished: nothing more to read, nothing in flight, every
@@ -827,24 +960,8 @@ fn request(
         Message::Write(write) => {
             wire::check_payload(write.crc, payload)
                 .map_err(|error| (libc::EBADMSG, error.to_string()))?;
-            if stores
-                .iter()
-                .any(|store| store.lookup(write.chunk).is_some())
-            {
-                return Err((
-                    libc::EEXIST,
-                    format!(
-                        "chunk {} already exists (chunks are immutable)",
-                        write.chunk
-                    ),
-                ));
-            }
-            // The drive with the most free slots takes a new chunk.
-            let drive = (0..stores.len())
-                .max_by_key(|&drive| stores[drive].free_slots())
-                .ok_or((libc::ENOSPC, "this daemon has no drives".to_string()))?;
             Ok((
-                drive,
+                write_drive(stores, write.chunk)?,
                 Op::Write {
                     chunk: write.chunk,
                     data: payload.to_vec(),
@@ -862,6 +979,42 @@ fn request(
             format!("{:?} is not a request", other.opcode()),
         )),
     }
+}
+
+/// The drive that takes a new chunk: the one with the most free slots; `EEXIST` when the
+/// chunk is here already (chunks are immutable).
+fn write_drive(stores: &[Arc<ChunkStore>], chunk: ChunkId) -> Result<usize, (i32, String)> {
+    if stores.iter().any(|store| store.lookup(chunk).is_some()) {
+        return Err((
+            libc::EEXIST,
+            format!("chunk {chunk} already exists (chunks are immutable)"),
+        ));
+    }
+    (0..stores.len())
+        .max_by_key(|&drive| stores[drive].free_slots())
+        .ok_or((libc::ENOSPC, "this daemon has no drives".to_string()))
+}
+
+/// Whether a `Replicate` may start: a sane length and address, a chunk not here yet, room
+/// under the daemon's bound on copies (checked last, so a refused copy takes no place).
+fn admit_copy(
+    stores: &[Arc<ChunkStore>],
+    copier: &Copier,
+    max_payload: u32,
+    replicate: &wire::Replicate,
+) -> Result<CopyPermit, (i32, String)> {
+    if stores
+        .iter()
+        .any(|store| store.lookup(replicate.chunk).is_some())
+    {
+        return Err((
+            libc::EEXIST,
+            format!("chunk {} is here already", replicate.chunk),
+        ));
+    }
+    copier
+        .admit(replicate.len, &replicate.source, max_payload)
+        .map_err(|(errno, text)| (errno, format!("chunk {}: {text}", replicate.chunk)))
 }
 
 /// What the local fast path made of a frame.
@@ -1167,6 +1320,7 @@ impl RequestSource for TcpSource {
         }
         self.harvest();
         let start = requests.len();
+        self.store_copies(max, requests);
         for slot in 0..self.connections.len() {
             if requests.len() - start >= max {
                 break;

@@ -16,6 +16,12 @@ pub const MAGIC: [u8; 4] = *b"T0NW";
 /// 2: `Read` and `RdmaRead` carry the layout they were planned from ([`LayoutRef`]).
 /// 3: `Welcome` names the daemon's node-local socket; the local fast path's frames
 /// (`LocalAttach`, `LocalPool`, `LocalRead`, `LocalReadDone`, `Release`).
+///
+/// A new opcode whose frames change no existing body does not bump the version: a peer that
+/// predates it refuses the frame by its opcode (`Error(EPROTO)`, "unknown opcode", and the
+/// connection closes), while every frame it knows stays readable both ways, so daemons and
+/// control planes of either build keep reading and writing through a rolling upgrade.
+/// `Replicate` (17) came that way, in version 3.
 pub const VERSION: u16 = 3;
 pub const HEADER_SIZE: usize = 32;
 /// Largest body: requests and replies are small; only chunk data is large, and it is payload.
@@ -43,6 +49,7 @@ pub enum Opcode {
     LocalRead = 14,
     LocalReadDone = 15,
     Release = 16,
+    Replicate = 17,
 }
 
 impl Opcode {
@@ -64,6 +71,7 @@ impl Opcode {
             14 => Opcode::LocalRead,
             15 => Opcode::LocalReadDone,
             16 => Opcode::Release,
+            17 => Opcode::Replicate,
             _ => return None,
         })
     }
@@ -212,6 +220,20 @@ pub struct Delete {
     pub chunk: ChunkId,
 }
 
+/// Store chunk `chunk`, `len` bytes, fetched by this daemon from the daemon at `source`
+/// (`HOST:PORT`, as nodes register): the control plane's copy order, sent to the target. The
+/// target reads the chunk from the source over TCP with the cluster token, checks its
+/// checksum as any reader does, stores it as a `Write` would, and answers `WriteDone`; the
+/// bytes never pass through the requester. Errors: `EEXIST` the chunk is here already,
+/// `ENOENT` the source has not got it, `EIO` the source failed or did not answer in time,
+/// `EINVAL` a bad address or length, `EBUSY` too many copies in flight here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replicate {
+    pub chunk: ChunkId,
+    pub len: u32,
+    pub source: String,
+}
+
 /// Over RDMA: read `len` bytes at `offset` of a chunk and RDMA-WRITE them to `addr` in the
 /// client's memory region `rkey`, through layout `layout`. Sent as a SEND on the queue pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +282,7 @@ pub enum Message {
     LocalRead(LocalRead),
     LocalReadDone(LocalReadDone),
     Release(Release),
+    Replicate(Replicate),
 }
 
 impl Message {
@@ -281,6 +304,7 @@ impl Message {
             Message::LocalRead(_) => Opcode::LocalRead,
             Message::LocalReadDone(_) => Opcode::LocalReadDone,
             Message::Release(_) => Opcode::Release,
+            Message::Replicate(_) => Opcode::Replicate,
         }
     }
 
@@ -494,6 +518,7 @@ fn encode_body(message: &Message, out: &mut impl std::io::Write) -> Result<usize
         Message::LocalRead(message) => body(message, out),
         Message::LocalReadDone(message) => body(message, out),
         Message::Release(message) => body(message, out),
+        Message::Replicate(message) => body(message, out),
         Message::WriteDone | Message::DeleteDone | Message::LocalAttach => Ok(0),
     }
 }
@@ -534,6 +559,7 @@ pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
         Opcode::LocalRead => Message::LocalRead(decode_exact(opcode, body)?),
         Opcode::LocalReadDone => Message::LocalReadDone(decode_exact(opcode, body)?),
         Opcode::Release => Message::Release(decode_exact(opcode, body)?),
+        Opcode::Replicate => Message::Replicate(decode_exact(opcode, body)?),
     };
     let body_payload = message.payload_len();
     if body_payload != header.payload_len {

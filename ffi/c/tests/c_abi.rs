@@ -140,6 +140,7 @@ async fn start_cluster() -> Cluster {
                 fences: Box::new(move |pairs| fences.raise_all(pairs.iter().copied())),
                 free_bytes: Box::new(|| 0),
                 heat: Box::new(tier0_control_api::agent::HeatReport::none),
+                gpus: Box::new(|| None),
             })
             .unwrap(),
         );

@@ -81,8 +81,10 @@ struct Gpu {
     job: Option<u32>,
     /// Bumped when the GPU's job ends, so its pending events are ignored.
     generation: u32,
-    ready: u32,
-    inflight: u32,
+    /// When each extent in flight or ready arrives (arrived: no later than now), earliest
+    /// first; at most `prefetch`. A GPU that is computing needs no event per arrival: it
+    /// looks here when it is done, so only a GPU left waiting is woken by one.
+    arrivals: Vec<f64>,
     computing: bool,
     compute_started: f64,
 }
@@ -105,6 +107,9 @@ struct Copy {
     to: u32,
     bytes: u64,
 }
+
+/// The event clock's resolution (1 ns): times within it are the same moment.
+const TICK: f64 = 1e-9;
 
 const ARRIVE: u8 = 0;
 const COMPUTED: u8 = 1;
@@ -282,7 +287,8 @@ impl<'a> Sim<'a> {
     }
 
     fn push(&mut self, at: f64, kind: u8, subject: u32, generation: u32) {
-        let ns = (at.max(self.now) * 1e9) as u64;
+        // Rounded up, so that an event never fires before the time it stands for.
+        let ns = (at.max(self.now) * 1e9).ceil() as u64;
         self.events
             .push(Reverse((ns, pack(kind, subject, generation))));
     }
@@ -302,8 +308,7 @@ impl<'a> Sim<'a> {
                     node,
                     job: None,
                     generation: 0,
-                    ready: 0,
-                    inflight: 0,
+                    arrivals: Vec::new(),
                     computing: false,
                     compute_started: 0.0,
                 });
@@ -365,6 +370,7 @@ impl<'a> Sim<'a> {
                 index,
                 busy: false,
                 job: String::new(),
+                measured: None,
             })
             .collect()
     }
@@ -395,6 +401,7 @@ impl<'a> Sim<'a> {
                     index,
                     busy: true,
                     job: name.clone(),
+                    measured: None,
                 })
                 .collect();
             self.gpu_table.report(&node_id(node), busy);
@@ -433,8 +440,7 @@ impl<'a> Sim<'a> {
                     node,
                     job: None,
                     generation: gpu.generation + 1,
-                    ready: 0,
-                    inflight: 0,
+                    arrivals: Vec::new(),
                     computing: false,
                     compute_started: 0.0,
                 };
@@ -513,47 +519,59 @@ impl<'a> Sim<'a> {
                 at,
             );
         }
-        let generation = self.gpus[gpu as usize].generation;
-        self.gpus[gpu as usize].inflight += 1;
-        self.push(arrive, ARRIVE, gpu, generation);
+        let state = &mut self.gpus[gpu as usize];
+        let at = state.arrivals.partition_point(|&t| t <= arrive);
+        state.arrivals.insert(at, arrive);
+        let (waiting, generation) = (!state.computing, state.generation);
+        if waiting {
+            self.push(arrive, ARRIVE, gpu, generation);
+        }
     }
 
+    /// Wakes a waiting GPU whose extent has arrived.
     fn arrived(&mut self, gpu: u32, generation: u32) {
-        let state = &mut self.gpus[gpu as usize];
-        if state.generation & 0x00ff_ffff != generation {
+        let state = &self.gpus[gpu as usize];
+        if state.generation & 0x00ff_ffff != generation || state.computing {
             return;
         }
-        state.inflight -= 1;
-        state.ready += 1;
-        if !state.computing {
+        if state
+            .arrivals
+            .first()
+            .is_some_and(|&t| t <= self.now + TICK)
+        {
             self.compute(gpu);
         }
     }
 
+    /// Computes on the earliest arrived extent (there is one).
     fn compute(&mut self, gpu: u32) {
         let state = &mut self.gpus[gpu as usize];
-        state.ready -= 1;
+        state.arrivals.remove(0);
         state.computing = true;
         state.compute_started = self.now;
         let generation = state.generation;
         // The buffer it consumed is free again: read the next extent into it.
-        if state.ready + state.inflight < self.config.prefetch {
+        if state.arrivals.len() < self.config.prefetch as usize {
             self.fetch(gpu);
         }
         self.push(self.now + self.compute_s, COMPUTED, gpu, generation);
     }
 
     fn computed(&mut self, gpu: u32, generation: u32) {
+        let now = self.now;
         let state = &mut self.gpus[gpu as usize];
         if state.generation & 0x00ff_ffff != generation {
             return;
         }
         state.computing = false;
         let job = state.job.expect("a computing GPU has a job");
-        let ready = state.ready;
+        let next = state.arrivals.first().copied();
         self.jobs[job as usize].compute += self.compute_s;
-        if ready > 0 {
-            self.compute(gpu);
+        match next {
+            Some(t) if t <= now + TICK => self.compute(gpu),
+            // Waiting: woken when the earliest extent arrives.
+            Some(t) => self.push(t, ARRIVE, gpu, generation),
+            None => {}
         }
     }
 

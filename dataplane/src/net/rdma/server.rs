@@ -634,6 +634,10 @@ fn request(
             libc::EOPNOTSUPP,
             "writes go over TCP; an RDMA session serves reads and deletes".into(),
         )),
+        Message::Replicate(_) => Err((
+            libc::EOPNOTSUPP,
+            "copies are ordered over TCP; an RDMA session serves reads and deletes".into(),
+        )),
         other => Err((
             libc::EPROTO,
             format!("{:?} is not a request over RDMA", other.opcode()),
