@@ -72,6 +72,8 @@ pub struct RebalanceConfig {
     pub policies: crate::policy::Policies,
     /// A node with more than this share of its capacity used sheds surplus cold replicas.
     pub high_watermark: f64,
+    /// Audit records (the rebalancer's and the agents') older than this are removed.
+    pub audit_retention: Duration,
 }
 
 impl Default for RebalanceConfig {
@@ -82,6 +84,7 @@ impl Default for RebalanceConfig {
             min_reads: 1.0,
             policies: crate::policy::Policies::default(),
             high_watermark: 0.9,
+            audit_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -758,8 +761,49 @@ async fn drop_replica(
     }
 }
 
-/// Records of the audit log looked at to tell whether a decision changed.
-const AUDIT_WINDOW: usize = 100_000;
+/// Records of the audit log looked at to tell whether a decision changed, and the most an
+/// audit log keeps (older ones go first).
+pub const AUDIT_WINDOW: usize = 100_000;
+
+/// Most deletions in one transaction (etcd takes 128 operations by default).
+const TRIM_BATCH: usize = 100;
+
+/// Trims an audit log (`prefix`: `audit/` or `agent-audit/`, keys `<prefix><at_ms:016x>/…`
+/// in time order) to the records of the last `retention` and at most `keep` of them, oldest
+/// removed first; returns how many went. Run by the leader after each rebalancing pass, so a
+/// log never grows without bound and a pass never reads more than `keep` records.
+pub async fn trim_audit(
+    store: &dyn MetadataStore,
+    prefix: &str,
+    now_ms: u64,
+    retention: Duration,
+    keep: usize,
+) -> Result<u64> {
+    let entries = store.scan(prefix).await?;
+    let since = now_ms.saturating_sub(retention.as_millis() as u64);
+    let surplus = entries.len().saturating_sub(keep);
+    let old: Vec<&str> = entries
+        .iter()
+        .enumerate()
+        .filter(|(index, entry)| {
+            let at = entry.key[prefix.len()..]
+                .split('/')
+                .next()
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+            // A key that does not parse is not ours to judge by time; the count still holds.
+            *index < surplus || at.is_some_and(|at| at < since)
+        })
+        .map(|(_, entry)| entry.key.as_str())
+        .collect();
+    for batch in old.chunks(TRIM_BATCH) {
+        let mut txn = Txn::new();
+        for key in batch {
+            txn.delete(key.to_string());
+        }
+        store.commit(&txn).await?;
+    }
+    Ok(old.len() as u64)
+}
 
 /// Approves the pending moves of file `file_id` for the next pass (`Mode::Approve`).
 pub async fn approve(store: &dyn MetadataStore, file_id: u64) -> Result<()> {
@@ -1174,6 +1218,52 @@ mod tests {
                 .contains("read by job on 2 GPUs of r1; r1 costs them 4"),
             "{}",
             first.reason
+        );
+    }
+
+    /// The log keeps the last `retention` and at most `keep` records, oldest removed first,
+    /// in batches small enough for etcd; another prefix is untouched.
+    #[tokio::test]
+    async fn the_audit_log_is_trimmed_by_age_and_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("m.redb")).unwrap();
+        let day = 24 * 3600 * 1000;
+        let now = 100 * day;
+        let mut txn = Txn::new();
+        // 150 records 40 days old, 120 from the last day; one agent record 40 days old.
+        for seq in 0..150 {
+            txn.put(model::audit_key(now - 40 * day, seq), b"{}".to_vec());
+        }
+        store.commit(&txn).await.unwrap();
+        let mut txn = Txn::new();
+        for seq in 0..120 {
+            txn.put(model::audit_key(now - day, seq), b"{}".to_vec());
+        }
+        txn.put(model::agent_audit_key(now - 40 * day, 0), b"{}".to_vec());
+        store.commit(&txn).await.unwrap();
+        let month = Duration::from_secs(30 * 24 * 3600);
+        let gone = trim_audit(&store, model::AUDIT_PREFIX, now, month, 100)
+            .await
+            .unwrap();
+        // The 150 old ones by age, and 20 of the recent ones past the count.
+        assert_eq!(gone, 170);
+        let left = store.scan(model::AUDIT_PREFIX).await.unwrap();
+        assert_eq!(left.len(), 100);
+        assert_eq!(
+            left[0].key,
+            model::audit_key(now - day, 20),
+            "the oldest went first"
+        );
+        assert_eq!(
+            store.scan(model::AGENT_AUDIT_PREFIX).await.unwrap().len(),
+            1
+        );
+        // Nothing more to trim.
+        assert_eq!(
+            trim_audit(&store, model::AUDIT_PREFIX, now, month, 100)
+                .await
+                .unwrap(),
+            0
         );
     }
 }

@@ -237,6 +237,20 @@ fn a_replicated_chunk_is_byte_identical_on_the_target_and_a_second_is_eexist() {
         assert_eq!(again.errno, libc::EEXIST, "{}", again.message);
     }
     assert_eq!(target.chunks(), 2);
+    // The copies were not reads: the source counts no heat for them; the target counts the
+    // reads its clients made.
+    let heat = |node: &Node, index| {
+        node.daemon
+            .as_ref()
+            .unwrap()
+            .heat()
+            .heat(chunk(index))
+            .reads
+    };
+    assert_eq!((heat(&source, 0), heat(&source, 1)), (0.0, 0.0));
+    assert!(heat(&target, 0) > 1.9, "{}", heat(&target, 0));
+    source.connect().read(chunk(0), CHUNK).unwrap();
+    assert!(heat(&source, 0) > 0.9);
 }
 
 #[test]

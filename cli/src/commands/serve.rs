@@ -75,6 +75,10 @@ pub struct ControlServeArgs {
     /// Bytes the rebalancer copies per rolling hour at most.
     #[arg(long, default_value = "64GiB", value_parser = parse_bytes)]
     move_budget: u64,
+    /// How long the audit logs (`admin movements`, `admin agent-actions`) keep a record; each
+    /// keeps at most the newest 100,000 too.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    audit_retention: std::time::Duration,
     /// Serve Prometheus metrics on this address (`/metrics`): the rebalancer's moves by
     /// state (`tier0_rebalance_moves_total`) and bytes copied.
     #[arg(long)]
@@ -95,7 +99,7 @@ fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
     parse_duration(text)
 }
 
-/// `500ms`, `10s`, `2m`.
+/// `500ms`, `10s`, `2m`, `6h`, `30d`.
 pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
@@ -103,12 +107,14 @@ pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> 
         .unwrap_or((text, "s"));
     let value: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?}: expected a number and a unit (500ms, 10s, 2m)"))?;
+        .map_err(|_| format!("{text:?}: expected a number and a unit (500ms, 10s, 2m, 6h, 30d)"))?;
     let scale: u64 = match unit {
         "ms" => 1,
         "s" => 1000,
         "m" => 60_000,
-        _ => return Err(format!("{text:?}: unit must be ms, s or m")),
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?}: unit must be ms, s, m, h or d")),
     };
     let millis = value
         .checked_mul(scale)
@@ -236,6 +242,7 @@ fn control(args: ControlServeArgs) -> anyhow::Result<()> {
     config.rebalance.mode = args.rebalance;
     config.rebalance.high_watermark = args.high_watermark;
     config.rebalance.max_bytes_per_hour = args.move_budget;
+    config.rebalance.audit_retention = args.audit_retention;
     config.defaults = LayoutSettings {
         chunk_size,
         replication: args.replication,
@@ -524,7 +531,9 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        for bad in ["0s", "5h", "ms", "-1s"] {
+        assert_eq!(parse_duration("5h"), Ok(Duration::from_secs(5 * 3600)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        for bad in ["0s", "5w", "ms", "-1s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
         // value * 1000 and value * 60000 overflow u64: an error, not a panic or a wrap.
@@ -532,7 +541,7 @@ mod tests {
         assert!(parse_duration(&huge).unwrap_err().contains("too long"));
         let huge = format!("{}m", u64::MAX / 1000);
         assert!(parse_duration(&huge).unwrap_err().contains("too long"));
-        assert!(parse_duration("366d").is_err());
+        assert!(parse_duration("366d").unwrap_err().contains("a year"));
         assert!(parse_duration("600000m").unwrap_err().contains("a year"));
     }
 }

@@ -418,6 +418,17 @@ pub(crate) async fn run_upkeep(state: &ControlState) -> Result<UpkeepReport, Con
     }
     let mut report = state.upkeep.run().await?;
     let moves = rebalance(state).await?;
+    let now = crate::model::now_ms();
+    for prefix in [crate::model::AUDIT_PREFIX, crate::model::AGENT_AUDIT_PREFIX] {
+        crate::rebalance::trim_audit(
+            state.namespace.store().as_ref(),
+            prefix,
+            now,
+            state.rebalance.audit_retention,
+            crate::rebalance::AUDIT_WINDOW,
+        )
+        .await?;
+    }
     report.moves_planned = moves.planned;
     report.moves_executed = moves.executed;
     report.moves_refused = moves.refused;

@@ -88,7 +88,7 @@ impl Copier {
             config,
             in_flight: Arc::new(AtomicUsize::new(0)),
             token: token.into(),
-            client: format!("{node}/replicate"),
+            client: format!("{node}{COPY_PEER_SUFFIX}"),
         }
     }
 
@@ -361,6 +361,15 @@ impl Peer {
         }
         Ok(())
     }
+}
+
+/// How a daemon pulling a copy names itself in its `Hello` (after its node id): the source
+/// does not count its reads as heat.
+pub(crate) const COPY_PEER_SUFFIX: &str = "/replicate";
+
+/// Whether a peer that said `client` in its `Hello` is a daemon pulling a copy.
+pub(crate) fn is_copy_peer(client: &str) -> bool {
+    client.ends_with(COPY_PEER_SUFFIX)
 }
 
 #[cfg(test)]

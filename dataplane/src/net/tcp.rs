@@ -105,7 +105,7 @@ pub struct TcpServer {
 
 /// What the acceptor hands a worker's sources.
 struct Inbox {
-    connections: Sender<(Stream, Peer)>,
+    connections: Sender<(Stream, Peer, bool)>,
     notify: Arc<EventFd>,
     /// Sets RDMA sessions up on this worker, when it has a device.
     rdma: Option<Arc<RdmaAcceptor>>,
@@ -294,7 +294,9 @@ fn accept_loop(
                 match handshake(stream, peer, &config, local, inbox.rdma.as_deref()) {
                     Ok((client, Some(stream))) => {
                         tracing::info!(%peer, client, worker = index, "peer connected over {kind}");
-                        if inbox.connections.send((stream, peer)).is_ok() {
+                        // Another daemon pulling a copy is not a reader: its reads are no heat.
+                        let counts_heat = !crate::net::replicate::is_copy_peer(&client);
+                        if inbox.connections.send((stream, peer, counts_heat)).is_ok() {
                             inbox.notify.signal();
                         }
                     }
@@ -492,6 +494,9 @@ struct Connection {
     /// Pool buffers a node-local client holds (answered, not yet released), once it
     /// attached to the pool.
     held: Option<Held>,
+    /// Its reads count as heat: false for a daemon pulling a copy (`replicate::is_copy_peer`),
+    /// whose reads would otherwise make every chunk the rebalancer moves look hot.
+    counts_heat: bool,
 }
 
 /// The buffers a node-local client holds, by lease id.
@@ -564,7 +569,7 @@ struct SharedPool {
 pub struct TcpSource {
     epoll: OwnedFd,
     notify: Arc<EventFd>,
-    incoming: Receiver<(Stream, Peer)>,
+    incoming: Receiver<(Stream, Peer, bool)>,
     pool: Option<SharedPool>,
     /// Connections attached to the pool now (kept as they attach and leave, not counted per
     /// poll).
@@ -599,7 +604,7 @@ impl std::fmt::Debug for TcpSource {
 
 impl TcpSource {
     fn new(
-        incoming: Receiver<(Stream, Peer)>,
+        incoming: Receiver<(Stream, Peer, bool)>,
         notify: Arc<EventFd>,
         stores: Arc<[Arc<ChunkStore>]>,
         fences: Arc<FenceTable>,
@@ -657,7 +662,7 @@ impl TcpSource {
         Ok(())
     }
 
-    fn adopt(&mut self, stream: Stream, peer: Peer) {
+    fn adopt(&mut self, stream: Stream, peer: Peer, counts_heat: bool) {
         let slot = match self.connections.iter().position(Option::is_none) {
             Some(slot) => slot,
             None => {
@@ -683,6 +688,7 @@ impl TcpSource {
             done_reading: false,
             broken: false,
             held: None,
+            counts_heat,
         });
     }
 
@@ -816,7 +822,9 @@ impl TcpSource {
                 payload,
             ) {
                 Ok((drive, op)) => {
-                    if let Op::Read { chunk, len, .. } = &op {
+                    if let Op::Read { chunk, len, .. } = &op
+                        && connection.counts_heat
+                    {
                         self.heat.record(*chunk, u64::from(*len));
                     }
                     connection.in_flight += 1;
@@ -1309,7 +1317,7 @@ impl RequestSource for TcpSource {
         if self.accepting {
             loop {
                 match self.incoming.try_recv() {
-                    Ok((stream, peer)) => self.adopt(stream, peer),
+                    Ok((stream, peer, counts_heat)) => self.adopt(stream, peer, counts_heat),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         self.accepting = false;
