@@ -101,6 +101,33 @@ pub fn agent_audit_key(at_ms: u64, seq: u32) -> String {
     format!("{AGENT_AUDIT_PREFIX}{at_ms:016x}/{seq:08x}")
 }
 pub const INODE_COUNTER_KEY: &str = "counter/inode";
+pub const PLANES_PREFIX: &str = "plane/";
+
+/// `plane/<control id>`: the URL a control plane advertised, for the others to send the data
+/// nodes to while it leads.
+pub fn plane_key(control_id: &str) -> String {
+    format!("{PLANES_PREFIX}{control_id}")
+}
+
+pub const JOBS_PREFIX: &str = "job/";
+pub const PRESTAGES_PREFIX: &str = "prestage/";
+pub const REPORTED_GPUS_PREFIX: &str = "gpus/";
+
+/// `job/<name>`: a job a scheduler declared (`Orchestration.DeclareJob`).
+pub fn job_key(name: &str) -> String {
+    format!("{JOBS_PREFIX}{name}")
+}
+
+/// `prestage/<path>`: the nodes a scheduler asked `path` copied to.
+pub fn prestage_key(path: &str) -> String {
+    format!("{PRESTAGES_PREFIX}{path}")
+}
+
+/// `gpus/<node>`: a node's GPUs as its scheduler last reported them.
+pub fn reported_gpus_key(node: &str) -> String {
+    format!("{REPORTED_GPUS_PREFIX}{node}")
+}
+
 pub const NODES_PREFIX: &str = "node/";
 pub const SNAPSHOTS_PREFIX: &str = "snapshot/";
 pub const CHUNKS_PREFIX: &str = "chunk/";

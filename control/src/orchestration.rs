@@ -16,6 +16,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::store::{MetadataStore, Txn};
+
 use crate::model::{NO_ROUTE, NodeRecord, NodeState, now_ms};
 
 /// The network between two nodes: beyond any route inside one, so a home next to the readers
@@ -23,13 +28,14 @@ use crate::model::{NO_ROUTE, NodeRecord, NodeState, now_ms};
 pub const NETWORK_COST: u32 = 6;
 
 /// One GPU as its scheduler sees it, or as NVML on its node measured it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuStatus {
     pub index: u32,
     pub busy: bool,
     /// The job it runs (empty: none, or not known).
     pub job: String,
-    /// What NVML measured on the node, if it did.
+    /// What NVML measured on the node, if it did (never stored: measures are soft state).
+    #[serde(skip)]
     pub measured: Option<Measured>,
 }
 
@@ -42,14 +48,14 @@ pub struct Measured {
 }
 
 /// A GPU of the cluster: its node and index.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct GpuRef {
     pub node: String,
     pub index: u32,
 }
 
 /// A job that will read `paths` on `gpus`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
     pub name: String,
     pub paths: Vec<String>,
@@ -83,6 +89,20 @@ impl GpuTable {
     /// Replaces `node`'s GPUs.
     pub fn report(&self, node: &str, gpus: Vec<GpuStatus>) {
         self.lock().nodes.insert(node.to_string(), (gpus, now_ms()));
+    }
+
+    /// Replaces what schedulers said (reported GPUs, jobs, prestages) with `intent`, as the
+    /// metadata store holds it; NVML's measures stay.
+    pub fn replace_intent(&self, intent: Intent) {
+        let mut tables = self.lock();
+        tables.nodes = intent.reported;
+        tables.prestages = intent.prestages;
+        tables.jobs.clear();
+        tables.by_path.clear();
+        drop(tables);
+        for job in intent.jobs {
+            self.declare(job);
+        }
     }
 
     /// Replaces what NVML on `node` last measured (a heartbeat's GPUs).
@@ -230,6 +250,87 @@ impl GpuTable {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// What schedulers said, as the metadata store keeps it (`job/`, `prestage/`, `gpus/`):
+/// every control plane of a cluster reads the same, and a restart forgets none of it.
+#[derive(Debug, Default)]
+pub struct Intent {
+    pub reported: BTreeMap<String, (Vec<GpuStatus>, u64)>,
+    pub jobs: Vec<Job>,
+    pub prestages: BTreeMap<String, Vec<String>>,
+}
+
+/// A node's GPUs as its scheduler reported them (`gpus/<node>`).
+#[derive(Debug, Serialize, Deserialize)]
+struct ReportedGpus {
+    gpus: Vec<GpuStatus>,
+    reported_ms: u64,
+}
+
+/// Stores a scheduler's report of `node`'s GPUs.
+pub async fn store_report(store: &dyn MetadataStore, node: &str, gpus: &[GpuStatus]) -> Result<()> {
+    let record = ReportedGpus {
+        gpus: gpus.to_vec(),
+        reported_ms: now_ms(),
+    };
+    let mut txn = Txn::new();
+    txn.put(
+        crate::model::reported_gpus_key(node),
+        crate::model::encode(&record),
+    );
+    store.commit(&txn).await?;
+    Ok(())
+}
+
+/// Stores a job's declaration; one with no paths and no GPUs removes it.
+pub async fn store_job(store: &dyn MetadataStore, job: &Job) -> Result<()> {
+    let mut txn = Txn::new();
+    let key = crate::model::job_key(&job.name);
+    if job.paths.is_empty() && job.gpus.is_empty() {
+        txn.delete(key);
+    } else {
+        txn.put(key, crate::model::encode(job));
+    }
+    store.commit(&txn).await?;
+    Ok(())
+}
+
+/// Stores a prestage request; no nodes removes it.
+pub async fn store_prestage(store: &dyn MetadataStore, path: &str, nodes: &[String]) -> Result<()> {
+    let mut txn = Txn::new();
+    let key = crate::model::prestage_key(path);
+    if nodes.is_empty() {
+        txn.delete(key);
+    } else {
+        txn.put(key, crate::model::encode(&nodes));
+    }
+    store.commit(&txn).await?;
+    Ok(())
+}
+
+/// Reads what schedulers said from the store.
+pub async fn load_intent(store: &dyn MetadataStore) -> Result<Intent> {
+    let mut intent = Intent::default();
+    for entry in store.scan(crate::model::REPORTED_GPUS_PREFIX).await? {
+        let node = entry.key[crate::model::REPORTED_GPUS_PREFIX.len()..].to_string();
+        let record: ReportedGpus = crate::model::decode(&entry.key, &entry.value)?;
+        intent
+            .reported
+            .insert(node, (record.gpus, record.reported_ms));
+    }
+    for entry in store.scan(crate::model::JOBS_PREFIX).await? {
+        intent
+            .jobs
+            .push(crate::model::decode(&entry.key, &entry.value)?);
+    }
+    for entry in store.scan(crate::model::PRESTAGES_PREFIX).await? {
+        let path = entry.key[crate::model::PRESTAGES_PREFIX.len()..].to_string();
+        intent
+            .prestages
+            .insert(path, crate::model::decode(&entry.key, &entry.value)?);
+    }
+    Ok(intent)
 }
 
 /// Whether a job that declared `declared` reads `path`: the same path, or a directory above.

@@ -835,6 +835,14 @@ async fn execute_copy(
         .copy(movement.chunk, movement.bytes as u32, from, to)
         .await
     {
+        // A copy given up on may still land: queue the target's replica for deletion (kept
+        // by the trash if a record names it by then).
+        let mut orphan = Txn::new();
+        orphan.put(
+            model::trash_key(movement.chunk, &movement.to),
+            b"{}".to_vec(),
+        );
+        store.commit(&orphan).await?;
         return Ok(Err(problem));
     }
     let mut record: ChunkRecord = model::decode(&entry.key, &entry.value)?;
@@ -843,7 +851,9 @@ async fn execute_copy(
     }
     let mut txn = Txn::new();
     txn.check(Check::At(entry.key.clone(), entry.revision))
-        .put(entry.key.clone(), model::encode(&record));
+        .put(entry.key.clone(), model::encode(&record))
+        // A deletion pending there (the node still had it: EEXIST) is void now.
+        .delete(model::trash_key(movement.chunk, &movement.to));
     match store.commit(&txn).await? {
         Outcome::Committed(_) => Ok(Ok(())),
         Outcome::Conflict => {

@@ -271,6 +271,11 @@ impl Upkeep {
                 }
                 if !failures.is_empty() {
                     report.problems.extend(failures);
+                    // A copy given up on may still land (a slow drive, a timeout): queue the
+                    // target's replica for deletion; the trash keeps it if a record names it.
+                    let mut orphan = Txn::new();
+                    orphan.put(model::trash_key(id, &target), b"{}".to_vec());
+                    self.store.commit(&orphan).await?;
                     break;
                 }
                 report.replicas_copied += 1;
@@ -294,6 +299,11 @@ impl Upkeep {
                 .put(entry.key.clone(), model::encode(&updated));
             for node in replaced {
                 txn.put(model::trash_key(id, node), b"{}".to_vec());
+            }
+            // A copy onto a node that still had the chunk (EEXIST) may have a deletion
+            // pending there: the record names it now, so the deletion is void.
+            for node in &copies {
+                txn.delete(model::trash_key(id, node));
             }
             match self.store.commit(&txn).await? {
                 Outcome::Committed(_) => {
@@ -585,7 +595,16 @@ impl Upkeep {
                     entry.key
                 )));
             };
+            // A replica named again since it was trashed (a copy onto a node that still had
+            // it) is live: forget the deletion, keep the bytes.
+            let named = match self.store.get(&model::chunk_key(id)).await? {
+                Some(chunk) => model::decode::<ChunkRecord>(&chunk.key, &chunk.value)?
+                    .replicas
+                    .contains(&node),
+                None => false,
+            };
             let done = match nodes.get(&node) {
+                _ if named => true,
                 // A node that is no longer registered holds nothing we can reach.
                 None => true,
                 Some(record)

@@ -97,3 +97,59 @@ async fn copies_go_daemon_to_daemon_and_fail_with_their_cause() {
         "{error}"
     );
 }
+
+/// A replica trashed and then named again (a copy onto a node that still had the chunk) is
+/// kept by the trash: the deletion is forgotten, the bytes stay, the record stays true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trashed_replica_named_again_is_not_deleted() {
+    use tier0_control::model::{self, ChunkRecord, NodeRecord, NodeState, TopologySummary};
+    use tier0_control::store::Txn;
+    let cluster =
+        tokio::task::spawn_blocking(|| LocalCluster::start(&ClusterConfig::for_tests(1, CHUNK)))
+            .await
+            .unwrap()
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn MetadataStore> =
+        Arc::new(RedbStore::open(&dir.path().join("metadata.redb")).unwrap());
+    let chunk = ChunkId {
+        file: 0xc0b2,
+        index: 0,
+        generation: 1,
+    };
+    let data = pattern(CHUNK as usize, 9);
+    connect(&cluster, 0).write(chunk, &data).unwrap();
+    let now = model::now_ms();
+    let node = NodeRecord {
+        id: "d0".into(),
+        address: cluster.addr(0).to_string(),
+        topology: TopologySummary::default(),
+        state: NodeState::Up,
+        registered_ms: now,
+        heartbeat_ms: now,
+        lease_expires_ms: now + 3_600_000,
+    };
+    // A pending chunk (not collected yet) named on d0, and a deletion of it queued there.
+    let record = ChunkRecord {
+        replicas: vec!["d0".into()],
+        expires_ms: now + 3_600_000,
+    };
+    let mut txn = Txn::new();
+    txn.put(model::node_key("d0"), model::encode(&node))
+        .put(model::chunk_key(chunk), model::encode(&record))
+        .put(model::trash_key(chunk, "d0"), b"{}".to_vec());
+    store.commit(&txn).await.unwrap();
+    let upkeep = Upkeep::new(Arc::clone(&store), cluster.token().to_vec());
+    upkeep.run().await.unwrap();
+    assert!(
+        store
+            .get(&model::trash_key(chunk, "d0"))
+            .await
+            .unwrap()
+            .is_none(),
+        "the void deletion is forgotten"
+    );
+    let mut read = vec![0u8; data.len()];
+    connect(&cluster, 0).read_into(chunk, 0, &mut read).unwrap();
+    assert_eq!(read, data, "the named replica was deleted");
+}

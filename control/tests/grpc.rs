@@ -709,7 +709,10 @@ async fn survives_restart(mut h: Harness) {
         })
         .await
         .unwrap();
+    // What a scheduler said survives too: jobs, prestages, GPU reports.
+    declare_intent(&mut h.client).await;
     h.restart().await;
+    assert_intent(&mut h.client).await;
     assert_eq!(h.open("/keep/me").await.unwrap(), layout);
     let snapshots = h
         .client
@@ -723,6 +726,167 @@ async fn survives_restart(mut h: Harness) {
     // Ids keep counting after a restart: a new file never reuses one.
     let next = h.write("/keep/next", 1).await;
     assert!(next.file_id > layout.file_id);
+}
+
+/// A job, a prestage and a GPU report, as a scheduler says them.
+async fn declare_intent(client: &mut ControlClient) {
+    client
+        .orchestration
+        .report_gpus(proto::ReportGpusRequest {
+            node_id: "n1".into(),
+            gpus: vec![proto::GpuStatus {
+                index: 3,
+                busy: true,
+                job: "train".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    client
+        .orchestration
+        .declare_job(proto::DeclareJobRequest {
+            job: "train".into(),
+            paths: vec!["/keep".into()],
+            gpus: vec![proto::GpuRef {
+                node_id: "n1".into(),
+                index: 3,
+            }],
+        })
+        .await
+        .unwrap();
+    client
+        .orchestration
+        .prestage(proto::PrestageRequest {
+            path: "/keep".into(),
+            nodes: vec!["n2".into()],
+        })
+        .await
+        .unwrap();
+}
+
+/// What `declare_intent` said, as a control plane lists it.
+async fn assert_intent(client: &mut ControlClient) {
+    let listed = client
+        .orchestration
+        .gpus(proto::GpusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.nodes.len(), 1, "{listed:?}");
+    assert_eq!(listed.nodes[0].node_id, "n1");
+    assert_eq!(
+        (listed.nodes[0].gpus[0].index, listed.nodes[0].gpus[0].busy),
+        (3, true)
+    );
+    assert_eq!(listed.jobs.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed.jobs[0].job.as_str(), listed.jobs[0].paths.clone()),
+        ("train", vec!["/keep".to_string()])
+    );
+    assert_eq!(listed.prestages.len(), 1, "{listed:?}");
+    assert_eq!(listed.prestages[0].nodes, ["n2"]);
+}
+
+/// Control planes on one etcd share what schedulers said: a job declared to one is listed,
+/// and explained, by the other; ended on the other, it is gone from the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_planes_on_one_etcd_share_what_schedulers_said() {
+    let mut h = Harness::start(Store::Etcd).await;
+    let other = ControlServer::start(h.config.clone()).await.unwrap();
+    let mut second = ControlClient::connect(&other.local_addr().to_string(), TOKEN)
+        .await
+        .unwrap();
+    declare_intent(&mut h.client).await;
+    assert_intent(&mut second).await;
+    second
+        .orchestration
+        .declare_job(proto::DeclareJobRequest {
+            job: "train".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let listed = h
+        .client
+        .orchestration
+        .gpus(proto::GpusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty(), "{listed:?}");
+    other.shutdown().await;
+}
+
+/// A data node told to heartbeat to a control plane that does not lead is sent to the one
+/// that does: its GPU measures (soft state, like its heat) reach the leader, where the
+/// rebalancer plans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_heartbeating_to_a_follower_moves_to_the_leader() {
+    use tier0_control_api::agent::{Agent, AgentConfig, HeatReport};
+    let h = Harness::start(Store::Etcd).await;
+    let other = ControlServer::start(h.config.clone()).await.unwrap();
+    let first = h.server.as_ref().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while first.is_leader() == other.is_leader() {
+        assert!(std::time::Instant::now() < deadline, "no single leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (leader, follower) = if first.is_leader() {
+        (first, &other)
+    } else {
+        (&other, first)
+    };
+    let agent = Agent::spawn(AgentConfig {
+        control: vec![format!("http://{}", follower.local_addr())],
+        token: TOKEN.to_vec(),
+        node_id: "n1".into(),
+        address: "127.0.0.1:7401".into(),
+        topology: proto::TopologySummary::default(),
+        interval: Some(Duration::from_millis(100)),
+        fences: Box::new(|_| {}),
+        free_bytes: Box::new(|| 0),
+        heat: Box::new(HeatReport::none),
+        gpus: Box::new(|| {
+            Some(vec![proto::GpuStatus {
+                index: 0,
+                busy: true,
+                measured: true,
+                utilization_percent: 55,
+                ..Default::default()
+            }])
+        }),
+    })
+    .unwrap();
+    let mut to_leader = ControlClient::connect(&leader.local_addr().to_string(), TOKEN)
+        .await
+        .unwrap();
+    let measured_on = |listed: &proto::GpusReply| {
+        listed
+            .nodes
+            .iter()
+            .any(|node| node.node_id == "n1" && node.gpus.iter().any(|gpu| gpu.measured))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = to_leader
+            .orchestration
+            .gpus(proto::GpusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if measured_on(&listed) {
+            assert_eq!(listed.nodes[0].gpus[0].utilization_percent, 55);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader never heard from n1"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(agent);
+    other.shutdown().await;
 }
 
 /// Every call, reflection included, needs the token.

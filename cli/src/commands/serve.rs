@@ -46,6 +46,10 @@ pub struct ControlServeArgs {
     /// This control plane's name in elections and health (default: control-ADDR).
     #[arg(long)]
     id: Option<String>,
+    /// The URL data nodes reach this control plane at; the other planes on the same etcd send
+    /// the nodes here while it leads (default: http:// and --listen, unless a wildcard).
+    #[arg(long, value_name = "URL")]
+    advertise: Option<String>,
     /// How long a data node's heartbeat keeps it up.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     node_lease: std::time::Duration,
@@ -225,6 +229,7 @@ fn control(args: ControlServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--chunk-size {} is too large", args.chunk_size))?;
     let mut config = ControlConfig::new(args.listen, token, store);
     config.control_id = args.id.clone().unwrap_or_default();
+    config.advertise = args.advertise.clone();
     config.node_lease = args.node_lease;
     config.leader_ttl = args.leader_ttl;
     config.upkeep_interval = args.upkeep_interval;

@@ -167,25 +167,52 @@ async fn pause(period: Duration, stop: &AtomicBool) -> bool {
 }
 
 /// The control planes an agent may talk to, and which one it talks to now. A failure moves
-/// it to the next; once every one has failed in a row, it waits a retry period first.
+/// it to the next; once every one has failed in a row, it waits a retry period first. A
+/// plane that does not lead names the leader in its heartbeat replies: the agent moves there
+/// (the rebalancer plans on the leader, from the heat and GPU measures heartbeats carry), and
+/// back to its list if the leader cannot be reached, ignoring such hints for a while.
 struct Planes<'a> {
     urls: &'a [String],
     current: usize,
     /// Failures in a row, across the planes.
     failures: usize,
+    /// The leader, as a plane of the list named it.
+    leader: Option<String>,
+    /// Hints are not followed before this, after a leader named could not be reached.
+    hints_after: Option<std::time::Instant>,
 }
+
+/// How long an agent ignores leader hints after failing to reach a leader it was sent to.
+const HINT_BACKOFF: Duration = Duration::from_secs(60);
 
 impl Planes<'_> {
     fn url(&self) -> &str {
-        &self.urls[self.current]
+        self.leader.as_deref().unwrap_or(&self.urls[self.current])
     }
 
     /// Moves to the next plane after a failure of this one. `false` when every plane has
     /// failed since the last success: time to wait before going round again.
     fn failed(&mut self) -> bool {
+        if self.leader.take().is_some() {
+            // The leader we were sent to: back to the list at once, hints ignored a while.
+            self.hints_after = Some(std::time::Instant::now() + HINT_BACKOFF);
+            return true;
+        }
         self.failures += 1;
         self.current = (self.current + 1) % self.urls.len();
         !self.failures.is_multiple_of(self.urls.len())
+    }
+
+    /// A heartbeat reply named the leader: whether to move there now.
+    fn follow(&mut self, leader: &str) -> bool {
+        let ignoring = self
+            .hints_after
+            .is_some_and(|after| std::time::Instant::now() < after);
+        if leader.is_empty() || ignoring || leader == self.url() {
+            return false;
+        }
+        self.leader = Some(leader.to_string());
+        true
     }
 
     /// This plane works: the next failure starts a new outage.
@@ -230,6 +257,8 @@ async fn run(config: AgentConfig, stop: &AtomicBool, registered: &AtomicBool) {
         urls: &config.control,
         current: 0,
         failures: 0,
+        leader: None,
+        hints_after: None,
     };
     // Whether the last attempt failed and the next needs to wait a retry period first.
     let mut wait = false;
@@ -306,6 +335,11 @@ async fn run(config: AgentConfig, stop: &AtomicBool, registered: &AtomicBool) {
                         (config.fences)(&fences);
                     }
                     fence_revision = reply.fence_revision;
+                    if planes.follow(&reply.leader_url) {
+                        tracing::info!(from = %url, leader = %reply.leader_url, "membership: moving to the leading control plane");
+                        registered.store(false, Ordering::Release);
+                        continue 'connect;
+                    }
                 }
                 Err(status) if status.code() == tonic::Code::NotFound => {
                     // The control plane no longer knows the node: register again.

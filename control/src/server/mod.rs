@@ -109,6 +109,10 @@ pub struct ControlConfig {
     pub defaults: LayoutSettings,
     /// What the leader's rebalancing pass (after each upkeep pass) may do.
     pub rebalance: crate::rebalance::RebalanceConfig,
+    /// The URL other hosts reach this control plane at, which the other planes of the
+    /// cluster hand the data nodes when this one leads (default: `http://` and the listen
+    /// address, unless it is a wildcard).
+    pub advertise: Option<String>,
 }
 
 impl std::fmt::Debug for ControlConfig {
@@ -126,6 +130,7 @@ impl std::fmt::Debug for ControlConfig {
             version_grace,
             defaults,
             rebalance,
+            advertise,
         } = self;
         f.debug_struct("ControlConfig")
             .field("listen", listen)
@@ -139,6 +144,7 @@ impl std::fmt::Debug for ControlConfig {
             .field("version_grace", version_grace)
             .field("defaults", defaults)
             .field("rebalance", rebalance)
+            .field("advertise", advertise)
             .finish()
     }
 }
@@ -157,6 +163,7 @@ impl ControlConfig {
             version_grace: Duration::from_secs(600),
             defaults: LayoutSettings::default(),
             rebalance: crate::rebalance::RebalanceConfig::default(),
+            advertise: None,
         }
     }
 }
@@ -177,6 +184,38 @@ pub(crate) struct ControlState {
     /// GPUs and jobs as schedulers report them (soft state).
     pub gpus: crate::orchestration::GpuTable,
     pub rebalance: crate::rebalance::RebalanceConfig,
+    /// The leader's advertised URL as last looked up, and when (heartbeats ask often).
+    pub leader_url: tokio::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
+}
+
+impl ControlState {
+    /// The URL of the control plane that leads, when it is another one that advertised
+    /// one; looked up at most once a second.
+    pub async fn other_leader_url(&self) -> Option<String> {
+        if *self.leadership.borrow() {
+            return None;
+        }
+        let mut cached = self.leader_url.lock().await;
+        if let Some((at, url)) = &*cached
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return url.clone();
+        }
+        let store = self.namespace.store();
+        let url = match store.leader(LEADER_ELECTION).await {
+            Ok(Some(leader)) if leader != self.control_id => {
+                match store.get(&crate::model::plane_key(&leader)).await {
+                    Ok(Some(entry)) => {
+                        crate::model::decode::<String>(&entry.key, &entry.value).ok()
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        *cached = Some((std::time::Instant::now(), url.clone()));
+        url
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +296,19 @@ impl ControlServer {
         };
         let namespace =
             Namespace::new(Arc::clone(&store), config.defaults, config.pending_ttl).await?;
+        // Where the others send the data nodes while this plane leads (decision 56).
+        let advertise = config
+            .advertise
+            .clone()
+            .or_else(|| (!addr.ip().is_unspecified()).then(|| format!("http://{addr}")));
+        if let Some(url) = &advertise {
+            let mut txn = crate::store::Txn::new();
+            txn.put(
+                crate::model::plane_key(&control_id),
+                crate::model::encode(url),
+            );
+            store.commit(&txn).await?;
+        }
         let leadership = store
             .campaign(LEADER_ELECTION, &control_id, config.leader_ttl)
             .await?;
@@ -272,6 +324,7 @@ impl ControlServer {
             rebalance: config.rebalance.clone(),
             control_id,
             leadership,
+            leader_url: tokio::sync::Mutex::new(None),
         });
         let check = TokenCheck {
             token: Arc::new(config.token.clone()),
@@ -441,6 +494,9 @@ pub(crate) async fn run_upkeep(state: &ControlState) -> Result<UpkeepReport, Con
 async fn rebalance(
     state: &ControlState,
 ) -> Result<crate::rebalance::RebalanceReport, ControlError> {
+    // What schedulers said, to whichever control plane: the store has it all.
+    let intent = crate::orchestration::load_intent(state.namespace.store().as_ref()).await?;
+    state.gpus.replace_intent(intent);
     let (_, jobs) = state.gpus.snapshot();
     let nodes = state.membership.nodes().await?;
     let prestages = state.gpus.prestages();

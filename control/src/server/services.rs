@@ -563,6 +563,7 @@ impl proto::cluster_server::Cluster for Services {
                 })
                 .collect(),
             fence_revision: reply.fence_revision,
+            leader_url: self.state.other_leader_url().await.unwrap_or_default(),
         }))
     }
 
@@ -940,7 +941,10 @@ fn gpu_ref(field: &str, gpu: proto::GpuRef) -> Result<crate::orchestration::GpuR
 }
 
 impl Services {
-    fn prestage_checked(&self, request: proto::PrestageRequest) -> Reply<proto::PrestageReply> {
+    async fn prestage_checked(
+        &self,
+        request: proto::PrestageRequest,
+    ) -> Reply<proto::PrestageReply> {
         let path = convert::path("path", &request.path)?;
         if request.nodes.len() > MAX_GPUS {
             return Err(Status::invalid_argument(format!(
@@ -951,8 +955,26 @@ impl Services {
             crate::membership::check_node_id(node)
                 .map_err(|error| Status::invalid_argument(format!("nodes[{index}]: {error}")))?;
         }
-        self.state.gpus.prestage(&path.to_string(), request.nodes);
+        let path = path.to_string();
+        crate::orchestration::store_prestage(self.store(), &path, &request.nodes)
+            .await
+            .map_err(status)?;
+        self.state.gpus.prestage(&path, request.nodes);
         Ok(Response::new(proto::PrestageReply {}))
+    }
+
+    fn store(&self) -> &dyn crate::store::MetadataStore {
+        self.state.namespace.store().as_ref()
+    }
+
+    /// Brings the GPU table up to what schedulers said, as the store keeps it (they may have
+    /// said it to another control plane of the cluster).
+    async fn refresh_intent(&self) -> Result<(), Status> {
+        let intent = crate::orchestration::load_intent(self.store())
+            .await
+            .map_err(status)?;
+        self.state.gpus.replace_intent(intent);
+        Ok(())
     }
 }
 
@@ -968,7 +990,7 @@ impl proto::orchestration_server::Orchestration for Services {
         crate::membership::check_node_id(&request.node_id)
             .map_err(|error| Status::invalid_argument(format!("node_id: {error}")))?;
         check_gpus(&request.gpus)?;
-        let gpus = request
+        let gpus: Vec<crate::orchestration::GpuStatus> = request
             .gpus
             .into_iter()
             .map(|gpu| crate::orchestration::GpuStatus {
@@ -978,6 +1000,9 @@ impl proto::orchestration_server::Orchestration for Services {
                 measured: None,
             })
             .collect();
+        crate::orchestration::store_report(self.store(), &request.node_id, &gpus)
+            .await
+            .map_err(status)?;
         self.state.gpus.report(&request.node_id, gpus);
         Ok(Response::new(proto::ReportGpusReply {}))
     }
@@ -1014,11 +1039,15 @@ impl proto::orchestration_server::Orchestration for Services {
             .enumerate()
             .map(|(index, gpu)| gpu_ref(&format!("gpus[{index}]"), gpu))
             .collect::<Result<Vec<_>, Status>>()?;
-        self.state.gpus.declare(crate::orchestration::Job {
+        let job = crate::orchestration::Job {
             name: request.job,
             paths,
             gpus,
-        });
+        };
+        crate::orchestration::store_job(self.store(), &job)
+            .await
+            .map_err(status)?;
+        self.state.gpus.declare(job);
         Ok(Response::new(proto::DeclareJobReply {}))
     }
 
@@ -1038,12 +1067,13 @@ impl proto::orchestration_server::Orchestration for Services {
             },
         };
         let ticket = self.agent_call(&metadata, call).await?;
-        let result = self.prestage_checked(request);
+        let result = self.prestage_checked(request).await;
         self.agent_done(ticket, &result).await;
         result
     }
 
     async fn gpus(&self, _request: Request<proto::GpusRequest>) -> Reply<proto::GpusReply> {
+        self.refresh_intent().await?;
         let (nodes, jobs) = self.state.gpus.snapshot();
         let status = |gpu: crate::orchestration::GpuStatus| proto::GpuStatus {
             index: gpu.index,
@@ -1091,6 +1121,7 @@ impl proto::orchestration_server::Orchestration for Services {
     async fn explain(&self, request: Request<proto::ExplainRequest>) -> Reply<proto::ExplainReply> {
         let layout = self.current_layout(&request.into_inner().path).await?;
         let nodes = self.state.membership.nodes().await.map_err(status)?;
+        self.refresh_intent().await?;
         let (readers, jobs) = self.state.gpus.readers_of(&layout.path);
         let holds = |node: &str| {
             !layout.chunks.is_empty()
