@@ -611,7 +611,11 @@ async fn the_tools_offered_follow_the_actions_allowed_and_a_bad_agents_table_sto
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, "[agents]\nallow = [\"prestage\", \"delete\"]\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_tier0"))
+    // Under `timeout`: a control plane that took the bad table would serve on and hang the
+    // test instead of failing it.
+    let output = Command::new("timeout")
+        .arg("20")
+        .arg(env!("CARGO_BIN_EXE_tier0"))
         .args(["serve", "control", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path().join("control"))
         .arg("--policy")
@@ -619,6 +623,7 @@ async fn the_tools_offered_follow_the_actions_allowed_and_a_bad_agents_table_sto
         .env("TIER0_TOKEN", TOKEN)
         .output()
         .unwrap();
+    assert_ne!(output.status.code(), Some(124), "the bad table was taken");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

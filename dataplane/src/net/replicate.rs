@@ -19,10 +19,11 @@
 //! fetch: connect, handshake and every byte), so a dead or stalled source fails its copy
 //! cleanly (`EIO`) and never holds a copy thread, a connection or a worker for longer.
 
+use std::collections::HashSet;
 use std::io::{self, Read as _, Write as _};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::wire::{self, HEADER_SIZE, Header, Hello, LayoutRef, Message, Read};
@@ -67,19 +68,34 @@ pub struct CopyError {
 pub(crate) struct Copier {
     config: CopyConfig,
     in_flight: Arc<AtomicUsize>,
+    /// The chunks being copied here now: a second copy of one is refused (it could land on
+    /// another drive and leave two).
+    chunks: Arc<Mutex<HashSet<ChunkId>>>,
     token: Arc<[u8]>,
     /// Who this daemon says it is to the source (its logs).
     client: String,
 }
 
-/// One admitted copy: it counts against the bound until dropped (its reply is sent).
+/// One admitted copy: it counts against the bound, and holds its chunk, until dropped (its
+/// reply is sent).
 #[derive(Debug)]
-pub(crate) struct CopyPermit(Arc<AtomicUsize>);
+pub(crate) struct CopyPermit {
+    in_flight: Arc<AtomicUsize>,
+    chunks: Arc<Mutex<HashSet<ChunkId>>>,
+    chunk: ChunkId,
+}
 
 impl Drop for CopyPermit {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        lock(&self.chunks).remove(&self.chunk);
     }
+}
+
+fn lock(chunks: &Mutex<HashSet<ChunkId>>) -> std::sync::MutexGuard<'_, HashSet<ChunkId>> {
+    chunks
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Copier {
@@ -87,6 +103,7 @@ impl Copier {
         Copier {
             config,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            chunks: Arc::new(Mutex::new(HashSet::new())),
             token: token.into(),
             client: format!("{node}{COPY_PEER_SUFFIX}"),
         }
@@ -94,9 +111,10 @@ impl Copier {
 
     /// Checks what can be checked without the network (the length against this daemon's
     /// frame limit, the address's shape) and takes a place under the bound: `EINVAL` or
-    /// `EBUSY` otherwise.
+    /// `EBUSY` otherwise (also `EBUSY` for a chunk already being copied here).
     pub(crate) fn admit(
         &self,
+        chunk: ChunkId,
         len: u32,
         source: &str,
         max_payload: u32,
@@ -119,7 +137,18 @@ impl Copier {
                     format!("{max} copies are in flight here already: retry later"),
                 )
             })?;
-        Ok(CopyPermit(self.in_flight.clone()))
+        if !lock(&self.chunks).insert(chunk) {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err((
+                libc::EBUSY,
+                "a copy of it is in flight here already: retry later".to_string(),
+            ));
+        }
+        Ok(CopyPermit {
+            in_flight: self.in_flight.clone(),
+            chunks: self.chunks.clone(),
+            chunk,
+        })
     }
 
     /// Fetches `len` bytes of `chunk` from `source` on a thread of its own and hands the
@@ -187,17 +216,36 @@ pub fn fetch_chunk(
         message: format!("fetching chunk {chunk} from {source}: {what}"),
     };
     let deadline = Instant::now() + timeout;
-    let addr = source
+    // Name resolution is the system's and not bounded by the deadline (it holds a copy
+    // place meanwhile, not the worker); then every address it gave is tried, within it.
+    let addrs: Vec<_> = source
         .to_socket_addrs()
         .map_err(|error| fail(libc::EINVAL, format!("resolving the address: {error}")))?
-        .next()
-        .ok_or_else(|| fail(libc::EINVAL, "the address resolves to nothing".into()))?;
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(fail(libc::EIO, format!("timed out after {timeout:?}")));
+        .collect();
+    if addrs.is_empty() {
+        return Err(fail(libc::EINVAL, "the address resolves to nothing".into()));
     }
-    let stream = TcpStream::connect_timeout(&addr, left)
-        .map_err(|error| fail(libc::EIO, format!("connecting: {error}")))?;
+    let mut last = None;
+    let mut connected = None;
+    for addr in &addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(fail(libc::EIO, format!("timed out after {timeout:?}")));
+        }
+        match TcpStream::connect_timeout(addr, left) {
+            Ok(stream) => {
+                connected = Some(stream);
+                break;
+            }
+            Err(error) => last = Some(format!("connecting to {addr}: {error}")),
+        }
+    }
+    let stream = connected.ok_or_else(|| {
+        fail(
+            libc::EIO,
+            last.unwrap_or_else(|| "connecting: no address".into()),
+        )
+    })?;
     let _ = stream.set_nodelay(true);
     let mut peer = Peer {
         stream,
@@ -411,13 +459,35 @@ mod tests {
             b"t",
             "n",
         );
-        let one = copier.admit(10, "h:1", 100).unwrap();
-        let _two = copier.admit(10, "h:1", 100).unwrap();
-        assert_eq!(copier.admit(10, "h:1", 100).unwrap_err().0, libc::EBUSY);
+        let chunk = |index| ChunkId {
+            file: 1,
+            index,
+            generation: 1,
+        };
+        let one = copier.admit(chunk(0), 10, "h:1", 100).unwrap();
+        // A second copy of a chunk in flight: refused, and it takes no place.
+        assert_eq!(
+            copier.admit(chunk(0), 10, "h:1", 100).unwrap_err().0,
+            libc::EBUSY
+        );
+        let _two = copier.admit(chunk(1), 10, "h:1", 100).unwrap();
+        assert_eq!(
+            copier.admit(chunk(2), 10, "h:1", 100).unwrap_err().0,
+            libc::EBUSY
+        );
         drop(one);
-        assert!(copier.admit(10, "h:1", 100).is_ok());
-        assert_eq!(copier.admit(0, "h:1", 100).unwrap_err().0, libc::EINVAL);
-        assert_eq!(copier.admit(101, "h:1", 100).unwrap_err().0, libc::EINVAL);
-        assert_eq!(copier.admit(10, "nope", 100).unwrap_err().0, libc::EINVAL);
+        assert!(copier.admit(chunk(0), 10, "h:1", 100).is_ok());
+        assert_eq!(
+            copier.admit(chunk(3), 0, "h:1", 100).unwrap_err().0,
+            libc::EINVAL
+        );
+        assert_eq!(
+            copier.admit(chunk(3), 101, "h:1", 100).unwrap_err().0,
+            libc::EINVAL
+        );
+        assert_eq!(
+            copier.admit(chunk(3), 10, "nope", 100).unwrap_err().0,
+            libc::EINVAL
+        );
     }
 }

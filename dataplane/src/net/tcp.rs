@@ -1021,7 +1021,12 @@ fn admit_copy(
         ));
     }
     copier
-        .admit(replicate.len, &replicate.source, max_payload)
+        .admit(
+            replicate.chunk,
+            replicate.len,
+            &replicate.source,
+            max_payload,
+        )
         .map_err(|(errno, text)| (errno, format!("chunk {}: {text}", replicate.chunk)))
 }
 

@@ -53,7 +53,8 @@ pub struct SimConfig {
     pub nvme_gbps: f64,
     /// A node's NIC, GB/s each way.
     pub nic_gbps: f64,
-    /// What one GPU consumes at full AU, GB/s.
+    /// What one GPU consumes at full AU, GB/s. The default (4) makes a busy node's GPUs want
+    /// more than its NIC carries (32 against 25 GB/s): the case tier0 is for.
     pub gpu_gbps: f64,
     pub extent_mib: u32,
     /// Extents a GPU keeps in flight or ready.
@@ -87,7 +88,7 @@ impl Default for SimConfig {
             gpus: 8,
             nvme_gbps: 48.0,
             nic_gbps: 25.0,
-            gpu_gbps: 3.0,
+            gpu_gbps: 4.0,
             extent_mib: 1024,
             prefetch: 2,
             datasets: 64,
