@@ -10,6 +10,8 @@
 //! max_bytes_per_hour = "10GiB"    # on top of the global budget
 //! min_reads = 2.0                 # heat that counts as hot
 //! replication = 3                 # replicas a full node never sheds below
+//! high_watermark = 0.8            # this rule's data: shed from, and not copied to, nodes
+//!                                 # fuller than this (default --high-watermark)
 //! ```
 //!
 //! A file takes the first rule whose tag it has, else the rule with the longest prefix that
@@ -180,6 +182,7 @@ struct RuleSpec {
     max_bytes_per_hour: Option<Bytes>,
     min_reads: Option<f64>,
     replication: Option<u32>,
+    high_watermark: Option<f64>,
 }
 
 /// One rule, checked.
@@ -194,6 +197,7 @@ struct Rule {
     max_bytes_per_hour: Option<u64>,
     min_reads: Option<f64>,
     replication: Option<u32>,
+    high_watermark: Option<f64>,
 }
 
 /// The rules of a policy file (none: the defaults apply everywhere).
@@ -216,6 +220,9 @@ pub struct Effective {
     /// Replicas a node over its watermark never sheds below (`None`: the file's own
     /// replication factor).
     pub replication: Option<u32>,
+    /// The share of a node's capacity past which the file's replicas are shed from it and
+    /// none is copied to it.
+    pub high_watermark: f64,
     /// Which rule (and tags) decided, for the audit log.
     pub source: String,
 }
@@ -270,6 +277,13 @@ impl Policies {
             {
                 return Err(format!("{name}.replication {replication}: 1 to 8"));
             }
+            if let Some(mark) = spec.high_watermark
+                && !(mark > 0.0 && mark <= 1.0)
+            {
+                return Err(format!(
+                    "{name}.high_watermark {mark}: a share of capacity, above 0, at most 1"
+                ));
+            }
             for node in &spec.pin {
                 crate::membership::check_node_id(node)
                     .map_err(|error| format!("{name}.pin: {error}"))?;
@@ -284,6 +298,7 @@ impl Policies {
                 max_bytes_per_hour,
                 min_reads: spec.min_reads,
                 replication: spec.replication,
+                high_watermark: spec.high_watermark,
             });
         }
         let agents = match file.agents {
@@ -291,6 +306,15 @@ impl Policies {
             Some(spec) => parse_agents(spec)?,
         };
         Ok(Policies { rules, agents })
+    }
+
+    /// The lowest high watermark of any rule, or `default`: a node past it may have
+    /// replicas to shed.
+    pub fn lowest_watermark(&self, default: f64) -> f64 {
+        self.rules
+            .iter()
+            .filter_map(|rule| rule.high_watermark)
+            .fold(default, f64::min)
     }
 
     /// What agents may change (`[agents]`; default: nothing).
@@ -339,6 +363,9 @@ impl Policies {
             max_bytes_per_hour: rule.and_then(|r| r.max_bytes_per_hour),
             min_reads: rule.and_then(|r| r.min_reads).unwrap_or(defaults.min_reads),
             replication: rule.and_then(|r| r.replication),
+            high_watermark: rule
+                .and_then(|r| r.high_watermark)
+                .unwrap_or(defaults.high_watermark),
             source: rule.map_or_else(|| "defaults".to_string(), |r| r.name.clone()),
         };
         let mut overridden = Vec::new();

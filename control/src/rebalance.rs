@@ -389,7 +389,7 @@ pub fn plan(config: &RebalanceConfig, input: &PlanInput) -> Plan {
         let policy_spent = spent.by_policy.get(&policy.source).copied().unwrap_or(0);
         let capacity = nodes[target.node_index].topology.capacity_bytes;
         let target_used = used[target.node_index];
-        let limit = (capacity as f64 * config.high_watermark) as u64;
+        let limit = (capacity as f64 * policy.high_watermark) as u64;
         let held = policy.never_move
             || policy.mode == Mode::DryRun
             || (policy.mode == Mode::Approve && !approved);
@@ -466,7 +466,7 @@ pub fn plan(config: &RebalanceConfig, input: &PlanInput) -> Plan {
                         "{}; refused: {} would pass its high watermark of {:.0}% ({:.0}% full)",
                         movement.reason,
                         target.node,
-                        100.0 * config.high_watermark,
+                        100.0 * policy.high_watermark,
                         100.0 * target_used as f64 / capacity as f64
                     ),
                 };
@@ -550,12 +550,18 @@ fn plan_drops(
             continue;
         }
         let mut used = capacity.saturating_sub(node.topology.free_bytes);
-        let limit = (capacity as f64 * config.high_watermark) as u64;
+        // Each file's rule may set its own watermark: past the lowest, some may go.
+        let lowest = config.policies.lowest_watermark(config.high_watermark);
+        let at = |mark: f64| (capacity as f64 * mark) as u64;
         for (file, (layout, _)) in input.files.iter().enumerate() {
-            if used <= limit {
+            if used <= at(lowest) {
                 break;
             }
             let policy = &policies[file];
+            let limit = at(policy.high_watermark);
+            if used <= limit {
+                continue;
+            }
             if policy.never_move || policy.mode == Mode::Off || policy.pin.contains(&node.id) {
                 continue;
             }
@@ -586,7 +592,7 @@ fn plan_drops(
                         "{} is {:.0}% full (watermark {:.0}%); cold ({reads:.1} reads) and {} replicas for a replication factor of {}",
                         node.id,
                         100.0 * used as f64 / capacity as f64,
-                        100.0 * config.high_watermark,
+                        100.0 * policy.high_watermark,
                         left,
                         factor
                     ),
@@ -1275,5 +1281,60 @@ mod tests {
                 .unwrap(),
             0
         );
+    }
+
+    /// A rule's own watermark: a node 85% full is under the global 90%, but over the 80% of
+    /// the `/scratch` rule, so surplus cold `/scratch` replicas go (down to 80%) and no
+    /// other file's do.
+    #[test]
+    fn a_rule_s_watermark_sheds_its_files_first() {
+        let nodes = [
+            node("full", 100 << 20, 15 << 20),
+            node("a", 100 << 20, 90 << 20),
+            node("b", 100 << 20, 90 << 20),
+        ];
+        let three: &[&str] = &["full", "a", "b"];
+        let scratch = layout("/scratch/x", 1, &[three; 8]);
+        let other = layout("/keep/y", 2, &[three; 8]);
+        let files = vec![(other, BTreeMap::new()), (scratch, BTreeMap::new())];
+        let config = RebalanceConfig {
+            policies: crate::policy::Policies::parse(
+                "[[policy]]\nprefix = \"/scratch\"\nhigh_watermark = 0.8\n",
+            )
+            .unwrap(),
+            ..RebalanceConfig::default()
+        };
+        let (gpus, heat, approved) = (GpuTable::default(), HashMap::new(), HashSet::new());
+        let planned = plan(
+            &config,
+            &PlanInput {
+                files: &files,
+                nodes: &nodes,
+                gpus: &gpus,
+                heat: &heat,
+                approved: &approved,
+                spent: Spent::default(),
+                now_ms: 1,
+            },
+        );
+        // 85 MiB used, 80 MiB allowed: five 1 MiB /scratch replicas.
+        assert_eq!(planned.moves.len(), 5, "{:?}", planned.moves);
+        for planned in &planned.moves {
+            let movement = &planned.movement;
+            assert!(planned.execute && movement.kind == MoveKind::Drop);
+            assert_eq!(
+                (movement.path.as_str(), movement.from.as_str()),
+                ("/scratch/x", "full")
+            );
+            assert!(
+                movement.reason.contains("(watermark 80%)"),
+                "{}",
+                movement.reason
+            );
+        }
+        let bad =
+            crate::policy::Policies::parse("[[policy]]\nprefix = \"/s\"\nhigh_watermark = 1.5\n")
+                .unwrap_err();
+        assert!(bad.contains("policy[0].high_watermark 1.5"), "{bad}");
     }
 }

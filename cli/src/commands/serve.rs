@@ -69,7 +69,8 @@ pub struct ControlServeArgs {
     #[arg(long, default_value = "auto")]
     rebalance: tier0_control::rebalance::Mode,
     /// Rebalancing rules by path prefix or tag (TOML: mode, pin, never_move,
-    /// max_bytes_per_hour, min_reads; see docs/SEMANTICS.md).
+    /// max_bytes_per_hour, min_reads, replication, high_watermark; an [agents] table; see
+    /// docs/SEMANTICS.md).
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
     /// A node with more than this share of its capacity used sheds surplus cold replicas

@@ -506,7 +506,10 @@ async fn rebalance(
         .chain(prestages.iter().map(|(path, _)| path.as_str()))
         .collect();
     // A node over its watermark may shed replicas of any file: look at all of them.
-    let watermark = state.rebalance.high_watermark;
+    let watermark = state
+        .rebalance
+        .policies
+        .lowest_watermark(state.rebalance.high_watermark);
     if nodes.iter().any(|node| {
         let capacity = node.topology.capacity_bytes;
         capacity > 0
