@@ -274,10 +274,30 @@ impl Namespace {
 
     /// Restores the subtree to snapshot `name`, in one transaction.
     pub async fn rollback(&self, name: &str) -> Result<RollbackReport> {
+        self.rollback_expecting(name, None).await
+    }
+
+    /// [`rollback`](Self::rollback), refused (`FailedPrecondition`) unless the snapshot
+    /// named `name` is still `expected` (its path and creation time): a caller that checked
+    /// the snapshot's path against a policy rolls back that snapshot, not one re-created
+    /// under its name meanwhile.
+    pub async fn rollback_expecting(
+        &self,
+        name: &str,
+        expected: Option<&crate::model::Snapshot>,
+    ) -> Result<RollbackReport> {
         for _ in 0..MAX_ATTEMPTS {
             // Read in every attempt and checked by its transaction: a snapshot deleted
             // meanwhile no longer pins what the rollback would restore.
             let (snapshot, entry) = self.snapshot_entry("name", name).await?;
+            if let Some(expected) = expected
+                && (expected.path != snapshot.path || expected.created_ms != snapshot.created_ms)
+            {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "rollback to {name}: the snapshot changed since it was checked (now of {})",
+                    snapshot.path
+                )));
+            }
             let top_path = NsPath::parse("snapshot path", &snapshot.path)?;
             if let Some(report) = self.try_rollback(&snapshot, &entry, &top_path).await? {
                 return Ok(report);

@@ -480,3 +480,29 @@ async fn superseded_versions_wait_out_the_grace_period() {
     );
     assert_eq!(w.plain.versions_of(id).await.unwrap(), [2]);
 }
+
+/// A rollback that expects the snapshot it checked refuses one re-made under the same name
+/// (an agent's policy judged the first one's path), and makes the one it checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_of_a_checked_snapshot_refuses_one_remade_under_its_name() {
+    let w = world().await;
+    let ns = &w.plain;
+    for dir in ["/datasets", "/other"] {
+        ns.mkdir(&p(dir), true, SettingsOverride::default())
+            .await
+            .unwrap();
+    }
+    let checked = ns.create_snapshot("s", &p("/datasets")).await.unwrap();
+    ns.delete_snapshot("s").await.unwrap();
+    ns.create_snapshot("s", &p("/other")).await.unwrap();
+    let error = ns
+        .rollback_expecting("s", Some(&checked))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ControlError::FailedPrecondition(text) if text.contains("changed since it was checked")),
+        "{error}"
+    );
+    let now = ns.snapshot("name", "s").await.unwrap();
+    assert!(ns.rollback_expecting("s", Some(&now)).await.is_ok());
+}

@@ -663,6 +663,7 @@ impl proto::snapshots_server::Snapshots for Services {
         let (metadata, _, request) = request.into_parts();
         let name = request.name;
         let mut ticket = None;
+        let mut checked = None;
         if agents::caller(&metadata).is_some() {
             // The policy's prefixes bound the subtree the rollback restores: the snapshot's.
             let snapshot = self.state.namespace.snapshot("name", &name).await;
@@ -673,14 +674,23 @@ impl proto::snapshots_server::Snapshots for Services {
                 detail: format!("snapshot {name}"),
             };
             ticket = self.agent_call(&metadata, call).await?;
-            if let Err(error) = snapshot {
-                let failed = Err(status(error));
-                self.agent_done(ticket, &failed).await;
-                return failed;
+            match snapshot {
+                Ok(snapshot) => checked = Some(snapshot),
+                Err(error) => {
+                    let failed = Err(status(error));
+                    self.agent_done(ticket, &failed).await;
+                    return failed;
+                }
             }
         }
         let result = async {
-            let report = self.state.namespace.rollback(&name).await.map_err(status)?;
+            // What was checked is what is rolled back, not a snapshot re-made under its name.
+            let report = self
+                .state
+                .namespace
+                .rollback_expecting(&name, checked.as_ref())
+                .await
+                .map_err(status)?;
             Ok(Response::new(proto::RollbackReply {
                 restored: report.restored as u64,
                 removed: report.removed as u64,
