@@ -234,13 +234,7 @@ pub async fn actions(
     store: &dyn MetadataStore,
     limit: usize,
 ) -> crate::error::Result<Vec<AgentRecord>> {
-    let entries = store.scan(model::AGENT_AUDIT_PREFIX).await?;
-    let skip = entries.len().saturating_sub(limit);
-    entries
-        .into_iter()
-        .skip(skip)
-        .map(|entry| model::decode(&entry.key, &entry.value))
-        .collect()
+    model::newest_records(store, model::AGENT_AUDIT_PREFIX, limit).await
 }
 
 #[cfg(test)]

@@ -417,6 +417,22 @@ pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     serde_json::to_vec(record).unwrap_or_default()
 }
 
+/// The newest `limit` records under `prefix` (a log keyed in time order, `audit/` or
+/// `agent-audit/`), oldest first.
+pub async fn newest_records<T: for<'de> Deserialize<'de>>(
+    store: &dyn crate::store::MetadataStore,
+    prefix: &str,
+    limit: usize,
+) -> Result<Vec<T>, ControlError> {
+    let entries = store.scan(prefix).await?;
+    let skip = entries.len().saturating_sub(limit);
+    entries
+        .into_iter()
+        .skip(skip)
+        .map(|entry| decode(&entry.key, &entry.value))
+        .collect()
+}
+
 pub fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, ControlError> {
     serde_json::from_slice(value)
         .map_err(|error| ControlError::Internal(format!("metadata record {key:?}: {error}")))

@@ -309,6 +309,13 @@ pub async fn store_prestage(store: &dyn MetadataStore, path: &str, nodes: &[Stri
     Ok(())
 }
 
+/// Brings `table` up to what schedulers said, as the store keeps it (they may have said it to
+/// another control plane of the cluster).
+pub async fn refresh(store: &dyn MetadataStore, table: &GpuTable) -> Result<()> {
+    table.replace_intent(load_intent(store).await?);
+    Ok(())
+}
+
 /// Reads what schedulers said from the store.
 pub async fn load_intent(store: &dyn MetadataStore) -> Result<Intent> {
     let mut intent = Intent::default();

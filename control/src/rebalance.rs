@@ -899,13 +899,7 @@ async fn record(store: &dyn MetadataStore, movement: &Movement, seq: u32) -> Res
 
 /// The audit log, oldest first; at most `limit` of the newest.
 pub async fn movements(store: &dyn MetadataStore, limit: usize) -> Result<Vec<Movement>> {
-    let entries = store.scan(model::AUDIT_PREFIX).await?;
-    let skip = entries.len().saturating_sub(limit);
-    entries
-        .into_iter()
-        .skip(skip)
-        .map(|entry| model::decode(&entry.key, &entry.value))
-        .collect()
+    model::newest_records(store, model::AUDIT_PREFIX, limit).await
 }
 
 /// The last decision on each move, and the sequence numbers of this pass's records.
@@ -944,6 +938,29 @@ mod tests {
     use crate::model::{LayoutChunk, NodeState, TopologySummary};
     use crate::store::RedbStore;
     use tier0_dataplane::store::ChunkId;
+
+    /// One plan with nothing approved, stamped at 7 ms.
+    fn plan_pass(
+        config: &RebalanceConfig,
+        files: &[(Layout, BTreeMap<String, String>)],
+        nodes: &[NodeRecord],
+        gpus: &GpuTable,
+        heat: &HashMap<ChunkId, f64>,
+        spent: Spent,
+    ) -> Plan {
+        plan(
+            config,
+            &PlanInput {
+                files,
+                nodes,
+                gpus,
+                heat,
+                approved: &HashSet::new(),
+                spent,
+                now_ms: 7,
+            },
+        )
+    }
 
     fn node(id: &str, capacity: u64, free: u64) -> NodeRecord {
         NodeRecord {
@@ -1047,19 +1064,7 @@ mod tests {
             ..RebalanceConfig::default()
         };
         let gpus = GpuTable::default();
-        let approved = HashSet::new();
-        let planned = plan(
-            &config,
-            &PlanInput {
-                files: &files,
-                nodes: &nodes,
-                gpus: &gpus,
-                heat: &heat,
-                approved: &approved,
-                spent: Spent::default(),
-                now_ms: 1,
-            },
-        );
+        let planned = plan_pass(&config, &files, &nodes, &gpus, &heat, Spent::default());
         let mut report = RebalanceReport::default();
         let mut log = Vec::new();
         for PlannedMove {
@@ -1172,22 +1177,11 @@ mod tests {
             ..RebalanceConfig::default()
         };
         let files = vec![(data.clone(), BTreeMap::new())];
-        let approved = HashSet::new();
-        let planned = plan(
-            &config,
-            &PlanInput {
-                files: &files,
-                nodes: &nodes,
-                gpus: &gpus,
-                heat: &heat,
-                approved: &approved,
-                spent: Spent {
-                    total: 1 << 20,
-                    by_policy: HashMap::new(),
-                },
-                now_ms: 7,
-            },
-        );
+        let spent = Spent {
+            total: 1 << 20,
+            by_policy: HashMap::new(),
+        };
+        let planned = plan_pass(&config, &files, &nodes, &gpus, &heat, spent);
         let summary: Vec<(u32, &str, bool, MoveState)> = planned
             .moves
             .iter()
@@ -1304,19 +1298,8 @@ mod tests {
             .unwrap(),
             ..RebalanceConfig::default()
         };
-        let (gpus, heat, approved) = (GpuTable::default(), HashMap::new(), HashSet::new());
-        let planned = plan(
-            &config,
-            &PlanInput {
-                files: &files,
-                nodes: &nodes,
-                gpus: &gpus,
-                heat: &heat,
-                approved: &approved,
-                spent: Spent::default(),
-                now_ms: 1,
-            },
-        );
+        let (gpus, heat) = (GpuTable::default(), HashMap::new());
+        let planned = plan_pass(&config, &files, &nodes, &gpus, &heat, Spent::default());
         // 85 MiB used, 80 MiB allowed: five 1 MiB /scratch replicas.
         assert_eq!(planned.moves.len(), 5, "{:?}", planned.moves);
         for planned in &planned.moves {

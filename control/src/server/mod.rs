@@ -495,8 +495,7 @@ async fn rebalance(
     state: &ControlState,
 ) -> Result<crate::rebalance::RebalanceReport, ControlError> {
     // What schedulers said, to whichever control plane: the store has it all.
-    let intent = crate::orchestration::load_intent(state.namespace.store().as_ref()).await?;
-    state.gpus.replace_intent(intent);
+    crate::orchestration::refresh(state.namespace.store().as_ref(), &state.gpus).await?;
     let (_, jobs) = state.gpus.snapshot();
     let nodes = state.membership.nodes().await?;
     let prestages = state.gpus.prestages();

@@ -980,11 +980,9 @@ impl Services {
     /// Brings the GPU table up to what schedulers said, as the store keeps it (they may have
     /// said it to another control plane of the cluster).
     async fn refresh_intent(&self) -> Result<(), Status> {
-        let intent = crate::orchestration::load_intent(self.store())
+        crate::orchestration::refresh(self.store(), &self.state.gpus)
             .await
-            .map_err(status)?;
-        self.state.gpus.replace_intent(intent);
-        Ok(())
+            .map_err(status)
     }
 }
 
