@@ -16,6 +16,7 @@ use crate::fence::FenceTable;
 use crate::heat::{DEFAULT_HALF_LIFE, HeatMap};
 use crate::net::rdma::{RdmaService, device_names};
 use crate::net::replicate::CopyConfig;
+use crate::net::splice::SpliceFile;
 use crate::net::tcp::{LocalSocket, TcpServer, TcpServerConfig};
 use crate::net::wire::LocalEndpoint;
 use crate::store::{ChunkStore, StoreConfig, StoreError};
@@ -48,6 +49,10 @@ pub struct DataDaemonConfig {
     pub rdma: RdmaMode,
     /// The node-local socket of the shared-memory fast path.
     pub local_socket: LocalSocket,
+    /// TCP reads of whole checksum blocks from a memory-backed drive (tmpfs, ramfs) are sent
+    /// from the drive's pages (`net::splice`); off, they are read into a pool buffer first,
+    /// as from any drive.
+    pub splice: bool,
 }
 
 /// Whether and where a daemon serves RDMA.
@@ -134,6 +139,7 @@ impl DataDaemon {
         }
         let mut specs = Vec::new();
         let mut paths = Vec::new();
+        let mut splice = Vec::new();
         for drive in &config.drives {
             let store =
                 open_or_format(drive, config.store).map_err(|source| DaemonError::Drive {
@@ -157,6 +163,17 @@ impl DataDaemon {
                 numa_node: drive.numa_node,
             });
             paths.push(drive.path.clone());
+            splice.push(if config.splice {
+                SpliceFile::open(&drive.path).map_err(|source| DaemonError::Drive {
+                    path: drive.path.display().to_string(),
+                    source: StoreError::Device(DeviceError::Open {
+                        device: drive.path.display().to_string(),
+                        source,
+                    }),
+                })?
+            } else {
+                None
+            });
         }
         let chunk_size = specs[0].store.chunk_size();
         let stores: Vec<Arc<ChunkStore>> = specs.iter().map(|spec| spec.store.clone()).collect();
@@ -178,6 +195,7 @@ impl DataDaemon {
                 copies,
             },
             stores.clone(),
+            splice,
             fences.clone(),
             plan.worker_count(),
             rdma,

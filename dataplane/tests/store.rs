@@ -419,3 +419,51 @@ fn the_crc_of_a_read_comes_from_the_stored_checksums_and_a_wrong_byte_fails_it()
         }
     }
 }
+
+#[test]
+fn a_whole_block_read_gets_its_place_and_crc_without_its_bytes_and_a_partial_one_none() {
+    use tier0_dataplane::buffer::AlignedBuf;
+    use tier0_dataplane::store::format::crc32c;
+    let mut device = MemoryDevice::new("memory", 1 << 20, 8);
+    let store = ChunkStore::format(&mut device, SMALL).unwrap();
+    // 15 whole blocks and a short last one of 4095 bytes.
+    let data = pattern(12, 65_535);
+    store.put(&mut device, chunk(5, 0), &data).unwrap();
+    let info = store.lookup(chunk(5, 0)).unwrap();
+    for (offset, len) in [(0u64, 65_535usize), (0, 4096), (4096, 8192), (61_440, 4095)] {
+        let (at, crc) = store
+            .whole_block_span(&info, offset, len as u64)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{offset}+{len} covers whole blocks"));
+        assert_eq!(
+            crc,
+            crc32c(&data[offset as usize..][..len]),
+            "{offset}+{len}"
+        );
+        // The place is where the bytes are on the device.
+        let mut raw = AlignedBuf::zeroed(len.next_multiple_of(4096));
+        device.read_at(at, &mut raw).unwrap();
+        assert_eq!(
+            &raw[..len],
+            &data[offset as usize..][..len],
+            "{offset}+{len}"
+        );
+    }
+    for (offset, len) in [
+        (100u64, 50u64),
+        (0, 4095),
+        (4096, 100),
+        (3000, 60_000),
+        (65_534, 1),
+    ] {
+        assert_eq!(
+            store.whole_block_span(&info, offset, len).unwrap(),
+            None,
+            "{offset}+{len} covers part of a block"
+        );
+    }
+    assert!(matches!(
+        store.whole_block_span(&info, 61_440, 4096),
+        Err(StoreError::OutOfRange { .. })
+    ));
+}

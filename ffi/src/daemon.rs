@@ -724,10 +724,34 @@ impl DaemonConnection {
                 got: wire::Opcode::ReadDone,
             }));
         }
-        self.read_exact(read.dest, "receiving chunk bytes")?;
-        Ok(ClientError::check_read(
-            &self.addr, read.chunk, done.crc, read.dest,
-        ))
+        // Each piece is checked as it lands, while it is still in cache.
+        let mut check = wire::PayloadCheck::default();
+        let mut landed = 0;
+        while landed < read.dest.len() {
+            let piece = match self.stream.read(&mut read.dest[landed..]) {
+                Ok(0) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                Ok(piece) => Ok(piece),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => Err(error),
+            }
+            .map_err(|source| {
+                self.broken = true;
+                ClientError::Io {
+                    addr: self.addr.clone(),
+                    operation: "receiving chunk bytes",
+                    source,
+                }
+            })?;
+            check.update(&read.dest[landed..landed + piece]);
+            landed += piece;
+        }
+        Ok(check
+            .finish(done.crc)
+            .map_err(|source| ClientError::Corrupt {
+                addr: self.addr.clone(),
+                chunk: read.chunk,
+                source,
+            }))
     }
 
     /// Copies a `LocalReadDone`'s bytes out of the shared pool into the read's destination

@@ -65,6 +65,8 @@ impl Daemon {
                 copies: Default::default(),
             },
             vec![store.clone()],
+            // The drive is in the temp folder, on disk here: every read goes to the worker.
+            vec![None],
             fences.clone(),
             workers,
             None,

@@ -23,6 +23,8 @@ pub struct ClusterConfig {
     pub rdma: RdmaMode,
     pub poll_mode: PollMode,
     pub buffers_per_worker: usize,
+    /// Memory-backed stores send whole-block TCP reads from their pages (`net::splice`).
+    pub splice: bool,
 }
 
 impl ClusterConfig {
@@ -36,6 +38,7 @@ impl ClusterConfig {
             rdma: RdmaMode::Off,
             poll_mode: PollMode::Adaptive,
             buffers_per_worker: 16,
+            splice: true,
         }
     }
 }
@@ -114,6 +117,7 @@ impl LocalCluster {
                 pin: false,
                 rdma: config.rdma.clone(),
                 local_socket: Default::default(),
+                splice: config.splice,
             };
             // One worker per daemon, unpinned: N daemons share this machine's cores.
             let plan = WorkerPlan::single_node(0, vec![0]);

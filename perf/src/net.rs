@@ -52,6 +52,8 @@ pub struct NetBenchOptions {
     /// Where the daemons' store files go.
     pub dir: PathBuf,
     pub poll_mode: PollMode,
+    /// Memory-backed stores send whole-block TCP reads from their pages (`net::splice`).
+    pub splice: bool,
 }
 
 /// The poll mode for `daemons` local daemons of one worker each: adaptive (the product's
@@ -85,6 +87,7 @@ impl Default for NetBenchOptions {
                 std::env::temp_dir()
             },
             poll_mode: default_poll_mode(3),
+            splice: true,
         }
     }
 }
@@ -137,6 +140,7 @@ pub fn run(
         },
         poll_mode: options.poll_mode,
         buffers_per_worker: options.window.max(8) * 2,
+        splice: options.splice,
     };
     log(format!(
         "starting {} daemons ({:?} workers), stores in {}",

@@ -20,6 +20,18 @@ fn cluster(daemons: usize) -> LocalCluster {
     LocalCluster::start(&ClusterConfig::for_tests(daemons, CHUNK)).unwrap()
 }
 
+/// Daemons whose stores are on /dev/shm (tmpfs): their whole-block TCP reads are sent from
+/// the stores' pages (`net::splice`), not read into a buffer.
+fn memory_cluster(daemons: usize) -> LocalCluster {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "these tests need /dev/shm (tmpfs)");
+    LocalCluster::start(&ClusterConfig {
+        dir: shm.to_path_buf(),
+        ..ClusterConfig::for_tests(daemons, CHUNK)
+    })
+    .unwrap()
+}
+
 fn reader(cluster: &LocalCluster, endpoints: Vec<DaemonEndpoint>) -> StripedReader {
     StripedReader::new(
         endpoints,
@@ -85,16 +97,21 @@ fn the_nearest_replica_serves() {
 
 #[test]
 fn a_daemon_stopped_mid_read_fails_over_with_no_wrong_byte() {
-    stop_mid_read(TransportChoice::Tcp);
+    stop_mid_read(cluster(3), TransportChoice::Tcp);
 }
 
 #[test]
 fn a_daemon_stopped_mid_read_on_the_local_path_fails_over_with_no_wrong_byte() {
-    stop_mid_read(TransportChoice::Local);
+    stop_mid_read(cluster(3), TransportChoice::Local);
 }
 
-fn stop_mid_read(choice: TransportChoice) {
-    let cluster = Arc::new(Mutex::new(cluster(3)));
+#[test]
+fn a_memory_daemon_stopped_mid_spliced_read_fails_over_with_no_wrong_byte() {
+    stop_mid_read(memory_cluster(3), TransportChoice::Tcp);
+}
+
+fn stop_mid_read(cluster: LocalCluster, choice: TransportChoice) {
+    let cluster = Arc::new(Mutex::new(cluster));
     let data = pattern(48 * CHUNK as usize, 3);
     let (layout, endpoints) = {
         let cluster = cluster.lock().unwrap();
@@ -176,7 +193,16 @@ fn damage_on_drive(cluster: &LocalCluster, daemon: usize, needle: &[u8]) {
 
 #[test]
 fn bytes_corrupt_on_a_drive_are_caught_at_the_reader_and_read_from_another_replica() {
-    let cluster = cluster(3);
+    corrupt_bytes_are_caught_at_the_reader(cluster(3));
+}
+
+/// On a memory-backed drive the whole-block reads are sent from the damaged pages themselves.
+#[test]
+fn bytes_corrupt_on_a_memory_drive_are_caught_at_the_reader_and_read_from_another_replica() {
+    corrupt_bytes_are_caught_at_the_reader(memory_cluster(3));
+}
+
+fn corrupt_bytes_are_caught_at_the_reader(cluster: LocalCluster) {
     let data = pattern(9 * CHUNK as usize, 7);
     let layout = cluster.write_striped(7, &data, 2).unwrap();
     // Chunk 0 lives on daemons 0 and 1; damage daemon 0's copy inside its second 4 KiB block.

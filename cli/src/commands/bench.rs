@@ -50,6 +50,11 @@ pub struct NetArgs {
     /// each daemon can have a core of its own, else interrupt).
     #[arg(long)]
     poll_mode: Option<PollMode>,
+    /// The daemons read every chunk into a pool buffer before sending it, as from an NVMe
+    /// drive, also when their stores are in memory (/dev/shm), whose whole-block reads are
+    /// otherwise sent from the store's pages (sendfile).
+    #[arg(long)]
+    no_splice: bool,
     /// Print a JSON array, one object per scenario.
     #[arg(long)]
     json: bool,
@@ -130,6 +135,7 @@ fn net(args: NetArgs) -> anyhow::Result<()> {
         poll_mode: args
             .poll_mode
             .unwrap_or_else(|| tier0_perf::net::default_poll_mode(args.daemons as usize)),
+        splice: !args.no_splice,
     };
     let results = tier0_perf::net::run(&options, &mut |line| eprintln!("bench: {line}"))?;
     print_results(&results, args.json)

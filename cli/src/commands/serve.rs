@@ -185,6 +185,10 @@ pub struct DataArgs {
     /// `auto` (`@tier0-data-<pid>-<port>`, abstract namespace), `off`, `@name` or a path.
     #[arg(long, default_value = "auto")]
     local_socket: LocalSocket,
+    /// Read every chunk into a pool buffer before sending it, also from memory-backed drives
+    /// (tmpfs), whose whole-block TCP reads are otherwise sent from their pages (sendfile).
+    #[arg(long)]
+    no_splice: bool,
     /// Register with this control plane and heartbeat to it (fences on stale layouts come
     /// back with each heartbeat). Several, comma-separated (control planes sharing one
     /// etcd): when the one in use fails, the daemon moves to the next. Without it the
@@ -333,6 +337,7 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
         pin: !args.no_pin,
         rdma: args.rdma.clone(),
         local_socket: args.local_socket.clone(),
+        splice: !args.no_splice,
     };
     let daemon = DataDaemon::start(&config, &plan)?;
     let control: Vec<String> = args

@@ -4,6 +4,7 @@
 
 pub mod rdma;
 pub mod replicate;
+pub mod splice;
 mod stream;
 mod tags;
 pub mod tcp;

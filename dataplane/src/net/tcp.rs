@@ -5,7 +5,9 @@
 //! non-blocking sockets (an edge-triggered epoll set, which its ring watches while it sleeps),
 //! turns them into requests on its own drives, and sends each reply as one vectored write:
 //! header and body from a small buffer, chunk bytes straight from the registered pool buffer
-//! the drive read into. Nothing on that path crosses a thread.
+//! the drive read into. Nothing on that path crosses a thread. A drive that is a file in
+//! memory (tmpfs) has no DMA to read with; a whole-block read from it is answered at once
+//! with the file's own pages (`splice`), copied only by the receiving socket.
 //!
 //! The same sources serve the node-local Unix socket (when the daemon has one): a client on
 //! this node connects there, presents the token the same way, and may then ask for the
@@ -34,6 +36,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use super::rdma::{RdmaAcceptor, RdmaService, Session};
 use super::replicate::{Copier, CopyConfig, CopyError, CopyPermit};
+use super::splice::{FileRange, SpliceFile};
 use super::stream::{LocalListener, Peer, Stream, boot_id, unix_peer};
 use super::tags::Tags;
 use super::wire::{
@@ -120,6 +123,7 @@ impl TcpServer {
     pub fn bind(
         config: TcpServerConfig,
         stores: Vec<Arc<ChunkStore>>,
+        splice: Vec<Option<Arc<SpliceFile>>>,
         fences: Arc<FenceTable>,
         workers: usize,
         rdma: Option<RdmaService>,
@@ -141,6 +145,13 @@ impl TcpServer {
             boot_id: boot_id().to_string(),
         });
         let stores: Arc<[Arc<ChunkStore>]> = stores.into();
+        let splice: Arc<[Option<Arc<SpliceFile>>]> = splice.into();
+        if splice.len() != stores.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "one splice entry per store",
+            ));
+        }
         // One bound on copies for the whole daemon, whichever worker took the request.
         let copier = Arc::new(Copier::new(config.copies, &config.token, &config.node));
         let mut rdma = rdma.map(|service| service.workers).unwrap_or_default();
@@ -150,9 +161,11 @@ impl TcpServer {
             let (sender, receiver) = crossbeam_channel::unbounded();
             let notify = Arc::new(EventFd::new()?);
             let mut worker_sources: Vec<Box<dyn RequestSource>> = vec![Box::new(TcpSource::new(
+                worker,
                 receiver,
                 notify.clone(),
                 stores.clone(),
+                splice.clone(),
                 fences.clone(),
                 copier.clone(),
                 &config,
@@ -461,17 +474,37 @@ const READ_BUDGET: usize = 1 << 20;
 /// One reply waiting to be sent: header and body, then the payload, if any.
 struct Outgoing {
     head: Vec<u8>,
-    payload: Option<BufferLease>,
+    payload: Option<Payload>,
     sent: usize,
     /// The worker's pool memfd goes with this reply's first byte (`LocalPool`).
     attach: Option<OwnedFd>,
 }
 
-impl Outgoing {
+/// A reply's chunk bytes: a pool buffer a drive read into, or pages of a memory-backed drive.
+enum Payload {
+    Lease(BufferLease),
+    File(FileRange),
+}
+
+impl Payload {
     fn len(&self) -> usize {
-        self.head.len() + self.payload.as_ref().map_or(0, |lease| lease.len())
+        match self {
+            Payload::Lease(lease) => lease.len(),
+            Payload::File(range) => range.len,
+        }
     }
 }
+
+impl Outgoing {
+    fn len(&self) -> usize {
+        self.head.len() + self.payload.as_ref().map_or(0, Payload::len)
+    }
+}
+
+/// Replies queued on one connection at most before its next requests wait: spliced replies
+/// are queued as soon as they are parsed, and a peer that sends reads without taking their
+/// replies must not grow the queue without end.
+const MAX_QUEUED_REPLIES: usize = 64;
 
 struct Connection {
     stream: Stream,
@@ -579,6 +612,9 @@ pub struct TcpSource {
     generations: u64,
     pending: Tags<Pending>,
     stores: Arc<[Arc<ChunkStore>]>,
+    /// Per drive, in the stores' order: its pages, when it is memory-backed and splicing is on.
+    splice: Arc<[Option<Arc<SpliceFile>>]>,
+    spliced: SpliceMetrics,
     fences: Arc<FenceTable>,
     heat: Arc<HeatMap>,
     node: String,
@@ -602,11 +638,30 @@ impl std::fmt::Debug for TcpSource {
     }
 }
 
+/// Reads answered from a memory-backed drive's pages, which no worker I/O counts.
+struct SpliceMetrics {
+    reads: metrics::Counter,
+    bytes: metrics::Counter,
+}
+
+impl SpliceMetrics {
+    fn new(worker: usize) -> Self {
+        let labels = [("worker", worker.to_string())];
+        SpliceMetrics {
+            reads: metrics::counter!("tier0_dataplane_spliced_reads_total", &labels),
+            bytes: metrics::counter!("tier0_dataplane_spliced_bytes_total", &labels),
+        }
+    }
+}
+
 impl TcpSource {
+    #[allow(clippy::too_many_arguments)]
     fn new(
+        worker: usize,
         incoming: Receiver<(Stream, Peer, bool)>,
         notify: Arc<EventFd>,
         stores: Arc<[Arc<ChunkStore>]>,
+        splice: Arc<[Option<Arc<SpliceFile>>]>,
         fences: Arc<FenceTable>,
         copier: Arc<Copier>,
         config: &TcpServerConfig,
@@ -630,6 +685,8 @@ impl TcpSource {
             generations: 0,
             pending: Tags::default(),
             stores,
+            splice,
+            spliced: SpliceMetrics::new(worker),
             fences,
             heat: config.heat.clone(),
             node: config.node.clone(),
@@ -743,7 +800,10 @@ impl TcpSource {
         }
         // Frames are parsed in place; the parsed bytes leave the buffer once, at the end.
         let mut parsed = 0;
-        while requests.len() < max && !connection.broken {
+        while requests.len() < max
+            && !connection.broken
+            && connection.output.len() < MAX_QUEUED_REPLIES
+        {
             let (header, message, len) =
                 match next_frame(&connection.input[parsed..], self.max_payload) {
                     Ok(Some(frame)) => frame,
@@ -826,6 +886,25 @@ impl TcpSource {
                         && connection.counts_heat
                     {
                         self.heat.record(*chunk, u64::from(*len));
+                    }
+                    if !local
+                        && let Op::Read {
+                            chunk, offset, len, ..
+                        } = &op
+                        && let Some(file) = &self.splice[drive]
+                        && let Some((range, crc)) =
+                            spliceable(&self.stores[drive], file, *chunk, *offset, *len)
+                    {
+                        self.spliced.reads.increment(1);
+                        self.spliced.bytes.increment(u64::from(*len));
+                        let done = Message::ReadDone(ReadDone { len: *len, crc });
+                        queue(
+                            connection,
+                            header.request_id,
+                            &done,
+                            Some(Payload::File(range)),
+                        );
+                        continue;
                     }
                     connection.in_flight += 1;
                     if local && let Some(held) = connection.held.as_mut() {
@@ -987,6 +1066,31 @@ fn request(
             format!("{:?} is not a request", other.opcode()),
         )),
     }
+}
+
+/// Where a read's bytes lie on a memory-backed drive and their CRC, when it covers whole
+/// checksum blocks of a chunk the drive holds; `None` sends it to the worker, which reads it
+/// (or answers why not).
+fn spliceable(
+    store: &ChunkStore,
+    file: &Arc<SpliceFile>,
+    chunk: ChunkId,
+    offset: u64,
+    len: u32,
+) -> Option<(FileRange, u32)> {
+    let info = store.lookup(chunk)?;
+    let (at, crc) = store
+        .whole_block_span(&info, offset, u64::from(len))
+        .ok()??;
+    Some((
+        FileRange {
+            file: file.clone(),
+            offset: at,
+            len: len as usize,
+            _chunk: info,
+        },
+        crc,
+    ))
 }
 
 /// The drive that takes a new chunk: the one with the most free slots; `EEXIST` when the
@@ -1207,7 +1311,7 @@ fn queue(
     connection: &mut Connection,
     request_id: u64,
     message: &Message,
-    payload: Option<BufferLease>,
+    payload: Option<Payload>,
 ) {
     queue_with(connection, request_id, message, payload, None);
 }
@@ -1217,7 +1321,7 @@ fn queue_with(
     connection: &mut Connection,
     request_id: u64,
     message: &Message,
-    payload: Option<BufferLease>,
+    payload: Option<Payload>,
     attach: Option<OwnedFd>,
 ) {
     let mut head = connection.spare_heads.pop().unwrap_or_default();
@@ -1270,7 +1374,45 @@ fn flush(connection: &mut Connection) {
                 }
             }
         }
-        // Up to 8 replies, each a header slice and a payload slice, in one writev.
+        if let Some(front) = connection.output.front_mut()
+            && let Some(Payload::File(range)) = &front.payload
+            && front.sent >= front.head.len()
+        {
+            // A memory-backed drive's pages go to the socket by reference.
+            let done = front.sent - front.head.len();
+            let socket = connection.stream.as_raw_fd();
+            match range
+                .file
+                .send(socket, range.offset + done as u64, range.len - done)
+            {
+                Ok(0) => {
+                    tracing::error!(peer = %connection.peer, offset = range.offset, "a drive ended inside a chunk it holds");
+                    connection.broken = true;
+                    connection.output.clear();
+                    return;
+                }
+                Ok(sent) => {
+                    front.sent += sent;
+                    if front.sent == front.len() {
+                        let sent = connection.output.pop_front().expect("front exists");
+                        if connection.spare_heads.len() < SPARE_HEADS {
+                            connection.spare_heads.push(sent.head);
+                        }
+                    }
+                    continue;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    tracing::warn!(peer = %connection.peer, %error, "sending to a peer failed");
+                    connection.broken = true;
+                    connection.output.clear();
+                    return;
+                }
+            }
+        }
+        // Up to 8 replies, each a header slice and a payload slice, in one writev; a reply
+        // whose payload is a drive's pages ends it after its header (those go by sendfile).
         let mut slices = [IoSlice::new(&[]); 16];
         let mut count = 0;
         for outgoing in connection.output.iter().take(8) {
@@ -1281,12 +1423,16 @@ fn flush(connection: &mut Connection) {
                 slices[count] = IoSlice::new(head);
                 count += 1;
             }
-            if let Some(lease) = &outgoing.payload {
-                let payload = &lease.as_slice()[skip..];
-                if !payload.is_empty() {
-                    slices[count] = IoSlice::new(payload);
-                    count += 1;
+            match &outgoing.payload {
+                Some(Payload::Lease(lease)) => {
+                    let payload = &lease.as_slice()[skip..];
+                    if !payload.is_empty() {
+                        slices[count] = IoSlice::new(payload);
+                        count += 1;
+                    }
                 }
+                Some(Payload::File(_)) => break,
+                None => {}
             }
         }
         match connection.stream.write_vectored(&slices[..count]) {
@@ -1393,7 +1539,12 @@ impl RequestSource for TcpSource {
                 Self::reply_for(result, &self.node)
             }
         };
-        queue(connection, pending.request_id, &message, payload);
+        queue(
+            connection,
+            pending.request_id,
+            &message,
+            payload.map(Payload::Lease),
+        );
     }
 
     fn close(self: Box<Self>) {}

@@ -616,6 +616,40 @@ pub fn check_payload(announced: u32, payload: &[u8]) -> Result<(), WireError> {
     }
 }
 
+/// [`check_payload`] for a payload that arrives in pieces: each piece is summed as it lands,
+/// while its bytes are still in cache, not in a second pass over the whole payload.
+#[derive(Clone, Debug)]
+pub struct PayloadCheck {
+    digest: crc_fast::Digest,
+}
+
+impl Default for PayloadCheck {
+    fn default() -> Self {
+        PayloadCheck {
+            digest: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi),
+        }
+    }
+}
+
+impl PayloadCheck {
+    pub fn update(&mut self, piece: &[u8]) {
+        self.digest.update(piece);
+    }
+
+    /// Whether the pieces summed so far have the CRC32C `announced`.
+    pub fn finish(&self, announced: u32) -> Result<(), WireError> {
+        let computed = self.digest.finalize() as u32;
+        if computed == announced {
+            Ok(())
+        } else {
+            Err(WireError::PayloadChecksum {
+                announced,
+                computed,
+            })
+        }
+    }
+}
+
 /// Decodes one whole frame held in `bytes` (header, body, payload): for tests, fuzzing and
 /// tools. Returns the message and the payload slice.
 pub fn decode_frame(bytes: &[u8], max_payload: u32) -> Result<(Header, Message, &[u8]), WireError> {

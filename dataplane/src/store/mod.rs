@@ -457,6 +457,36 @@ impl ChunkStore {
         })
     }
 
+    /// Where `len` bytes at `offset` of a chunk lie on the device, and their CRC32C joined
+    /// from the stored block checksums, for a read that covers whole checksum blocks (the
+    /// chunk's last block is whole up to the chunk's end): such a read can be answered
+    /// without touching its bytes, the reader checking them against this CRC. `None` for a
+    /// read that covers part of a block, whose stored checksum says nothing about the part.
+    pub fn whole_block_span(
+        &self,
+        info: &ChunkInfo,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(u64, u32)>, StoreError> {
+        let span = self.read_span(info, offset, len)?;
+        let block = u64::from(self.superblock.checksum_block_size);
+        let end = offset + len;
+        if span.skip != 0 || (!end.is_multiple_of(block) && end != u64::from(info.len)) {
+            return Ok(None);
+        }
+        let blocks = end.div_ceil(block) as usize - span.first_block;
+        let mut crc = 0;
+        for (i, stored) in info.checksums[span.first_block..][..blocks]
+            .iter()
+            .enumerate()
+        {
+            let start = (span.first_block + i) as u64 * block;
+            let piece = (end - start).min(block);
+            crc = self.appender.append(crc, *stored, piece);
+        }
+        Ok(Some((span.device_offset, crc)))
+    }
+
     /// The CRC32C of the requested bytes of a completed span read (`data` is the whole span),
     /// joined from the block checksums, after checking the blocks `check` asks for: every
     /// block with [`ReadCheck::Worker`]; with [`ReadCheck::Reader`] only the blocks the request
