@@ -49,9 +49,9 @@ pub struct DataDaemonConfig {
     pub rdma: RdmaMode,
     /// The node-local socket of the shared-memory fast path.
     pub local_socket: LocalSocket,
-    /// TCP reads of whole checksum blocks from a memory-backed drive (tmpfs, ramfs) are sent
-    /// from the drive's pages (`net::splice`); off, they are read into a pool buffer first,
-    /// as from any drive.
+    /// Small TCP reads of whole checksum blocks from a memory-backed drive (tmpfs, ramfs) are
+    /// sent from the drive's pages (`net::splice`); off, they are read into a pool buffer
+    /// first, as from any drive.
     pub splice: bool,
 }
 

@@ -1,6 +1,6 @@
-//! TCP reads from a memory-backed drive (a store file on /dev/shm, tmpfs): whole-block reads
-//! are sent from the drive's pages, the rest are read by the worker, and every byte and CRC
-//! is the same either way; with splicing off every read goes through the worker. Its own
+//! TCP reads from a memory-backed drive (a store file on /dev/shm, tmpfs): small whole-block
+//! reads are sent from the drive's pages, the rest are read by the worker, and every byte
+//! and CRC is the same either way; with splicing off every read goes through the worker. Its own
 //! test binary: it counts reads through the global metrics recorder.
 
 mod common;
@@ -11,6 +11,7 @@ use std::path::Path;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tier0_dataplane::net::replicate::CopyConfig;
+use tier0_dataplane::net::splice::SPLICE_MAX_READ;
 use tier0_dataplane::net::wire::{self, LayoutRef, Message, Read, ReadDone};
 use tier0_dataplane::store::format::crc32c;
 
@@ -71,8 +72,9 @@ fn memory_backed_drives_send_whole_blocks_from_their_pages_and_every_byte_matche
     let (spliced_before, worker_before) = (spliced(&handle), worker_reads(&handle));
 
     // Whole blocks: from the pages.
+    let small = SPLICE_MAX_READ;
     let whole = [
-        (0, 0u64, CHUNK),
+        (0, 0u64, small),
         (0, 4096, 8192),
         (1, 0, 10_000),
         (1, 8192, 1808),
@@ -90,7 +92,13 @@ fn memory_backed_drives_send_whole_blocks_from_their_pages_and_every_byte_matche
     assert_eq!(worker_reads(&handle), worker_before);
 
     // Part of a block: the worker reads and checks it.
-    let partial = [(0, 100u64, 50u32), (0, 4000, 200), (1, 9000, 1000)];
+    // More than a small read goes to the worker too.
+    let partial = [
+        (0, 100u64, 50u32),
+        (0, 4000, 200),
+        (1, 9000, 1000),
+        (0, 0, CHUNK),
+    ];
     for (index, offset, len) in partial {
         let data = if index == 0 { &full } else { &short };
         let bytes = checked(conn.call(&read_message(index, offset, len), &[]));
@@ -119,7 +127,7 @@ fn memory_backed_drives_send_whole_blocks_from_their_pages_and_every_byte_matche
     let count = 300;
     for i in 0..count {
         let id = 1_000 + i as u64;
-        wire::encode(id, &read_message(0, 0, CHUNK), &mut frames).unwrap();
+        wire::encode(id, &read_message(0, 4096, small), &mut frames).unwrap();
     }
     conn.stream.write_all(&frames).unwrap();
     let mut seen = vec![false; count];
@@ -128,7 +136,7 @@ fn memory_backed_drives_send_whole_blocks_from_their_pages_and_every_byte_matche
         let index = (header.request_id - 1_000) as usize;
         assert!(!seen[index], "request {} answered twice", header.request_id);
         seen[index] = true;
-        assert_eq!(checked((message, payload)), full);
+        assert_eq!(checked((message, payload)), full[4096..][..small as usize]);
     }
 
     // Splicing off: the same reads, all through the worker.
@@ -138,8 +146,8 @@ fn memory_backed_drives_send_whole_blocks_from_their_pages_and_every_byte_matche
     let mut conn = node.connect();
     conn.write(chunk(0), &full);
     let (spliced_before, worker_before) = (spliced(&handle), worker_reads(&handle));
-    let bytes = checked(conn.call(&read_message(0, 0, CHUNK), &[]));
-    assert_eq!(bytes, full);
+    let bytes = checked(conn.call(&read_message(0, 0, small), &[]));
+    assert_eq!(bytes, full[..small as usize]);
     assert_eq!(spliced(&handle), spliced_before);
     assert_eq!(worker_reads(&handle) - worker_before, 1);
 }

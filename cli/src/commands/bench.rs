@@ -51,8 +51,8 @@ pub struct NetArgs {
     #[arg(long)]
     poll_mode: Option<PollMode>,
     /// The daemons read every chunk into a pool buffer before sending it, as from an NVMe
-    /// drive, also when their stores are in memory (/dev/shm), whose whole-block reads are
-    /// otherwise sent from the store's pages (sendfile).
+    /// drive, also when their stores are in memory (/dev/shm), whose whole-block reads of up
+    /// to 16 KiB are otherwise sent from the store's pages (sendfile).
     #[arg(long)]
     no_splice: bool,
     /// Print a JSON array, one object per scenario.

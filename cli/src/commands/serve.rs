@@ -186,7 +186,8 @@ pub struct DataArgs {
     #[arg(long, default_value = "auto")]
     local_socket: LocalSocket,
     /// Read every chunk into a pool buffer before sending it, also from memory-backed drives
-    /// (tmpfs), whose whole-block TCP reads are otherwise sent from their pages (sendfile).
+    /// (tmpfs), whose whole-block TCP reads of up to 16 KiB are otherwise sent from their
+    /// pages (sendfile).
     #[arg(long)]
     no_splice: bool,
     /// Register with this control plane and heartbeat to it (fences on stale layouts come

@@ -6,7 +6,8 @@
 //! drive the TCP source instead hands the socket the file's own pages (`sendfile(2)`): the
 //! bytes are copied once, by the receiving socket, and never pass through a buffer.
 //!
-//! Only a read of whole checksum blocks goes this way: its CRC is joined from the stored
+//! Only a read of whole checksum blocks, and of at most [`SPLICE_MAX_READ`] bytes, goes this
+//! way: its CRC is joined from the stored
 //! block checksums without touching the bytes, and the reader checks the bytes against it
 //! (W3), as it does for every TCP read. The pages are shared with the file, so a chunk
 //! deleted and its slot rewritten while its bytes are still queued in the socket reaches the
@@ -20,6 +21,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::store::ChunkInfo;
+
+/// The largest read sent from a drive's pages; larger ones go through the worker. Measured
+/// on loopback (`bench net --chunk-size`, with and without `--no-splice`): from the pages,
+/// 4 KiB and 16 KiB reads went faster and took less CPU; 64 KiB and 1 MiB ones went slower,
+/// as a spliced reply reaches the reader in 4 KiB page pieces, each its own copy there,
+/// where a copied one comes in large pieces.
+pub const SPLICE_MAX_READ: u32 = 16 << 10;
 
 /// `statfs` magic numbers of the file systems whose files are memory.
 const TMPFS_MAGIC: i64 = 0x0102_1994;

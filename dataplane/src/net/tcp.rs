@@ -6,8 +6,8 @@
 //! turns them into requests on its own drives, and sends each reply as one vectored write:
 //! header and body from a small buffer, chunk bytes straight from the registered pool buffer
 //! the drive read into. Nothing on that path crosses a thread. A drive that is a file in
-//! memory (tmpfs) has no DMA to read with; a whole-block read from it is answered at once
-//! with the file's own pages (`splice`), copied only by the receiving socket.
+//! memory (tmpfs) has no DMA to read with; a small whole-block read from it is answered at
+//! once with the file's own pages (`splice`), copied only by the receiving socket.
 //!
 //! The same sources serve the node-local Unix socket (when the daemon has one): a client on
 //! this node connects there, presents the token the same way, and may then ask for the
@@ -36,7 +36,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use super::rdma::{RdmaAcceptor, RdmaService, Session};
 use super::replicate::{Copier, CopyConfig, CopyError, CopyPermit};
-use super::splice::{FileRange, SpliceFile};
+use super::splice::{FileRange, SPLICE_MAX_READ, SpliceFile};
 use super::stream::{LocalListener, Peer, Stream, boot_id, unix_peer};
 use super::tags::Tags;
 use super::wire::{
@@ -891,6 +891,7 @@ impl TcpSource {
                         && let Op::Read {
                             chunk, offset, len, ..
                         } = &op
+                        && *len <= SPLICE_MAX_READ
                         && let Some(file) = &self.splice[drive]
                         && let Some((range, crc)) =
                             spliceable(&self.stores[drive], file, *chunk, *offset, *len)
@@ -1415,6 +1416,7 @@ fn flush(connection: &mut Connection) {
         // whose payload is a drive's pages ends it after its header (those go by sendfile).
         let mut slices = [IoSlice::new(&[]); 16];
         let mut count = 0;
+        let mut pages_follow = false;
         for outgoing in connection.output.iter().take(8) {
             let mut skip = outgoing.sent;
             let head = &outgoing.head[skip.min(outgoing.head.len())..];
@@ -1431,11 +1433,19 @@ fn flush(connection: &mut Connection) {
                         count += 1;
                     }
                 }
-                Some(Payload::File(_)) => break,
+                Some(Payload::File(_)) => {
+                    pages_follow = true;
+                    break;
+                }
                 None => {}
             }
         }
-        match connection.stream.write_vectored(&slices[..count]) {
+        let written = if pages_follow {
+            send_more(connection.stream.as_raw_fd(), &slices[..count])
+        } else {
+            connection.stream.write_vectored(&slices[..count])
+        };
+        match written {
             Ok(mut written) => {
                 while written > 0 {
                     let front = connection.output.front_mut().expect("bytes were queued");
@@ -1461,6 +1471,23 @@ fn flush(connection: &mut Connection) {
             }
         }
     }
+}
+
+/// A vectored send with `MSG_MORE`: the socket holds the bytes back until the pages that
+/// follow (a `sendfile`) join them, so a spliced reply's header does not go as a segment of
+/// its own, with a wake-up of its own at the reader.
+fn send_more(socket: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: a msghdr is plain integers and pointers, for which all zeros is valid.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is an iovec on Unix (its documented layout); the kernel only reads them.
+    message.msg_iov = slices.as_ptr() as *mut libc::iovec;
+    message.msg_iovlen = slices.len() as _;
+    // SAFETY: the slices outlive the call; the socket is open.
+    let sent = unsafe { libc::sendmsg(socket, &message, libc::MSG_MORE | libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sent as usize)
 }
 
 impl RequestSource for TcpSource {
