@@ -14,9 +14,9 @@ use crate::buffer::BufferPoolConfig;
 use crate::device::{BlockDevice, DeviceError, UringDevice, UringOptions, preallocate_file};
 use crate::fence::FenceTable;
 use crate::heat::{DEFAULT_HALF_LIFE, HeatMap};
+use crate::net::mapped::MappedDrive;
 use crate::net::rdma::{RdmaService, device_names};
 use crate::net::replicate::CopyConfig;
-use crate::net::splice::SpliceFile;
 use crate::net::tcp::{LocalSocket, TcpServer, TcpServerConfig};
 use crate::net::wire::LocalEndpoint;
 use crate::store::{ChunkStore, StoreConfig, StoreError};
@@ -49,10 +49,10 @@ pub struct DataDaemonConfig {
     pub rdma: RdmaMode,
     /// The node-local socket of the shared-memory fast path.
     pub local_socket: LocalSocket,
-    /// Small TCP reads of whole checksum blocks from a memory-backed drive (tmpfs, ramfs) are
-    /// sent from the drive's pages (`net::splice`); off, they are read into a pool buffer
+    /// TCP reads of whole checksum blocks from a memory-backed drive (tmpfs, ramfs) are sent
+    /// from a read-only mapping of it (`net::mapped`); off, they are read into a pool buffer
     /// first, as from any drive.
-    pub splice: bool,
+    pub map_memory_drives: bool,
 }
 
 /// Whether and where a daemon serves RDMA.
@@ -139,7 +139,7 @@ impl DataDaemon {
         }
         let mut specs = Vec::new();
         let mut paths = Vec::new();
-        let mut splice = Vec::new();
+        let mut mapped = Vec::new();
         for drive in &config.drives {
             let store =
                 open_or_format(drive, config.store).map_err(|source| DaemonError::Drive {
@@ -163,8 +163,8 @@ impl DataDaemon {
                 numa_node: drive.numa_node,
             });
             paths.push(drive.path.clone());
-            splice.push(if config.splice {
-                SpliceFile::open(&drive.path).map_err(|source| DaemonError::Drive {
+            mapped.push(if config.map_memory_drives {
+                MappedDrive::open(&drive.path).map_err(|source| DaemonError::Drive {
                     path: drive.path.display().to_string(),
                     source: StoreError::Device(DeviceError::Open {
                         device: drive.path.display().to_string(),
@@ -195,7 +195,7 @@ impl DataDaemon {
                 copies,
             },
             stores.clone(),
-            splice,
+            mapped,
             fences.clone(),
             plan.worker_count(),
             rdma,

@@ -23,8 +23,8 @@ pub struct ClusterConfig {
     pub rdma: RdmaMode,
     pub poll_mode: PollMode,
     pub buffers_per_worker: usize,
-    /// Memory-backed stores send whole-block TCP reads from their pages (`net::splice`).
-    pub splice: bool,
+    /// Memory-backed stores send whole-block TCP reads from a mapping (`net::mapped`).
+    pub map_memory_drives: bool,
 }
 
 impl ClusterConfig {
@@ -38,7 +38,7 @@ impl ClusterConfig {
             rdma: RdmaMode::Off,
             poll_mode: PollMode::Adaptive,
             buffers_per_worker: 16,
-            splice: true,
+            map_memory_drives: true,
         }
     }
 }
@@ -117,7 +117,7 @@ impl LocalCluster {
                 pin: false,
                 rdma: config.rdma.clone(),
                 local_socket: Default::default(),
-                splice: config.splice,
+                map_memory_drives: config.map_memory_drives,
             };
             // One worker per daemon, unpinned: N daemons share this machine's cores.
             let plan = WorkerPlan::single_node(0, vec![0]);

@@ -52,8 +52,8 @@ pub struct NetBenchOptions {
     /// Where the daemons' store files go.
     pub dir: PathBuf,
     pub poll_mode: PollMode,
-    /// Memory-backed stores send whole-block TCP reads from their pages (`net::splice`).
-    pub splice: bool,
+    /// Memory-backed stores send whole-block TCP reads from a mapping (`net::mapped`).
+    pub map_memory_drives: bool,
 }
 
 /// The poll mode for `daemons` local daemons of one worker each: adaptive (the product's
@@ -87,7 +87,7 @@ impl Default for NetBenchOptions {
                 std::env::temp_dir()
             },
             poll_mode: default_poll_mode(3),
-            splice: true,
+            map_memory_drives: true,
         }
     }
 }
@@ -140,7 +140,7 @@ pub fn run(
         },
         poll_mode: options.poll_mode,
         buffers_per_worker: options.window.max(8) * 2,
-        splice: options.splice,
+        map_memory_drives: options.map_memory_drives,
     };
     log(format!(
         "starting {} daemons ({:?} workers), stores in {}",

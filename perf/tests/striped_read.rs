@@ -20,14 +20,14 @@ fn cluster(daemons: usize) -> LocalCluster {
     LocalCluster::start(&ClusterConfig::for_tests(daemons, CHUNK)).unwrap()
 }
 
-/// Daemons whose stores are on /dev/shm (tmpfs), with `chunk`-byte chunks: their whole-block
-/// TCP reads of up to `net::splice::SPLICE_MAX_READ` bytes are sent from the stores' pages.
-fn memory_cluster(daemons: usize, chunk: u32) -> LocalCluster {
+/// Daemons whose stores are on /dev/shm (tmpfs): their whole-block TCP reads are sent from a
+/// mapping of the store (`net::mapped`), not read into a buffer.
+fn memory_cluster(daemons: usize) -> LocalCluster {
     let shm = std::path::Path::new("/dev/shm");
     assert!(shm.is_dir(), "these tests need /dev/shm (tmpfs)");
     LocalCluster::start(&ClusterConfig {
         dir: shm.to_path_buf(),
-        ..ClusterConfig::for_tests(daemons, chunk)
+        ..ClusterConfig::for_tests(daemons, CHUNK)
     })
     .unwrap()
 }
@@ -97,23 +97,22 @@ fn the_nearest_replica_serves() {
 
 #[test]
 fn a_daemon_stopped_mid_read_fails_over_with_no_wrong_byte() {
-    stop_mid_read(cluster(3), CHUNK, TransportChoice::Tcp);
+    stop_mid_read(cluster(3), TransportChoice::Tcp);
 }
 
 #[test]
 fn a_daemon_stopped_mid_read_on_the_local_path_fails_over_with_no_wrong_byte() {
-    stop_mid_read(cluster(3), CHUNK, TransportChoice::Local);
+    stop_mid_read(cluster(3), TransportChoice::Local);
 }
 
 #[test]
-fn a_memory_daemon_stopped_mid_spliced_read_fails_over_with_no_wrong_byte() {
-    let chunk = tier0_dataplane::net::splice::SPLICE_MAX_READ;
-    stop_mid_read(memory_cluster(3, chunk), chunk, TransportChoice::Tcp);
+fn a_memory_daemon_stopped_mid_mapped_read_fails_over_with_no_wrong_byte() {
+    stop_mid_read(memory_cluster(3), TransportChoice::Tcp);
 }
 
-fn stop_mid_read(cluster: LocalCluster, chunk: u32, choice: TransportChoice) {
+fn stop_mid_read(cluster: LocalCluster, choice: TransportChoice) {
     let cluster = Arc::new(Mutex::new(cluster));
-    let data = pattern(48 * chunk as usize, 3);
+    let data = pattern(48 * CHUNK as usize, 3);
     let (layout, endpoints) = {
         let cluster = cluster.lock().unwrap();
         (
@@ -197,10 +196,10 @@ fn bytes_corrupt_on_a_drive_are_caught_at_the_reader_and_read_from_another_repli
     corrupt_bytes_are_caught_at_the_reader(cluster(3));
 }
 
-/// On a memory-backed drive the whole-block reads are sent from the damaged pages themselves.
+/// On a memory-backed drive the whole-block reads are sent from the damaged mapping itself.
 #[test]
 fn bytes_corrupt_on_a_memory_drive_are_caught_at_the_reader_and_read_from_another_replica() {
-    corrupt_bytes_are_caught_at_the_reader(memory_cluster(3, CHUNK));
+    corrupt_bytes_are_caught_at_the_reader(memory_cluster(3));
 }
 
 fn corrupt_bytes_are_caught_at_the_reader(cluster: LocalCluster) {
@@ -228,7 +227,7 @@ fn corrupt_bytes_are_caught_at_the_reader(cluster: LocalCluster) {
     assert_eq!(error.errno(), libc::EBADMSG);
     assert!(!error.is_connection_failure());
     assert!(error.to_string().contains("fail their checksum"), "{error}");
-    // A small whole-block read (from a memory-backed drive, sent from its damaged pages).
+    // A whole-block read of part of the chunk.
     let mut blocks = vec![0u8; 16 << 10];
     let error = connection.read_into(chunk0, 4096, &mut blocks).unwrap_err();
     assert!(

@@ -51,10 +51,10 @@ pub struct NetArgs {
     #[arg(long)]
     poll_mode: Option<PollMode>,
     /// The daemons read every chunk into a pool buffer before sending it, as from an NVMe
-    /// drive, also when their stores are in memory (/dev/shm), whose whole-block reads of up
-    /// to 16 KiB are otherwise sent from the store's pages (sendfile).
+    /// drive, also when their stores are in memory (/dev/shm), whose whole-block reads are
+    /// otherwise sent from a read-only mapping of the store.
     #[arg(long)]
-    no_splice: bool,
+    no_map_memory: bool,
     /// Print a JSON array, one object per scenario.
     #[arg(long)]
     json: bool,
@@ -135,7 +135,7 @@ fn net(args: NetArgs) -> anyhow::Result<()> {
         poll_mode: args
             .poll_mode
             .unwrap_or_else(|| tier0_perf::net::default_poll_mode(args.daemons as usize)),
-        splice: !args.no_splice,
+        map_memory_drives: !args.no_map_memory,
     };
     let results = tier0_perf::net::run(&options, &mut |line| eprintln!("bench: {line}"))?;
     print_results(&results, args.json)

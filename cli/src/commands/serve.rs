@@ -186,10 +186,9 @@ pub struct DataArgs {
     #[arg(long, default_value = "auto")]
     local_socket: LocalSocket,
     /// Read every chunk into a pool buffer before sending it, also from memory-backed drives
-    /// (tmpfs), whose whole-block TCP reads of up to 16 KiB are otherwise sent from their
-    /// pages (sendfile).
+    /// (tmpfs), whose whole-block TCP reads are otherwise sent from a read-only mapping.
     #[arg(long)]
-    no_splice: bool,
+    no_map_memory: bool,
     /// Register with this control plane and heartbeat to it (fences on stale layouts come
     /// back with each heartbeat). Several, comma-separated (control planes sharing one
     /// etcd): when the one in use fails, the daemon moves to the next. Without it the
@@ -338,7 +337,7 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
         pin: !args.no_pin,
         rdma: args.rdma.clone(),
         local_socket: args.local_socket.clone(),
-        splice: !args.no_splice,
+        map_memory_drives: !args.no_map_memory,
     };
     let daemon = DataDaemon::start(&config, &plan)?;
     let control: Vec<String> = args

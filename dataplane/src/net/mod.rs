@@ -2,9 +2,9 @@
 //! everywhere, RDMA verbs where there is an HCA), and the copies daemons pull from each other
 //! (`replicate`).
 
+pub mod mapped;
 pub mod rdma;
 pub mod replicate;
-pub mod splice;
 mod stream;
 mod tags;
 pub mod tcp;

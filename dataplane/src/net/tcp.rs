@@ -6,8 +6,8 @@
 //! turns them into requests on its own drives, and sends each reply as one vectored write:
 //! header and body from a small buffer, chunk bytes straight from the registered pool buffer
 //! the drive read into. Nothing on that path crosses a thread. A drive that is a file in
-//! memory (tmpfs) has no DMA to read with; a small whole-block read from it is answered at
-//! once with the file's own pages (`splice`), copied only by the receiving socket.
+//! memory (tmpfs) has no DMA to read with; a whole-block read from it is answered at once,
+//! from a read-only mapping of the drive (`mapped`), without a read into the pool.
 //!
 //! The same sources serve the node-local Unix socket (when the daemon has one): a client on
 //! this node connects there, presents the token the same way, and may then ask for the
@@ -34,9 +34,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use super::mapped::{MappedDrive, MappedRange};
 use super::rdma::{RdmaAcceptor, RdmaService, Session};
 use super::replicate::{Copier, CopyConfig, CopyError, CopyPermit};
-use super::splice::{FileRange, SPLICE_MAX_READ, SpliceFile};
 use super::stream::{LocalListener, Peer, Stream, boot_id, unix_peer};
 use super::tags::Tags;
 use super::wire::{
@@ -123,7 +123,7 @@ impl TcpServer {
     pub fn bind(
         config: TcpServerConfig,
         stores: Vec<Arc<ChunkStore>>,
-        splice: Vec<Option<Arc<SpliceFile>>>,
+        mapped: Vec<Option<Arc<MappedDrive>>>,
         fences: Arc<FenceTable>,
         workers: usize,
         rdma: Option<RdmaService>,
@@ -145,11 +145,11 @@ impl TcpServer {
             boot_id: boot_id().to_string(),
         });
         let stores: Arc<[Arc<ChunkStore>]> = stores.into();
-        let splice: Arc<[Option<Arc<SpliceFile>>]> = splice.into();
-        if splice.len() != stores.len() {
+        let mapped: Arc<[Option<Arc<MappedDrive>>]> = mapped.into();
+        if mapped.len() != stores.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "one splice entry per store",
+                "one mapping entry per store",
             ));
         }
         // One bound on copies for the whole daemon, whichever worker took the request.
@@ -165,7 +165,7 @@ impl TcpServer {
                 receiver,
                 notify.clone(),
                 stores.clone(),
-                splice.clone(),
+                mapped.clone(),
                 fences.clone(),
                 copier.clone(),
                 &config,
@@ -480,17 +480,21 @@ struct Outgoing {
     attach: Option<OwnedFd>,
 }
 
-/// A reply's chunk bytes: a pool buffer a drive read into, or pages of a memory-backed drive.
+/// A reply's chunk bytes: a pool buffer a drive read into, or a memory-backed drive's own.
 enum Payload {
     Lease(BufferLease),
-    File(FileRange),
+    Mapped(MappedRange),
 }
 
 impl Payload {
     fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn as_slice(&self) -> &[u8] {
         match self {
-            Payload::Lease(lease) => lease.len(),
-            Payload::File(range) => range.len,
+            Payload::Lease(lease) => lease.as_slice(),
+            Payload::Mapped(range) => range.as_slice(),
         }
     }
 }
@@ -501,8 +505,8 @@ impl Outgoing {
     }
 }
 
-/// Replies queued on one connection at most before its next requests wait: spliced replies
-/// are queued as soon as they are parsed, and a peer that sends reads without taking their
+/// Replies queued on one connection at most before its next requests wait: replies from a
+/// mapped drive are queued as soon as they are parsed, and a peer that sends reads without taking their
 /// replies must not grow the queue without end.
 const MAX_QUEUED_REPLIES: usize = 64;
 
@@ -612,9 +616,9 @@ pub struct TcpSource {
     generations: u64,
     pending: Tags<Pending>,
     stores: Arc<[Arc<ChunkStore>]>,
-    /// Per drive, in the stores' order: its pages, when it is memory-backed and splicing is on.
-    splice: Arc<[Option<Arc<SpliceFile>>]>,
-    spliced: SpliceMetrics,
+    /// Per drive, in the stores' order: its mapping, when it is memory-backed (and mapping is on).
+    mapped: Arc<[Option<Arc<MappedDrive>>]>,
+    mapped_reads: MappedMetrics,
     fences: Arc<FenceTable>,
     heat: Arc<HeatMap>,
     node: String,
@@ -638,18 +642,18 @@ impl std::fmt::Debug for TcpSource {
     }
 }
 
-/// Reads answered from a memory-backed drive's pages, which no worker I/O counts.
-struct SpliceMetrics {
+/// Reads answered from a memory-backed drive's mapping, which no worker I/O counts.
+struct MappedMetrics {
     reads: metrics::Counter,
     bytes: metrics::Counter,
 }
 
-impl SpliceMetrics {
+impl MappedMetrics {
     fn new(worker: usize) -> Self {
         let labels = [("worker", worker.to_string())];
-        SpliceMetrics {
-            reads: metrics::counter!("tier0_dataplane_spliced_reads_total", &labels),
-            bytes: metrics::counter!("tier0_dataplane_spliced_bytes_total", &labels),
+        MappedMetrics {
+            reads: metrics::counter!("tier0_dataplane_mapped_reads_total", &labels),
+            bytes: metrics::counter!("tier0_dataplane_mapped_bytes_total", &labels),
         }
     }
 }
@@ -661,7 +665,7 @@ impl TcpSource {
         incoming: Receiver<(Stream, Peer, bool)>,
         notify: Arc<EventFd>,
         stores: Arc<[Arc<ChunkStore>]>,
-        splice: Arc<[Option<Arc<SpliceFile>>]>,
+        mapped: Arc<[Option<Arc<MappedDrive>>]>,
         fences: Arc<FenceTable>,
         copier: Arc<Copier>,
         config: &TcpServerConfig,
@@ -685,8 +689,8 @@ impl TcpSource {
             generations: 0,
             pending: Tags::default(),
             stores,
-            splice,
-            spliced: SpliceMetrics::new(worker),
+            mapped,
+            mapped_reads: MappedMetrics::new(worker),
             fences,
             heat: config.heat.clone(),
             node: config.node.clone(),
@@ -891,19 +895,18 @@ impl TcpSource {
                         && let Op::Read {
                             chunk, offset, len, ..
                         } = &op
-                        && *len <= SPLICE_MAX_READ
-                        && let Some(file) = &self.splice[drive]
+                        && let Some(drive_map) = &self.mapped[drive]
                         && let Some((range, crc)) =
-                            spliceable(&self.stores[drive], file, *chunk, *offset, *len)
+                            mapped_read(&self.stores[drive], drive_map, *chunk, *offset, *len)
                     {
-                        self.spliced.reads.increment(1);
-                        self.spliced.bytes.increment(u64::from(*len));
+                        self.mapped_reads.reads.increment(1);
+                        self.mapped_reads.bytes.increment(u64::from(*len));
                         let done = Message::ReadDone(ReadDone { len: *len, crc });
                         queue(
                             connection,
                             header.request_id,
                             &done,
-                            Some(Payload::File(range)),
+                            Some(Payload::Mapped(range)),
                         );
                         continue;
                     }
@@ -1069,29 +1072,21 @@ fn request(
     }
 }
 
-/// Where a read's bytes lie on a memory-backed drive and their CRC, when it covers whole
+/// A read's bytes in a memory-backed drive's mapping and their CRC, when it covers whole
 /// checksum blocks of a chunk the drive holds; `None` sends it to the worker, which reads it
 /// (or answers why not).
-fn spliceable(
+fn mapped_read(
     store: &ChunkStore,
-    file: &Arc<SpliceFile>,
+    drive: &Arc<MappedDrive>,
     chunk: ChunkId,
     offset: u64,
     len: u32,
-) -> Option<(FileRange, u32)> {
+) -> Option<(MappedRange, u32)> {
     let info = store.lookup(chunk)?;
     let (at, crc) = store
         .whole_block_span(&info, offset, u64::from(len))
         .ok()??;
-    Some((
-        FileRange {
-            file: file.clone(),
-            offset: at,
-            len: len as usize,
-            _chunk: info,
-        },
-        crc,
-    ))
+    Some((MappedRange::new(drive, at, len as usize, info)?, crc))
 }
 
 /// The drive that takes a new chunk: the one with the most free slots; `EEXIST` when the
@@ -1375,48 +1370,9 @@ fn flush(connection: &mut Connection) {
                 }
             }
         }
-        if let Some(front) = connection.output.front_mut()
-            && let Some(Payload::File(range)) = &front.payload
-            && front.sent >= front.head.len()
-        {
-            // A memory-backed drive's pages go to the socket by reference.
-            let done = front.sent - front.head.len();
-            let socket = connection.stream.as_raw_fd();
-            match range
-                .file
-                .send(socket, range.offset + done as u64, range.len - done)
-            {
-                Ok(0) => {
-                    tracing::error!(peer = %connection.peer, offset = range.offset, "a drive ended inside a chunk it holds");
-                    connection.broken = true;
-                    connection.output.clear();
-                    return;
-                }
-                Ok(sent) => {
-                    front.sent += sent;
-                    if front.sent == front.len() {
-                        let sent = connection.output.pop_front().expect("front exists");
-                        if connection.spare_heads.len() < SPARE_HEADS {
-                            connection.spare_heads.push(sent.head);
-                        }
-                    }
-                    continue;
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => {
-                    tracing::warn!(peer = %connection.peer, %error, "sending to a peer failed");
-                    connection.broken = true;
-                    connection.output.clear();
-                    return;
-                }
-            }
-        }
-        // Up to 8 replies, each a header slice and a payload slice, in one writev; a reply
-        // whose payload is a drive's pages ends it after its header (those go by sendfile).
+        // Up to 8 replies, each a header slice and a payload slice, in one writev.
         let mut slices = [IoSlice::new(&[]); 16];
         let mut count = 0;
-        let mut pages_follow = false;
         for outgoing in connection.output.iter().take(8) {
             let mut skip = outgoing.sent;
             let head = &outgoing.head[skip.min(outgoing.head.len())..];
@@ -1425,27 +1381,15 @@ fn flush(connection: &mut Connection) {
                 slices[count] = IoSlice::new(head);
                 count += 1;
             }
-            match &outgoing.payload {
-                Some(Payload::Lease(lease)) => {
-                    let payload = &lease.as_slice()[skip..];
-                    if !payload.is_empty() {
-                        slices[count] = IoSlice::new(payload);
-                        count += 1;
-                    }
+            if let Some(payload) = &outgoing.payload {
+                let payload = &payload.as_slice()[skip..];
+                if !payload.is_empty() {
+                    slices[count] = IoSlice::new(payload);
+                    count += 1;
                 }
-                Some(Payload::File(_)) => {
-                    pages_follow = true;
-                    break;
-                }
-                None => {}
             }
         }
-        let written = if pages_follow {
-            send_more(connection.stream.as_raw_fd(), &slices[..count])
-        } else {
-            connection.stream.write_vectored(&slices[..count])
-        };
-        match written {
+        match connection.stream.write_vectored(&slices[..count]) {
             Ok(mut written) => {
                 while written > 0 {
                     let front = connection.output.front_mut().expect("bytes were queued");
@@ -1471,23 +1415,6 @@ fn flush(connection: &mut Connection) {
             }
         }
     }
-}
-
-/// A vectored send with `MSG_MORE`: the socket holds the bytes back until the pages that
-/// follow (a `sendfile`) join them, so a spliced reply's header does not go as a segment of
-/// its own, with a wake-up of its own at the reader.
-fn send_more(socket: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
-    // SAFETY: a msghdr is plain integers and pointers, for which all zeros is valid.
-    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-    // IoSlice is an iovec on Unix (its documented layout); the kernel only reads them.
-    message.msg_iov = slices.as_ptr() as *mut libc::iovec;
-    message.msg_iovlen = slices.len() as _;
-    // SAFETY: the slices outlive the call; the socket is open.
-    let sent = unsafe { libc::sendmsg(socket, &message, libc::MSG_MORE | libc::MSG_NOSIGNAL) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(sent as usize)
 }
 
 impl RequestSource for TcpSource {

@@ -32,14 +32,14 @@ impl Node {
         Node::start_in(&std::env::temp_dir(), name, token, copies, true)
     }
 
-    /// A daemon whose store file is in a new folder under `root`; `splice` as in
+    /// A daemon whose store file is in a new folder under `root`; `map_memory_drives` as in
     /// [`DataDaemonConfig`].
     pub fn start_in(
         root: &std::path::Path,
         name: &str,
         token: &[u8],
         copies: CopyConfig,
-        splice: bool,
+        map_memory_drives: bool,
     ) -> Node {
         let dir = root.join(format!(
             "tier0-replicate-{name}-{}-{}",
@@ -67,7 +67,7 @@ impl Node {
             pin: false,
             rdma: RdmaMode::Off,
             local_socket: LocalSocket::Off,
-            splice,
+            map_memory_drives,
         };
         let daemon =
             DataDaemon::start_with_copies(&config, &WorkerPlan::single_node(0, vec![0]), copies)

@@ -1,6 +1,6 @@
-//! TCP reads from a memory-backed drive (a store file on /dev/shm, tmpfs): small whole-block
-//! reads are sent from the drive's pages, the rest are read by the worker, and every byte
-//! and CRC is the same either way; with splicing off every read goes through the worker. Its own
+//! TCP reads from a memory-backed drive (a store file on /dev/shm, tmpfs): whole-block reads
+//! are sent from a mapping of the drive, the rest are read by the worker, and every byte and
+//! CRC is the same either way; with mapping off every read goes through the worker. Its own
 //! test binary: it counts reads through the global metrics recorder.
 
 mod common;
@@ -11,7 +11,6 @@ use std::path::Path;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tier0_dataplane::net::replicate::CopyConfig;
-use tier0_dataplane::net::splice::SPLICE_MAX_READ;
 use tier0_dataplane::net::wire::{self, LayoutRef, Message, Read, ReadDone};
 use tier0_dataplane::store::format::crc32c;
 
@@ -47,7 +46,7 @@ fn checked(reply: (Message, Vec<u8>)) -> Vec<u8> {
 }
 
 #[test]
-fn memory_backed_drives_send_whole_blocks_from_their_pages_and_every_byte_matches() {
+fn memory_backed_drives_send_whole_blocks_from_their_mapping_and_every_byte_matches() {
     let shm = Path::new("/dev/shm");
     assert!(
         shm.is_dir(),
@@ -56,25 +55,23 @@ fn memory_backed_drives_send_whole_blocks_from_their_pages_and_every_byte_matche
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .unwrap();
-    let spliced = |handle: &PrometheusHandle| {
-        counter(handle, "tier0_dataplane_spliced_reads_total", "worker")
-    };
+    let mapped =
+        |handle: &PrometheusHandle| counter(handle, "tier0_dataplane_mapped_reads_total", "worker");
     let worker_reads =
         |handle: &PrometheusHandle| counter(handle, "tier0_dataplane_ops_total", "op=\"read\"");
 
-    let node = Node::start_in(shm, "splice", TOKEN, CopyConfig::default(), true);
+    let node = Node::start_in(shm, "mapped", TOKEN, CopyConfig::default(), true);
     let mut conn = node.connect();
     // A whole chunk, and one whose last checksum block is short (10,000 = 2 × 4096 + 1808).
     let full = pattern(CHUNK as usize, 1);
     let short = pattern(10_000, 2);
     conn.write(chunk(0), &full);
     conn.write(chunk(1), &short);
-    let (spliced_before, worker_before) = (spliced(&handle), worker_reads(&handle));
+    let (mapped_before, worker_before) = (mapped(&handle), worker_reads(&handle));
 
-    // Whole blocks: from the pages.
-    let small = SPLICE_MAX_READ;
+    // Whole blocks: from the mapping.
     let whole = [
-        (0, 0u64, small),
+        (0, 0u64, CHUNK),
         (0, 4096, 8192),
         (1, 0, 10_000),
         (1, 8192, 1808),
@@ -88,17 +85,11 @@ fn memory_backed_drives_send_whole_blocks_from_their_pages_and_every_byte_matche
             "{index}:{offset}+{len}"
         );
     }
-    assert_eq!(spliced(&handle) - spliced_before, whole.len() as u64);
+    assert_eq!(mapped(&handle) - mapped_before, whole.len() as u64);
     assert_eq!(worker_reads(&handle), worker_before);
 
     // Part of a block: the worker reads and checks it.
-    // More than a small read goes to the worker too.
-    let partial = [
-        (0, 100u64, 50u32),
-        (0, 4000, 200),
-        (1, 9000, 1000),
-        (0, 0, CHUNK),
-    ];
+    let partial = [(0, 100u64, 50u32), (0, 4000, 200), (1, 9000, 1000)];
     for (index, offset, len) in partial {
         let data = if index == 0 { &full } else { &short };
         let bytes = checked(conn.call(&read_message(index, offset, len), &[]));
@@ -127,7 +118,7 @@ fn memory_backed_drives_send_whole_blocks_from_their_pages_and_every_byte_matche
     let count = 300;
     for i in 0..count {
         let id = 1_000 + i as u64;
-        wire::encode(id, &read_message(0, 4096, small), &mut frames).unwrap();
+        wire::encode(id, &read_message(0, 0, CHUNK), &mut frames).unwrap();
     }
     conn.stream.write_all(&frames).unwrap();
     let mut seen = vec![false; count];
@@ -136,18 +127,18 @@ fn memory_backed_drives_send_whole_blocks_from_their_pages_and_every_byte_matche
         let index = (header.request_id - 1_000) as usize;
         assert!(!seen[index], "request {} answered twice", header.request_id);
         seen[index] = true;
-        assert_eq!(checked((message, payload)), full[4096..][..small as usize]);
+        assert_eq!(checked((message, payload)), full);
     }
 
-    // Splicing off: the same reads, all through the worker.
+    // Mapping off: the same reads, all through the worker.
     drop(conn);
     drop(node);
-    let node = Node::start_in(shm, "no-splice", TOKEN, CopyConfig::default(), false);
+    let node = Node::start_in(shm, "unmapped", TOKEN, CopyConfig::default(), false);
     let mut conn = node.connect();
     conn.write(chunk(0), &full);
-    let (spliced_before, worker_before) = (spliced(&handle), worker_reads(&handle));
-    let bytes = checked(conn.call(&read_message(0, 0, small), &[]));
-    assert_eq!(bytes, full[..small as usize]);
-    assert_eq!(spliced(&handle), spliced_before);
+    let (mapped_before, worker_before) = (mapped(&handle), worker_reads(&handle));
+    let bytes = checked(conn.call(&read_message(0, 0, CHUNK), &[]));
+    assert_eq!(bytes, full);
+    assert_eq!(mapped(&handle), mapped_before);
     assert_eq!(worker_reads(&handle) - worker_before, 1);
 }

@@ -1,0 +1,167 @@
+//! TCP replies straight from drives whose bytes are memory (tmpfs, ramfs).
+//!
+//! A read from an NVMe drive lands in a registered buffer by DMA, so its reply costs one CPU
+//! copy, into the socket. A drive that is a file in memory has no DMA: reading it into a
+//! buffer is a CPU copy of its own (in an io-wq thread: tmpfs cannot read without
+//! blocking), then the send copies the bytes again. Such a drive is instead mapped read-only
+//! once, and a TCP read of whole checksum blocks is answered at once, without the worker's
+//! ring, by a vectored send from the mapping: one copy, into the socket, as from NVMe.
+//!
+//! Its CRC is joined from the stored block checksums without touching the bytes, and the
+//! reader checks the bytes against it (W3), as it does for every TCP read. The reply holds
+//! the chunk's info until its bytes are in the socket, and the store reuses a deleted
+//! chunk's slot only once nobody holds its info, so the bytes sent are the chunk's.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::store::ChunkInfo;
+
+/// `statfs` magic numbers of the file systems whose files are memory.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// A memory-backed drive, mapped read-only and shared (its pages are the file's).
+#[derive(Debug)]
+pub struct MappedDrive {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and lives until drop; shared references only read it.
+unsafe impl Send for MappedDrive {}
+// SAFETY: as above: nothing writes through the mapping.
+unsafe impl Sync for MappedDrive {}
+
+impl MappedDrive {
+    /// The drive at `path`, mapped, when it is a file on tmpfs or ramfs; `None` for anything
+    /// else (a block device, a file on a disk's file system: its reads are the device's).
+    pub fn open(path: &Path) -> io::Result<Option<Arc<MappedDrive>>> {
+        if !memory_backed(path)? {
+            return Ok(None);
+        }
+        let file = File::open(path)?;
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "larger than memory"))?;
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an empty drive",
+            ));
+        }
+        // SAFETY: a new read-only shared mapping of an open file; the kernel picks the place.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(base.cast::<u8>()).expect("mmap never maps at 0");
+        Ok(Some(Arc::new(MappedDrive { base, len })))
+    }
+
+    /// `len` bytes at `offset` of the drive, if the drive holds them.
+    fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let start = usize::try_from(offset).ok()?;
+        if start.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: inside the mapping, which lives as long as `self`.
+        Some(unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(start), len) })
+    }
+}
+
+impl Drop for MappedDrive {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `open`; no slice of it outlives `self`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Whether the file system under `path` keeps its files in memory.
+fn memory_backed(path: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    // SAFETY: a statfs struct is plain integers, for which all zeros is a valid value.
+    let mut stats: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs fills the struct from a NUL-terminated path; both outlive the call.
+    if unsafe { libc::statfs(path.as_ptr(), &mut stats) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let magic = stats.f_type as i64;
+    Ok(magic == TMPFS_MAGIC || magic == RAMFS_MAGIC)
+}
+
+/// A reply's payload that is a range of a mapped drive.
+#[derive(Debug)]
+pub(crate) struct MappedRange {
+    drive: Arc<MappedDrive>,
+    offset: u64,
+    len: usize,
+    /// Held until the bytes are in the socket: the store frees a deleted chunk's slot only
+    /// once nobody holds its info, so the slot is not rewritten under the send.
+    _chunk: Arc<ChunkInfo>,
+}
+
+impl MappedRange {
+    /// The range, when the drive holds it (a store's chunk always lies inside its drive).
+    pub(crate) fn new(
+        drive: &Arc<MappedDrive>,
+        offset: u64,
+        len: usize,
+        chunk: Arc<ChunkInfo>,
+    ) -> Option<MappedRange> {
+        drive.bytes(offset, len)?;
+        Some(MappedRange {
+            drive: drive.clone(),
+            offset,
+            len,
+            _chunk: chunk,
+        })
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        self.drive
+            .bytes(self.offset, self.len)
+            .expect("checked when made")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_in_memory_are_mapped_and_files_on_disk_are_not() {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let path = shm.join(format!("tier0-mapped-{}", std::process::id()));
+            std::fs::write(&path, b"0123456789").unwrap();
+            let mapped = MappedDrive::open(&path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            let mapped = mapped.expect("/dev/shm is tmpfs");
+            assert_eq!(mapped.bytes(2, 3), Some(&b"234"[..]));
+            assert_eq!(mapped.bytes(8, 2), Some(&b"89"[..]));
+            assert_eq!(mapped.bytes(8, 3), None, "past the end");
+            assert_eq!(mapped.bytes(u64::MAX, 1), None);
+        }
+        // The crate's own folder is on a disk's file system in every build here.
+        let on_disk = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        if !memory_backed(&on_disk).unwrap() {
+            assert!(MappedDrive::open(&on_disk).unwrap().is_none());
+        }
+        assert!(MappedDrive::open(Path::new("/nonexistent/tier0")).is_err());
+    }
+}
