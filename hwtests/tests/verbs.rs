@@ -128,6 +128,15 @@ fn rdma_cluster(daemons: usize, chunk: u32) -> LocalCluster {
     LocalCluster::start(&config).unwrap()
 }
 
+/// As `rdma_cluster`, with the stores on /dev/shm (tmpfs), which TCP serves from a mapping
+/// (`net::mapped`) and RDMA through the worker's registered pool, as from any drive.
+fn rdma_memory_cluster(daemons: usize, chunk: u32) -> LocalCluster {
+    let mut config = ClusterConfig::for_tests(daemons, chunk);
+    config.rdma = RdmaMode::Auto;
+    config.dir = "/dev/shm".into();
+    LocalCluster::start(&config).unwrap()
+}
+
 /// A daemon serves reads over RDMA into a registered buffer; unregistered memory, a missing
 /// chunk, an oversized read and a read at a stale layout version are clean errors, and the
 /// session keeps working after them.
@@ -135,7 +144,17 @@ fn rdma_cluster(daemons: usize, chunk: u32) -> LocalCluster {
 #[ignore = "needs an RDMA device (soft-RoCE): run by hwtests/run rdma"]
 fn daemon_reads_into_registered_memory() {
     let chunk = 256 << 10;
-    let cluster = rdma_cluster(1, chunk);
+    reads_into_registered_memory(rdma_cluster(1, chunk), chunk);
+}
+
+#[test]
+#[ignore = "needs an RDMA device (soft-RoCE): run by hwtests/run rdma"]
+fn memory_backed_daemon_reads_into_registered_memory() {
+    let chunk = 256 << 10;
+    reads_into_registered_memory(rdma_memory_cluster(1, chunk), chunk);
+}
+
+fn reads_into_registered_memory(cluster: LocalCluster, chunk: u32) {
     let data = pattern(4 * chunk as usize + 1000, 2);
     let layout = cluster.write_striped(9, &data, 1).unwrap();
     let rdma = RdmaClient::open(None).unwrap();

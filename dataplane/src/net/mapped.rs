@@ -19,7 +19,8 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use crate::store::ChunkInfo;
+use crate::buffer::BufferLease;
+use crate::store::{ChunkId, ChunkInfo, ChunkStore};
 
 /// `statfs` magic numbers of the file systems whose files are memory.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -137,6 +138,58 @@ impl MappedRange {
             .bytes(self.offset, self.len)
             .expect("checked when made")
     }
+}
+
+/// A reply's chunk bytes: a pool buffer a drive read into, or a memory-backed drive's own.
+pub(crate) enum Payload {
+    Lease(BufferLease),
+    Mapped(MappedRange),
+}
+
+impl Payload {
+    pub(crate) fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Lease(lease) => lease.as_slice(),
+            Payload::Mapped(range) => range.as_slice(),
+        }
+    }
+}
+
+/// Reads answered from a memory-backed drive's mapping, which no worker I/O counts.
+pub(crate) struct MappedMetrics {
+    pub(crate) reads: metrics::Counter,
+    pub(crate) bytes: metrics::Counter,
+}
+
+impl MappedMetrics {
+    pub(crate) fn new(worker: usize) -> Self {
+        let labels = [("worker", worker.to_string())];
+        MappedMetrics {
+            reads: metrics::counter!("tier0_dataplane_mapped_reads_total", &labels),
+            bytes: metrics::counter!("tier0_dataplane_mapped_bytes_total", &labels),
+        }
+    }
+}
+
+/// A read's bytes in a memory-backed drive's mapping and their CRC, when it covers whole
+/// checksum blocks of a chunk the drive holds; `None` sends it to the worker, which reads it
+/// (or answers why not).
+pub(crate) fn mapped_read(
+    store: &ChunkStore,
+    drive: &Arc<MappedDrive>,
+    chunk: ChunkId,
+    offset: u64,
+    len: u32,
+) -> Option<(MappedRange, u32)> {
+    let info = store.lookup(chunk)?;
+    let (at, crc) = store
+        .whole_block_span(&info, offset, u64::from(len))
+        .ok()??;
+    Some((MappedRange::new(drive, at, len as usize, info)?, crc))
 }
 
 #[cfg(test)]

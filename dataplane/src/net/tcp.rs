@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use super::mapped::{MappedDrive, MappedRange};
+use super::mapped::{MappedDrive, MappedMetrics, Payload, mapped_read};
 use super::rdma::{RdmaAcceptor, RdmaService, Session};
 use super::replicate::{Copier, CopyConfig, CopyError, CopyPermit};
 use super::stream::{LocalListener, Peer, Stream, boot_id, unix_peer};
@@ -480,25 +480,6 @@ struct Outgoing {
     attach: Option<OwnedFd>,
 }
 
-/// A reply's chunk bytes: a pool buffer a drive read into, or a memory-backed drive's own.
-enum Payload {
-    Lease(BufferLease),
-    Mapped(MappedRange),
-}
-
-impl Payload {
-    fn len(&self) -> usize {
-        self.as_slice().len()
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Payload::Lease(lease) => lease.as_slice(),
-            Payload::Mapped(range) => range.as_slice(),
-        }
-    }
-}
-
 impl Outgoing {
     fn len(&self) -> usize {
         self.head.len() + self.payload.as_ref().map_or(0, Payload::len)
@@ -639,22 +620,6 @@ impl std::fmt::Debug for TcpSource {
             .field("connections", &self.connections.iter().flatten().count())
             .field("node", &self.node)
             .finish()
-    }
-}
-
-/// Reads answered from a memory-backed drive's mapping, which no worker I/O counts.
-struct MappedMetrics {
-    reads: metrics::Counter,
-    bytes: metrics::Counter,
-}
-
-impl MappedMetrics {
-    fn new(worker: usize) -> Self {
-        let labels = [("worker", worker.to_string())];
-        MappedMetrics {
-            reads: metrics::counter!("tier0_dataplane_mapped_reads_total", &labels),
-            bytes: metrics::counter!("tier0_dataplane_mapped_bytes_total", &labels),
-        }
     }
 }
 
@@ -1070,23 +1035,6 @@ fn request(
             format!("{:?} is not a request", other.opcode()),
         )),
     }
-}
-
-/// A read's bytes in a memory-backed drive's mapping and their CRC, when it covers whole
-/// checksum blocks of a chunk the drive holds; `None` sends it to the worker, which reads it
-/// (or answers why not).
-fn mapped_read(
-    store: &ChunkStore,
-    drive: &Arc<MappedDrive>,
-    chunk: ChunkId,
-    offset: u64,
-    len: u32,
-) -> Option<(MappedRange, u32)> {
-    let info = store.lookup(chunk)?;
-    let (at, crc) = store
-        .whole_block_span(&info, offset, u64::from(len))
-        .ok()??;
-    Some((MappedRange::new(drive, at, len as usize, info)?, crc))
 }
 
 /// The drive that takes a new chunk: the one with the most free slots; `EEXIST` when the

@@ -234,6 +234,10 @@ struct Live {
     free_sends: Vec<u16>,
     /// The pool buffer each send slot's WRITE reads from, held until its SEND completes.
     send_leases: Vec<Option<BufferLease>>,
+    /// Which send slots are posted. A WRITE that fails completes too, unsignaled as it is,
+    /// with its SEND's id, and the SEND then completes flushed: only the first completion of
+    /// a slot frees it.
+    send_posted: Vec<bool>,
     sends_posted: usize,
     backlog: VecDeque<(u64, Reply)>,
     in_flight: usize,
@@ -415,6 +419,7 @@ impl RdmaSource {
             qp_num,
             free_sends: (0..sends as u16).rev().collect(),
             send_leases: (0..sends).map(|_| None).collect(),
+            send_posted: vec![false; sends],
             sends_posted: 0,
             backlog: VecDeque::new(),
             in_flight: 0,
@@ -495,11 +500,12 @@ impl RdmaSource {
             return; // A session that is gone (its flushed work requests).
         };
         let live = self.sessions[slot].as_mut().expect("found");
-        if !is_recv {
+        if !is_recv
+            && let Some(posted) = live.send_posted.get_mut(index)
+            && std::mem::take(posted)
+        {
             live.sends_posted -= 1;
-            if let Some(lease) = live.send_leases.get_mut(index) {
-                lease.take();
-            }
+            live.send_leases[index] = None;
             live.free_sends.push(index as u16);
         }
         if !wc.ok() {
@@ -819,7 +825,10 @@ fn flush_backlog(live: &mut Live, pool_mr: &Option<Arc<MemoryRegion>>) {
             None => verbs::post_send(&mut live.session.qp, wr_id, (lkey, message_addr, frame_len)),
         };
         match posted {
-            Ok(()) => live.sends_posted += 1,
+            Ok(()) => {
+                live.send_posted[usize::from(index)] = true;
+                live.sends_posted += 1;
+            }
             Err(error) => {
                 tracing::warn!(%error, "posting an RDMA reply failed");
                 live.send_leases[usize::from(index)] = None;
