@@ -76,29 +76,24 @@ fn memory_backed_drives_send_whole_blocks_from_their_mapping_and_every_byte_matc
         (1, 0, 10_000),
         (1, 8192, 1808),
     ];
-    for (index, offset, len) in whole {
-        let data = if index == 0 { &full } else { &short };
-        let bytes = checked(conn.call(&read_message(index, offset, len), &[]));
-        assert_eq!(
-            bytes,
-            data[offset as usize..][..len as usize],
-            "{index}:{offset}+{len}"
-        );
-    }
+    let mut read_and_compare = |reads: &[(u32, u64, u32)]| {
+        for &(index, offset, len) in reads {
+            let data = if index == 0 { &full } else { &short };
+            let bytes = checked(conn.call(&read_message(index, offset, len), &[]));
+            assert_eq!(
+                bytes,
+                data[offset as usize..][..len as usize],
+                "{index}:{offset}+{len}"
+            );
+        }
+    };
+    read_and_compare(&whole);
     assert_eq!(mapped(&handle) - mapped_before, whole.len() as u64);
     assert_eq!(worker_reads(&handle), worker_before);
 
     // Part of a block: the worker reads and checks it.
     let partial = [(0, 100u64, 50u32), (0, 4000, 200), (1, 9000, 1000)];
-    for (index, offset, len) in partial {
-        let data = if index == 0 { &full } else { &short };
-        let bytes = checked(conn.call(&read_message(index, offset, len), &[]));
-        assert_eq!(
-            bytes,
-            data[offset as usize..][..len as usize],
-            "{index}:{offset}+{len}"
-        );
-    }
+    read_and_compare(&partial);
     assert_eq!(worker_reads(&handle) - worker_before, partial.len() as u64);
 
     // Past the end, and a chunk the drive does not hold: the worker's errors, unchanged.

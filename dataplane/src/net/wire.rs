@@ -605,15 +605,9 @@ fn decode_empty(opcode: Opcode, body: &[u8]) -> Result<(), WireError> {
 
 /// Checks a received payload against the CRC its frame announced.
 pub fn check_payload(announced: u32, payload: &[u8]) -> Result<(), WireError> {
-    let computed = crc32c(payload);
-    if computed == announced {
-        Ok(())
-    } else {
-        Err(WireError::PayloadChecksum {
-            announced,
-            computed,
-        })
-    }
+    let mut check = PayloadCheck::default();
+    check.update(payload);
+    check.finish(announced)
 }
 
 /// [`check_payload`] for a payload that arrives in pieces: each piece is summed as it lands,
