@@ -564,42 +564,69 @@ fn perftest_numbers(output: &str, header: &str) -> Option<Vec<f64>> {
 fn perftest(tool: &str, options: &NetBenchOptions) -> Result<Run, NetBenchError> {
     let iterations = (options.size / u64::from(options.chunk_size)).max(5);
     let output = perftest_pair(tool, &perftest_args(options.chunk_size, iterations)?)?;
-    // "#bytes #iterations BW peak[MB/sec] BW average[MB/sec] MsgRate[Mpps]"; perftest's MB is
-    // 2^20 bytes.
-    let numbers =
-        perftest_numbers(&output, "BW average").ok_or_else(|| NetBenchError::Baseline {
-            name: tool.into(),
-            reason: format!("no result line in its output:\n{output}"),
-        })?;
-    let mib_per_s = numbers[3];
+    let mib_per_s = perftest_bandwidth(tool, &output)?;
     Ok(Run {
-        seconds: (options.size as f64 / (1 << 20) as f64) / mib_per_s.max(1e-9),
+        seconds: (options.size as f64 / (1 << 20) as f64) / mib_per_s,
         cpu: 0.0,
         latency: Latency::default(),
     })
+}
+
+/// The average bandwidth in a `*_bw` output, in MiB/s (perftest's MB is 2^20 bytes): from
+/// "#bytes #iterations BW peak[MB/sec] BW average[MB/sec] MsgRate[Mpps]". A run that
+/// measured nothing (starved of CPU by busy-polling daemons, it reports 0) is an error, not
+/// a baseline to divide by.
+fn perftest_bandwidth(tool: &str, output: &str) -> Result<f64, NetBenchError> {
+    let error = |reason: String| NetBenchError::Baseline {
+        name: tool.into(),
+        reason,
+    };
+    let numbers = perftest_numbers(output, "BW average")
+        .ok_or_else(|| error(format!("no result line in its output:\n{output}")))?;
+    let mib_per_s = numbers[3];
+    if !(mib_per_s.is_finite() && mib_per_s > 0.0) {
+        return Err(error(format!(
+            "it measured no bandwidth ({mib_per_s} MB/s):\n{output}"
+        )));
+    }
+    Ok(mib_per_s)
 }
 
 /// `ib_read_lat` with 4 KiB reads: a full round trip, like a tier0 4 KiB read.
 fn perftest_latency(options: &NetBenchOptions) -> Result<Run, NetBenchError> {
     let args = perftest_args(4096, options.small_reads as u64)?;
     let output = perftest_pair("ib_read_lat", &args)?;
-    // "#bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%" (µs).
-    let numbers =
-        perftest_numbers(&output, "t_typical").ok_or_else(|| NetBenchError::Baseline {
-            name: "ib_read_lat".into(),
-            reason: format!("no result line in its output:\n{output}"),
-        })?;
-    let get = |index: usize| numbers.get(index).copied().unwrap_or(0.0);
-    let average_us = get(5);
+    let (average_us, latency) = perftest_read_latency(&output)?;
     Ok(Run {
         seconds: options.small_reads as f64 * average_us / 1e6,
         cpu: 0.0,
-        latency: Latency {
-            p50_us: get(4),
-            p99_us: get(7),
-            p999_us: get(8),
-        },
+        latency,
     })
+}
+
+/// The average and the percentiles in an `ib_read_lat` output, from "#bytes #iterations
+/// t_min t_max t_typical t_avg t_stdev 99% 99.9%" (µs); a run without a positive, finite
+/// average is an error.
+fn perftest_read_latency(output: &str) -> Result<(f64, Latency), NetBenchError> {
+    let error = |reason: String| NetBenchError::Baseline {
+        name: "ib_read_lat".into(),
+        reason,
+    };
+    let numbers = perftest_numbers(output, "t_typical")
+        .ok_or_else(|| error(format!("no result line in its output:\n{output}")))?;
+    let get = |index: usize| numbers.get(index).copied().unwrap_or(0.0);
+    let average_us = get(5);
+    if !(average_us.is_finite() && average_us > 0.0) {
+        return Err(error(format!(
+            "it measured no latency ({average_us} us):\n{output}"
+        )));
+    }
+    let latency = Latency {
+        p50_us: get(4),
+        p99_us: get(7),
+        p999_us: get(8),
+    };
+    Ok((average_us, latency))
 }
 
 fn median(mut runs: Vec<Run>) -> Run {
@@ -629,5 +656,47 @@ fn size_name(bytes: u32) -> String {
         format!("{}m", bytes >> 20)
     } else {
         format!("{}k", bytes >> 10)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BW: &str = "\
+---------------------------------------------------------------------------------------
+ #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]
+ 1048576    64               55.12              54.20                0.000054
+---------------------------------------------------------------------------------------
+";
+
+    #[test]
+    fn perftest_bandwidth_is_read_and_a_zero_is_refused() {
+        assert_eq!(perftest_bandwidth("ib_write_bw", BW).unwrap(), 54.20);
+        let starved = BW.replace("54.20", "0.00");
+        let error = perftest_bandwidth("ib_write_bw", &starved).unwrap_err();
+        assert!(
+            error.to_string().contains("measured no bandwidth"),
+            "{error}"
+        );
+        let error = perftest_bandwidth("ib_write_bw", "no table").unwrap_err();
+        assert!(error.to_string().contains("no result line"), "{error}");
+    }
+
+    #[test]
+    fn perftest_latency_is_read_and_a_zero_is_refused() {
+        let output = "\
+ #bytes #iterations    t_min[usec]    t_max[usec]  t_typical[usec]    t_avg[usec]    t_stdev[usec]   99% percentile[usec]   99.9% percentile[usec]
+ 4096       2000          80.10          1700.00      100.20             120.50        30.00           661.00                  1724.00
+";
+        let (average, latency) = perftest_read_latency(output).unwrap();
+        assert_eq!(average, 120.5);
+        assert_eq!(
+            (latency.p50_us, latency.p99_us, latency.p999_us),
+            (100.2, 661.0, 1724.0)
+        );
+        let starved = output.replace("120.50", "0.00");
+        let error = perftest_read_latency(&starved).unwrap_err();
+        assert!(error.to_string().contains("measured no latency"), "{error}");
     }
 }
