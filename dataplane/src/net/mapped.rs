@@ -42,7 +42,9 @@ impl MappedDrive {
     /// The drive at `path`, mapped, when it is a file on tmpfs or ramfs; `None` for anything
     /// else (a block device, a file on a disk's file system: its reads are the device's).
     pub fn open(path: &Path) -> io::Result<Option<Arc<MappedDrive>>> {
-        if !memory_backed(path)? {
+        // A device node is never one: `statfs` would name the file system its node sits in
+        // (devtmpfs, which reports tmpfs).
+        if !std::fs::metadata(path)?.is_file() || !memory_backed(path)? {
             return Ok(None);
         }
         let file = File::open(path)?;
@@ -214,6 +216,11 @@ mod tests {
         let on_disk = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
         if !memory_backed(&on_disk).unwrap() {
             assert!(MappedDrive::open(&on_disk).unwrap().is_none());
+        }
+        // Device nodes live on devtmpfs, which says it is tmpfs: never mapped.
+        let null = Path::new("/dev/null");
+        if null.exists() {
+            assert!(MappedDrive::open(null).unwrap().is_none());
         }
         assert!(MappedDrive::open(Path::new("/nonexistent/tier0")).is_err());
     }

@@ -764,7 +764,12 @@ impl TcpSource {
         let Some(connection) = self.connections[slot].as_mut() else {
             return;
         };
-        if connection.readable && !connection.done_reading {
+        // While its replies pile up, a peer's bytes stay in its socket: its sends then block,
+        // rather than its requests growing here.
+        if connection.readable
+            && !connection.done_reading
+            && connection.output.len() < MAX_QUEUED_REPLIES
+        {
             read_some(connection);
         }
         // Frames are parsed in place; the parsed bytes leave the buffer once, at the end.
@@ -962,10 +967,13 @@ impl TcpSource {
     /// reply sent (or the socket broken).
     fn reap_connections(&mut self) {
         for slot in 0..self.connections.len() {
+            let max_payload = self.max_payload;
             let finished = self.connections[slot].as_ref().is_some_and(|connection| {
                 connection.in_flight == 0
                     && (connection.broken
-                        || (connection.done_reading && connection.output.is_empty()))
+                        || (connection.done_reading
+                            && connection.output.is_empty()
+                            && !frame_ready(&connection.input, max_payload)))
             });
             if finished {
                 let connection = self.connections[slot].take().expect("checked");
@@ -1215,6 +1223,21 @@ fn read_some(connection: &mut Connection) {
     }
 }
 
+/// Whether `input` starts with a whole frame (or a header that does not decode: an answer
+/// is owed for that too).
+fn frame_ready(input: &[u8], max_payload: u32) -> bool {
+    let Some(head) = input.get(..HEADER_SIZE) else {
+        return false;
+    };
+    let head: &[u8; HEADER_SIZE] = head.try_into().expect("32 bytes");
+    match Header::decode(head, max_payload) {
+        Ok(header) => {
+            input.len() >= HEADER_SIZE + header.body_len as usize + header.payload_len as usize
+        }
+        Err(_) => true,
+    }
+}
+
 /// A whole frame at the start of `input`: its header, message and total length, `None` when
 /// more bytes are needed, or the request id (when the header was readable) and the error.
 #[allow(clippy::type_complexity)]
@@ -1400,6 +1423,21 @@ impl RequestSource for TcpSource {
             }
         }
         self.reap_connections();
+        // Work left that no new event announces: a socket read up to its budget, or whole
+        // frames parsed no further (this poll's budget ran out). Answered at once from a
+        // mapped drive, they put nothing in the worker, which could then sleep on them.
+        let max_payload = self.max_payload;
+        let pending = self.connections.iter().flatten().any(|connection| {
+            !connection.broken
+                && connection.output.len() < MAX_QUEUED_REPLIES
+                && ((connection.readable && !connection.done_reading)
+                    || frame_ready(&connection.input, max_payload))
+        });
+        // With the budget used up by requests, the worker has work and polls again anyway;
+        // with none at all (a full worker), it waits for its completions, not spinning here.
+        if pending && requests.len() - start < max {
+            self.notify.signal();
+        }
         // Serving ends when the server stopped accepting and every peer is gone.
         self.accepting || self.connections.iter().any(Option::is_some)
     }
