@@ -24,16 +24,26 @@ fn connect(cluster: &LocalCluster, index: usize) -> DaemonConnection {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copies_go_daemon_to_daemon_and_fail_with_their_cause() {
-    let mut cluster =
-        tokio::task::spawn_blocking(|| LocalCluster::start(&ClusterConfig::for_tests(3, CHUNK)))
-            .await
-            .unwrap()
-            .unwrap();
+/// `daemons` real daemons, and an embedded metadata store in a folder of its own (kept
+/// while the returned folder lives).
+async fn cluster_and_store(
+    daemons: usize,
+) -> (LocalCluster, Arc<dyn MetadataStore>, tempfile::TempDir) {
+    let cluster = tokio::task::spawn_blocking(move || {
+        LocalCluster::start(&ClusterConfig::for_tests(daemons, CHUNK))
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn MetadataStore> =
         Arc::new(RedbStore::open(&dir.path().join("metadata.redb")).unwrap());
+    (cluster, store, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_go_daemon_to_daemon_and_fail_with_their_cause() {
+    let (mut cluster, store, _dir) = cluster_and_store(3).await;
     let upkeep = Upkeep::new(store, cluster.token().to_vec());
     let chunk = ChunkId {
         file: 0xc0b1,
@@ -104,14 +114,7 @@ async fn copies_go_daemon_to_daemon_and_fail_with_their_cause() {
 async fn a_trashed_replica_named_again_is_not_deleted() {
     use tier0_control::model::{self, ChunkRecord, NodeRecord, NodeState, TopologySummary};
     use tier0_control::store::Txn;
-    let cluster =
-        tokio::task::spawn_blocking(|| LocalCluster::start(&ClusterConfig::for_tests(1, CHUNK)))
-            .await
-            .unwrap()
-            .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn MetadataStore> =
-        Arc::new(RedbStore::open(&dir.path().join("metadata.redb")).unwrap());
+    let (cluster, store, _dir) = cluster_and_store(1).await;
     let chunk = ChunkId {
         file: 0xc0b2,
         index: 0,

@@ -12,11 +12,11 @@
 
 use std::io::{self, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
+use tier0_dataplane::buffer::ReadOnlyMap;
 use tier0_dataplane::net::wire::{
     self, Delete, ErrorReply, HEADER_SIZE, Header, Hello, LayoutRef, LocalEndpoint, LocalRead,
     LocalReadDone, Message, RdmaEndpoint, Read, ReadDone, Release, Replicate, WireError, Write,
@@ -232,15 +232,10 @@ impl AsFd for Socket {
 /// A daemon worker's buffer pool, mapped read-only: where node-local reads' bytes lie.
 #[derive(Debug)]
 struct SharedPool {
-    base: NonNull<u8>,
-    len: usize,
+    map: ReadOnlyMap,
     /// Buffers this connection may hold at once (the window is clamped to it).
     held_max: u32,
 }
-
-// SAFETY: a read-only mapping; bytes are only copied out of it, from the ranges the daemon
-// named and holds for this connection until released.
-unsafe impl Send for SharedPool {}
 
 impl SharedPool {
     fn map(memfd: &OwnedFd, len: u64, held_max: u32) -> io::Result<SharedPool> {
@@ -248,24 +243,9 @@ impl SharedPool {
         if len == 0 {
             return Err(io::Error::other("the daemon announced an empty pool"));
         }
-        // SAFETY: maps `len` bytes of the daemon's sealed memfd read-only; the seals keep it
-        // from shrinking under the mapping. Checked for MAP_FAILED below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        // The daemon's memfd is sealed: it cannot shrink under the mapping.
         Ok(SharedPool {
-            base: NonNull::new(base.cast()).expect("mmap never returns null on success"),
-            len,
+            map: ReadOnlyMap::new(memfd.as_fd(), len)?,
             held_max: held_max.max(1),
         })
     }
@@ -273,30 +253,14 @@ impl SharedPool {
     /// Copies `dest.len()` bytes at `offset` of the pool into `dest`; `false` when the range
     /// is not inside the pool.
     fn copy_out(&self, offset: u64, dest: &mut [u8]) -> bool {
-        let Some(end) = (offset as usize).checked_add(dest.len()) else {
+        let Some(start) = self.map.range(offset, dest.len()) else {
             return false;
         };
-        if end > self.len {
-            return false;
-        }
-        // SAFETY: the range is inside the mapping (checked above) and the daemon holds the
-        // buffer for this connection until it is released; a raw copy, never a reference
+        // SAFETY: the range is inside the mapping (checked by `range`) and the daemon holds
+        // the buffer for this connection until it is released; a raw copy, never a reference
         // into memory another process maps.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.base.as_ptr().add(offset as usize),
-                dest.as_mut_ptr(),
-                dest.len(),
-            )
-        };
+        unsafe { std::ptr::copy_nonoverlapping(start.as_ptr(), dest.as_mut_ptr(), dest.len()) };
         true
-    }
-}
-
-impl Drop for SharedPool {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
 
@@ -777,7 +741,9 @@ impl DaemonConnection {
                 addr: self.addr.clone(),
                 what: format!(
                     "the daemon placed {} bytes at {} of a {}-byte pool",
-                    done.len, done.offset, pool.len
+                    done.len,
+                    done.offset,
+                    pool.map.len()
                 ),
             });
         }

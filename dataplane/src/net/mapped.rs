@@ -14,12 +14,11 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::Path;
-use std::ptr::NonNull;
 use std::sync::Arc;
 
-use crate::buffer::BufferLease;
+use crate::buffer::{BufferLease, ReadOnlyMap};
 use crate::store::{ChunkId, ChunkInfo, ChunkStore};
 
 /// `statfs` magic numbers of the file systems whose files are memory.
@@ -29,14 +28,8 @@ const RAMFS_MAGIC: i64 = 0x8584_58f6;
 /// A memory-backed drive, mapped read-only and shared (its pages are the file's).
 #[derive(Debug)]
 pub struct MappedDrive {
-    base: NonNull<u8>,
-    len: usize,
+    map: ReadOnlyMap,
 }
-
-// SAFETY: the mapping is read-only and lives until drop; shared references only read it.
-unsafe impl Send for MappedDrive {}
-// SAFETY: as above: nothing writes through the mapping.
-unsafe impl Sync for MappedDrive {}
 
 impl MappedDrive {
     /// The drive at `path`, mapped, when it is a file on tmpfs or ramfs; `None` for anything
@@ -56,39 +49,16 @@ impl MappedDrive {
                 "an empty drive",
             ));
         }
-        // SAFETY: a new read-only shared mapping of an open file; the kernel picks the place.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(base.cast::<u8>()).expect("mmap never maps at 0");
-        Ok(Some(Arc::new(MappedDrive { base, len })))
+        let map = ReadOnlyMap::new(file.as_fd(), len)?;
+        Ok(Some(Arc::new(MappedDrive { map })))
     }
 
     /// `len` bytes at `offset` of the drive, if the drive holds them.
     fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        let start = usize::try_from(offset).ok()?;
-        if start.checked_add(len)? > self.len {
-            return None;
-        }
-        // SAFETY: inside the mapping, which lives as long as `self`.
-        Some(unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(start), len) })
-    }
-}
-
-impl Drop for MappedDrive {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `open`; no slice of it outlives `self`.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        let start = self.map.range(offset, len)?;
+        // SAFETY: inside the mapping, which lives as long as `self`; the drive is this
+        // daemon's own store file, whose chunk slots change only once no reader holds them.
+        Some(unsafe { std::slice::from_raw_parts(start.as_ptr(), len) })
     }
 }
 

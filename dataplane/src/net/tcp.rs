@@ -565,6 +565,18 @@ struct Pending {
     _copy: Option<CopyPermit>,
 }
 
+impl Pending {
+    /// The connection the request came on, unless it has gone (its slot may hold a newer one).
+    fn connection_in<'a>(
+        &self,
+        connections: &'a mut [Option<Connection>],
+    ) -> Option<&'a mut Connection> {
+        connections[self.connection]
+            .as_mut()
+            .filter(|connection| connection.generation == self.generation)
+    }
+}
+
 /// A copy's fetch, done: the bytes to store under `tag` (a [`Pending`]), or why not.
 struct Fetched {
     tag: u64,
@@ -914,10 +926,8 @@ impl TcpSource {
             let Some(pending) = self.pending.get(fetched.tag) else {
                 continue;
             };
-            let Some(connection) = self.connections[pending.connection]
-                .as_mut()
-                .filter(|connection| connection.generation == pending.generation)
-            else {
+            let request_id = pending.request_id;
+            let Some(connection) = pending.connection_in(&mut self.connections) else {
                 drop(self.pending.take(fetched.tag));
                 continue;
             };
@@ -946,18 +956,10 @@ impl TcpSource {
                 // Answered by `complete` as a client's write is: WriteDone, or the error.
                 Ok((drive, op)) => requests.push((fetched.tag, drive, op)),
                 Err((errno, text)) => {
-                    let Some(pending) = self.pending.take(fetched.tag) else {
-                        continue;
-                    };
-                    let Some(connection) = self.connections[pending.connection]
-                        .as_mut()
-                        .filter(|connection| connection.generation == pending.generation)
-                    else {
-                        continue;
-                    };
+                    drop(self.pending.take(fetched.tag));
                     connection.in_flight -= 1;
                     let message = format!("{}: {text}", self.node);
-                    reply_error(connection, pending.request_id, errno, message);
+                    reply_error(connection, request_id, errno, message);
                 }
             }
         }
@@ -1450,10 +1452,7 @@ impl RequestSource for TcpSource {
             );
             return;
         };
-        let Some(connection) = self.connections[pending.connection]
-            .as_mut()
-            .filter(|connection| connection.generation == pending.generation)
-        else {
+        let Some(connection) = pending.connection_in(&mut self.connections) else {
             return; // The peer left; the lease goes back to the pool here.
         };
         connection.in_flight -= 1;
