@@ -322,11 +322,16 @@ impl StripedReader {
                              slices,
                          }| {
                             let settings = &settings;
-                            scope.spawn(move || {
-                                let results =
-                                    read_from(daemon_index, daemon, slices, chunks, settings);
-                                (daemon_index, results)
-                            })
+                            // Named, so a profile or a stack dump tells them from the
+                            // application's threads (as scope.spawn, a failed spawn panics).
+                            std::thread::Builder::new()
+                                .name(format!("tier0-read-{daemon_index}"))
+                                .spawn_scoped(scope, move || {
+                                    let results =
+                                        read_from(daemon_index, daemon, slices, chunks, settings);
+                                    (daemon_index, results)
+                                })
+                                .expect("spawn a reading thread")
                         },
                     )
                     .collect();
