@@ -1,7 +1,8 @@
 //! `tier0 bench net`: striped reads over a local cluster of 3 daemons, next to a baseline
 //! from the same run that moves the same bytes with no storage and no protocol:
 //! - TCP: a plain socket blaster on loopback, one connection per daemon, the same request
-//!   window and size (a 16-byte request, the bytes back from memory);
+//!   window and size (a 16-byte request, the next bytes of that daemon's share of the file
+//!   back from memory, each once per pass);
 //! - RDMA: perftest `ib_write_bw` and `ib_read_bw` on the same device (soft-RoCE in the VM).
 //!
 //! Scenarios: `striped-read-<chunk>` (throughput, MiB/s; latency per request, with a sliding
@@ -410,8 +411,13 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
     let server = {
         let ready = ready.clone();
         std::thread::spawn(move || {
-            let mut payloads: Vec<Vec<u8>> =
-                (0..connections).map(|_| vec![0x5au8; share]).collect();
+            let mut payloads: Vec<Vec<u8>> = (0..connections)
+                .map(|_| {
+                    let mut payload = vec![0u8; share];
+                    fill_pattern(&mut payload);
+                    payload
+                })
+                .collect();
             ready.wait();
             let mut handlers = Vec::new();
             while let Some(payload) = payloads.pop() {
@@ -501,13 +507,41 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
     }
     let seconds = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds(Who::Process) - cpu;
+    // Checked as tier0's passes are: a baseline that moved the wrong bytes measured nothing.
+    let wrong = done.iter().any(|(dest, _)| !holds_pattern(dest));
     drop(done);
     let _ = server.join();
+    if wrong {
+        return Err(error(std::io::Error::other(
+            "the bytes received differ from those sent",
+        )));
+    }
     Ok(Run {
         seconds,
         cpu,
         latency: latency.summary(),
     })
+}
+
+/// The blaster's bytes: each 8-byte word its offset, scrambled, so a reply received out of
+/// place or cut short is seen.
+fn pattern_word(offset: usize) -> [u8; 8] {
+    (offset as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .to_le_bytes()
+}
+
+fn fill_pattern(bytes: &mut [u8]) {
+    for (index, word) in bytes.chunks_mut(8).enumerate() {
+        word.copy_from_slice(&pattern_word(index * 8)[..word.len()]);
+    }
+}
+
+fn holds_pattern(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(8)
+        .enumerate()
+        .all(|(index, word)| word == &pattern_word(index * 8)[..word.len()])
 }
 
 /// The device and GID index perftest should use: the ones tier0 picks.
@@ -699,6 +733,31 @@ mod tests {
  1048576    64               55.12              54.20                0.000054
 ---------------------------------------------------------------------------------------
 ";
+
+    #[test]
+    fn the_blaster_moves_each_share_once_and_checks_it() {
+        let options = NetBenchOptions {
+            size: 3 << 20,
+            chunk_size: 64 << 10,
+            window: 4,
+            small_reads: 50,
+            ..NetBenchOptions::default()
+        };
+        let streamed = blaster(&options, 64 << 10, false).unwrap();
+        assert!(streamed.seconds > 0.0 && streamed.cpu >= 0.0);
+        assert!(streamed.latency.p50_us > 0.0);
+        let ping_pong = blaster(&options, 4096, true).unwrap();
+        assert!(ping_pong.latency.p50_us > 0.0);
+        // The check sees a word out of place and a short tail.
+        let mut bytes = vec![0u8; 1000];
+        fill_pattern(&mut bytes);
+        assert!(holds_pattern(&bytes));
+        bytes.swap(8, 16);
+        assert!(!holds_pattern(&bytes));
+        bytes.swap(8, 16);
+        bytes[999] ^= 1;
+        assert!(!holds_pattern(&bytes));
+    }
 
     #[test]
     fn perftest_bandwidth_is_read_and_a_zero_is_refused() {

@@ -477,16 +477,21 @@ impl Worker {
                 }
                 continue;
             }
-            let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
+            // Only the adaptive mode reads the clock: where the clock source is slow (a VM
+            // on HPET), a read per spin costs more than the spin.
             match self.config.poll_mode {
                 PollMode::Busy => self.collect(),
-                PollMode::Adaptive
+                PollMode::Adaptive => {
+                    let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
                     if idle < ADAPTIVE_SPIN
-                        && (typical_gap < ADAPTIVE_SPIN || in_flight >= ADAPTIVE_SPIN_DEPTH) =>
-                {
-                    self.collect()
+                        && (typical_gap < ADAPTIVE_SPIN || in_flight >= ADAPTIVE_SPIN_DEPTH)
+                    {
+                        self.collect()
+                    } else {
+                        self.sleep(in_flight)
+                    }
                 }
-                PollMode::Adaptive | PollMode::Interrupt => self.sleep(in_flight),
+                PollMode::Interrupt => self.sleep(in_flight),
             }
         }
     }
