@@ -477,8 +477,8 @@ impl Worker {
                 }
                 continue;
             }
-            // Only the adaptive mode reads the clock: where the clock source is slow (a VM
-            // on HPET), a read per spin costs more than the spin.
+            // Only the adaptive mode needs the time: where the clock source is slow (a VM on
+            // HPET), a busy worker reading it at every spin spent more on it than on the spin.
             match self.config.poll_mode {
                 PollMode::Busy => self.collect(),
                 PollMode::Adaptive => {
