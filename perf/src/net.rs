@@ -393,10 +393,16 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
         name: "socket blaster".into(),
         reason: reason.to_string(),
     };
+    if size == 0 {
+        return Err(error(std::io::Error::other("a request of no bytes")));
+    }
     let (window, requests) = if ping_pong {
         (1, vec![vec![size; options.small_reads]])
     } else {
-        (options.window, stripes(options.size, size, options.daemons))
+        (
+            options.window.max(1),
+            stripes(options.size, size, options.daemons),
+        )
     };
     let listener = TcpListener::bind("127.0.0.1:0").map_err(error)?;
     let addr = listener.local_addr().map_err(error)?;
@@ -456,23 +462,21 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
                     let (mut requested, mut place) = (0, 0);
                     while latencies.len() < lens.len() {
                         out.clear();
+                        // Stamped before the send, as tier0 stamps its requests.
+                        let now = Instant::now();
                         while requested < lens.len() && sent.len() < window {
                             out.extend_from_slice(&(lens[requested] as u64).to_le_bytes());
                             out.extend_from_slice(&[0u8; 8]);
-                            sent.push_back(None);
+                            sent.push_back(now);
                             requested += 1;
                         }
                         if !out.is_empty() {
                             client.write_all(&out)?;
-                            let now = Instant::now();
-                            for at in sent.iter_mut().filter(|at| at.is_none()) {
-                                *at = Some(now);
-                            }
                         }
                         let len = lens[latencies.len()];
                         client.read_exact(&mut dest[place..place + len])?;
                         place += len;
-                        let at = sent.pop_front().flatten().expect("a request is out");
+                        let at = sent.pop_front().expect("a request is out");
                         latencies.push(at.elapsed());
                     }
                     // The buffer and the stream go back whole: freeing them (and the server's
@@ -502,11 +506,14 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
     let cpu = cpu_seconds(Who::Process);
     let start = Instant::now();
     gate.open(true);
+    let joined: Vec<_> = clients.into_iter().map(|client| client.join()).collect();
+    let seconds = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(Who::Process) - cpu;
     let mut latency = LatencyRecorder::default();
     let mut done = Vec::new();
     let mut failed = None;
-    for client in clients {
-        match client.join() {
+    for client in joined {
+        match client {
             Ok(Ok((latencies, dest, stream))) => {
                 for request in latencies {
                     latency.record(request);
@@ -517,8 +524,6 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
             Err(_) => failed = failed.or(Some(std::io::Error::other("a client thread panicked"))),
         }
     }
-    let seconds = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(Who::Process) - cpu;
     // Checked as tier0's passes are: a baseline that moved the wrong bytes measured nothing.
     let wrong = done.iter().any(|(dest, _)| !holds_pattern(dest));
     drop(done);
@@ -806,6 +811,24 @@ mod tests {
         assert!(streamed.latency.p50_us > 0.0);
         let ping_pong = blaster(&options, 4096, true).unwrap();
         assert!(ping_pong.latency.p50_us > 0.0);
+    }
+
+    #[test]
+    fn the_gate_sends_its_threads_on_or_home() {
+        for go in [true, false] {
+            let gate = Arc::new(Gate::default());
+            let waiting: Vec<_> = (0..2)
+                .map(|_| {
+                    let gate = gate.clone();
+                    std::thread::spawn(move || gate.wait())
+                })
+                .collect();
+            gate.open(go);
+            for thread in waiting {
+                assert_eq!(thread.join().unwrap(), go);
+            }
+            assert_eq!(gate.wait(), go, "a thread that comes after the opening");
+        }
     }
 
     #[test]
