@@ -194,7 +194,7 @@ pub fn run(
         ));
         let baseline = match options.transport {
             NetTransport::Tcp | NetTransport::Local => {
-                vec![blaster(options, options.chunk_size as usize, false)?]
+                vec![blaster(shares(&layout), options.window)?]
             }
             NetTransport::Rdma => vec![
                 perftest("ib_write_bw", options)?,
@@ -259,7 +259,9 @@ pub fn run(
             rdma.as_ref(),
         )?);
         theirs.push(match options.transport {
-            NetTransport::Tcp | NetTransport::Local => blaster(options, 4096, true)?,
+            NetTransport::Tcp | NetTransport::Local => {
+                blaster(vec![vec![4096; options.small_reads]], 1)?
+            }
             NetTransport::Rdma => perftest_latency(options)?,
         });
     }
@@ -378,36 +380,29 @@ fn small_reads(
     })
 }
 
-/// The TCP baseline: `daemons` loopback connections, each served by a thread that answers a
-/// 16-byte request (the length it wants) with the next bytes of its share of the file, held
-/// in memory; the client keeps `window` requests in flight per connection, sending the next
-/// as each reply lands (one connection, one request at a time with `ping_pong`), and reads
-/// each reply into its place in a buffer of that share. The shares are tier0's stripes
-/// (chunk `i` on connection `i % daemons`, the last one short), so it moves the bytes tier0
-/// moves, each once per pass, from memory to memory, with no storage and no protocol (a
-/// server that answered every request from one buffer would send from cache, which no store
-/// of a file larger than the cache can). Connections, buffers and threads are set up before
-/// the clock and freed after it; the bytes are checked. Latency: per request, as for tier0.
-fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Run, NetBenchError> {
+/// The TCP baseline: one loopback connection per share, each served by a thread that
+/// answers a 16-byte request (the length it wants) with the next bytes of its share of the
+/// file, held in memory; the client keeps `window` requests in flight per connection, sending
+/// the next as each reply lands, and reads each reply into its place in a buffer of that
+/// share. The striped scenario's shares are the layout's chunks by the daemon tier0 reads them
+/// from ([`shares`]), so it moves the bytes tier0 moves, each once per pass, from memory to
+/// memory, with no storage and no protocol (a server that answered every request from one
+/// buffer would send from cache, which no store of a file larger than the cache can).
+/// Connections, buffers and threads are set up before the clock and freed after it; the bytes
+/// are checked. Latency: per request, as for tier0.
+fn blaster(shares: Vec<Vec<usize>>, window: usize) -> Result<Run, NetBenchError> {
     let error = |reason: std::io::Error| NetBenchError::Baseline {
         name: "socket blaster".into(),
         reason: reason.to_string(),
     };
-    if size == 0 {
+    if shares.iter().flatten().any(|&len| len == 0) {
         return Err(error(std::io::Error::other("a request of no bytes")));
     }
-    let (window, requests) = if ping_pong {
-        (1, vec![vec![size; options.small_reads]])
-    } else {
-        (
-            options.window.max(1),
-            stripes(options.size, size, options.daemons),
-        )
-    };
+    let window = window.max(1);
     let listener = TcpListener::bind("127.0.0.1:0").map_err(error)?;
     let addr = listener.local_addr().map_err(error)?;
-    let mut pairs = Vec::with_capacity(requests.len());
-    for lens in requests {
+    let mut pairs = Vec::with_capacity(shares.len());
+    for lens in shares {
         let client = TcpStream::connect(addr).map_err(error)?;
         let (server, _) = listener.accept().map_err(error)?;
         client.set_nodelay(true).map_err(error)?;
@@ -424,66 +419,24 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
     let mut servers = Vec::new();
     let mut clients = Vec::new();
     let mut spawned = Ok(());
-    for (mut client, mut server, lens, payload, mut dest) in pairs {
+    for (client, server, lens, payload, dest) in pairs {
         let server_gate = gate.clone();
         let sender = std::thread::Builder::new()
             .name("blaster-send".into())
             .spawn(move || {
-                if !server_gate.wait() {
-                    return;
-                }
-                let mut request = [0u8; 16];
-                let mut next = 0usize;
-                while server.read_exact(&mut request).is_ok() {
-                    let len = u64::from_le_bytes(request[..8].try_into().expect("8 bytes"));
-                    let Some(bytes) = payload.get(next..next.saturating_add(len as usize)) else {
-                        break;
-                    };
-                    if server.write_all(bytes).is_err() {
-                        break;
-                    }
-                    next += bytes.len();
+                if server_gate.wait() {
+                    send_share(server, &payload);
                 }
             });
         let client_gate = gate.clone();
         let receiver = std::thread::Builder::new()
             .name("blaster-recv".into())
-            .spawn(
-                move || -> std::io::Result<(Vec<Duration>, Vec<u8>, TcpStream)> {
-                    if !client_gate.wait() {
-                        return Err(std::io::Error::other("the run was called off"));
-                    }
-                    // A sliding window, as tier0's reader keeps: `window` requests out, the
-                    // next sent as each reply lands; latency per request, from its send to
-                    // its last byte.
-                    let mut latencies = Vec::with_capacity(lens.len());
-                    let mut sent = std::collections::VecDeque::with_capacity(window);
-                    let mut out = Vec::with_capacity(16 * window);
-                    let (mut requested, mut place) = (0, 0);
-                    while latencies.len() < lens.len() {
-                        out.clear();
-                        // Stamped before the send, as tier0 stamps its requests.
-                        let now = Instant::now();
-                        while requested < lens.len() && sent.len() < window {
-                            out.extend_from_slice(&(lens[requested] as u64).to_le_bytes());
-                            out.extend_from_slice(&[0u8; 8]);
-                            sent.push_back(now);
-                            requested += 1;
-                        }
-                        if !out.is_empty() {
-                            client.write_all(&out)?;
-                        }
-                        let len = lens[latencies.len()];
-                        client.read_exact(&mut dest[place..place + len])?;
-                        place += len;
-                        let at = sent.pop_front().expect("a request is out");
-                        latencies.push(at.elapsed());
-                    }
-                    // The buffer and the stream go back whole: freeing them (and the server's
-                    // share, which its thread frees when the stream closes) is not the pass.
-                    Ok((latencies, dest, client))
-                },
-            );
+            .spawn(move || {
+                if !client_gate.wait() {
+                    return Err(std::io::Error::other("the run was called off"));
+                }
+                receive_share(client, &lens, window, dest)
+            });
         match (sender, receiver) {
             (Ok(sender), Ok(receiver)) => {
                 servers.push(sender);
@@ -545,18 +498,76 @@ fn blaster(options: &NetBenchOptions, size: usize, ping_pong: bool) -> Result<Ru
     })
 }
 
-/// The request lengths of each of `daemons` connections for `size` bytes striped in chunks of
-/// `chunk` as tier0 stripes a file: chunk `i` on connection `i % daemons`, the last one short.
-fn stripes(size: u64, chunk: usize, daemons: usize) -> Vec<Vec<usize>> {
-    let connections = daemons.max(1);
-    let mut lens = vec![Vec::new(); connections];
-    let mut at = 0u64;
-    let mut index = 0;
-    while at < size {
-        let len = (size - at).min(chunk as u64) as usize;
-        lens[index % connections].push(len);
-        at += len as u64;
-        index += 1;
+/// The blaster's server side: each request's length of `payload`'s next bytes, until the
+/// stream closes (or asks past the end).
+fn send_share(mut server: TcpStream, payload: &[u8]) {
+    let mut request = [0u8; 16];
+    let mut next = 0usize;
+    while server.read_exact(&mut request).is_ok() {
+        let len = u64::from_le_bytes(request[..8].try_into().expect("8 bytes"));
+        let Some(bytes) = payload.get(next..next.saturating_add(len as usize)) else {
+            break;
+        };
+        if server.write_all(bytes).is_err() {
+            break;
+        }
+        next += bytes.len();
+    }
+}
+
+/// What a blaster client hands back: its latencies, and its buffer and stream whole, so
+/// that freeing them (and the server's share, which its thread frees when the stream closes)
+/// is not the pass.
+type Received = (Vec<Duration>, Vec<u8>, TcpStream);
+
+/// The blaster's client side: a sliding window, as tier0's reader keeps: `window` requests
+/// out, the next sent as each reply lands, each reply into its place in `dest`; latency per
+/// request, from its send to its last byte.
+fn receive_share(
+    mut client: TcpStream,
+    lens: &[usize],
+    window: usize,
+    mut dest: Vec<u8>,
+) -> std::io::Result<Received> {
+    let mut latencies = Vec::with_capacity(lens.len());
+    let mut sent = std::collections::VecDeque::with_capacity(window);
+    let mut out = Vec::with_capacity(16 * window);
+    let (mut requested, mut place) = (0, 0);
+    while latencies.len() < lens.len() {
+        out.clear();
+        // Stamped before the send, as tier0 stamps its requests.
+        let now = Instant::now();
+        while requested < lens.len() && sent.len() < window {
+            out.extend_from_slice(&(lens[requested] as u64).to_le_bytes());
+            out.extend_from_slice(&[0u8; 8]);
+            sent.push_back(now);
+            requested += 1;
+        }
+        if !out.is_empty() {
+            client.write_all(&out)?;
+        }
+        let len = lens[latencies.len()];
+        client.read_exact(&mut dest[place..place + len])?;
+        place += len;
+        let at = sent.pop_front().expect("a request is out");
+        latencies.push(at.elapsed());
+    }
+    Ok((latencies, dest, client))
+}
+
+/// The request lengths per daemon of a pass over `layout`: each chunk on the daemon tier0's
+/// pass reads it from (its first replica; the bench writes one), in order, none for a
+/// daemon without any.
+fn shares(layout: &StripedFile) -> Vec<Vec<usize>> {
+    let daemons = layout
+        .chunks
+        .iter()
+        .map(|chunk| chunk.replicas[0] + 1)
+        .max()
+        .unwrap_or(0);
+    let mut lens = vec![Vec::new(); daemons];
+    for chunk in &layout.chunks {
+        lens[chunk.replicas[0]].push(chunk.len as usize);
     }
     lens.retain(|lens| !lens.is_empty());
     lens
@@ -788,6 +799,7 @@ fn size_name(bytes: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tier0_client::StripedChunk;
 
     const BW: &str = "\
 ---------------------------------------------------------------------------------------
@@ -796,20 +808,45 @@ mod tests {
 ---------------------------------------------------------------------------------------
 ";
 
+    /// A layout of chunks of these lengths, chunk `i` on daemon `i % daemons`, as the bench
+    /// writes its file.
+    fn layout(lens: &[u32], daemons: usize) -> StripedFile {
+        let mut file_offset = 0;
+        let chunks = lens
+            .iter()
+            .enumerate()
+            .map(|(index, &len)| {
+                let chunk = StripedChunk {
+                    chunk: tier0_dataplane::store::ChunkId {
+                        file: 1,
+                        index: index as u32,
+                        generation: 1,
+                    },
+                    file_offset,
+                    chunk_offset: 0,
+                    len,
+                    replicas: vec![index % daemons],
+                    layout: None,
+                };
+                file_offset += u64::from(len);
+                chunk
+            })
+            .collect();
+        StripedFile {
+            chunks,
+            layout: LayoutRef::default(),
+        }
+    }
+
     #[test]
     fn the_blaster_moves_each_share_once_and_checks_it() {
         // A size that is no whole number of chunks: the last stripe is short, as tier0's.
-        let options = NetBenchOptions {
-            size: (3 << 20) + 1000,
-            chunk_size: 64 << 10,
-            window: 4,
-            small_reads: 50,
-            ..NetBenchOptions::default()
-        };
-        let streamed = blaster(&options, 64 << 10, false).unwrap();
+        let mut lens = vec![64 << 10; 48];
+        lens.push(1000);
+        let streamed = blaster(shares(&layout(&lens, 3)), 4).unwrap();
         assert!(streamed.seconds > 0.0);
         assert!(streamed.latency.p50_us > 0.0);
-        let ping_pong = blaster(&options, 4096, true).unwrap();
+        let ping_pong = blaster(vec![vec![4096; 50]], 1).unwrap();
         assert!(ping_pong.latency.p50_us > 0.0);
     }
 
@@ -832,18 +869,18 @@ mod tests {
     }
 
     #[test]
-    fn the_stripes_are_tier0s() {
+    fn the_shares_are_tier0s() {
         assert_eq!(
-            stripes(10, 4, 2),
+            shares(&layout(&[4, 4, 2], 2)),
             vec![vec![4, 2], vec![4]],
-            "chunk i on connection i % 2, the last one short"
+            "chunk i on daemon i % 2, the last one short"
         );
         assert_eq!(
-            stripes(8, 4, 3),
+            shares(&layout(&[4, 4], 3)),
             vec![vec![4], vec![4]],
             "no empty connection"
         );
-        let lens = stripes(256 << 20, 1 << 20, 3);
+        let lens = shares(&layout(&vec![1 << 20; 256], 3));
         assert_eq!(lens.iter().flatten().sum::<usize>(), 256 << 20);
         assert_eq!(lens.iter().map(Vec::len).collect::<Vec<_>>(), [86, 85, 85]);
     }
