@@ -11,7 +11,9 @@ use std::time::Duration;
 use tier0_topology::WorkerPlan;
 
 use crate::buffer::BufferPoolConfig;
-use crate::device::{BlockDevice, DeviceError, UringDevice, UringOptions, preallocate_file};
+use crate::device::{
+    BlockDevice, DeviceError, MemoryFileDevice, UringDevice, UringOptions, preallocate_file,
+};
 use crate::fence::FenceTable;
 use crate::heat::{DEFAULT_HALF_LIFE, HeatMap};
 use crate::net::mapped::MappedDrive;
@@ -49,9 +51,10 @@ pub struct DataDaemonConfig {
     pub rdma: RdmaMode,
     /// The node-local socket of the shared-memory fast path.
     pub local_socket: LocalSocket,
-    /// TCP reads of whole checksum blocks from a memory-backed drive (tmpfs, ramfs) are sent
-    /// from a read-only mapping of it (`net::mapped`); off, they are read into a pool buffer
-    /// first, as from any drive.
+    /// A memory-backed drive (a file on tmpfs or ramfs) is read from its pages: TCP reads of
+    /// whole checksum blocks are sent from a read-only mapping of it (`net::mapped`), and the
+    /// worker reads the rest by copies from a mapping (`device::memory_file`). Off, every
+    /// read goes through io_uring into a pool buffer, as from any drive.
     pub map_memory_drives: bool,
 }
 
@@ -204,12 +207,18 @@ impl DataDaemon {
             addr: config.listen,
             source,
         })?;
+        let memory_files = config.map_memory_drives;
         let factory: DeviceFactory = Arc::new(move |spec: &DriveSpec| {
             let path = PathBuf::from(&spec.name);
-            Ok(
-                Box::new(UringDevice::open(&path, &UringOptions::default())?)
-                    as Box<dyn BlockDevice>,
-            )
+            let options = UringOptions::default();
+            // A drive in memory is read by copies from its pages, not through a ring
+            // (`device::memory_file`); every other one through io_uring.
+            if memory_files
+                && let Some(device) = MemoryFileDevice::open(&path, options.queue_depth as usize)?
+            {
+                return Ok(Box::new(device) as Box<dyn BlockDevice>);
+            }
+            Ok(Box::new(UringDevice::open(&path, &options)?) as Box<dyn BlockDevice>)
         });
         let pool = WorkerPool::start(
             plan,

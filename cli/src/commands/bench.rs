@@ -50,9 +50,10 @@ pub struct NetArgs {
     /// each daemon can have a core of its own, else interrupt).
     #[arg(long)]
     poll_mode: Option<PollMode>,
-    /// The daemons read every chunk into a pool buffer before sending it, as from an NVMe
-    /// drive, also when their stores are in memory (/dev/shm), whose whole-block reads are
-    /// otherwise sent from a read-only mapping of the store.
+    /// The daemons drive their stores (in memory, /dev/shm) through io_uring and read every
+    /// chunk into a pool buffer before sending it, as from an NVMe drive; otherwise
+    /// whole-block TCP reads are sent from a read-only mapping of the store and the rest
+    /// copied from its pages.
     #[arg(long)]
     no_map_memory: bool,
     /// Print a JSON array, one object per scenario.

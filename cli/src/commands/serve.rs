@@ -185,8 +185,9 @@ pub struct DataArgs {
     /// `auto` (`@tier0-data-<pid>-<port>`, abstract namespace), `off`, `@name` or a path.
     #[arg(long, default_value = "auto")]
     local_socket: LocalSocket,
-    /// Read every chunk into a pool buffer before sending it, also from memory-backed drives
-    /// (tmpfs), whose whole-block TCP reads are otherwise sent from a read-only mapping.
+    /// Drive memory-backed drives (tmpfs, ramfs) through io_uring and read every chunk into
+    /// a pool buffer before sending it, as NVMe drives are; otherwise their whole-block TCP
+    /// reads are sent from a read-only mapping and the rest copied from their pages.
     #[arg(long)]
     no_map_memory: bool,
     /// Register with this control plane and heartbeat to it (fences on stale layouts come

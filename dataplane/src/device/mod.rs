@@ -6,18 +6,21 @@
 //! (formatting, recovery, tools, tests).
 //!
 //! Implementations: [`UringDevice`] (io_uring, O_DIRECT, registered files and buffers, IOPOLL
-//! when the device supports it), [`MemoryDevice`], and [`FaultyDevice`] (fails, tears, flips
+//! when the device supports it), [`MemoryFileDevice`] (a drive that is a file on tmpfs or
+//! ramfs, read by copies from a mapping), [`MemoryDevice`], and [`FaultyDevice`] (fails, tears, flips
 //! bits and loses unsynced writes on command). An SPDK backend fits the same trait: its
 //! `spdk_nvme_ns_cmd_read` / `spdk_nvme_qpair_process_completions` are `submit` and `poll`.
 
 mod faulty;
 mod memory;
+mod memory_file;
 mod uring;
 
 use std::io;
 
 pub use faulty::{FaultControl, FaultyDevice};
 pub use memory::MemoryDevice;
+pub use memory_file::{MemoryFileDevice, is_memory_file};
 pub use uring::{UringDevice, UringOptions, preallocate_file};
 
 use crate::buffer::AlignedBuf;

@@ -2,8 +2,8 @@
 //!
 //! A read from an NVMe drive lands in a registered buffer by DMA, so its reply costs one CPU
 //! copy, into the socket. A drive that is a file in memory has no DMA: reading it into a
-//! buffer is a CPU copy of its own (in an io-wq thread: tmpfs cannot read without
-//! blocking), then the send copies the bytes again. Such a drive is instead mapped read-only
+//! buffer is a CPU copy of its own (`device::MemoryFileDevice`, in the worker), then the send
+//! copies the bytes again. Such a drive is instead mapped read-only
 //! once, and a TCP read of whole checksum blocks is answered at once, without the worker's
 //! ring, by a vectored send from the mapping: one copy, into the socket, as from NVMe.
 //!
@@ -19,11 +19,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::buffer::{BufferLease, ReadOnlyMap};
+use crate::device::is_memory_file;
 use crate::store::{ChunkId, ChunkInfo, ChunkStore};
-
-/// `statfs` magic numbers of the file systems whose files are memory.
-const TMPFS_MAGIC: i64 = 0x0102_1994;
-const RAMFS_MAGIC: i64 = 0x8584_58f6;
 
 /// A memory-backed drive, mapped read-only and shared (its pages are the file's).
 #[derive(Debug)]
@@ -35,9 +32,7 @@ impl MappedDrive {
     /// The drive at `path`, mapped, when it is a file on tmpfs or ramfs; `None` for anything
     /// else (a block device, a file on a disk's file system: its reads are the device's).
     pub fn open(path: &Path) -> io::Result<Option<Arc<MappedDrive>>> {
-        // A device node is never one: `statfs` would name the file system its node sits in
-        // (devtmpfs, which reports tmpfs).
-        if !std::fs::metadata(path)?.is_file() || !memory_backed(path)? {
+        if !is_memory_file(path)? {
             return Ok(None);
         }
         let file = File::open(path)?;
@@ -60,21 +55,6 @@ impl MappedDrive {
         // daemon's own store file, whose chunk slots change only once no reader holds them.
         Some(unsafe { std::slice::from_raw_parts(start.as_ptr(), len) })
     }
-}
-
-/// Whether the file system under `path` keeps its files in memory.
-fn memory_backed(path: &Path) -> io::Result<bool> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
-    // SAFETY: a statfs struct is plain integers, for which all zeros is a valid value.
-    let mut stats: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statfs fills the struct from a NUL-terminated path; both outlive the call.
-    if unsafe { libc::statfs(path.as_ptr(), &mut stats) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let magic = stats.f_type as i64;
-    Ok(magic == TMPFS_MAGIC || magic == RAMFS_MAGIC)
 }
 
 /// A reply's payload that is a range of a mapped drive.
@@ -184,7 +164,7 @@ mod tests {
         }
         // The crate's own folder is on a disk's file system in every build here.
         let on_disk = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        if !memory_backed(&on_disk).unwrap() {
+        if !is_memory_file(&on_disk).unwrap() {
             assert!(MappedDrive::open(&on_disk).unwrap().is_none());
         }
         // Device nodes live on devtmpfs, which says it is tmpfs: never mapped.

@@ -1,0 +1,297 @@
+//! A drive that is a file in memory (tmpfs, ramfs): its pages are the drive.
+//!
+//! io_uring buys such a drive nothing: there is no DMA engine to keep busy, and a read is a
+//! CPU copy out of the page cache wherever it runs. Through the ring it runs in an io-wq
+//! thread (tmpfs cannot read without blocking before Linux 6.6), so every read costs two
+//! thread hand-offs and, on a worker that sleeps, two wake-ups. Here a read is a copy from a
+//! read-only shared mapping of the file into the request's buffer, done in `poll` by the
+//! worker itself; writes are `pwrite`s into the same pages (so the mapping sees them at
+//! once) and a sync is `fdatasync`. Completions come only through `poll`, as from a ring.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::{BlockDevice, DeviceError, IO_ALIGNMENT, IoCompletion, IoOp, IoRequest, check_request};
+use crate::buffer::ReadOnlyMap;
+
+/// `statfs` magic numbers of the file systems whose files are memory.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// Whether `path` is a regular file on a file system that keeps its files in memory. A
+/// device node never is: `statfs` would name the file system its node sits in (devtmpfs,
+/// which reports tmpfs).
+pub fn is_memory_file(path: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    if !std::fs::metadata(path)?.is_file() {
+        return Ok(false);
+    }
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    // SAFETY: a statfs struct is plain integers, for which all zeros is a valid value.
+    let mut stats: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs fills the struct from a NUL-terminated path; both outlive the call.
+    if unsafe { libc::statfs(path.as_ptr(), &mut stats) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let magic = stats.f_type as i64;
+    Ok(magic == TMPFS_MAGIC || magic == RAMFS_MAGIC)
+}
+
+/// A file on tmpfs or ramfs driven by copies: see the module docs.
+#[derive(Debug)]
+pub struct MemoryFileDevice {
+    name: String,
+    file: File,
+    map: ReadOnlyMap,
+    len: u64,
+    queue_depth: usize,
+    queued: VecDeque<IoRequest>,
+}
+
+impl MemoryFileDevice {
+    /// Opens `path` when it is a file in memory ([`is_memory_file`]); `Ok(None)` for anything
+    /// else (a block device, a file on a disk's file system), which io_uring drives.
+    pub fn open(path: &Path, queue_depth: usize) -> Result<Option<Self>, DeviceError> {
+        let name = path.display().to_string();
+        let open_error = |source| DeviceError::Open {
+            device: name.clone(),
+            source,
+        };
+        if !is_memory_file(path).map_err(open_error)? {
+            return Ok(None);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(open_error)?;
+        let bytes = file.metadata().map_err(open_error)?.len();
+        let len = bytes / IO_ALIGNMENT as u64 * IO_ALIGNMENT as u64;
+        let map_len = usize::try_from(len).map_err(|_| {
+            open_error(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "larger than the address space",
+            ))
+        })?;
+        let map = ReadOnlyMap::new(file.as_fd(), map_len).map_err(|source| DeviceError::Setup {
+            device: name.clone(),
+            operation: "mmap",
+            source,
+        })?;
+        Ok(Some(MemoryFileDevice {
+            name,
+            file,
+            map,
+            len,
+            queue_depth: queue_depth.max(1),
+            queued: VecDeque::new(),
+        }))
+    }
+
+    /// Carries out one request.
+    ///
+    /// # Safety
+    /// The request's buffer is valid for `len` bytes (the `submit` contract).
+    unsafe fn execute(&self, request: &IoRequest) -> Result<u32, i32> {
+        let len = request.len as usize;
+        match request.op {
+            IoOp::Read => {
+                let source = self.map.range(request.offset, len).ok_or(libc::EINVAL)?;
+                // SAFETY: `source` is `len` bytes inside the mapping; the buffer is valid
+                // for `len` bytes and the request's alone (this function's contract).
+                unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), request.buffer, len) };
+            }
+            IoOp::Write => {
+                // SAFETY: per this function's contract.
+                let data = unsafe { std::slice::from_raw_parts(request.buffer, len) };
+                self.file
+                    .write_all_at(data, request.offset)
+                    .map_err(|error| error.raw_os_error().unwrap_or(libc::EIO))?;
+            }
+            IoOp::Sync => self
+                .file
+                .sync_data()
+                .map_err(|error| error.raw_os_error().unwrap_or(libc::EIO))?,
+        }
+        Ok(request.len)
+    }
+}
+
+impl BlockDevice for MemoryFileDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.queue_depth
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queued.len()
+    }
+
+    unsafe fn submit(&mut self, request: IoRequest) -> Result<(), DeviceError> {
+        check_request(&self.name, self.len, &request)?;
+        if self.queued.len() >= self.queue_depth {
+            return Err(DeviceError::QueueFull {
+                device: self.name.clone(),
+                queue_depth: self.queue_depth,
+            });
+        }
+        self.queued.push_back(request);
+        Ok(())
+    }
+
+    fn poll(
+        &mut self,
+        completions: &mut Vec<IoCompletion>,
+        _min_completions: usize,
+    ) -> Result<usize, DeviceError> {
+        let count = self.queued.len();
+        while let Some(request) = self.queued.pop_front() {
+            // SAFETY: `submit`'s contract keeps the buffer valid until this completion.
+            let result = unsafe { self.execute(&request) };
+            completions.push(IoCompletion {
+                user_data: request.user_data,
+                result,
+            });
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::AlignedBuf;
+
+    /// A zeroed file of `len` bytes in /dev/shm, when that is tmpfs here.
+    fn shm_file(tag: &str, len: usize) -> Option<std::path::PathBuf> {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return None;
+        }
+        let path = shm.join(format!("tier0-memfile-{tag}-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        if is_memory_file(&path).unwrap() {
+            Some(path)
+        } else {
+            std::fs::remove_file(&path).unwrap();
+            None
+        }
+    }
+
+    #[test]
+    fn files_in_memory_are_memory_files_and_others_are_not() {
+        // The crate's own folder is on a disk's file system in every build here.
+        let on_disk = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        if !is_memory_file(&on_disk).unwrap() {
+            assert!(MemoryFileDevice::open(&on_disk, 8).unwrap().is_none());
+        }
+        // Device nodes live on devtmpfs, which says it is tmpfs: never one.
+        let null = Path::new("/dev/null");
+        if null.exists() {
+            assert!(!is_memory_file(null).unwrap());
+            assert!(MemoryFileDevice::open(null, 8).unwrap().is_none());
+        }
+        assert!(is_memory_file(Path::new("/nonexistent/tier0")).is_err());
+        assert!(matches!(
+            MemoryFileDevice::open(Path::new("/nonexistent/tier0"), 8),
+            Err(DeviceError::Open { .. })
+        ));
+    }
+
+    #[test]
+    fn writes_are_read_back_through_the_mapping_and_bad_requests_are_refused() {
+        let Some(path) = shm_file("rw", 4 * IO_ALIGNMENT + 100) else {
+            return; // No tmpfs at /dev/shm on this machine.
+        };
+        let mut device = MemoryFileDevice::open(&path, 2).unwrap().expect("tmpfs");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            device.len(),
+            4 * IO_ALIGNMENT as u64,
+            "rounded down to the alignment"
+        );
+
+        let data: Vec<u8> = (0..2 * IO_ALIGNMENT).map(|i| (i * 7 % 251) as u8).collect();
+        device.write_at(IO_ALIGNMENT as u64, &data).unwrap();
+        device.sync().unwrap();
+        let mut back = vec![0u8; 2 * IO_ALIGNMENT];
+        device.read_at(IO_ALIGNMENT as u64, &mut back).unwrap();
+        assert_eq!(back, data);
+        let mut first = vec![1u8; IO_ALIGNMENT];
+        device.read_at(0, &mut first).unwrap();
+        assert!(first.iter().all(|&b| b == 0), "untouched bytes stay zero");
+
+        // Completions come only through poll, and the queue depth holds.
+        let mut buffers = [
+            AlignedBuf::zeroed(IO_ALIGNMENT),
+            AlignedBuf::zeroed(IO_ALIGNMENT),
+        ];
+        for (tag, buffer) in buffers.iter_mut().enumerate() {
+            let request = IoRequest {
+                op: IoOp::Read,
+                offset: IO_ALIGNMENT as u64 * (tag as u64 + 1),
+                buffer: buffer.as_mut_ptr(),
+                len: IO_ALIGNMENT as u32,
+                fixed_buffer: None,
+                user_data: tag as u64,
+            };
+            // SAFETY: the buffers outlive the poll below.
+            unsafe { device.submit(request).unwrap() };
+        }
+        assert_eq!(device.in_flight(), 2);
+        let mut spare = AlignedBuf::zeroed(IO_ALIGNMENT);
+        let extra = IoRequest {
+            op: IoOp::Read,
+            offset: 0,
+            buffer: spare.as_mut_ptr(),
+            len: IO_ALIGNMENT as u32,
+            fixed_buffer: None,
+            user_data: 9,
+        };
+        // SAFETY: refused, so the buffer is never used.
+        let refused = unsafe { device.submit(extra) };
+        assert!(matches!(refused, Err(DeviceError::QueueFull { .. })));
+        assert_eq!(buffers[0][0], 0, "nothing is copied before poll");
+        let mut completions = Vec::new();
+        assert_eq!(device.poll(&mut completions, 0).unwrap(), 2);
+        assert_eq!(
+            completions,
+            vec![
+                IoCompletion {
+                    user_data: 0,
+                    result: Ok(IO_ALIGNMENT as u32)
+                },
+                IoCompletion {
+                    user_data: 1,
+                    result: Ok(IO_ALIGNMENT as u32)
+                },
+            ]
+        );
+        assert_eq!(&buffers[0][..], &data[..IO_ALIGNMENT]);
+        assert_eq!(&buffers[1][..], &data[IO_ALIGNMENT..]);
+
+        // What O_DIRECT refuses, this refuses too; past the end is out of range.
+        let mut misaligned = extra;
+        misaligned.offset = 100;
+        // SAFETY: refused before any copy.
+        let refused = unsafe { device.submit(misaligned) };
+        assert!(matches!(refused, Err(DeviceError::Misaligned { .. })));
+        let mut past_end = extra;
+        past_end.offset = 4 * IO_ALIGNMENT as u64;
+        // SAFETY: refused before any copy.
+        let refused = unsafe { device.submit(past_end) };
+        assert!(matches!(refused, Err(DeviceError::OutOfRange { .. })));
+    }
+}
