@@ -369,3 +369,57 @@ fn three_daemon_striped_read_with_failover() {
         "daemon 1 stopped but nothing failed over: {report:?}"
     );
 }
+
+/// `tier0 bench net --transport rdma`, short: tier0's striped and one-at-a-time reads over
+/// RDMA next to perftest on the same device, each scenario with its baseline, and `null`
+/// where perftest does not measure (its CPU; latency of the bandwidth tools).
+#[test]
+#[ignore = "needs an RDMA device (soft-RoCE) and perftest: run by hwtests/run rdma"]
+fn the_rdma_bench_reports_tier0_next_to_perftest() {
+    use tier0_perf::net::{NetBenchOptions, NetTransport, run};
+    let options = NetBenchOptions {
+        transport: NetTransport::Rdma,
+        size: 8 << 20,
+        repeats: 1,
+        small_reads: 100,
+        ..NetBenchOptions::default()
+    };
+    let results = run(&options, &mut |_| {}).unwrap();
+    let names: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| (r.scenario.as_str(), r.baseline_name.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("striped-read-1m", "ib_write_bw"),
+            ("striped-read-1m-vs-read", "ib_read_bw"),
+            ("read-4k-qd1", "ib_read_lat"),
+        ]
+    );
+    for result in &results {
+        let name = &result.scenario;
+        assert!(
+            result.tier0 > 0.0 && result.baseline > 0.0,
+            "{name}: {result:?}"
+        );
+        assert!(
+            (result.ratio - result.tier0 / result.baseline).abs() < 1e-9,
+            "{name}"
+        );
+        assert!(result.tier0_cpu_s_per_gib > 0.0, "{name}");
+        assert_eq!(result.baseline_cpu_s_per_gib, None, "{name}");
+        assert_eq!(result.cpu_ratio, None, "{name}");
+        let ours = result.tier0_latency;
+        assert!(0.0 < ours.p50_us && ours.p50_us <= ours.p99_us && ours.p99_us <= ours.p999_us);
+    }
+    assert_eq!(results[0].baseline_latency, None);
+    assert_eq!(results[1].baseline_latency, None);
+    let theirs = results[2]
+        .baseline_latency
+        .expect("ib_read_lat reports latency");
+    assert!(
+        0.0 < theirs.p50_us && theirs.p50_us <= theirs.p999_us,
+        "{theirs:?}"
+    );
+}
