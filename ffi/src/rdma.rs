@@ -266,7 +266,9 @@ impl RdmaConnection {
         self.next_id += count as u64;
         let mut next = 0;
         let mut outstanding = 0usize;
-        let mut last_progress = Instant::now();
+        // When waits began to come back empty; the clock is read only then, as where it is
+        // slow (a VM on HPET) every reading costs microseconds.
+        let mut stalled_since: Option<Instant> = None;
         let mut wcs = std::mem::take(&mut self.wcs);
         loop {
             // Send while credits and send slots allow.
@@ -319,7 +321,7 @@ impl RdmaConnection {
                 return fail_rest(results, &error);
             }
             if wcs.is_empty() {
-                if last_progress.elapsed() > self.timeout {
+                if stalled_since.get_or_insert_with(Instant::now).elapsed() > self.timeout {
                     self.broken = true;
                     self.wcs = wcs;
                     let error = self.broken_error(format!(
@@ -330,7 +332,7 @@ impl RdmaConnection {
                 }
                 continue;
             }
-            last_progress = Instant::now();
+            stalled_since = None;
             for wc in &wcs {
                 if !wc.ok() {
                     self.broken = true;

@@ -687,7 +687,7 @@ impl Worker {
             device: "buffer pool".to_string(),
             queue_depth: self.pool.capacity(),
         }));
-        self.finish(pending.tag, pending.reply, Instant::now(), Err(error));
+        self.finish(pending.tag, pending.reply, Duration::ZERO, Err(error));
     }
 
     fn close_finished_source(&mut self, index: usize) {
@@ -700,11 +700,13 @@ impl Worker {
         }
     }
 
+    /// Answers a request that took `latency` (measured once by the caller: where the clock
+    /// is slow, as on a VM's HPET, every reading of it costs microseconds).
     fn finish(
         &mut self,
         tag: u64,
         reply: Reply,
-        started: Instant,
+        latency: Duration,
         result: Result<Output, RequestError>,
     ) {
         if result.is_err() {
@@ -713,7 +715,7 @@ impl Worker {
         let completion = Completion {
             tag,
             result,
-            latency: started.elapsed(),
+            latency,
         };
         match reply {
             // A caller that went away no longer wants the answer; the lease in it (if any)
@@ -745,7 +747,7 @@ impl Worker {
             self.finish(
                 tag,
                 reply,
-                started,
+                Duration::ZERO,
                 Err(RequestError::NoSuchDrive { drive, drives }),
             );
             return Ok(());
@@ -834,7 +836,7 @@ impl Worker {
         let work = match prepared {
             Ok(work) => work,
             Err(error) => {
-                self.finish(tag, reply, started, Err(error));
+                self.finish(tag, reply, started.elapsed(), Err(error));
                 return Ok(());
             }
         };
@@ -1070,7 +1072,7 @@ impl Worker {
                 Ok(Output::Deleted)
             }
         };
-        self.finish(slot.tag, slot.reply, slot.started, result);
+        self.finish(slot.tag, slot.reply, latency, result);
     }
 
     /// The slot failed: release what it holds, tell the caller.
@@ -1093,7 +1095,7 @@ impl Worker {
             InFlight::Delete { .. } => {}
         }
         tracing::debug!(worker = self.config.id, op = slot.op, %error, "request failed");
-        self.finish(slot.tag, slot.reply, slot.started, Err(error));
+        self.finish(slot.tag, slot.reply, slot.started.elapsed(), Err(error));
     }
 }
 
