@@ -43,6 +43,10 @@ impl MemoryDevice {
     pub(crate) unsafe fn execute(data: &mut [u8], request: &IoRequest) -> Result<u32, i32> {
         let start = request.offset as usize;
         let len = request.len as usize;
+        if len == 0 {
+            // Nothing to copy, and the buffer may be null (which a slice must never get).
+            return Ok(0);
+        }
         match request.op {
             IoOp::Read => {
                 // SAFETY: per this function's contract.

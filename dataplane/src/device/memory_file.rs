@@ -72,6 +72,12 @@ impl MemoryFileDevice {
             .map_err(open_error)?;
         let bytes = file.metadata().map_err(open_error)?.len();
         let len = bytes / IO_ALIGNMENT as u64 * IO_ALIGNMENT as u64;
+        if len == 0 {
+            return Err(open_error(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a drive of {bytes} bytes holds no {IO_ALIGNMENT}-byte block"),
+            )));
+        }
         let map_len = usize::try_from(len).map_err(|_| {
             open_error(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -99,6 +105,10 @@ impl MemoryFileDevice {
     /// The request's buffer is valid for `len` bytes (the `submit` contract).
     unsafe fn execute(&self, request: &IoRequest) -> Result<u32, i32> {
         let len = request.len as usize;
+        if len == 0 && request.op != IoOp::Sync {
+            // Nothing to copy, and the buffer may be null (which the copies must never get).
+            return Ok(0);
+        }
         match request.op {
             IoOp::Read => {
                 let source = self.map.range(request.offset, len).ok_or(libc::EINVAL)?;
@@ -208,6 +218,17 @@ mod tests {
             MemoryFileDevice::open(Path::new("/nonexistent/tier0"), 8),
             Err(DeviceError::Open { .. })
         ));
+        // Smaller than one block: a clear refusal, not a failed mapping.
+        if let Some(path) = shm_file("tiny", 100) {
+            let opened = MemoryFileDevice::open(&path, 8);
+            std::fs::remove_file(&path).unwrap();
+            match opened {
+                Err(DeviceError::Open { source, .. }) => {
+                    assert!(source.to_string().contains("100 bytes"), "{source}")
+                }
+                other => panic!("a 100-byte drive opened: {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -263,7 +284,10 @@ mod tests {
         // SAFETY: refused, so the buffer is never used.
         let refused = unsafe { device.submit(extra) };
         assert!(matches!(refused, Err(DeviceError::QueueFull { .. })));
-        assert_eq!(buffers[0][0], 0, "nothing is copied before poll");
+        assert!(
+            buffers[1].iter().all(|&b| b == 0),
+            "nothing is copied before poll"
+        );
         let mut completions = Vec::new();
         assert_eq!(device.poll(&mut completions, 0).unwrap(), 2);
         assert_eq!(
