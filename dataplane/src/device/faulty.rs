@@ -1,8 +1,7 @@
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::memory::MemoryDevice;
-use super::{BlockDevice, DeviceError, IoCompletion, IoOp, IoRequest, check_request};
+use super::{BlockDevice, DeviceError, IoCompletion, IoOp, IoRequest, RequestQueue};
 
 /// An in-memory drive that fails on command, for testing every error and crash path.
 ///
@@ -14,8 +13,7 @@ use super::{BlockDevice, DeviceError, IoCompletion, IoOp, IoRequest, check_reque
 pub struct FaultyDevice {
     name: String,
     len: u64,
-    queue_depth: usize,
-    queued: VecDeque<IoRequest>,
+    queue: RequestQueue,
     control: FaultControl,
 }
 
@@ -66,8 +64,7 @@ impl FaultyDevice {
         let device = FaultyDevice {
             name: name.into(),
             len: control.lock().written.len() as u64,
-            queue_depth: queue_depth.max(1),
-            queued: VecDeque::new(),
+            queue: RequestQueue::new(queue_depth),
             control: control.clone(),
         };
         (device, control)
@@ -147,23 +144,15 @@ impl BlockDevice for FaultyDevice {
     }
 
     fn queue_depth(&self) -> usize {
-        self.queue_depth
+        self.queue.depth()
     }
 
     fn in_flight(&self) -> usize {
-        self.queued.len()
+        self.queue.len()
     }
 
     unsafe fn submit(&mut self, request: IoRequest) -> Result<(), DeviceError> {
-        check_request(&self.name, self.len, &request)?;
-        if self.queued.len() >= self.queue_depth {
-            return Err(DeviceError::QueueFull {
-                device: self.name.clone(),
-                queue_depth: self.queue_depth,
-            });
-        }
-        self.queued.push_back(request);
-        Ok(())
+        self.queue.push(&self.name, self.len, request)
     }
 
     fn poll(
@@ -171,14 +160,13 @@ impl BlockDevice for FaultyDevice {
         completions: &mut Vec<IoCompletion>,
         _min_completions: usize,
     ) -> Result<usize, DeviceError> {
-        let count = self.queued.len();
         let mut state = self.control.lock();
-        while let Some(request) = self.queued.pop_front() {
+        let count = self.queue.drain(completions, |request| {
             let io = state.executed;
             state.executed += 1;
             // SAFETY (for the execute calls below): `submit`'s contract keeps the buffer
             // valid until this completion is returned.
-            let result = if state.dead {
+            if state.dead {
                 Err(libc::EIO)
             } else if let Some((_, errno)) = state.fail_from.filter(|(from, _)| io >= *from) {
                 state.dead = true;
@@ -191,7 +179,7 @@ impl BlockDevice for FaultyDevice {
             {
                 let torn = IoRequest {
                     len: bytes.min(request.len),
-                    ..request
+                    ..*request
                 };
                 // SAFETY: see above; `torn` covers a prefix of the request's buffer.
                 unsafe {
@@ -203,7 +191,7 @@ impl BlockDevice for FaultyDevice {
             } else {
                 let state = &mut *state;
                 // SAFETY: see above.
-                let result = unsafe { MemoryDevice::execute(&mut state.written, &request) };
+                let result = unsafe { MemoryDevice::execute(&mut state.written, request) };
                 match request.op {
                     IoOp::Sync => state.durable.copy_from_slice(&state.written),
                     IoOp::Read => {
@@ -217,12 +205,8 @@ impl BlockDevice for FaultyDevice {
                     IoOp::Write => {}
                 }
                 result
-            };
-            completions.push(IoCompletion {
-                user_data: request.user_data,
-                result,
-            });
-        }
+            }
+        });
         Ok(count)
     }
 }

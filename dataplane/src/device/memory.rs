@@ -1,6 +1,4 @@
-use std::collections::VecDeque;
-
-use super::{BlockDevice, DeviceError, IoCompletion, IoOp, IoRequest, check_request};
+use super::{BlockDevice, DeviceError, IoCompletion, IoOp, IoRequest, RequestQueue};
 
 /// A drive in memory: the same contract as the real one (alignment, bounds, queue depth,
 /// completions only through `poll`), for tests and for machines without a spare drive.
@@ -8,8 +6,7 @@ use super::{BlockDevice, DeviceError, IoCompletion, IoOp, IoRequest, check_reque
 pub struct MemoryDevice {
     name: String,
     data: Vec<u8>,
-    queue_depth: usize,
-    queued: VecDeque<IoRequest>,
+    queue: RequestQueue,
 }
 
 impl MemoryDevice {
@@ -23,8 +20,7 @@ impl MemoryDevice {
         MemoryDevice {
             name: name.into(),
             data: image,
-            queue_depth: queue_depth.max(1),
-            queued: VecDeque::new(),
+            queue: RequestQueue::new(queue_depth),
         }
     }
 
@@ -74,23 +70,16 @@ impl BlockDevice for MemoryDevice {
     }
 
     fn queue_depth(&self) -> usize {
-        self.queue_depth
+        self.queue.depth()
     }
 
     fn in_flight(&self) -> usize {
-        self.queued.len()
+        self.queue.len()
     }
 
     unsafe fn submit(&mut self, request: IoRequest) -> Result<(), DeviceError> {
-        check_request(&self.name, self.len(), &request)?;
-        if self.queued.len() >= self.queue_depth {
-            return Err(DeviceError::QueueFull {
-                device: self.name.clone(),
-                queue_depth: self.queue_depth,
-            });
-        }
-        self.queued.push_back(request);
-        Ok(())
+        let len = self.len();
+        self.queue.push(&self.name, len, request)
     }
 
     fn poll(
@@ -98,15 +87,10 @@ impl BlockDevice for MemoryDevice {
         completions: &mut Vec<IoCompletion>,
         _min_completions: usize,
     ) -> Result<usize, DeviceError> {
-        let count = self.queued.len();
-        while let Some(request) = self.queued.pop_front() {
-            // SAFETY: `submit`'s contract keeps the buffer valid until this completion.
-            let result = unsafe { Self::execute(&mut self.data, &request) };
-            completions.push(IoCompletion {
-                user_data: request.user_data,
-                result,
-            });
-        }
-        Ok(count)
+        let data = &mut self.data;
+        // SAFETY: `submit`'s contract keeps the buffer valid until this completion.
+        Ok(self.queue.drain(completions, |request| unsafe {
+            Self::execute(data, request)
+        }))
     }
 }

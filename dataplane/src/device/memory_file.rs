@@ -8,14 +8,13 @@
 //! worker itself; writes are `pwrite`s into the same pages (so the mapping sees them at
 //! once) and a sync is `fdatasync`. Completions come only through `poll`, as from a ring.
 
-use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{BlockDevice, DeviceError, IO_ALIGNMENT, IoCompletion, IoOp, IoRequest, check_request};
+use super::{BlockDevice, DeviceError, IO_ALIGNMENT, IoCompletion, IoOp, IoRequest, RequestQueue};
 use crate::buffer::ReadOnlyMap;
 
 /// `statfs` magic numbers of the file systems whose files are memory.
@@ -49,8 +48,7 @@ pub struct MemoryFileDevice {
     file: File,
     map: ReadOnlyMap,
     len: u64,
-    queue_depth: usize,
-    queued: VecDeque<IoRequest>,
+    queue: RequestQueue,
 }
 
 impl MemoryFileDevice {
@@ -94,42 +92,39 @@ impl MemoryFileDevice {
             file,
             map,
             len,
-            queue_depth: queue_depth.max(1),
-            queued: VecDeque::new(),
+            queue: RequestQueue::new(queue_depth),
         }))
     }
+}
 
-    /// Carries out one request.
-    ///
-    /// # Safety
-    /// The request's buffer is valid for `len` bytes (the `submit` contract).
-    unsafe fn execute(&self, request: &IoRequest) -> Result<u32, i32> {
-        let len = request.len as usize;
-        if len == 0 && request.op != IoOp::Sync {
-            // Nothing to copy, and the buffer may be null (which the copies must never get).
-            return Ok(0);
-        }
-        match request.op {
-            IoOp::Read => {
-                let source = self.map.range(request.offset, len).ok_or(libc::EINVAL)?;
-                // SAFETY: `source` is `len` bytes inside the mapping; the buffer is valid
-                // for `len` bytes and the request's alone (this function's contract).
-                unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), request.buffer, len) };
-            }
-            IoOp::Write => {
-                // SAFETY: per this function's contract.
-                let data = unsafe { std::slice::from_raw_parts(request.buffer, len) };
-                self.file
-                    .write_all_at(data, request.offset)
-                    .map_err(|error| error.raw_os_error().unwrap_or(libc::EIO))?;
-            }
-            IoOp::Sync => self
-                .file
-                .sync_data()
-                .map_err(|error| error.raw_os_error().unwrap_or(libc::EIO))?,
-        }
-        Ok(request.len)
+/// Carries out one request on the drive's mapping and file.
+///
+/// # Safety
+/// The request's buffer is valid for `len` bytes (the `submit` contract).
+unsafe fn execute(map: &ReadOnlyMap, file: &File, request: &IoRequest) -> Result<u32, i32> {
+    let len = request.len as usize;
+    if len == 0 && request.op != IoOp::Sync {
+        // Nothing to copy, and the buffer may be null (which the copies must never get).
+        return Ok(0);
     }
+    match request.op {
+        IoOp::Read => {
+            let source = map.range(request.offset, len).ok_or(libc::EINVAL)?;
+            // SAFETY: `source` is `len` bytes inside the mapping; the buffer is valid
+            // for `len` bytes and the request's alone (this function's contract).
+            unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), request.buffer, len) };
+        }
+        IoOp::Write => {
+            // SAFETY: per this function's contract.
+            let data = unsafe { std::slice::from_raw_parts(request.buffer, len) };
+            file.write_all_at(data, request.offset)
+                .map_err(|error| error.raw_os_error().unwrap_or(libc::EIO))?;
+        }
+        IoOp::Sync => file
+            .sync_data()
+            .map_err(|error| error.raw_os_error().unwrap_or(libc::EIO))?,
+    }
+    Ok(request.len)
 }
 
 impl BlockDevice for MemoryFileDevice {
@@ -142,23 +137,15 @@ impl BlockDevice for MemoryFileDevice {
     }
 
     fn queue_depth(&self) -> usize {
-        self.queue_depth
+        self.queue.depth()
     }
 
     fn in_flight(&self) -> usize {
-        self.queued.len()
+        self.queue.len()
     }
 
     unsafe fn submit(&mut self, request: IoRequest) -> Result<(), DeviceError> {
-        check_request(&self.name, self.len, &request)?;
-        if self.queued.len() >= self.queue_depth {
-            return Err(DeviceError::QueueFull {
-                device: self.name.clone(),
-                queue_depth: self.queue_depth,
-            });
-        }
-        self.queued.push_back(request);
-        Ok(())
+        self.queue.push(&self.name, self.len, request)
     }
 
     fn poll(
@@ -166,16 +153,11 @@ impl BlockDevice for MemoryFileDevice {
         completions: &mut Vec<IoCompletion>,
         _min_completions: usize,
     ) -> Result<usize, DeviceError> {
-        let count = self.queued.len();
-        while let Some(request) = self.queued.pop_front() {
-            // SAFETY: `submit`'s contract keeps the buffer valid until this completion.
-            let result = unsafe { self.execute(&request) };
-            completions.push(IoCompletion {
-                user_data: request.user_data,
-                result,
-            });
-        }
-        Ok(count)
+        let (map, file) = (&self.map, &self.file);
+        // SAFETY: `submit`'s contract keeps the buffer valid until this completion.
+        Ok(self.queue.drain(completions, |request| unsafe {
+            execute(map, file, request)
+        }))
     }
 }
 

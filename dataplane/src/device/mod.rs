@@ -275,6 +275,67 @@ fn completion_result<D: BlockDevice + ?Sized>(
     }
 }
 
+/// The queue of a device that carries its requests out itself, inside `poll` (memory, a
+/// file in memory, fault injection): checked and bounded at submit, taken in order.
+#[derive(Debug)]
+pub(crate) struct RequestQueue {
+    depth: usize,
+    queued: std::collections::VecDeque<IoRequest>,
+}
+
+impl RequestQueue {
+    pub(crate) fn new(depth: usize) -> Self {
+        RequestQueue {
+            depth: depth.max(1),
+            queued: std::collections::VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn depth(&self) -> usize {
+        self.depth
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Queues a request to the device `name` of `device_len` bytes, if it is aligned, inside
+    /// the device and there is room.
+    pub(crate) fn push(
+        &mut self,
+        name: &str,
+        device_len: u64,
+        request: IoRequest,
+    ) -> Result<(), DeviceError> {
+        check_request(name, device_len, &request)?;
+        if self.queued.len() >= self.depth {
+            return Err(DeviceError::QueueFull {
+                device: name.to_string(),
+                queue_depth: self.depth,
+            });
+        }
+        self.queued.push_back(request);
+        Ok(())
+    }
+
+    /// Carries out every queued request with `execute`, in order, appending its completion;
+    /// returns how many.
+    pub(crate) fn drain(
+        &mut self,
+        completions: &mut Vec<IoCompletion>,
+        mut execute: impl FnMut(&IoRequest) -> Result<u32, i32>,
+    ) -> usize {
+        let count = self.queued.len();
+        while let Some(request) = self.queued.pop_front() {
+            completions.push(IoCompletion {
+                user_data: request.user_data,
+                result: execute(&request),
+            });
+        }
+        count
+    }
+}
+
 /// Checks that an I/O is aligned and inside the device: every implementation calls this in
 /// `submit`, so the in-memory devices refuse what O_DIRECT would refuse.
 pub(crate) fn check_request(
