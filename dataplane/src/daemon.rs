@@ -12,11 +12,11 @@ use tier0_topology::WorkerPlan;
 
 use crate::buffer::BufferPoolConfig;
 use crate::device::{
-    BlockDevice, DeviceError, MemoryFileDevice, UringDevice, UringOptions, preallocate_file,
+    BlockDevice, DeviceError, MemoryDrive, MemoryFileDevice, UringDevice, UringOptions,
+    preallocate_file,
 };
 use crate::fence::FenceTable;
 use crate::heat::{DEFAULT_HALF_LIFE, HeatMap};
-use crate::net::mapped::MappedDrive;
 use crate::net::rdma::{RdmaService, device_names};
 use crate::net::replicate::CopyConfig;
 use crate::net::tcp::{LocalSocket, TcpServer, TcpServerConfig};
@@ -141,42 +141,21 @@ impl DataDaemon {
             return Err(DaemonError::EmptyToken);
         }
         let mut specs = Vec::new();
-        let mut paths = Vec::new();
         let mut mapped = Vec::new();
         for drive in &config.drives {
-            let store =
-                open_or_format(drive, config.store).map_err(|source| DaemonError::Drive {
-                    path: drive.path.display().to_string(),
-                    source,
-                })?;
-            let chunk_size = store.chunk_size();
+            let spec = open_drive(drive, config.store, config.map_memory_drives)?;
             if let Some(first) = specs
                 .first()
-                .map(|spec: &DriveSpec| spec.store.chunk_size())
-                && first != chunk_size
+                .map(|first: &DriveSpec| first.store.chunk_size())
+                && first != spec.store.chunk_size()
             {
                 return Err(DaemonError::MixedChunkSizes {
                     first,
-                    other: chunk_size,
+                    other: spec.store.chunk_size(),
                 });
             }
-            specs.push(DriveSpec {
-                name: drive.path.display().to_string(),
-                store: Arc::new(store),
-                numa_node: drive.numa_node,
-            });
-            paths.push(drive.path.clone());
-            mapped.push(if config.map_memory_drives {
-                MappedDrive::open(&drive.path).map_err(|source| DaemonError::Drive {
-                    path: drive.path.display().to_string(),
-                    source: StoreError::Device(DeviceError::Open {
-                        device: drive.path.display().to_string(),
-                        source,
-                    }),
-                })?
-            } else {
-                None
-            });
+            mapped.push(spec.memory.clone());
+            specs.push(spec);
         }
         let chunk_size = specs[0].store.chunk_size();
         let stores: Vec<Arc<ChunkStore>> = specs.iter().map(|spec| spec.store.clone()).collect();
@@ -207,19 +186,7 @@ impl DataDaemon {
             addr: config.listen,
             source,
         })?;
-        let memory_files = config.map_memory_drives;
-        let factory: DeviceFactory = Arc::new(move |spec: &DriveSpec| {
-            let path = PathBuf::from(&spec.name);
-            let options = UringOptions::default();
-            // A drive in memory is read by copies from its pages, not through a ring
-            // (`device::memory_file`); every other one through io_uring.
-            if memory_files
-                && let Some(device) = MemoryFileDevice::open(&path, options.queue_depth as usize)?
-            {
-                return Ok(Box::new(device) as Box<dyn BlockDevice>);
-            }
-            Ok(Box::new(UringDevice::open(&path, &options)?) as Box<dyn BlockDevice>)
-        });
+        let factory: DeviceFactory = Arc::new(drive_device);
         let pool = WorkerPool::start(
             plan,
             &specs,
@@ -366,6 +333,48 @@ fn rdma_service(
     Ok(Some(service))
 }
 
+/// Opens (or formats) a drive's store and, when `map_memory` and the drive is a file in
+/// memory, maps it once: its workers' devices and the TCP path's sends share that mapping.
+fn open_drive(
+    drive: &DriveConfig,
+    geometry: StoreConfig,
+    map_memory: bool,
+) -> Result<DriveSpec, DaemonError> {
+    let failed = |source| DaemonError::Drive {
+        path: drive.path.display().to_string(),
+        source,
+    };
+    let store = open_or_format(drive, geometry).map_err(failed)?;
+    let memory = if map_memory {
+        MemoryDrive::open(&drive.path).map_err(|error| failed(StoreError::Device(error)))?
+    } else {
+        None
+    };
+    Ok(DriveSpec {
+        name: drive.path.display().to_string(),
+        store: Arc::new(store),
+        numa_node: drive.numa_node,
+        memory,
+    })
+}
+
+/// Opens one worker's device on a drive: by copies from the drive's shared mapping when it is
+/// a file in memory the daemon maps (`DriveSpec::memory`, see `device::memory_file`), through
+/// io_uring otherwise.
+fn drive_device(spec: &DriveSpec) -> Result<Box<dyn BlockDevice>, DeviceError> {
+    let options = UringOptions::default();
+    Ok(match &spec.memory {
+        Some(drive) => Box::new(MemoryFileDevice::new(
+            drive.clone(),
+            options.queue_depth as usize,
+        )),
+        None => Box::new(UringDevice::open(
+            std::path::Path::new(&spec.name),
+            &options,
+        )?),
+    })
+}
+
 /// Opens the store on a drive; formats it when the file was just created, or when the
 /// device holds no store yet and is all zeros at the start (never over foreign data).
 fn open_or_format(drive: &DriveConfig, geometry: StoreConfig) -> Result<ChunkStore, StoreError> {
@@ -398,4 +407,95 @@ fn starts_blank(device: &mut UringDevice) -> Result<bool, DeviceError> {
     let mut head = crate::buffer::AlignedBuf::zeroed(crate::device::IO_ALIGNMENT * 2);
     device.read_at(0, &mut head)?;
     Ok(head.iter().all(|&byte| byte == 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ChunkId;
+
+    /// Removes a test's drive file however the test ends.
+    struct RemovedAtEnd(PathBuf);
+
+    impl Drop for RemovedAtEnd {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn geometry() -> StoreConfig {
+        StoreConfig {
+            chunk_size: 64 << 10,
+            checksum_block_size: 4096,
+        }
+    }
+
+    /// Writes a chunk through a worker's device on `spec` and reads it back through another.
+    fn round_trip(spec: &DriveSpec) {
+        let chunk = ChunkId {
+            file: 1,
+            index: 0,
+            generation: 1,
+        };
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        spec.store
+            .put(&mut *drive_device(spec).unwrap(), chunk, &data)
+            .unwrap();
+        let back = spec
+            .store
+            .get(&mut *drive_device(spec).unwrap(), chunk)
+            .unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn a_drive_in_memory_is_mapped_once_and_read_by_copies_unless_told_not_to() {
+        let shm = std::path::Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return; // No tmpfs here: nothing is a memory drive.
+        }
+        let path = shm.join(format!("tier0-daemon-drive-{}", std::process::id()));
+        let _cleanup = RemovedAtEnd(path.clone());
+        let drive = DriveConfig {
+            path,
+            create_size: Some(4 << 20),
+            numa_node: 0,
+        };
+        let mapped = open_drive(&drive, geometry(), true).unwrap();
+        let unmapped = open_drive(&drive, geometry(), false).unwrap();
+        let memory = mapped.memory.as_ref().expect("/dev/shm is tmpfs");
+        assert_eq!(memory.len(), 4 << 20);
+        let device = drive_device(&mapped).unwrap();
+        assert_eq!(
+            device.kind(),
+            MemoryFileDevice::new(memory.clone(), 1).kind()
+        );
+        assert_eq!(device.len(), 4 << 20);
+        // Every worker's device shares the spec's one mapping: no mapping of its own.
+        let second = drive_device(&mapped).unwrap();
+        assert_eq!(Arc::strong_count(memory), 3);
+        drop((device, second));
+        round_trip(&mapped);
+
+        assert!(unmapped.memory.is_none());
+        assert_eq!(drive_device(&unmapped).unwrap().kind(), "io_uring");
+    }
+
+    #[test]
+    fn a_drive_on_disk_is_driven_through_io_uring_even_when_memory_drives_are_mapped() {
+        let path = std::env::temp_dir().join(format!("tier0-daemon-disk-{}", std::process::id()));
+        let _cleanup = RemovedAtEnd(path.clone());
+        let drive = DriveConfig {
+            path: path.clone(),
+            create_size: Some(4 << 20),
+            numa_node: 0,
+        };
+        let spec = open_drive(&drive, geometry(), true).unwrap();
+        if crate::device::is_memory_file(&path).unwrap() {
+            return; // The temp folder is tmpfs here: the first test covers it.
+        }
+        assert!(spec.memory.is_none());
+        assert_eq!(drive_device(&spec).unwrap().kind(), "io_uring");
+        round_trip(&spec);
+    }
 }

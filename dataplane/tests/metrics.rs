@@ -41,6 +41,7 @@ fn bytes_ops_latency_and_queue_depth_are_exported_per_worker() {
         name: "memory".into(),
         store: Arc::new(store),
         numa_node: 0,
+        memory: None,
     };
     let config = WorkerPoolConfig {
         poll_mode: PollMode::Adaptive,

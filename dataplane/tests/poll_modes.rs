@@ -36,6 +36,7 @@ fn start(mode: PollMode, dir: &std::path::Path) -> WorkerPool {
         name: "drive".into(),
         store: Arc::new(store),
         numa_node: 0,
+        memory: None,
     };
     let config = WorkerPoolConfig {
         poll_mode: mode,

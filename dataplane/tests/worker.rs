@@ -88,6 +88,7 @@ fn file_drive(what: &str, chunks: u32) -> (PathBuf, DriveSpec, DeviceFactory) {
         name: "drive".into(),
         store: Arc::new(store),
         numa_node: 0,
+        memory: None,
     };
     let opened = path.clone();
     let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {
@@ -332,6 +333,7 @@ fn faulty_drive() -> (DriveSpec, DeviceFactory, FaultControl) {
         name: "faulty".into(),
         store: Arc::new(store),
         numa_node: 0,
+        memory: None,
     };
     let device = Mutex::new(Some(device));
     let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {

@@ -95,6 +95,7 @@ impl Daemon {
             name: "drive".into(),
             store,
             numa_node: 0,
+            memory: None,
         };
         let pool = WorkerPool::start(&plan, &[drive], factory, &config).unwrap();
         Daemon {

@@ -149,6 +149,7 @@ fn chunk_store_on_a_raw_block_device_survives_reopening_and_serves_workers() {
         name: "loop".into(),
         store: Arc::new(store),
         numa_node: 0,
+        memory: None,
     };
     let pool = WorkerPool::start(&plan, &[drive], factory, &config).unwrap();
     let (reply, completions) = crossbeam_channel::unbounded();

@@ -287,6 +287,7 @@ fn drive_reads(
         name: prepared.path.display().to_string(),
         store: prepared.store.clone(),
         numa_node: plan.numa_nodes[0].numa_node,
+        memory: None,
     };
     let path = prepared.path.clone();
     let factory: DeviceFactory = Arc::new(move |_: &DriveSpec| {

@@ -139,6 +139,10 @@ impl BlockDevice for FaultyDevice {
         &self.name
     }
 
+    fn kind(&self) -> &'static str {
+        "fault injection"
+    }
+
     fn len(&self) -> u64 {
         self.len
     }
@@ -153,6 +157,14 @@ impl BlockDevice for FaultyDevice {
 
     unsafe fn submit(&mut self, request: IoRequest) -> Result<(), DeviceError> {
         self.queue.push(&self.name, self.len, request)
+    }
+
+    fn wait(
+        &mut self,
+        wake_fds: &[std::os::fd::RawFd],
+        timeout: Option<std::time::Duration>,
+    ) -> Result<bool, DeviceError> {
+        self.queue.wait(&self.name, wake_fds, timeout)
     }
 
     fn poll(

@@ -65,6 +65,10 @@ impl BlockDevice for MemoryDevice {
         &self.name
     }
 
+    fn kind(&self) -> &'static str {
+        "memory (test device)"
+    }
+
     fn len(&self) -> u64 {
         self.data.len() as u64
     }
@@ -80,6 +84,14 @@ impl BlockDevice for MemoryDevice {
     unsafe fn submit(&mut self, request: IoRequest) -> Result<(), DeviceError> {
         let len = self.len();
         self.queue.push(&self.name, len, request)
+    }
+
+    fn wait(
+        &mut self,
+        wake_fds: &[std::os::fd::RawFd],
+        timeout: Option<std::time::Duration>,
+    ) -> Result<bool, DeviceError> {
+        self.queue.wait(&self.name, wake_fds, timeout)
     }
 
     fn poll(

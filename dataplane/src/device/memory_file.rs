@@ -13,6 +13,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::{BlockDevice, DeviceError, IO_ALIGNMENT, IoCompletion, IoOp, IoRequest, RequestQueue};
 use crate::buffer::ReadOnlyMap;
@@ -41,20 +42,22 @@ pub fn is_memory_file(path: &Path) -> io::Result<bool> {
     Ok(magic == TMPFS_MAGIC || magic == RAMFS_MAGIC)
 }
 
-/// A file on tmpfs or ramfs driven by copies: see the module docs.
+/// A file on tmpfs or ramfs, opened and mapped read-only once per daemon and shared: every
+/// worker's [`MemoryFileDevice`] reads by copies from the mapping and writes through the
+/// file, and the TCP path sends whole blocks straight from it (`net::mapped`).
 #[derive(Debug)]
-pub struct MemoryFileDevice {
+pub struct MemoryDrive {
     name: String,
     file: File,
     map: ReadOnlyMap,
     len: u64,
-    queue: RequestQueue,
 }
 
-impl MemoryFileDevice {
-    /// Opens `path` when it is a file in memory ([`is_memory_file`]); `Ok(None)` for anything
-    /// else (a block device, a file on a disk's file system), which io_uring drives.
-    pub fn open(path: &Path, queue_depth: usize) -> Result<Option<Self>, DeviceError> {
+impl MemoryDrive {
+    /// Opens and maps `path` when it is a file in memory ([`is_memory_file`]); `Ok(None)` for
+    /// anything else (a block device, a file on a disk's file system), which io_uring drives.
+    /// Its length is the file's, rounded down to whole blocks.
+    pub fn open(path: &Path) -> Result<Option<Arc<MemoryDrive>>, DeviceError> {
         let name = path.display().to_string();
         let open_error = |source| DeviceError::Open {
             device: name.clone(),
@@ -87,13 +90,57 @@ impl MemoryFileDevice {
             operation: "mmap",
             source,
         })?;
-        Ok(Some(MemoryFileDevice {
+        Ok(Some(Arc::new(MemoryDrive {
             name,
             file,
             map,
             len,
+        })))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Usable bytes: whole blocks.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `len` bytes at `offset` of the drive, if the drive holds them.
+    pub fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let start = self.map.range(offset, len)?;
+        // SAFETY: inside the mapping, which lives as long as `self`. The drive is one
+        // daemon's own store file; a chunk's slot is rewritten only once no reader holds the
+        // chunk (the store's rule), so bytes a caller was pointed at stay the chunk's.
+        Some(unsafe { std::slice::from_raw_parts(start.as_ptr(), len) })
+    }
+}
+
+/// One worker's handle on a [`MemoryDrive`]: its own bounded queue, the drive's mapping and
+/// file. See the module docs.
+#[derive(Debug)]
+pub struct MemoryFileDevice {
+    drive: Arc<MemoryDrive>,
+    queue: RequestQueue,
+}
+
+impl MemoryFileDevice {
+    /// A handle on `drive` with `queue_depth` requests in flight at most.
+    pub fn new(drive: Arc<MemoryDrive>, queue_depth: usize) -> Self {
+        MemoryFileDevice {
+            drive,
             queue: RequestQueue::new(queue_depth),
-        }))
+        }
+    }
+
+    /// Opens `path` as a drive of its own when it is a file in memory; `Ok(None)` otherwise.
+    pub fn open(path: &Path, queue_depth: usize) -> Result<Option<Self>, DeviceError> {
+        Ok(MemoryDrive::open(path)?.map(|drive| MemoryFileDevice::new(drive, queue_depth)))
     }
 }
 
@@ -129,11 +176,15 @@ unsafe fn execute(map: &ReadOnlyMap, file: &File, request: &IoRequest) -> Result
 
 impl BlockDevice for MemoryFileDevice {
     fn name(&self) -> &str {
-        &self.name
+        &self.drive.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory file (copies from a mapping)"
     }
 
     fn len(&self) -> u64 {
-        self.len
+        self.drive.len
     }
 
     fn queue_depth(&self) -> usize {
@@ -145,7 +196,15 @@ impl BlockDevice for MemoryFileDevice {
     }
 
     unsafe fn submit(&mut self, request: IoRequest) -> Result<(), DeviceError> {
-        self.queue.push(&self.name, self.len, request)
+        self.queue.push(&self.drive.name, self.drive.len, request)
+    }
+
+    fn wait(
+        &mut self,
+        wake_fds: &[std::os::fd::RawFd],
+        timeout: Option<std::time::Duration>,
+    ) -> Result<bool, DeviceError> {
+        self.queue.wait(&self.drive.name, wake_fds, timeout)
     }
 
     fn poll(
@@ -153,7 +212,7 @@ impl BlockDevice for MemoryFileDevice {
         completions: &mut Vec<IoCompletion>,
         _min_completions: usize,
     ) -> Result<usize, DeviceError> {
-        let (map, file) = (&self.map, &self.file);
+        let (map, file) = (&self.drive.map, &self.drive.file);
         // SAFETY: `submit`'s contract keeps the buffer valid until this completion.
         Ok(self.queue.drain(completions, |request| unsafe {
             execute(map, file, request)
@@ -211,6 +270,27 @@ mod tests {
                 other => panic!("a 100-byte drive opened: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_drive_hands_out_only_the_bytes_it_holds() {
+        let Some(path) = shm_file("bytes", IO_ALIGNMENT + 10) else {
+            return; // No tmpfs at /dev/shm on this machine.
+        };
+        // Ten bytes past the last whole block, which the drive does not hold.
+        let data: Vec<u8> = (0..IO_ALIGNMENT + 10).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let drive = MemoryDrive::open(&path).unwrap().expect("tmpfs");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(drive.len(), IO_ALIGNMENT as u64);
+        assert_eq!(drive.bytes(2, 3), Some(&data[2..5]));
+        let tail = IO_ALIGNMENT as u64 - 2;
+        assert_eq!(
+            drive.bytes(tail, 2),
+            Some(&data[IO_ALIGNMENT - 2..IO_ALIGNMENT])
+        );
+        assert_eq!(drive.bytes(tail, 3), None, "past the last whole block");
+        assert_eq!(drive.bytes(u64::MAX, 1), None);
     }
 
     #[test]

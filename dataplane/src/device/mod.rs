@@ -20,7 +20,7 @@ use std::io;
 
 pub use faulty::{FaultControl, FaultyDevice};
 pub use memory::MemoryDevice;
-pub use memory_file::{MemoryFileDevice, is_memory_file};
+pub use memory_file::{MemoryDrive, MemoryFileDevice, is_memory_file};
 pub use uring::{UringDevice, UringOptions, preallocate_file};
 
 use crate::buffer::AlignedBuf;
@@ -149,6 +149,9 @@ pub trait BlockDevice: Send {
     /// The path or name used in error messages.
     fn name(&self) -> &str;
 
+    /// What drives the device, as the daemon's log names it ("io_uring, O_DIRECT", …).
+    fn kind(&self) -> &'static str;
+
     /// Usable size in bytes (a multiple of [`IO_ALIGNMENT`]).
     fn len(&self) -> u64;
 
@@ -165,16 +168,13 @@ pub trait BlockDevice: Send {
     /// Sleeps until a completion is ready or one of `wake_fds` (an eventfd, an epoll fd)
     /// becomes readable, for at most `timeout` (`None`: no limit; zero: only collect finished
     /// work, never sleep). Returns true when a wake fd woke it. Completions are then returned
-    /// by `poll`.
-    ///
-    /// The default returns at once: right for devices that complete inside `poll`.
+    /// by `poll`. Every device sleeps here when it has nothing to complete, so a worker whose
+    /// requests are all waiting on something else never spins on it.
     fn wait(
         &mut self,
-        _wake_fds: &[std::os::fd::RawFd],
-        _timeout: Option<std::time::Duration>,
-    ) -> Result<bool, DeviceError> {
-        Ok(false)
-    }
+        wake_fds: &[std::os::fd::RawFd],
+        timeout: Option<std::time::Duration>,
+    ) -> Result<bool, DeviceError>;
 
     /// Registers memory regions as fixed buffers (io_uring `register_buffers`): requests then
     /// name them by index in [`IoRequest::fixed_buffer`]. Replaces any earlier registration.
@@ -318,6 +318,49 @@ impl RequestQueue {
         Ok(())
     }
 
+    /// `BlockDevice::wait` for a device that completes inside `poll`: at once when a request
+    /// is queued (the next `poll` completes it); otherwise a sleep on `wake_fds`, for at most
+    /// `timeout`. With no fd and no limit nothing could ever end the sleep: it returns at once.
+    pub(crate) fn wait(
+        &self,
+        name: &str,
+        wake_fds: &[std::os::fd::RawFd],
+        timeout: Option<std::time::Duration>,
+    ) -> Result<bool, DeviceError> {
+        if !self.queued.is_empty()
+            || timeout.is_some_and(|timeout| timeout.is_zero())
+            || (wake_fds.is_empty() && timeout.is_none())
+        {
+            return Ok(false);
+        }
+        let mut fds: Vec<libc::pollfd> = wake_fds
+            .iter()
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let millis = timeout.map_or(-1, |timeout| {
+            // Rounded up: a sleep of 10 µs must not become a spin.
+            i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        });
+        // SAFETY: poll reads and writes `fds.len()` pollfd structs this function owns.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(DeviceError::Setup {
+                device: name.to_string(),
+                operation: "poll on the wake fds",
+                source: error,
+            });
+        }
+        Ok(fds.iter().any(|fd| fd.revents != 0))
+    }
+
     /// Carries out every queued request with `execute`, in order, appending its completion;
     /// returns how many.
     pub(crate) fn drain(
@@ -436,5 +479,74 @@ fn blocking_write<D: BlockDevice + ?Sized>(
         bounce.copy_from_slice(data);
         let pointer = bounce.as_mut_ptr();
         blocking(device, IoOp::Write, offset, pointer, data.len(), |_| {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::time::{Duration, Instant};
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two fds, which are then owned here.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both fds were just opened and belong to nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn a_device_that_completes_in_poll_sleeps_only_with_nothing_queued() {
+        let mut device = MemoryDevice::new("memory", 4 * IO_ALIGNMENT as u64, 4);
+        let (read, write) = pipe();
+        let fds = [read.as_raw_fd()];
+
+        // Nothing to complete and nothing rung: the whole timeout.
+        let start = Instant::now();
+        assert!(!device.wait(&fds, Some(Duration::from_millis(30))).unwrap());
+        assert!(
+            start.elapsed() >= Duration::from_millis(25),
+            "{:?}",
+            start.elapsed()
+        );
+        // A timeout under a millisecond still sleeps (rounded up), never spins.
+        let start = Instant::now();
+        assert!(!device.wait(&fds, Some(Duration::from_micros(10))).unwrap());
+        assert!(start.elapsed() >= Duration::from_micros(10));
+
+        // A wake fd that is readable ends it at once, and says so.
+        // SAFETY: writes one byte from a live buffer to the pipe's write end.
+        assert_eq!(
+            unsafe { libc::write(write.as_raw_fd(), [1u8].as_ptr().cast(), 1) },
+            1
+        );
+        let start = Instant::now();
+        assert!(device.wait(&fds, Some(Duration::from_secs(10))).unwrap());
+        assert!(start.elapsed() < Duration::from_secs(5));
+
+        // A queued request is ready for the next poll: no sleep, however long the timeout.
+        let (quiet, _keep) = pipe();
+        let mut buffer = AlignedBuf::zeroed(IO_ALIGNMENT);
+        let request = IoRequest {
+            op: IoOp::Read,
+            offset: 0,
+            buffer: buffer.as_mut_ptr(),
+            len: IO_ALIGNMENT as u32,
+            fixed_buffer: None,
+            user_data: 7,
+        };
+        // SAFETY: the buffer outlives the poll below.
+        unsafe { device.submit(request).unwrap() };
+        let start = Instant::now();
+        assert!(!device.wait(&[quiet.as_raw_fd()], None).unwrap());
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let mut completions = Vec::new();
+        assert_eq!(device.poll(&mut completions, 0).unwrap(), 1);
+
+        // No fd and no limit: nothing could end the sleep, so there is none.
+        let start = Instant::now();
+        assert!(!device.wait(&[], None).unwrap());
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 }

@@ -393,6 +393,10 @@ impl BlockDevice for UringDevice {
         &self.name
     }
 
+    fn kind(&self) -> &'static str {
+        "io_uring"
+    }
+
     fn len(&self) -> u64 {
         self.len
     }

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use super::mapped::{MappedDrive, MappedMetrics, Payload, mapped_read};
+use super::mapped::{MappedMetrics, Payload, mapped_read};
 use super::rdma::{RdmaAcceptor, RdmaService, Session};
 use super::replicate::{Copier, CopyConfig, CopyError, CopyPermit};
 use super::stream::{LocalListener, Peer, Stream, boot_id, unix_peer};
@@ -44,6 +44,7 @@ use super::wire::{
     LocalReadDone, MAX_BODY, Message, Opcode, ReadDone, Welcome,
 };
 use crate::buffer::BufferLease;
+use crate::device::MemoryDrive;
 use crate::fence::FenceTable;
 use crate::heat::HeatMap;
 use crate::store::{ChunkId, ChunkStore};
@@ -123,7 +124,7 @@ impl TcpServer {
     pub fn bind(
         config: TcpServerConfig,
         stores: Vec<Arc<ChunkStore>>,
-        mapped: Vec<Option<Arc<MappedDrive>>>,
+        mapped: Vec<Option<Arc<MemoryDrive>>>,
         fences: Arc<FenceTable>,
         workers: usize,
         rdma: Option<RdmaService>,
@@ -145,7 +146,7 @@ impl TcpServer {
             boot_id: boot_id().to_string(),
         });
         let stores: Arc<[Arc<ChunkStore>]> = stores.into();
-        let mapped: Arc<[Option<Arc<MappedDrive>>]> = mapped.into();
+        let mapped: Arc<[Option<Arc<MemoryDrive>>]> = mapped.into();
         if mapped.len() != stores.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -610,7 +611,7 @@ pub struct TcpSource {
     pending: Tags<Pending>,
     stores: Arc<[Arc<ChunkStore>]>,
     /// Per drive, in the stores' order: its mapping, when it is memory-backed (and mapping is on).
-    mapped: Arc<[Option<Arc<MappedDrive>>]>,
+    mapped: Arc<[Option<Arc<MemoryDrive>>]>,
     mapped_reads: MappedMetrics,
     fences: Arc<FenceTable>,
     heat: Arc<HeatMap>,
@@ -642,7 +643,7 @@ impl TcpSource {
         incoming: Receiver<(Stream, Peer, bool)>,
         notify: Arc<EventFd>,
         stores: Arc<[Arc<ChunkStore>]>,
-        mapped: Arc<[Option<Arc<MappedDrive>>]>,
+        mapped: Arc<[Option<Arc<MemoryDrive>>]>,
         fences: Arc<FenceTable>,
         copier: Arc<Copier>,
         config: &TcpServerConfig,

@@ -444,6 +444,7 @@ impl Worker {
         for spec in drives {
             let mut device =
                 factory(spec).map_err(|error| (Failed::Opening, crate::error_chain(&error)))?;
+            tracing::debug!(drive = spec.name, kind = device.kind(), "drive opened");
             let store = spec.store.clone();
             // SAFETY: the pool lives in this worker as long as the device does, and is dropped
             // after it (field order of Worker: drives before pool).

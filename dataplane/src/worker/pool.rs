@@ -8,7 +8,7 @@ use tier0_topology::WorkerPlan;
 use super::doorbell::Doorbell;
 use super::{PollMode, Request, SourceFactory, Worker, WorkerConfig};
 use crate::buffer::BufferPoolConfig;
-use crate::device::{BlockDevice, DeviceError};
+use crate::device::{BlockDevice, DeviceError, MemoryDrive};
 use crate::store::ChunkStore;
 
 /// A drive the data plane serves: its store, and the NUMA node whose workers own it.
@@ -17,6 +17,9 @@ pub struct DriveSpec {
     pub name: String,
     pub store: Arc<ChunkStore>,
     pub numa_node: u32,
+    /// The drive's one mapping when it is a file in memory and the daemon reads such drives
+    /// by copies (`map_memory_drives`): every worker's device shares it.
+    pub memory: Option<Arc<MemoryDrive>>,
 }
 
 /// Opens one worker's own handle (ring) on a drive. Real daemons open the drive's path with
