@@ -517,10 +517,8 @@ mod tests {
 
         // A wake fd that is readable ends it at once, and says so.
         // SAFETY: writes one byte from a live buffer to the pipe's write end.
-        assert_eq!(
-            unsafe { libc::write(write.as_raw_fd(), [1u8].as_ptr().cast(), 1) },
-            1
-        );
+        let written = unsafe { libc::write(write.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        assert_eq!(written, 1);
         let start = Instant::now();
         assert!(device.wait(&fds, Some(Duration::from_secs(10))).unwrap());
         assert!(start.elapsed() < Duration::from_secs(5));
