@@ -196,7 +196,7 @@ const RECEIVE_BUFFER: usize = 16 << 10;
 /// source (512 KiB together) are still in the core's L2 (1–2 MiB on server cores), and the
 /// CRC32C runs at cache speed. A whole 1 MiB reply taken at once (the socket usually holds
 /// most of it) is checked from farther out: the striped bench's readers spent twice the CPU
-/// on the check and served ~6% less (ARCHITECTURE 34). Smaller pieces cost more receives
+/// on the check and served ~6% less (ARCHITECTURE 24). Smaller pieces cost more receives
 /// than the cache saves (128 KiB served less than 256 KiB there).
 const CHECKED_PIECE: usize = 256 << 10;
 

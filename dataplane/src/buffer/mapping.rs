@@ -11,7 +11,9 @@ pub struct ReadOnlyMap {
     len: usize,
 }
 
-// SAFETY: the mapping is read-only and lives until drop; nothing writes through it.
+// SAFETY: the mapping is read-only and lives until drop; nothing writes through it (a drive's
+// writes go through its file, and readers rely on the store's rule that a chunk's slot is
+// rewritten only once nobody holds the chunk).
 unsafe impl Send for ReadOnlyMap {}
 // SAFETY: as above.
 unsafe impl Sync for ReadOnlyMap {}

@@ -111,8 +111,10 @@ impl MemoryDrive {
         self.len == 0
     }
 
-    /// `len` bytes at `offset` of the drive, if the drive holds them.
-    pub fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+    /// `len` bytes at `offset` of the drive, if the drive holds them. Crate-only: workers
+    /// `pwrite` into these pages, and only a reader that holds the chunk's info (as
+    /// `net::mapped` does) knows the bytes it was pointed at stay put.
+    pub(crate) fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
         let start = self.map.range(offset, len)?;
         // SAFETY: inside the mapping, which lives as long as `self`. The drive is one
         // daemon's own store file; a chunk's slot is rewritten only once no reader holds the

@@ -149,7 +149,8 @@ pub trait BlockDevice: Send {
     /// The path or name used in error messages.
     fn name(&self) -> &str;
 
-    /// What drives the device, as the daemon's log names it ("io_uring, O_DIRECT", …).
+    /// What drives the device, as the daemon's log names it ("io_uring, O_DIRECT", "memory
+    /// file (copies from a mapping)", …).
     fn kind(&self) -> &'static str;
 
     /// Usable size in bytes (a multiple of [`IO_ALIGNMENT`]).
@@ -343,7 +344,7 @@ impl RequestQueue {
             .collect();
         let millis = timeout.map_or(-1, |timeout| {
             // Rounded up: a sleep of 10 µs must not become a spin.
-            i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            i32::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
         });
         // SAFETY: poll reads and writes `fds.len()` pollfd structs this function owns.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
@@ -358,7 +359,19 @@ impl RequestQueue {
                 source: error,
             });
         }
-        Ok(fds.iter().any(|fd| fd.revents != 0))
+        // A wake fd that is closed or failed would be reported on every call, so the caller
+        // would spin: that is an error, not a wake.
+        if let Some(bad) = fds.iter().find(|fd| fd.revents & !libc::POLLIN != 0) {
+            return Err(DeviceError::Setup {
+                device: name.to_string(),
+                operation: "poll on the wake fds",
+                source: io::Error::other(format!(
+                    "wake fd {} reports {:#x} (closed, hung up or failed)",
+                    bad.fd, bad.revents
+                )),
+            });
+        }
+        Ok(fds.iter().any(|fd| fd.revents & libc::POLLIN != 0))
     }
 
     /// Carries out every queued request with `execute`, in order, appending its completion;
@@ -513,7 +526,15 @@ mod tests {
         // A timeout under a millisecond still sleeps (rounded up), never spins.
         let start = Instant::now();
         assert!(!device.wait(&fds, Some(Duration::from_micros(10))).unwrap());
-        assert!(start.elapsed() >= Duration::from_micros(10));
+        assert!(
+            start.elapsed() >= Duration::from_micros(900),
+            "{:?}",
+            start.elapsed()
+        );
+        // Zero: only collect, never sleep.
+        let start = Instant::now();
+        assert!(!device.wait(&fds, Some(Duration::ZERO)).unwrap());
+        assert!(start.elapsed() < Duration::from_secs(5));
 
         // A wake fd that is readable ends it at once, and says so.
         // SAFETY: writes one byte from a live buffer to the pipe's write end.
@@ -537,14 +558,28 @@ mod tests {
         // SAFETY: the buffer outlives the poll below.
         unsafe { device.submit(request).unwrap() };
         let start = Instant::now();
-        assert!(!device.wait(&[quiet.as_raw_fd()], None).unwrap());
+        let long = Some(Duration::from_secs(10));
+        assert!(!device.wait(&[quiet.as_raw_fd()], long).unwrap());
         assert!(start.elapsed() < Duration::from_secs(5));
         let mut completions = Vec::new();
         assert_eq!(device.poll(&mut completions, 0).unwrap(), 1);
 
-        // No fd and no limit: nothing could end the sleep, so there is none.
-        let start = Instant::now();
-        assert!(!device.wait(&[], None).unwrap());
-        assert!(start.elapsed() < Duration::from_secs(5));
+        // A hung-up wake fd is an error, not a wake the caller would spin on.
+        let (hung_up, writer) = pipe();
+        drop(writer);
+        let failed = device.wait(&[hung_up.as_raw_fd()], long);
+        assert!(
+            matches!(failed, Err(DeviceError::Setup { .. })),
+            "{failed:?}"
+        );
+
+        // No fd and no limit: nothing could end the sleep, so there is none. (Run on a
+        // thread, so that a regression fails the test instead of hanging it.)
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let woke = device.wait(&[], None).unwrap();
+            let _ = done.send(woke);
+        });
+        assert_eq!(finished.recv_timeout(Duration::from_secs(5)), Ok(false));
     }
 }

@@ -394,7 +394,14 @@ impl BlockDevice for UringDevice {
     }
 
     fn kind(&self) -> &'static str {
-        "io_uring"
+        // SAFETY: F_GETFL on a file this device owns reads its status flags, nothing else.
+        let flags = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETFL) };
+        let direct = flags >= 0 && flags & libc::O_DIRECT != 0;
+        match (direct, self.iopoll) {
+            (true, true) => "io_uring, O_DIRECT, polled completions",
+            (true, false) => "io_uring, O_DIRECT",
+            (false, _) => "io_uring, buffered (O_DIRECT refused)",
+        }
     }
 
     fn len(&self) -> u64 {

@@ -23,7 +23,8 @@ pub struct DriveSpec {
 }
 
 /// Opens one worker's own handle (ring) on a drive. Real daemons open the drive's path with
-/// io_uring; tests hand out in-memory or fault-injecting devices.
+/// io_uring, or a handle on its shared mapping when it is in memory (`DriveSpec::memory`);
+/// tests hand out in-memory or fault-injecting devices.
 pub type DeviceFactory =
     Arc<dyn Fn(&DriveSpec) -> Result<Box<dyn BlockDevice>, DeviceError> + Send + Sync>;
 
