@@ -502,6 +502,9 @@ struct Connection {
     input: Vec<u8>,
     /// The socket may hold more bytes (edge-triggered: we must read until EAGAIN).
     readable: bool,
+    /// The last send found the socket full: nothing is tried again until its EPOLLOUT edge
+    /// (edge-triggered, so that edge comes), rather than a failed send per new reply.
+    send_blocked: bool,
     output: VecDeque<Outgoing>,
     /// Header buffers of sent replies, reused so a reply allocates nothing.
     spare_heads: Vec<Vec<u8>>,
@@ -721,6 +724,7 @@ impl TcpSource {
             generation: self.generations,
             input: Vec::with_capacity(HEADER_SIZE + MAX_BODY as usize),
             readable: true,
+            send_blocked: false,
             output: VecDeque::new(),
             spare_heads: Vec::new(),
             in_flight: 0,
@@ -762,6 +766,7 @@ impl TcpSource {
                         connection.readable = true;
                     }
                     if event.events & libc::EPOLLOUT as u32 != 0 {
+                        connection.send_blocked = false;
                         flush(connection);
                     }
                 }
@@ -1304,7 +1309,9 @@ fn queue_with(
                 sent: 0,
                 attach,
             });
-            flush(connection);
+            if !connection.send_blocked {
+                flush(connection);
+            }
         }
         Err(error) => tracing::error!(peer = %connection.peer, %error, "reply not encodable"),
     }
@@ -1330,6 +1337,7 @@ fn flush(connection: &mut Connection) {
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     front.attach = Some(fd);
+                    connection.send_blocked = true;
                     return;
                 }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {
@@ -1380,7 +1388,10 @@ fn flush(connection: &mut Connection) {
                     }
                 }
             }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                connection.send_blocked = true;
+                return;
+            }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => {
                 tracing::warn!(peer = %connection.peer, %error, "sending to a peer failed");
