@@ -502,8 +502,10 @@ struct Connection {
     input: Vec<u8>,
     /// The socket may hold more bytes (edge-triggered: we must read until EAGAIN).
     readable: bool,
-    /// The last send found the socket full: nothing is tried again until its EPOLLOUT edge
-    /// (edge-triggered, so that edge comes), rather than a failed send per new reply.
+    /// The last send found the socket full (set only on EAGAIN, so true means output is
+    /// queued or the connection is broken): nothing is tried again until its EPOLLOUT edge,
+    /// rather than a failed send per new reply. The edge comes because the EAGAIN itself arms
+    /// the socket's write-space wake-up (TCP and Unix stream sockets alike).
     send_blocked: bool,
     output: VecDeque<Outgoing>,
     /// Header buffers of sent replies, reused so a reply allocates nothing.
@@ -1322,6 +1324,15 @@ const SPARE_HEADS: usize = 64;
 
 /// Sends what it can of the queued replies, several per system call.
 fn flush(connection: &mut Connection) {
+    flush_queued(connection);
+    debug_assert!(
+        !connection.send_blocked || !connection.output.is_empty() || connection.broken,
+        "a connection marked blocked has nothing to send"
+    );
+}
+
+/// [`flush`]'s sending.
+fn flush_queued(connection: &mut Connection) {
     while !connection.output.is_empty() && !connection.broken {
         if let Some(front) = connection.output.front_mut()
             && let Some(fd) = front.attach.take()
