@@ -98,10 +98,6 @@ impl MemoryDrive {
         })))
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Usable bytes: whole blocks.
     pub fn len(&self) -> u64 {
         self.len
@@ -120,6 +116,38 @@ impl MemoryDrive {
         // daemon's own store file; a chunk's slot is rewritten only once no reader holds the
         // chunk (the store's rule), so bytes a caller was pointed at stay the chunk's.
         Some(unsafe { std::slice::from_raw_parts(start.as_ptr(), len) })
+    }
+
+    /// Carries out one request on the drive's mapping and file.
+    ///
+    /// # Safety
+    /// The request's buffer is valid for `len` bytes (the `submit` contract).
+    unsafe fn execute(&self, request: &IoRequest) -> Result<u32, i32> {
+        let len = request.len as usize;
+        if len == 0 && request.op != IoOp::Sync {
+            // Nothing to copy, and the buffer may be null (which the copies must never get).
+            return Ok(0);
+        }
+        match request.op {
+            IoOp::Read => {
+                let source = self.map.range(request.offset, len).ok_or(libc::EINVAL)?;
+                // SAFETY: `source` is `len` bytes inside the mapping; the buffer is valid
+                // for `len` bytes and the request's alone (this function's contract).
+                unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), request.buffer, len) };
+            }
+            IoOp::Write => {
+                // SAFETY: per this function's contract.
+                let data = unsafe { std::slice::from_raw_parts(request.buffer, len) };
+                self.file
+                    .write_all_at(data, request.offset)
+                    .map_err(|error| error.raw_os_error().unwrap_or(libc::EIO))?;
+            }
+            IoOp::Sync => self
+                .file
+                .sync_data()
+                .map_err(|error| error.raw_os_error().unwrap_or(libc::EIO))?,
+        }
+        Ok(request.len)
     }
 }
 
@@ -144,36 +172,6 @@ impl MemoryFileDevice {
     pub fn open(path: &Path, queue_depth: usize) -> Result<Option<Self>, DeviceError> {
         Ok(MemoryDrive::open(path)?.map(|drive| MemoryFileDevice::new(drive, queue_depth)))
     }
-}
-
-/// Carries out one request on the drive's mapping and file.
-///
-/// # Safety
-/// The request's buffer is valid for `len` bytes (the `submit` contract).
-unsafe fn execute(map: &ReadOnlyMap, file: &File, request: &IoRequest) -> Result<u32, i32> {
-    let len = request.len as usize;
-    if len == 0 && request.op != IoOp::Sync {
-        // Nothing to copy, and the buffer may be null (which the copies must never get).
-        return Ok(0);
-    }
-    match request.op {
-        IoOp::Read => {
-            let source = map.range(request.offset, len).ok_or(libc::EINVAL)?;
-            // SAFETY: `source` is `len` bytes inside the mapping; the buffer is valid
-            // for `len` bytes and the request's alone (this function's contract).
-            unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), request.buffer, len) };
-        }
-        IoOp::Write => {
-            // SAFETY: per this function's contract.
-            let data = unsafe { std::slice::from_raw_parts(request.buffer, len) };
-            file.write_all_at(data, request.offset)
-                .map_err(|error| error.raw_os_error().unwrap_or(libc::EIO))?;
-        }
-        IoOp::Sync => file
-            .sync_data()
-            .map_err(|error| error.raw_os_error().unwrap_or(libc::EIO))?,
-    }
-    Ok(request.len)
 }
 
 impl BlockDevice for MemoryFileDevice {
@@ -214,11 +212,11 @@ impl BlockDevice for MemoryFileDevice {
         completions: &mut Vec<IoCompletion>,
         _min_completions: usize,
     ) -> Result<usize, DeviceError> {
-        let (map, file) = (&self.drive.map, &self.drive.file);
+        let drive = &self.drive;
         // SAFETY: `submit`'s contract keeps the buffer valid until this completion.
-        Ok(self.queue.drain(completions, |request| unsafe {
-            execute(map, file, request)
-        }))
+        Ok(self
+            .queue
+            .drain(completions, |request| unsafe { drive.execute(request) }))
     }
 }
 

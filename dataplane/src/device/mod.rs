@@ -334,31 +334,11 @@ impl RequestQueue {
         {
             return Ok(false);
         }
-        let mut fds: Vec<libc::pollfd> = wake_fds
-            .iter()
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        let millis = timeout.map_or(-1, |timeout| {
-            // Rounded up: a sleep of 10 µs must not become a spin.
-            i32::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
-        });
-        // SAFETY: poll reads and writes `fds.len()` pollfd structs this function owns.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
-        if ready < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                return Ok(false);
-            }
-            return Err(DeviceError::Setup {
-                device: name.to_string(),
-                operation: "poll on the wake fds",
-                source: error,
-            });
-        }
+        let fds = poll_readable(wake_fds, timeout).map_err(|source| DeviceError::Setup {
+            device: name.to_string(),
+            operation: "poll on the wake fds",
+            source,
+        })?;
         // A wake fd that is closed or failed would be reported on every call, so the caller
         // would spin: that is an error, not a wake.
         if let Some(bad) = fds.iter().find(|fd| fd.revents & !libc::POLLIN != 0) {
@@ -390,6 +370,35 @@ impl RequestQueue {
         }
         count
     }
+}
+
+/// Sleeps in poll(2) until one of `fds` is readable, for at most `timeout` (`None`: no limit;
+/// rounded up to whole milliseconds, so a short sleep never becomes a spin); returns the fds
+/// with their `revents`, all zero when the time ran out or a signal came.
+pub(crate) fn poll_readable(
+    fds: &[std::os::fd::RawFd],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Vec<libc::pollfd>> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let millis = timeout.map_or(-1, |timeout| {
+        i32::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+    });
+    // SAFETY: poll reads and writes `polled.len()` pollfd structs this function owns.
+    let ready = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, millis) };
+    if ready < 0 {
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+    Ok(polled)
 }
 
 /// Checks that an I/O is aligned and inside the device: every implementation calls this in

@@ -21,7 +21,9 @@ pub use crate::store::ReadCheck;
 pub use pool::{DeviceFactory, DriveSpec, WorkerPool, WorkerPoolConfig, WorkerPoolError};
 
 use crate::buffer::{AlignedBuf, BufferLease, BufferPool, BufferPoolConfig, PoolBuffer};
-use crate::device::{BlockDevice, DeviceError, IO_ALIGNMENT, IoCompletion, IoOp, IoRequest};
+use crate::device::{
+    BlockDevice, DeviceError, IO_ALIGNMENT, IoCompletion, IoOp, IoRequest, poll_readable,
+};
 use crate::store::{ChunkId, ChunkInfo, ChunkStore, ReadSpan, Reservation, StoreError};
 
 /// What a worker does when it has nothing to do.
@@ -596,26 +598,15 @@ impl Worker {
             self.doorbell.woke(false);
             return;
         }
-        let mut fds: Vec<libc::pollfd> = self
-            .wake_fds
-            .iter()
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: poll reads and writes `fds.len()` pollfd structs we own. The timeout bounds
-        // how late a closed request channel is noticed.
-        let result = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        if result < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            tracing::error!(
-                worker = self.config.id,
-                error = %std::io::Error::last_os_error(),
-                "waiting on request sources failed"
-            );
-        }
-        self.doorbell.woke(fds[0].revents & libc::POLLIN != 0);
+        // The timeout bounds how late a closed request channel is noticed.
+        let rung = match poll_readable(&self.wake_fds, Some(Duration::from_millis(100))) {
+            Ok(fds) => fds[0].revents & libc::POLLIN != 0,
+            Err(error) => {
+                tracing::error!(worker = self.config.id, %error, "waiting on request sources failed");
+                false
+            }
+        };
+        self.doorbell.woke(rung);
         match self.requests.try_recv() {
             Ok(request) => self.stalled = Some(Pending::from(request)),
             Err(TryRecvError::Disconnected) => self.closing = true,
