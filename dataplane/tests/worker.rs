@@ -410,3 +410,117 @@ fn poll_modes_parse_from_configuration_text() {
     );
     assert_eq!(PollMode::default(), PollMode::Adaptive);
 }
+
+/// A source whose work shows up only when the worker says it is about to sleep, as a
+/// network source's events are read only then: its wake fd, an eventfd, is rung to wake the
+/// worker, and `prepare_to_sleep` clears it and takes the work in.
+struct LazySource {
+    inbox: Arc<Mutex<Vec<u32>>>,
+    found: Vec<u32>,
+    wake: std::os::fd::OwnedFd,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    done: crossbeam_channel::Sender<Completion>,
+}
+
+impl tier0_dataplane::worker::RequestSource for LazySource {
+    fn poll(&mut self, _max: usize, requests: &mut Vec<(u64, usize, Op)>) -> bool {
+        for index in self.found.drain(..) {
+            requests.push((
+                u64::from(index),
+                0,
+                Op::Read {
+                    chunk: chunk(index),
+                    offset: 0,
+                    len: 4096,
+                    check: ReadCheck::Worker,
+                },
+            ));
+        }
+        !self.stop.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn complete(&mut self, completion: Completion) {
+        let _ = self.done.send(completion);
+    }
+
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd as _;
+        Some(self.wake.as_raw_fd())
+    }
+
+    fn prepare_to_sleep(&mut self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let mut count = 0u64;
+        // SAFETY: reads 8 bytes from our non-blocking eventfd into `count`.
+        unsafe { libc::read(self.wake.as_raw_fd(), (&raw mut count).cast(), 8) };
+        self.found
+            .extend(std::mem::take(&mut *self.inbox.lock().unwrap()));
+        self.found.is_empty()
+    }
+
+    fn close(self: Box<Self>) {}
+}
+
+#[test]
+fn work_a_source_finds_as_the_worker_goes_to_sleep_is_served_before_it_sleeps() {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let (dir, drive, factory) = file_drive("lazy", 2);
+    // SAFETY: eventfd returns a new fd that we own.
+    let wake = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_NONBLOCK)) };
+    let ring = wake.try_clone().unwrap();
+    let inbox = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done, completions) = crossbeam_channel::unbounded();
+    let source = Mutex::new(Some(LazySource {
+        inbox: inbox.clone(),
+        found: Vec::new(),
+        wake,
+        stop: stop.clone(),
+        done,
+    }));
+    let mut config = config(PollMode::Interrupt, 8);
+    config.sources = Some(Arc::new(move |_| {
+        let source = source.lock().unwrap().take();
+        source
+            .map(|s| Box::new(s) as Box<dyn tier0_dataplane::worker::RequestSource>)
+            .into_iter()
+            .collect()
+    }));
+    let pool = WorkerPool::start(&plan(&[0]), &[drive], factory, &config).unwrap();
+    // Dropped before the pool, failed assertion or not: the source finishes, so the pool's
+    // shutdown (which waits for its sources) ends.
+    let finish = FinishSource(stop, ring.try_clone().unwrap());
+    // Let the worker fall asleep on its sources first.
+    std::thread::sleep(Duration::from_millis(50));
+    let started = std::time::Instant::now();
+    for read in 0..20u32 {
+        let index = read % 2;
+        inbox.lock().unwrap().push(index);
+        // SAFETY: writes 8 bytes to our eventfd.
+        unsafe { libc::write(ring.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+        let completion = wait(&completions);
+        let Ok(Output::Read { lease, .. }) = completion.result else {
+            panic!("read {read} failed: {:?}", completion.result);
+        };
+        assert_eq!(lease.as_slice(), &expected(index)[..4096], "read {read}");
+    }
+    // A worker that slept anyway, its wake fd cleared, would wait out its sleep's 100 ms
+    // bound once per read: 2 s at least.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "20 reads took {took:?}");
+    drop(finish);
+    pool.shutdown();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Finishes a [`LazySource`] when dropped: sets its stop flag and wakes its worker.
+struct FinishSource(Arc<std::sync::atomic::AtomicBool>, std::os::fd::OwnedFd);
+
+impl Drop for FinishSource {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: writes 8 bytes to the source's eventfd.
+        unsafe { libc::write(self.1.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+    }
+}

@@ -546,18 +546,18 @@ impl DaemonConnection {
     /// once. One result per read, in order; a transport failure fails the reads it left
     /// unanswered.
     pub fn read_many(&mut self, reads: &mut [ReadInto<'_>]) -> Vec<Result<(), ClientError>> {
-        self.read_window(reads, usize::MAX, &mut |_, _| {})
+        self.read_window(reads, usize::MAX, None)
     }
 
     /// As [`read_many`](Self::read_many), with at most `window` requests in flight: the next
     /// request goes out as each reply lands, so the daemon never waits for a whole batch to
-    /// drain. `landed` is called, as it happens, for each read whose bytes landed and passed
+    /// drain. `landed`, if given, is called, as it happens, for each read whose bytes landed and passed
     /// their check, with its index and its time from request to last byte.
     pub fn read_window(
         &mut self,
         reads: &mut [ReadInto<'_>],
         window: usize,
-        landed: &mut dyn FnMut(usize, Duration),
+        mut landed: Option<&mut dyn FnMut(usize, Duration)>,
     ) -> Vec<Result<(), ClientError>> {
         // Over the node-local socket, at most the buffers the daemon lets this connection hold.
         let window = match &self.pool {
@@ -594,7 +594,9 @@ impl DaemonConnection {
                 });
                 wire::encode(0, &release, &mut requests).expect("a window of lease ids is small");
             }
-            let now = Instant::now();
+            // Timed only for a caller that wants the times: a clock reading is not free
+            // everywhere (a VM on HPET).
+            let now = landed.is_some().then(Instant::now);
             while !reply_buffered && next < reads.len() && outstanding < window {
                 let read = &reads[next];
                 if read.dest.len() > self.max_payload as usize {
@@ -621,7 +623,7 @@ impl DaemonConnection {
                     };
                     wire::encode(base + next as u64, &message, &mut requests)
                         .expect("a read request is a few bytes");
-                    sent_at[next] = Some(now);
+                    sent_at[next] = now;
                     outstanding += 1;
                 }
                 next += 1;
@@ -668,7 +670,7 @@ impl DaemonConnection {
                 other => Err(self.unexpected(header.request_id, other)),
             };
             if result.is_ok()
-                && let Some(sent) = sent_at[index]
+                && let (Some(sent), Some(landed)) = (sent_at[index], landed.as_mut())
             {
                 landed(index, sent.elapsed());
             }

@@ -521,12 +521,16 @@ fn read_from(
     let mut latencies = Vec::with_capacity(reads.len());
     // One sliding window over all of this daemon's chunks; a transport failure fails the
     // reads it left unanswered, which then go to other replicas.
-    let outcome = transport.read_window(&mut reads, settings.window, &mut |read, latency| {
-        latencies.push(latency);
-        if let Some(progress) = settings.progress {
-            progress(indices[read], daemon_index);
-        }
-    });
+    let outcome = transport.read_window(
+        &mut reads,
+        settings.window,
+        Some(&mut |read, latency| {
+            latencies.push(latency);
+            if let Some(progress) = settings.progress {
+                progress(indices[read], daemon_index);
+            }
+        }),
+    );
     let results = indices.iter().copied().zip(outcome).collect();
     (results, latencies)
 }

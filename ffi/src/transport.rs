@@ -77,18 +77,18 @@ pub trait Transport: Send + std::fmt::Debug {
     /// left unanswered. Over RDMA each destination must lie in memory registered with
     /// [`RdmaClient::register`].
     fn read_many(&mut self, reads: &mut [ReadInto<'_>]) -> Vec<Result<(), ClientError>> {
-        self.read_window(reads, usize::MAX, &mut |_, _| {})
+        self.read_window(reads, usize::MAX, None)
     }
 
     /// As [`read_many`](Self::read_many), with at most `window` requests in flight (RDMA:
-    /// also at most the daemon's credits): the next goes out as each reply lands. `landed`
-    /// is called, as it happens, for each read whose bytes landed and passed their check,
+    /// also at most the daemon's credits): the next goes out as each reply lands. `landed`,
+    /// if given, is called, as it happens, for each read whose bytes landed and passed their check,
     /// with its index in `reads` and its time from request to last byte.
     fn read_window(
         &mut self,
         reads: &mut [ReadInto<'_>],
         window: usize,
-        landed: &mut dyn FnMut(usize, Duration),
+        landed: Option<&mut dyn FnMut(usize, Duration)>,
     ) -> Vec<Result<(), ClientError>>;
 
     /// Stores a new chunk.
@@ -204,7 +204,7 @@ impl Transport for DaemonConnection {
         &mut self,
         reads: &mut [ReadInto<'_>],
         window: usize,
-        landed: &mut dyn FnMut(usize, Duration),
+        landed: Option<&mut dyn FnMut(usize, Duration)>,
     ) -> Vec<Result<(), ClientError>> {
         DaemonConnection::read_window(self, reads, window, landed)
     }

@@ -451,7 +451,7 @@ fn read_back(transport: &mut dyn tier0_client::Transport, count: u32, len: usize
                 layout: LayoutRef::default(),
             })
             .collect();
-        for result in transport.read_window(&mut reads, 64, &mut |_, _| {}) {
+        for result in transport.read_window(&mut reads, 64, None) {
             result.unwrap();
         }
         drop(reads);

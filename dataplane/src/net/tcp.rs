@@ -469,6 +469,8 @@ impl EventFd {
 
 /// Epoll key of the new-connection eventfd; connections use their slot index.
 const NOTIFY_KEY: u64 = u64::MAX;
+/// Polls between looks at the epoll set while the source has no connections.
+const HARVEST_EVERY: u32 = 64;
 /// Bytes read from one socket per poll before the others get a turn.
 const READ_BUDGET: usize = 1 << 20;
 
@@ -623,6 +625,8 @@ pub struct TcpSource {
     node: String,
     max_payload: u32,
     events: Vec<libc::epoll_event>,
+    /// Polls since the epoll set was last read.
+    polls_since_harvest: u32,
     /// The daemon's copies (`Replicate`), shared by every worker's source.
     copier: Arc<Copier>,
     /// Copy threads hand their fetches back here (and ring `notify`).
@@ -679,6 +683,7 @@ impl TcpSource {
             node: config.node.clone(),
             max_payload: config.max_payload,
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 64],
+            polls_since_harvest: 0,
             copier,
             fetched_sender,
             fetched,
@@ -738,7 +743,11 @@ impl TcpSource {
     }
 
     /// Takes what epoll has seen since the last look (edge-triggered: each readiness once).
-    fn harvest(&mut self) {
+    /// Reads what epoll reports: readable and writable sockets, and the notify signal.
+    /// Returns how many events there were.
+    fn harvest(&mut self) -> usize {
+        self.polls_since_harvest = 0;
+        let mut seen = 0;
         loop {
             // SAFETY: epoll_wait writes at most `events.len()` entries into our vector.
             let count = unsafe {
@@ -750,8 +759,9 @@ impl TcpSource {
                 )
             };
             if count <= 0 {
-                return;
+                return seen;
             }
+            seen += count as usize;
             for index in 0..count as usize {
                 let event = self.events[index];
                 let key = event.u64;
@@ -774,7 +784,7 @@ impl TcpSource {
                 }
             }
             if (count as usize) < self.events.len() {
-                return;
+                return seen;
             }
         }
     }
@@ -1427,7 +1437,14 @@ impl RequestSource for TcpSource {
                 }
             }
         }
-        self.harvest();
+        // Without connections (a worker whose peers all went over to RDMA) only the notify
+        // signal is in the epoll set: it is read now and then, and before the worker
+        // sleeps, not at every poll (a system call per spin of a polled worker).
+        self.polls_since_harvest += 1;
+        if self.connections.iter().any(Option::is_some) || self.polls_since_harvest >= HARVEST_EVERY
+        {
+            self.harvest();
+        }
         let start = requests.len();
         self.store_copies(max, requests);
         for slot in 0..self.connections.len() {
@@ -1465,6 +1482,12 @@ impl RequestSource for TcpSource {
         }
         // Serving ends when the server stopped accepting and every peer is gone.
         self.accepting || self.connections.iter().any(Option::is_some)
+    }
+
+    fn prepare_to_sleep(&mut self) -> bool {
+        // Events left unread by the last polls would end the sleep at once: read them, and
+        // poll again if there were any (a new connection, a copy fetched).
+        self.polls_since_harvest == 0 || self.harvest() == 0
     }
 
     fn complete(&mut self, completion: Completion) {

@@ -171,6 +171,14 @@ pub trait RequestSource: Send {
         None
     }
 
+    /// The worker is about to sleep on the wake fds. A source that only looks at its events
+    /// here, not at every poll (a polled worker would make a system call per spin), reads
+    /// them now and arms what must wake the worker (an RDMA completion queue). Returns false
+    /// when it found work or events to act on, so the worker polls again instead of sleeping.
+    fn prepare_to_sleep(&mut self) -> bool {
+        true
+    }
+
     /// Called once, before the first poll, with the worker's buffer pool (every completion's
     /// lease points into it): a source that hands buffers to a device (an RDMA HCA) registers
     /// it here.
@@ -541,6 +549,7 @@ impl Worker {
             .filter(|drive| drive.device.in_flight() > 0)
             .count();
         self.collect_wake_fds();
+        let sources_ready = self.sources_prepare_to_sleep();
         let Some(drive) = self
             .drives
             .iter_mut()
@@ -554,8 +563,9 @@ impl Worker {
         // that cannot start (table full, or one waiting for a buffer) are no reason to stay
         // awake: only a completion or a returned buffer can make room.
         self.doorbell.prepare_to_sleep();
-        let can_accept =
-            self.stalled.is_none() && !self.free_slots.is_empty() && !self.requests.is_empty();
+        let can_accept = self.stalled.is_none()
+            && !self.free_slots.is_empty()
+            && (!self.requests.is_empty() || !sources_ready);
         let timeout = if can_accept {
             Some(Duration::ZERO)
         } else {
@@ -585,6 +595,15 @@ impl Worker {
         self.wake_fds.len() - 1
     }
 
+    /// Tells every source the worker is about to sleep; false when one has work first.
+    fn sources_prepare_to_sleep(&mut self) -> bool {
+        let mut ready = true;
+        for state in self.sources.iter_mut().flatten() {
+            ready &= state.source.prepare_to_sleep();
+        }
+        ready
+    }
+
     /// No I/O in flight, sources attached: sleeps until a request, a source's fd (a socket
     /// set) or the doorbell wakes it. Sources without a fd are polled again at once.
     fn sleep_on_sources(&mut self) {
@@ -594,7 +613,7 @@ impl Worker {
             return;
         }
         self.doorbell.prepare_to_sleep();
-        if !self.requests.is_empty() {
+        if !self.sources_prepare_to_sleep() || !self.requests.is_empty() {
             self.doorbell.woke(false);
             return;
         }

@@ -260,6 +260,9 @@ struct Pending {
 /// Epoll keys besides session slots.
 const NOTIFY_KEY: u64 = u64::MAX;
 const CQ_KEY: u64 = u64::MAX - 1;
+/// Polls between looks at the epoll set (side channels, new sessions) while the worker
+/// keeps polling; a worker about to sleep looks at once (`prepare_to_sleep`).
+const HARVEST_EVERY: u32 = 64;
 /// How long a broken session waits for its flushed work requests before it is dropped anyway.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
@@ -267,7 +270,12 @@ const FLUSH_GRACE: Duration = Duration::from_secs(1);
 pub struct RdmaSource {
     device: Arc<RdmaDevice>,
     completions: Completions,
+    /// The completion queue will raise an event (on the channel, in the epoll set) at its
+    /// next completion; cleared by any completion polled, since one that arrives armed
+    /// raises the event and uses the arming up.
     armed: bool,
+    /// Polls since the epoll set was last read.
+    polls_since_harvest: u32,
     pool_mr: Option<Arc<MemoryRegion>>,
     epoll: OwnedFd,
     notify: Arc<EventFd>,
@@ -339,6 +347,7 @@ impl RdmaSource {
             device,
             completions,
             armed: false,
+            polls_since_harvest: 0,
             pool_mr: None,
             epoll,
             notify,
@@ -431,9 +440,12 @@ impl RdmaSource {
         self.sessions[slot] = Some(live);
     }
 
-    /// Reads the side channels that epoll reported, the new-session signal and the CQ event.
-    fn harvest(&mut self) -> bool {
-        let mut cq_event = false;
+    /// Reads the side channels that epoll reported and clears the new-session signal and
+    /// the CQ event. Returns how many of those events need a poll (all but the CQ's, whose
+    /// completions are polled anyway).
+    fn harvest(&mut self) -> usize {
+        self.polls_since_harvest = 0;
+        let mut to_act_on = 0;
         loop {
             // SAFETY: epoll_wait writes at most `events.len()` entries into our vector.
             let count = unsafe {
@@ -445,26 +457,55 @@ impl RdmaSource {
                 )
             };
             if count <= 0 {
-                return cq_event;
+                return to_act_on;
             }
             for index in 0..count as usize {
                 match self.events[index].u64 {
-                    NOTIFY_KEY => self.notify.clear(),
-                    CQ_KEY => {
-                        cq_event = true;
-                        self.armed = false;
+                    NOTIFY_KEY => {
+                        self.notify.clear();
+                        to_act_on += 1;
                     }
+                    CQ_KEY => self.armed = false,
                     slot => {
                         if let Some(Some(live)) = self.sessions.get_mut(slot as usize) {
                             read_side_channel(live);
+                            to_act_on += 1;
                         }
                     }
                 }
             }
             if (count as usize) < self.events.len() {
-                return cq_event;
+                return to_act_on;
             }
         }
+    }
+
+    /// Handles what the completion queue holds now, up to `rounds` batches; returns how
+    /// many completions there were.
+    fn drain_completions(&mut self, rounds: usize) -> usize {
+        let mut wcs = std::mem::take(&mut self.wcs);
+        let mut total = 0;
+        for _ in 0..rounds {
+            let got = match self.completions.poll(&mut wcs) {
+                Ok(got) => got,
+                Err(error) => {
+                    tracing::error!(%error, "polling the RDMA completion queue failed");
+                    0
+                }
+            };
+            for wc in wcs.drain(..) {
+                self.handle(wc);
+            }
+            total += got;
+            if got == 0 {
+                break;
+            }
+        }
+        if total > 0 {
+            self.armed = false;
+        }
+        self.wcs = wcs;
+        total
     }
 
     fn session_of(&self, qp_num: u32) -> Option<usize> {
@@ -844,42 +885,33 @@ impl RequestSource for RdmaSource {
         if self.accepting {
             self.adopt_new();
         }
-        self.harvest();
-        // Drain the CQ, and leave it armed: the worker may sleep right after this call (or
-        // after a `complete` that posts a reply), and only an armed CQ wakes it.
-        let mut wcs = std::mem::take(&mut self.wcs);
-        for _ in 0..8 {
-            let got = match self.completions.poll(&mut wcs) {
-                Ok(got) => got,
-                Err(error) => {
-                    tracing::error!(%error, "polling the RDMA completion queue failed");
-                    0
-                }
-            };
-            for wc in wcs.drain(..) {
-                self.handle(wc);
-            }
-            if got > 0 {
-                continue;
-            }
-            if self.armed {
-                break;
-            }
-            // Arm, then look once more: a completion that landed before arming raises no
-            // event.
-            match self.completions.arm() {
-                Ok(()) => self.armed = true,
-                Err(error) => {
-                    tracing::warn!(%error, "arming the RDMA completion queue failed");
-                    break;
-                }
-            }
+        // The epoll set only matters now and then while the worker keeps polling (a session
+        // closing, a new one): reading it at every poll was a system call per spin. The
+        // completion queue is polled in user space, and armed only before the worker sleeps.
+        self.polls_since_harvest += 1;
+        if self.polls_since_harvest >= HARVEST_EVERY {
+            self.harvest();
         }
-        self.wcs = wcs;
+        self.drain_completions(8);
         let take = max.min(self.ready.len());
         requests.extend(self.ready.drain(..take));
         self.reap();
         self.accepting || self.sessions.iter().any(Option::is_some)
+    }
+
+    fn prepare_to_sleep(&mut self) -> bool {
+        let to_act_on = self.harvest();
+        if !self.armed {
+            match self.completions.arm() {
+                Ok(()) => self.armed = true,
+                // Unarmed, completions wake nobody: the worker's sleep still ends at its
+                // timeout (and spinning here instead would log this at every spin).
+                Err(error) => tracing::warn!(%error, "arming the RDMA completion queue failed"),
+            }
+        }
+        // Once more after arming: a completion that landed before it raises no event.
+        let completed = self.drain_completions(1);
+        to_act_on == 0 && completed == 0 && self.ready.is_empty()
     }
 
     fn complete(&mut self, completion: Completion) {
