@@ -743,7 +743,6 @@ impl TcpSource {
     }
 
     /// Takes what epoll has seen since the last look (edge-triggered: each readiness once).
-    /// Reads what epoll reports: readable and writable sockets, and the notify signal.
     /// Returns how many events there were.
     fn harvest(&mut self) -> usize {
         self.polls_since_harvest = 0;

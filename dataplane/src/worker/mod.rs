@@ -561,7 +561,8 @@ impl Worker {
         // only entered to collect (with deferred task work the kernel posts completions only
         // inside io_uring_enter, so every path through here must enter it). Queued requests
         // that cannot start (table full, or one waiting for a buffer) are no reason to stay
-        // awake: only a completion or a returned buffer can make room.
+        // awake: only a completion or a returned buffer can make room. Work a source found
+        // in `prepare_to_sleep` counts as a request that came late.
         self.doorbell.prepare_to_sleep();
         let can_accept = self.stalled.is_none()
             && !self.free_slots.is_empty()

@@ -440,9 +440,10 @@ impl RdmaSource {
         self.sessions[slot] = Some(live);
     }
 
-    /// Reads the side channels that epoll reported and clears the new-session signal and
-    /// the CQ event. Returns how many of those events need a poll (all but the CQ's, whose
-    /// completions are polled anyway).
+    /// Reads the side channels that epoll reported and clears the new-session signal; a CQ
+    /// entry only marks the CQ unarmed (its channel events are read by `Completions::arm`).
+    /// Returns how many events need a poll (all but the CQ's, whose completions are polled
+    /// anyway).
     fn harvest(&mut self) -> usize {
         self.polls_since_harvest = 0;
         let mut to_act_on = 0;
