@@ -413,8 +413,10 @@ fn poll_modes_parse_from_configuration_text() {
 
 /// A source whose work shows up only when the worker says it is about to sleep, as a
 /// network source's events are read only then: its wake fd, an eventfd, is rung to wake the
-/// worker, and `prepare_to_sleep` clears it and takes the work in.
+/// worker, and `prepare_to_sleep` clears it and takes the work in (reads of chunk `index` on
+/// drive `drive`).
 struct LazySource {
+    drive: usize,
     inbox: Arc<Mutex<Vec<u32>>>,
     found: Vec<u32>,
     wake: std::os::fd::OwnedFd,
@@ -427,7 +429,7 @@ impl tier0_dataplane::worker::RequestSource for LazySource {
         for index in self.found.drain(..) {
             requests.push((
                 u64::from(index),
-                0,
+                self.drive,
                 Op::Read {
                     chunk: chunk(index),
                     offset: 0,
@@ -461,18 +463,77 @@ impl tier0_dataplane::worker::RequestSource for LazySource {
     fn close(self: Box<Self>) {}
 }
 
-#[test]
-fn work_a_source_finds_as_the_worker_goes_to_sleep_is_served_before_it_sleeps() {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    let (dir, drive, factory) = file_drive("lazy", 2);
+/// The test's side of a [`LazySource`].
+struct LazyFeed {
+    inbox: Arc<Mutex<Vec<u32>>>,
+    ring: std::os::fd::OwnedFd,
+    completions: Receiver<Completion>,
+}
+
+impl LazyFeed {
+    /// Rings the source's eventfd.
+    fn ring(&self) {
+        ring(&self.ring);
+    }
+
+    /// Hands the source reads of chunks 0 and 1 in turn, one at a time, each after the worker
+    /// has had time to fall asleep, and checks each is served within `bound`.
+    fn read_one_at_a_time(&self, reads: u32, bound: Duration) {
+        for read in 0..reads {
+            std::thread::sleep(Duration::from_millis(5));
+            let index = read % 2;
+            let started = std::time::Instant::now();
+            self.inbox.lock().unwrap().push(index);
+            self.ring();
+            let completion = wait(&self.completions);
+            let took = started.elapsed();
+            let Ok(Output::Read { lease, .. }) = completion.result else {
+                panic!("read {read} failed: {:?}", completion.result);
+            };
+            assert_eq!(lease.as_slice(), &expected(index)[..4096], "read {read}");
+            assert!(took < bound, "read {read} took {took:?}");
+        }
+    }
+}
+
+/// Adds one to an eventfd.
+fn ring(eventfd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: writes 8 bytes to an eventfd we hold open.
+    unsafe { libc::write(eventfd.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+}
+
+/// Runs its closure when dropped, failed assertion or not.
+struct Finally<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Finally<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+/// A worker on `drives` whose one source is a [`LazySource`] reading from drive `drive`; the
+/// returned guard, dropped before the pool, finishes the source so the pool's shutdown (which
+/// waits for its sources) ends.
+fn lazy_pool(
+    drives: &[DriveSpec],
+    factory: DeviceFactory,
+    drive: usize,
+) -> (WorkerPool, LazyFeed, Finally<impl FnMut() + use<>>) {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
     // SAFETY: eventfd returns a new fd that we own.
     let wake = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_NONBLOCK)) };
-    let ring = wake.try_clone().unwrap();
     let inbox = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (done, completions) = crossbeam_channel::unbounded();
-    let source = Mutex::new(Some(LazySource {
+    let feed = LazyFeed {
         inbox: inbox.clone(),
+        ring: wake.try_clone().unwrap(),
+        completions,
+    };
+    let source = Mutex::new(Some(LazySource {
+        drive,
+        inbox,
         found: Vec::new(),
         wake,
         stop: stop.clone(),
@@ -486,41 +547,56 @@ fn work_a_source_finds_as_the_worker_goes_to_sleep_is_served_before_it_sleeps() 
             .into_iter()
             .collect()
     }));
-    let pool = WorkerPool::start(&plan(&[0]), &[drive], factory, &config).unwrap();
-    // Dropped before the pool, failed assertion or not: the source finishes, so the pool's
-    // shutdown (which waits for its sources) ends.
-    let finish = FinishSource(stop, ring.try_clone().unwrap());
-    // Let the worker fall asleep on its sources first.
-    std::thread::sleep(Duration::from_millis(50));
-    let started = std::time::Instant::now();
-    for read in 0..20u32 {
-        let index = read % 2;
-        inbox.lock().unwrap().push(index);
-        // SAFETY: writes 8 bytes to our eventfd.
-        unsafe { libc::write(ring.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
-        let completion = wait(&completions);
-        let Ok(Output::Read { lease, .. }) = completion.result else {
-            panic!("read {read} failed: {:?}", completion.result);
-        };
-        assert_eq!(lease.as_slice(), &expected(index)[..4096], "read {read}");
-    }
-    // A worker that slept anyway, its wake fd cleared, would wait out its sleep's 100 ms
-    // bound once per read: 2 s at least.
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(1), "20 reads took {took:?}");
+    let pool = WorkerPool::start(&plan(&[0]), drives, factory, &config).unwrap();
+    let eventfd = feed.ring.try_clone().unwrap();
+    let guard = Finally(move || {
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        ring(&eventfd);
+    });
+    (pool, feed, guard)
+}
+
+// A worker that slept anyway, its wake fd cleared, would sleep out its 100 ms bound on its
+// sources (nothing in flight) or forever (a read in flight on a stalled drive) before each
+// read: the bound of 50 ms a read tells the two apart.
+const LAZY_READ_BOUND: Duration = Duration::from_millis(50);
+
+#[test]
+fn work_a_source_finds_as_the_worker_goes_to_sleep_is_served_before_it_sleeps() {
+    let (dir, drive, factory) = file_drive("lazy", 2);
+    let (pool, feed, finish) = lazy_pool(&[drive], factory, 0);
+    feed.read_one_at_a_time(20, LAZY_READ_BOUND);
     drop(finish);
     pool.shutdown();
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Finishes a [`LazySource`] when dropped: sets its stop flag and wakes its worker.
-struct FinishSource(Arc<std::sync::atomic::AtomicBool>, std::os::fd::OwnedFd);
-
-impl Drop for FinishSource {
-    fn drop(&mut self) {
-        use std::os::fd::AsRawFd as _;
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-        // SAFETY: writes 8 bytes to the source's eventfd.
-        unsafe { libc::write(self.1.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
-    }
+#[test]
+fn work_a_source_finds_as_the_worker_goes_to_sleep_with_io_in_flight_is_served_before_it_sleeps() {
+    let (dir, file, file_factory) = file_drive("lazy-in-flight", 2);
+    let (faulty, faulty_factory, control) = faulty_drive();
+    let factory: DeviceFactory = Arc::new(move |spec: &DriveSpec| {
+        if spec.name == "faulty" {
+            faulty_factory(spec)
+        } else {
+            file_factory(spec)
+        }
+    });
+    // Drive 0 stops answering, so the worker sleeps with a read in flight on it.
+    control.stall(true);
+    let (pool, feed, finish) = lazy_pool(&[faulty, file], factory, 1);
+    let release = Finally(|| control.stall(false));
+    let stuck = read(&pool, 99, 0, 0, 4096);
+    feed.read_one_at_a_time(20, LAZY_READ_BOUND);
+    drop(release);
+    // The released read completes at the worker's next wake, with the right bytes.
+    feed.ring();
+    let Ok(Output::Read { lease, .. }) = wait(&stuck).result else {
+        panic!("the read on the released drive failed");
+    };
+    assert_eq!(lease.as_slice(), &expected(0)[..4096]);
+    drop(lease);
+    drop(finish);
+    pool.shutdown();
+    std::fs::remove_dir_all(dir).unwrap();
 }

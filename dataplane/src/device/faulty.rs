@@ -38,6 +38,8 @@ struct FaultState {
     tear: Option<(u64, u32)>,
     /// This read returns its data with one bit flipped (bit index within the transfer).
     flip_read: Option<(u64, usize)>,
+    /// Nothing completes: queued I/Os stay in flight (a drive that stopped answering).
+    stalled: bool,
     dead: bool,
 }
 
@@ -105,6 +107,13 @@ impl FaultControl {
         self.lock().flip_read = Some((io, bit));
     }
 
+    /// While `stalled`, no I/O completes: they stay in flight, and a wait sleeps on its wake
+    /// fds as if the drive were busy. Released, they complete at the owner's next poll; a
+    /// worker asleep on the drive notices at its next wake.
+    pub fn stall(&self, stalled: bool) {
+        self.lock().stalled = stalled;
+    }
+
     /// Flips one bit of the stored data, on both images: media corruption.
     pub fn corrupt(&self, offset: u64, bit: u8) {
         let mut state = self.lock();
@@ -119,6 +128,7 @@ impl FaultControl {
         state.fail_one = None;
         state.tear = None;
         state.flip_read = None;
+        state.stalled = false;
         state.dead = false;
     }
 
@@ -164,7 +174,8 @@ impl BlockDevice for FaultyDevice {
         wake_fds: &[std::os::fd::RawFd],
         timeout: Option<std::time::Duration>,
     ) -> Result<bool, DeviceError> {
-        self.queue.wait(&self.name, wake_fds, timeout)
+        let ready = !self.control.lock().stalled && self.queue.len() > 0;
+        RequestQueue::wait_unless(ready, &self.name, wake_fds, timeout)
     }
 
     fn poll(
@@ -173,6 +184,9 @@ impl BlockDevice for FaultyDevice {
         _min_completions: usize,
     ) -> Result<usize, DeviceError> {
         let mut state = self.control.lock();
+        if state.stalled {
+            return Ok(0);
+        }
         let count = self.queue.drain(completions, |request| {
             let io = state.executed;
             state.executed += 1;

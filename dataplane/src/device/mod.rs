@@ -328,7 +328,17 @@ impl RequestQueue {
         wake_fds: &[std::os::fd::RawFd],
         timeout: Option<std::time::Duration>,
     ) -> Result<bool, DeviceError> {
-        if !self.queued.is_empty()
+        Self::wait_unless(!self.queued.is_empty(), name, wake_fds, timeout)
+    }
+
+    /// The sleep of [`RequestQueue::wait`], skipped when `ready`.
+    pub(crate) fn wait_unless(
+        ready: bool,
+        name: &str,
+        wake_fds: &[std::os::fd::RawFd],
+        timeout: Option<std::time::Duration>,
+    ) -> Result<bool, DeviceError> {
+        if ready
             || timeout.is_some_and(|timeout| timeout.is_zero())
             || (wake_fds.is_empty() && timeout.is_none())
         {

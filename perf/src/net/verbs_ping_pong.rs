@@ -12,6 +12,7 @@
 //! messages tier0 sends (decision 58).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sideway::ibverbs::memory_region::MemoryRegion;
@@ -122,8 +123,13 @@ impl Side {
     }
 
     /// Waits for the next receive, reposting it, and returns its slot's 16 bytes; send
-    /// completions on the way are consumed. Spins `spins` polls before each sleep.
-    fn next_message(&mut self, spins: usize) -> Result<[u8; MESSAGE], NetBenchError> {
+    /// completions on the way are consumed. Spins `spins` polls before each sleep; gives up
+    /// when `abort` is set (the other side failed) or after PATIENCE.
+    fn next_message(
+        &mut self,
+        spins: usize,
+        abort: &AtomicBool,
+    ) -> Result<[u8; MESSAGE], NetBenchError> {
         let mut waited_since: Option<Instant> = None;
         loop {
             self.wcs.clear();
@@ -158,6 +164,9 @@ impl Side {
             }
             if let Some(message) = message {
                 return Ok(message);
+            }
+            if abort.load(Ordering::Relaxed) {
+                return Err(failed("the other side failed"));
             }
             if waited_since.get_or_insert_with(Instant::now).elapsed() > PATIENCE {
                 return Err(failed(format!("nothing from the peer for {PATIENCE:?}")));
@@ -196,15 +205,23 @@ pub(super) fn run(device_name: &str, reads: usize, servers: usize) -> Result<Run
         pairs.push((server, client));
     }
     let gate = Arc::new(Gate::default());
+    // Set by whichever side fails first, so the others stop waiting for it.
+    let abort = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::with_capacity(servers);
     let mut serving = Vec::with_capacity(servers);
     for (k, (server, client)) in pairs.into_iter().enumerate() {
         let (rkey, base) = (client.data_region.rkey(), client.data.as_ptr() as u64);
         clients.push(client);
-        let (server_gate, count) = (gate.clone(), share(k));
+        let (server_gate, server_abort, count) = (gate.clone(), abort.clone(), share(k));
         let spawned = std::thread::Builder::new()
             .name("verbs-pong".into())
-            .spawn(move || serve(server, count, rkey, base, &server_gate));
+            .spawn(move || {
+                let served = serve(server, count, rkey, base, &server_gate, &server_abort);
+                if served.is_err() {
+                    server_abort.store(true, Ordering::Relaxed);
+                }
+                served
+            });
         match spawned {
             Ok(thread) => serving.push(thread),
             Err(error) => {
@@ -230,7 +247,7 @@ pub(super) fn run(device_name: &str, reads: usize, servers: usize) -> Result<Run
             result = Err(error);
             break;
         }
-        match client.next_message(CLIENT_SPINS) {
+        match client.next_message(CLIENT_SPINS, &abort) {
             Ok(reply) if reply[..8] == (offset as u64).to_le_bytes() => {}
             Ok(_) => {
                 result = Err(failed("a reply for another read"));
@@ -245,22 +262,28 @@ pub(super) fn run(device_name: &str, reads: usize, servers: usize) -> Result<Run
     }
     let seconds = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds(Who::Process) - cpu;
+    // The error reported is the one that came first: the client's own, or else a server's
+    // (the client then only gave up on it).
+    let client_failed_first = result.is_err() && !abort.load(Ordering::Relaxed);
     if result.is_err() {
-        // A server waiting for a request that will not come gives up after PATIENCE; the
-        // error state flushes its receives at once.
-        for client in &mut clients {
-            verbs::disconnect(&mut client.qp);
-        }
+        // The servers still waiting for a request stop at their next look at `abort`.
+        abort.store(true, Ordering::Relaxed);
     }
+    // Every server is joined before the clients (their queue pairs' peers) drop.
+    let mut server_error = None;
     for thread in serving {
         let served = thread
             .join()
-            .map_err(|_| failed("a server thread panicked"))?;
-        if result.is_ok() {
-            result = served.map(drop);
+            .unwrap_or_else(|_| Err(failed("a server thread panicked")));
+        if let Err(error) = served {
+            server_error.get_or_insert(error);
         }
     }
-    result?;
+    match (result, server_error) {
+        (Err(error), _) if client_failed_first => return Err(error),
+        (_, Some(error)) | (Err(error), None) => return Err(error),
+        (Ok(()), None) => {}
+    }
     // Checked as tier0's passes are: a baseline that moved the wrong bytes measured nothing.
     if !clients.iter().all(|client| holds_pattern(&client.data)) {
         return Err(failed("the bytes written differ from those sent"));
@@ -276,12 +299,13 @@ fn serve(
     rkey: u32,
     base: u64,
     gate: &Gate,
+    abort: &AtomicBool,
 ) -> Result<Side, NetBenchError> {
     if !gate.wait() {
         return Ok(server);
     }
     for _ in 0..count {
-        let request = server.next_message(0)?;
+        let request = server.next_message(0, abort)?;
         let offset = u64::from_le_bytes(request[..8].try_into().expect("8 bytes"));
         if offset as usize + READ > server.data.len() {
             return Err(failed(format!("a request for offset {offset}")));

@@ -274,6 +274,8 @@ pub struct RdmaSource {
     /// next completion; cleared by any completion polled, since one that arrives armed
     /// raises the event and uses the arming up.
     armed: bool,
+    /// Arming failed last time: said once, not at every sleep.
+    arming_failed: bool,
     /// Polls since the epoll set was last read.
     polls_since_harvest: u32,
     pool_mr: Option<Arc<MemoryRegion>>,
@@ -347,6 +349,7 @@ impl RdmaSource {
             device,
             completions,
             armed: false,
+            arming_failed: false,
             polls_since_harvest: 0,
             pool_mr: None,
             epoll,
@@ -904,10 +907,23 @@ impl RequestSource for RdmaSource {
         let to_act_on = self.harvest();
         if !self.armed {
             match self.completions.arm() {
-                Ok(()) => self.armed = true,
+                Ok(()) => {
+                    self.armed = true;
+                    if std::mem::take(&mut self.arming_failed) {
+                        tracing::info!("arming the RDMA completion queue works again");
+                    }
+                }
                 // Unarmed, completions wake nobody: the worker's sleep still ends at its
-                // timeout (and spinning here instead would log this at every spin).
-                Err(error) => tracing::warn!(%error, "arming the RDMA completion queue failed"),
+                // timeout (spinning here instead would burn the core on a broken device).
+                Err(error) => {
+                    if !std::mem::replace(&mut self.arming_failed, true) {
+                        tracing::warn!(
+                            %error,
+                            "arming the RDMA completion queue failed: completions wait for \
+                             the worker's sleep to time out until it works again"
+                        );
+                    }
+                }
             }
         }
         // Once more after arming: a completion that landed before it raises no event.
