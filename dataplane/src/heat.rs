@@ -82,7 +82,8 @@ impl HeatMap {
         self.record_at_seconds(chunk, bytes, at);
     }
 
-    /// One read at `when` (no earlier than the last one recorded for the chunk: for tests).
+    /// One read at `when` (for tests). One earlier than the chunk's last adds its read
+    /// undecayed and leaves the chunk's stamp where it was.
     pub fn record_at(&self, chunk: ChunkId, bytes: u64, when: Instant) {
         self.record_at_seconds(chunk, bytes, self.seconds(when));
     }
@@ -240,9 +241,9 @@ mod tests {
 
     #[test]
     fn reads_recorded_on_the_coarse_clock_are_placed_on_the_precise_one() {
-        // A ten-second half-life: a stamp off by ten seconds would halve the count, one off
-        // by a tick (at most 10 ms on any kernel) and a preempted test thread (up to 140 ms
-        // more) takes off under 1%.
+        // A ten-second half-life: a stamp off by ten seconds would halve the count, while
+        // 1% is lost only 145 ms after the stamp: a tick (at most 10 ms on any kernel) and
+        // a test thread preempted for over 100 ms between its two readings fit in that.
         let map = HeatMap::new(Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(50));
         map.record(chunk(1), 10);

@@ -477,8 +477,10 @@ impl LazyFeed {
     }
 
     /// Hands the source reads of chunks 0 and 1 in turn, one at a time, each after the worker
-    /// has had time to fall asleep, and checks each is served within `bound`.
+    /// has had time to fall asleep, and checks they are served within `bound` all together
+    /// (the pauses before them not counted).
     fn read_one_at_a_time(&self, reads: u32, bound: Duration) {
+        let mut total = Duration::ZERO;
         for read in 0..reads {
             std::thread::sleep(Duration::from_millis(5));
             let index = read % 2;
@@ -491,8 +493,9 @@ impl LazyFeed {
                 panic!("read {read} failed: {:?}", completion.result);
             };
             assert_eq!(lease.as_slice(), &expected(index)[..4096], "read {read}");
-            assert!(took < bound, "read {read} took {took:?}");
+            total += took;
         }
+        assert!(total < bound, "{reads} reads took {total:?}");
     }
 }
 
@@ -557,15 +560,17 @@ fn lazy_pool(
 }
 
 // A worker that slept anyway, its wake fd cleared, would sleep out its 100 ms bound on its
-// sources (nothing in flight) or forever (a read in flight on a stalled drive) before each
-// read: the bound of 50 ms a read tells the two apart.
-const LAZY_READ_BOUND: Duration = Duration::from_millis(50);
+// sources (nothing in flight: 2 s for 20 reads) or forever (a read in flight on a stalled
+// drive: `wait` gives up after 10 s) before each read. 20 reads served in time take a few
+// milliseconds; the bound leaves a loaded machine room.
+const LAZY_READS: u32 = 20;
+const LAZY_READS_BOUND: Duration = Duration::from_secs(1);
 
 #[test]
 fn work_a_source_finds_as_the_worker_goes_to_sleep_is_served_before_it_sleeps() {
     let (dir, drive, factory) = file_drive("lazy", 2);
     let (pool, feed, finish) = lazy_pool(&[drive], factory, 0);
-    feed.read_one_at_a_time(20, LAZY_READ_BOUND);
+    feed.read_one_at_a_time(LAZY_READS, LAZY_READS_BOUND);
     drop(finish);
     pool.shutdown();
     std::fs::remove_dir_all(dir).unwrap();
@@ -586,8 +591,18 @@ fn work_a_source_finds_as_the_worker_goes_to_sleep_with_io_in_flight_is_served_b
     control.stall(true);
     let (pool, feed, finish) = lazy_pool(&[faulty, file], factory, 1);
     let release = Finally(|| control.stall(false));
+    let before = control.submitted();
     let stuck = read(&pool, 99, 0, 0, 4096);
-    feed.read_one_at_a_time(20, LAZY_READ_BOUND);
+    // The reads below must find the worker asleep with this one in flight.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while control.submitted() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read never reached the drive"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    feed.read_one_at_a_time(LAZY_READS, LAZY_READS_BOUND);
     drop(release);
     // The released read completes at the worker's next wake, with the right bytes.
     feed.ring();

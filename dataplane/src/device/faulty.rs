@@ -40,6 +40,8 @@ struct FaultState {
     flip_read: Option<(u64, usize)>,
     /// Nothing completes: queued I/Os stay in flight (a drive that stopped answering).
     stalled: bool,
+    /// I/Os handed to the device so far, carried out or not.
+    submitted: u64,
     dead: bool,
 }
 
@@ -108,10 +110,17 @@ impl FaultControl {
     }
 
     /// While `stalled`, no I/O completes: they stay in flight, and a wait sleeps on its wake
-    /// fds as if the drive were busy. Released, they complete at the owner's next poll; a
-    /// worker asleep on the drive notices at its next wake.
+    /// fds as if the drive were busy; a poll that must collect some (the blocking
+    /// `read_at`, `write_at`, `sync`) returns none after a millisecond, so its caller waits
+    /// without spinning. Released, they complete at the owner's next poll; a worker asleep
+    /// on the drive notices at its next wake.
     pub fn stall(&self, stalled: bool) {
         self.lock().stalled = stalled;
+    }
+
+    /// I/Os handed to the device so far, carried out or not (to see one is in flight).
+    pub fn submitted(&self) -> u64 {
+        self.lock().submitted
     }
 
     /// Flips one bit of the stored data, on both images: media corruption.
@@ -166,7 +175,9 @@ impl BlockDevice for FaultyDevice {
     }
 
     unsafe fn submit(&mut self, request: IoRequest) -> Result<(), DeviceError> {
-        self.queue.push(&self.name, self.len, request)
+        self.queue.push(&self.name, self.len, request)?;
+        self.control.lock().submitted += 1;
+        Ok(())
     }
 
     fn wait(
@@ -181,10 +192,14 @@ impl BlockDevice for FaultyDevice {
     fn poll(
         &mut self,
         completions: &mut Vec<IoCompletion>,
-        _min_completions: usize,
+        min_completions: usize,
     ) -> Result<usize, DeviceError> {
         let mut state = self.control.lock();
         if state.stalled {
+            drop(state);
+            if min_completions > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             return Ok(0);
         }
         let count = self.queue.drain(completions, |request| {

@@ -11,8 +11,8 @@
 //! one-sided READ involves no server software at all, so it is the floor, while this is the
 //! messages tier0 sends (decision 58).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sideway::ibverbs::memory_region::MemoryRegion;
@@ -42,6 +42,49 @@ fn failed(reason: impl std::fmt::Display) -> NetBenchError {
     NetBenchError::Baseline {
         name: NAME.into(),
         reason: reason.to_string(),
+    }
+}
+
+/// The first failure of a run, whichever side it was on, and the flag every side's wait
+/// looks at, so the others stop waiting for the one that failed. What the others then
+/// report ("another side failed") is not kept: the first error is the one returned.
+#[derive(Default)]
+struct FirstFailure {
+    set: AtomicBool,
+    first: Mutex<Option<NetBenchError>>,
+}
+
+impl FirstFailure {
+    fn record(&self, error: NetBenchError) {
+        let mut first = self
+            .first
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        first.get_or_insert(error);
+        self.set.store(true, Ordering::Release);
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    fn take(&self) -> Option<NetBenchError> {
+        self.first
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+}
+
+/// Records a panic of the thread holding it as the run's failure, so the client does not
+/// wait out PATIENCE for a server that is gone.
+struct RecordPanic<'a>(&'a FirstFailure);
+
+impl Drop for RecordPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.record(failed("a server thread panicked"));
+        }
     }
 }
 
@@ -124,11 +167,11 @@ impl Side {
 
     /// Waits for the next receive, reposting it, and returns its slot's 16 bytes; send
     /// completions on the way are consumed. Spins `spins` polls before each sleep; gives up
-    /// when `abort` is set (the other side failed) or after PATIENCE.
+    /// when another side has failed, or after PATIENCE.
     fn next_message(
         &mut self,
         spins: usize,
-        abort: &AtomicBool,
+        failure: &FirstFailure,
     ) -> Result<[u8; MESSAGE], NetBenchError> {
         let mut waited_since: Option<Instant> = None;
         loop {
@@ -165,8 +208,8 @@ impl Side {
             if let Some(message) = message {
                 return Ok(message);
             }
-            if abort.load(Ordering::Relaxed) {
-                return Err(failed("the other side failed"));
+            if failure.is_set() {
+                return Err(failed("another side failed"));
             }
             if waited_since.get_or_insert_with(Instant::now).elapsed() > PATIENCE {
                 return Err(failed(format!("nothing from the peer for {PATIENCE:?}")));
@@ -205,22 +248,30 @@ pub(super) fn run(device_name: &str, reads: usize, servers: usize) -> Result<Run
         pairs.push((server, client));
     }
     let gate = Arc::new(Gate::default());
-    // Set by whichever side fails first, so the others stop waiting for it.
-    let abort = Arc::new(AtomicBool::new(false));
+    let failure = Arc::new(FirstFailure::default());
     let mut clients = Vec::with_capacity(servers);
     let mut serving = Vec::with_capacity(servers);
-    for (k, (server, client)) in pairs.into_iter().enumerate() {
+    for (k, (mut server, client)) in pairs.into_iter().enumerate() {
         let (rkey, base) = (client.data_region.rkey(), client.data.as_ptr() as u64);
         clients.push(client);
-        let (server_gate, server_abort, count) = (gate.clone(), abort.clone(), share(k));
+        let (server_gate, server_failure, count) = (gate.clone(), failure.clone(), share(k));
         let spawned = std::thread::Builder::new()
             .name("verbs-pong".into())
             .spawn(move || {
-                let served = serve(server, count, rkey, base, &server_gate, &server_abort);
-                if served.is_err() {
-                    server_abort.store(true, Ordering::Relaxed);
+                let panicking = RecordPanic(&server_failure);
+                if let Err(error) = serve(
+                    &mut server,
+                    count,
+                    rkey,
+                    base,
+                    &server_gate,
+                    &server_failure,
+                ) {
+                    server_failure.record(error);
                 }
-                served
+                drop(panicking);
+                // Dropped by the joiner, after every side has stopped.
+                server
             });
         match spawned {
             Ok(thread) => serving.push(thread),
@@ -236,25 +287,23 @@ pub(super) fn run(device_name: &str, reads: usize, servers: usize) -> Result<Run
     let cpu = cpu_seconds(Who::Process);
     let start = Instant::now();
     gate.open(true);
-    let mut result = Ok(());
     for read in 0..reads {
         let client = &mut clients[read % servers];
         let offset = read / servers * READ;
         let began = Instant::now();
         client.send_slot()[..8].copy_from_slice(&(offset as u64).to_le_bytes());
         let message = client.send_local();
-        if let Err(error) = verbs::post_send(&mut client.qp, 0, message).map_err(failed) {
-            result = Err(error);
-            break;
-        }
-        match client.next_message(CLIENT_SPINS, &abort) {
+        let replied = verbs::post_send(&mut client.qp, 0, message)
+            .map_err(failed)
+            .and_then(|()| client.next_message(CLIENT_SPINS, &failure));
+        match replied {
             Ok(reply) if reply[..8] == (offset as u64).to_le_bytes() => {}
             Ok(_) => {
-                result = Err(failed("a reply for another read"));
+                failure.record(failed("a reply for another read"));
                 break;
             }
             Err(error) => {
-                result = Err(error);
+                failure.record(error);
                 break;
             }
         }
@@ -262,27 +311,14 @@ pub(super) fn run(device_name: &str, reads: usize, servers: usize) -> Result<Run
     }
     let seconds = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds(Who::Process) - cpu;
-    // The error reported is the one that came first: the client's own, or else a server's
-    // (the client then only gave up on it).
-    let client_failed_first = result.is_err() && !abort.load(Ordering::Relaxed);
-    if result.is_err() {
-        // The servers still waiting for a request stop at their next look at `abort`.
-        abort.store(true, Ordering::Relaxed);
-    }
-    // Every server is joined before the clients (their queue pairs' peers) drop.
-    let mut server_error = None;
+    // Every server is joined (the ones still waiting stop at their next look at `failure`)
+    // before the clients, their queue pairs' peers, drop.
     for thread in serving {
-        let served = thread
-            .join()
-            .unwrap_or_else(|_| Err(failed("a server thread panicked")));
-        if let Err(error) = served {
-            server_error.get_or_insert(error);
-        }
+        // A panic was recorded by the thread itself.
+        let _ = thread.join();
     }
-    match (result, server_error) {
-        (Err(error), _) if client_failed_first => return Err(error),
-        (_, Some(error)) | (Err(error), None) => return Err(error),
-        (Ok(()), None) => {}
+    if let Some(error) = failure.take() {
+        return Err(error);
     }
     // Checked as tier0's passes are: a baseline that moved the wrong bytes measured nothing.
     if !clients.iter().all(|client| holds_pattern(&client.data)) {
@@ -294,18 +330,18 @@ pub(super) fn run(device_name: &str, reads: usize, servers: usize) -> Result<Run
 /// A server: `count` requests, each answered with a WRITE of the asked-for 4 KiB of its
 /// share into the client's region (`rkey`, `base`) and a SEND of the request's offset.
 fn serve(
-    mut server: Side,
+    server: &mut Side,
     count: usize,
     rkey: u32,
     base: u64,
     gate: &Gate,
-    abort: &AtomicBool,
-) -> Result<Side, NetBenchError> {
+    failure: &FirstFailure,
+) -> Result<(), NetBenchError> {
     if !gate.wait() {
-        return Ok(server);
+        return Ok(());
     }
     for _ in 0..count {
-        let request = server.next_message(0, abort)?;
+        let request = server.next_message(0, failure)?;
         let offset = u64::from_le_bytes(request[..8].try_into().expect("8 bytes"));
         if offset as usize + READ > server.data.len() {
             return Err(failed(format!("a request for offset {offset}")));
@@ -320,5 +356,5 @@ fn serve(
         verbs::post_write_and_send(&mut server.qp, 0, data, rkey, base + offset, message)
             .map_err(failed)?;
     }
-    Ok(server)
+    Ok(())
 }

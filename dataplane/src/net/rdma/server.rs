@@ -913,14 +913,15 @@ impl RequestSource for RdmaSource {
                         tracing::info!("arming the RDMA completion queue works again");
                     }
                 }
-                // Unarmed, completions wake nobody: the worker's sleep still ends at its
-                // timeout (spinning here instead would burn the core on a broken device).
+                // Unarmed, completions wake nobody: they wait for the worker's next wake
+                // (its sleep's timeout, a drive's completion, another source's event).
+                // Spinning here instead would burn the core on a broken device.
                 Err(error) => {
                     if !std::mem::replace(&mut self.arming_failed, true) {
                         tracing::warn!(
                             %error,
-                            "arming the RDMA completion queue failed: completions wait for \
-                             the worker's sleep to time out until it works again"
+                            "arming the RDMA completion queue failed: until it works again, \
+                             RDMA requests wait for the worker to wake for something else"
                         );
                     }
                 }
