@@ -340,10 +340,10 @@ impl StripedReader {
                 progress: self.progress.as_ref(),
                 layout: file.layout,
             };
-            // The reading threads start together, once all of them exist: a caller that has
-            // just used much CPU is put behind the first thread it starts, and its daemon's
-            // worker, and started the others 16-37 ms late in a 330 ms pass (bench net, 2
-            // cores).
+            // The reading threads start together, once all of them exist: a caller that had
+            // just used much CPU was put behind the first thread it started (and that
+            // daemon's worker), so the others started 16-37 ms late in a 330 ms pass (bench
+            // net, 2 cores; ARCHITECTURE 32).
             let start = StartLine::default();
             let outcomes: Vec<(usize, DaemonOutcome)> = std::thread::scope(|scope| {
                 let mut handles = Vec::with_capacity(work.len());
