@@ -11,6 +11,7 @@
 pub mod buffer;
 pub mod client;
 pub mod daemon;
+pub mod gate;
 pub mod rdma;
 pub mod striped;
 pub mod transport;

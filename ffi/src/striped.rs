@@ -13,7 +13,7 @@
 //! failing over, and the caller reopens the file.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tier0_dataplane::net::wire::LayoutRef;
@@ -21,36 +21,9 @@ use tier0_dataplane::store::ChunkId;
 
 use crate::buffer::ReadBuffer;
 use crate::daemon::{ClientError, ReadInto};
+use crate::gate::Gate;
 use crate::rdma::RdmaClient;
 use crate::transport::{self, Transport, TransportChoice, TransportKind};
-
-/// Where a read's threads wait until all of them are started.
-#[derive(Default)]
-struct StartLine {
-    open: Mutex<bool>,
-    opened: Condvar,
-}
-
-impl StartLine {
-    fn open(&self) {
-        *self
-            .open
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
-        self.opened.notify_all();
-    }
-
-    fn wait(&self) {
-        let open = self
-            .open
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let _open = self
-            .opened
-            .wait_while(open, |open| !*open)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-    }
-}
 
 /// A daemon the file is striped over.
 #[derive(Clone, Debug)]
@@ -344,7 +317,7 @@ impl StripedReader {
             // just used much CPU was put behind the first thread it started (and that
             // daemon's worker), so the others started 16-37 ms late in a 330 ms pass (bench
             // net, 2 cores; ARCHITECTURE 32).
-            let start = StartLine::default();
+            let start = Gate::default();
             let outcomes: Vec<(usize, DaemonOutcome)> = std::thread::scope(|scope| {
                 let mut handles = Vec::with_capacity(work.len());
                 for Share {
@@ -359,6 +332,7 @@ impl StripedReader {
                     let spawned = std::thread::Builder::new()
                         .name(format!("tier0-read-{daemon_index}"))
                         .spawn_scoped(scope, move || {
+                            // Opened only to go on: every thread started reads its share.
                             start.wait();
                             let results = read_from(daemon_index, daemon, slices, chunks, settings);
                             (daemon_index, results)
@@ -368,12 +342,12 @@ impl StripedReader {
                         Err(error) => {
                             // As scope.spawn, a failed spawn panics; the threads started
                             // finish their reads first (the scope joins them).
-                            start.open();
+                            start.open(true);
                             panic!("spawning a reading thread: {error}");
                         }
                     }
                 }
-                start.open();
+                start.open(true);
                 handles
                     .into_iter()
                     .map(|handle| handle.join().expect("a reading thread panicked"))

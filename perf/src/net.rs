@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tier0_client::gate::Gate;
 use tier0_client::{
     LayoutRef, RdmaClient, ReadBuffer, ReadInto, StripedFile, StripedReader, TransportChoice,
 };
@@ -219,17 +220,14 @@ pub fn run(
                 perftest("ib_read_bw", options)?,
             ],
         };
-        for (index, run) in baseline.into_iter().enumerate() {
-            if theirs.len() <= index {
-                theirs.push(Vec::new());
-            }
+        for (index, run) in baseline.iter().enumerate() {
             log(format!(
                 "baseline {index} run {}: {:.1} MiB/s",
                 pass + 1,
                 mib_per_s(options.size, run.seconds)
             ));
-            theirs[index].push(run);
         }
+        push_runs(&mut theirs, baseline);
     }
     let names = match options.transport {
         NetTransport::Tcp | NetTransport::Local => vec!["socket blaster (loopback TCP)"],
@@ -283,12 +281,7 @@ pub fn run(
             ],
             _ => vec![blaster(vec![vec![4096; options.small_reads]], 1)?],
         };
-        for (index, run) in baseline.into_iter().enumerate() {
-            if theirs.len() <= index {
-                theirs.push(Vec::new());
-            }
-            theirs[index].push(run);
-        }
+        push_runs(&mut theirs, baseline);
     }
     let names = match options.transport {
         NetTransport::Tcp | NetTransport::Local => vec!["socket ping-pong (loopback TCP)"],
@@ -328,6 +321,17 @@ pub fn run(
         rdma.unregister(&buffer);
     }
     Ok(results)
+}
+
+/// Adds one repeat's runs of each baseline (in the scenario's order of baselines) to the
+/// runs so far, one list per baseline.
+fn push_runs(runs: &mut Vec<Vec<Run>>, repeat: Vec<Run>) {
+    for (index, run) in repeat.into_iter().enumerate() {
+        if runs.len() <= index {
+            runs.push(Vec::new());
+        }
+        runs[index].push(run);
+    }
 }
 
 fn striped_pass(
@@ -600,31 +604,6 @@ fn shares(layout: &StripedFile) -> Vec<Vec<usize>> {
     }
     lens.retain(|lens| !lens.is_empty());
     lens
-}
-
-/// Holds the blaster's threads until the clock starts, or sends them home.
-#[derive(Default)]
-struct Gate {
-    state: std::sync::Mutex<Option<bool>>,
-    changed: std::sync::Condvar,
-}
-
-impl Gate {
-    /// Whether to run.
-    fn wait(&self) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(go) = *state {
-                return go;
-            }
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    fn open(&self, go: bool) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(go);
-        self.changed.notify_all();
-    }
 }
 
 /// The blaster's bytes: each 8-byte word its offset, scrambled, so a reply received out of

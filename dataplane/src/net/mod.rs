@@ -11,3 +11,9 @@ pub mod tcp;
 pub mod wire;
 
 pub use stream::{boot_id, local_socket_addr};
+
+/// Polls of a request source between looks at its epoll set when nothing calls for one at
+/// every poll (RDMA: side channels and new sessions, its completions being polled in user
+/// space; TCP: a source without connections). A worker about to sleep has each look at
+/// once (`RequestSource::prepare_to_sleep`).
+pub(crate) const HARVEST_EVERY: u32 = 64;

@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use super::HARVEST_EVERY;
 use super::mapped::{MappedMetrics, Payload, mapped_read};
 use super::rdma::{RdmaAcceptor, RdmaService, Session};
 use super::replicate::{Copier, CopyConfig, CopyError, CopyPermit};
@@ -469,8 +470,6 @@ impl EventFd {
 
 /// Epoll key of the new-connection eventfd; connections use their slot index.
 const NOTIFY_KEY: u64 = u64::MAX;
-/// Polls between looks at the epoll set while the source has no connections.
-const HARVEST_EVERY: u32 = 64;
 /// Bytes read from one socket per poll before the others get a turn.
 const READ_BUDGET: usize = 1 << 20;
 

@@ -29,6 +29,7 @@ use super::verbs::{
 use crate::buffer::BufferLease;
 use crate::fence::FenceTable;
 use crate::heat::HeatMap;
+use crate::net::HARVEST_EVERY;
 use crate::net::tags::Tags;
 use crate::net::tcp::{EventFd, locate};
 use crate::net::wire::{
@@ -260,9 +261,6 @@ struct Pending {
 /// Epoll keys besides session slots.
 const NOTIFY_KEY: u64 = u64::MAX;
 const CQ_KEY: u64 = u64::MAX - 1;
-/// Polls between looks at the epoll set (side channels, new sessions) while the worker
-/// keeps polling; a worker about to sleep looks at once (`prepare_to_sleep`).
-const HARVEST_EVERY: u32 = 64;
 /// How long a broken session waits for its flushed work requests before it is dropped anyway.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
