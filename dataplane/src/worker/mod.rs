@@ -160,6 +160,9 @@ pub struct Completion {
 pub trait RequestSource: Send {
     /// Appends at most `max` new requests as (tag, drive, op). Returns false once the source
     /// has finished: it gives no more requests, and is closed when its last one completes.
+    /// `max` is 0 while a request waits for a buffer: the source then takes nothing new but
+    /// moves what it holds (sends queued replies, reaps completions), which is how the
+    /// buffers it holds come back.
     fn poll(&mut self, max: usize, requests: &mut Vec<(u64, usize, Op)>) -> bool;
 
     /// One of this source's requests completed.
@@ -345,8 +348,10 @@ pub(crate) struct Worker {
     pool: BufferPool,
     slots: Vec<Option<Slot>>,
     free_slots: Vec<usize>,
-    /// A request taken from the channel or a source that waits for a buffer.
-    stalled: Option<Pending>,
+    /// Requests taken from the channel or a source that wait for a buffer, in arrival
+    /// order: at most one source batch (no more than the free slots) or one channel request,
+    /// since nothing new is taken while any waits.
+    waiting: VecDeque<Pending>,
     sources: Vec<Option<SourceState>>,
     new_requests: Vec<(u64, usize, Op)>,
     requests: Receiver<Request>,
@@ -420,7 +425,7 @@ impl Worker {
             pool,
             slots: (0..in_flight_max).map(|_| None).collect(),
             free_slots: (0..in_flight_max).rev().collect(),
-            stalled: None,
+            waiting: VecDeque::new(),
             sources: sources
                 .into_iter()
                 .map(|source| {
@@ -477,7 +482,7 @@ impl Worker {
             self.metrics.in_flight.set(in_flight as f64);
             if self.closing
                 && in_flight == 0
-                && self.stalled.is_none()
+                && self.waiting.is_empty()
                 && self.sources.iter().all(Option::is_none)
             {
                 return;
@@ -526,8 +531,9 @@ impl Worker {
     /// Sleeps in the kernel until a request or a completion arrives.
     fn sleep(&mut self, in_flight: usize) {
         if in_flight == 0 {
-            if self.stalled.is_some() {
-                // Waiting for a buffer held by a consumer: nothing to wake us but time.
+            if !self.waiting.is_empty() {
+                // Waiting for a buffer that a caller or a source holds: nothing announces its
+                // return, so look again soon (`accept` polls the sources meanwhile).
                 std::thread::sleep(Duration::from_micros(50));
                 return;
             }
@@ -536,7 +542,7 @@ impl Worker {
                 return;
             }
             match self.requests.recv() {
-                Ok(request) => self.stalled = Some(Pending::from(request)),
+                Ok(request) => self.waiting.push_back(Pending::from(request)),
                 Err(_) => self.closing = true,
             }
             return;
@@ -564,7 +570,7 @@ impl Worker {
         // awake: only a completion or a returned buffer can make room. Work a source found
         // in `prepare_to_sleep` counts as a request that came late.
         self.doorbell.prepare_to_sleep();
-        let can_accept = self.stalled.is_none()
+        let can_accept = self.waiting.is_empty()
             && !self.free_slots.is_empty()
             && (!self.requests.is_empty() || !sources_ready);
         let timeout = if can_accept {
@@ -628,22 +634,22 @@ impl Worker {
         };
         self.doorbell.woke(rung);
         match self.requests.try_recv() {
-            Ok(request) => self.stalled = Some(Pending::from(request)),
+            Ok(request) => self.waiting.push_back(Pending::from(request)),
             Err(TryRecvError::Disconnected) => self.closing = true,
             Err(TryRecvError::Empty) => {}
         }
     }
 
-    /// Starts as many new requests as the table and the pool allow: a stalled one first, then
-    /// the sources', then the channel's.
+    /// Starts as many new requests as the table and the pool allow: those waiting for a
+    /// buffer first, in order, then the sources', then the channel's.
     fn accept(&mut self) -> usize {
         let mut accepted = 0;
-        if let Some(pending) = self.stalled.take() {
+        while let Some(pending) = self.waiting.pop_front() {
             match self.start(pending) {
                 Ok(()) => accepted += 1,
                 Err(pending) => {
-                    self.stalled = Some(pending);
-                    return 0;
+                    self.waiting.push_front(pending);
+                    break;
                 }
             }
         }
@@ -651,9 +657,19 @@ impl Worker {
             let Some(state) = self.sources[index].as_mut() else {
                 continue;
             };
-            if !state.finished && !self.free_slots.is_empty() {
+            // While requests wait for a buffer the sources take no new ones, but are still
+            // polled: the buffers they hold come back only as they move them (replies
+            // waiting for room in a socket, RDMA sends whose completions are to reap). Not
+            // polling them then stopped the worker for good behind one client that took no
+            // replies.
+            let max = if self.waiting.is_empty() {
+                self.free_slots.len()
+            } else {
+                0
+            };
+            if !state.finished && (max > 0 || !self.waiting.is_empty()) {
                 let mut batch = std::mem::take(&mut self.new_requests);
-                state.finished = !state.source.poll(self.free_slots.len(), &mut batch);
+                state.finished = !state.source.poll(max, &mut batch);
                 state.in_flight += batch.len();
                 for (tag, drive, op) in batch.drain(..) {
                     let pending = Pending {
@@ -662,21 +678,22 @@ impl Worker {
                         op,
                         reply: Reply::Source(index),
                     };
-                    if self.stalled.is_some() {
-                        // Only one request waits for a buffer; this one fails fast instead.
-                        self.refuse(pending);
+                    // Behind one that waits, the rest of the batch waits too, in order: a
+                    // client pipelining deeper than the pool gets backpressure, not errors.
+                    if !self.waiting.is_empty() {
+                        self.waiting.push_back(pending);
                         continue;
                     }
                     match self.start(pending) {
                         Ok(()) => accepted += 1,
-                        Err(pending) => self.stalled = Some(pending),
+                        Err(pending) => self.waiting.push_back(pending),
                     }
                 }
                 self.new_requests = batch;
             }
             self.close_finished_source(index);
         }
-        while self.stalled.is_none() && !self.free_slots.is_empty() {
+        while self.waiting.is_empty() && !self.free_slots.is_empty() {
             let request = match self.requests.try_recv() {
                 Ok(request) => request,
                 Err(TryRecvError::Empty) => break,
@@ -687,19 +704,10 @@ impl Worker {
             };
             match self.start(Pending::from(request)) {
                 Ok(()) => accepted += 1,
-                Err(pending) => self.stalled = Some(pending),
+                Err(pending) => self.waiting.push_back(pending),
             }
         }
         accepted
-    }
-
-    /// A source request that cannot even wait: answered at once as out of buffers.
-    fn refuse(&mut self, pending: Pending) {
-        let error = RequestError::Store(StoreError::Device(DeviceError::QueueFull {
-            device: "buffer pool".to_string(),
-            queue_depth: self.pool.capacity(),
-        }));
-        self.finish(pending.tag, pending.reply, Duration::ZERO, Err(error));
     }
 
     fn close_finished_source(&mut self, index: usize) {
