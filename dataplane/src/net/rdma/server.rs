@@ -123,7 +123,8 @@ pub(crate) struct Session {
 /// Sets sessions up for one worker, from the handshake threads.
 pub struct RdmaAcceptor {
     device: Arc<RdmaDevice>,
-    cq: verbs::CompletionQueueHandle,
+    recv_cq: verbs::CompletionQueueHandle,
+    send_cq: verbs::CompletionQueueHandle,
     inbox: Sender<Session>,
     notify: Arc<EventFd>,
     sessions: Arc<AtomicUsize>,
@@ -160,9 +161,9 @@ impl RdmaAcceptor {
         // SAFETY: the slab lives in the session next to its region and is dropped after it.
         let slab_mr = unsafe { self.device.register(slab.as_mut_ptr(), slab.len(), false)? };
         // Each reply is at most a WRITE and a SEND.
-        let mut qp = self
-            .device
-            .queue_pair(&self.cq, 2 * sends, credits, false)?;
+        let mut qp =
+            self.device
+                .queue_pair_on(&self.send_cq, &self.recv_cq, 2 * sends, credits, false)?;
         for index in 0..credits {
             let addr = slab.as_ptr() as u64 + u64::from(index) * MESSAGE_SLOT as u64;
             verbs::post_recv(
@@ -261,17 +262,24 @@ struct Pending {
 /// Epoll keys besides session slots.
 const NOTIFY_KEY: u64 = u64::MAX;
 const CQ_KEY: u64 = u64::MAX - 1;
+const SEND_CQ_KEY: u64 = u64::MAX - 2;
 /// How long a broken session waits for its flushed work requests before it is dropped anyway.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
 /// The RDMA sessions one worker serves, as a [`RequestSource`].
 pub struct RdmaSource {
     device: Arc<RdmaDevice>,
+    /// Every session's receives: the requests.
     completions: Completions,
+    /// Every session's sends: the replies' SENDs (and a WRITE that failed). Their own queue,
+    /// so that a worker with nothing waiting on a send sleeps through them (decision 27).
+    send_completions: Completions,
     /// The completion queue will raise an event (on the channel, in the epoll set) at its
     /// next completion; cleared by any completion polled, since one that arrives armed
     /// raises the event and uses the arming up.
     armed: bool,
+    /// The same for the send queue, which is armed only while something waits on a send.
+    send_armed: bool,
     /// Arming failed last time: said once, not at every sleep.
     arming_failed: bool,
     /// Polls since the epoll set was last read.
@@ -323,9 +331,11 @@ impl RdmaSource {
                 reason: error.to_string(),
             }
         };
-        // Every session: its receives, and a send per send slot (the WRITEs are unsignaled).
-        let entries = (MAX_SESSIONS as u32) * 3 * DEFAULT_CREDITS;
-        let completions = device.completion_queue(entries)?;
+        // Every session: its receives; and a send per send slot (the WRITEs are unsignaled),
+        // twice over, since a failed WRITE completes too and its SEND then completes flushed.
+        let completions = device.completion_queue((MAX_SESSIONS as u32) * DEFAULT_CREDITS)?;
+        let send_completions =
+            device.completion_queue((MAX_SESSIONS as u32) * 2 * 2 * DEFAULT_CREDITS)?;
         let notify = Arc::new(EventFd::new().map_err(io_error("creating an eventfd"))?);
         // SAFETY: epoll_create1 takes a flag and returns a new fd or -1.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -338,7 +348,8 @@ impl RdmaSource {
         let sessions = Arc::new(AtomicUsize::new(0));
         let acceptor = Arc::new(RdmaAcceptor {
             device: device.clone(),
-            cq: completions.handle(),
+            recv_cq: completions.handle(),
+            send_cq: send_completions.handle(),
             inbox: sender,
             notify: notify.clone(),
             sessions: sessions.clone(),
@@ -346,7 +357,9 @@ impl RdmaSource {
         let source = RdmaSource {
             device,
             completions,
+            send_completions,
             armed: false,
+            send_armed: false,
             arming_failed: false,
             polls_since_harvest: 0,
             pool_mr: None,
@@ -372,6 +385,9 @@ impl RdmaSource {
             .map_err(io_error("watching an eventfd"))?;
         source
             .watch(source.completions.fd(), CQ_KEY)
+            .map_err(io_error("watching a completion channel"))?;
+        source
+            .watch(source.send_completions.fd(), SEND_CQ_KEY)
             .map_err(io_error("watching a completion channel"))?;
         tracing::info!(
             worker,
@@ -468,6 +484,7 @@ impl RdmaSource {
                         to_act_on += 1;
                     }
                     CQ_KEY => self.armed = false,
+                    SEND_CQ_KEY => self.send_armed = false,
                     slot => {
                         if let Some(Some(live)) = self.sessions.get_mut(slot as usize) {
                             read_side_channel(live);
@@ -482,16 +499,34 @@ impl RdmaSource {
         }
     }
 
-    /// Handles what the completion queue holds now, up to `rounds` batches; returns how
-    /// many completions there were.
+    /// Handles what both completion queues hold now, up to `rounds` batches each; returns
+    /// how many receives there were (the requests: sends only free slots and buffers).
     fn drain_completions(&mut self, rounds: usize) -> usize {
+        let sent = self.drain(true, rounds);
+        if sent > 0 {
+            self.send_armed = false;
+        }
+        let received = self.drain(false, rounds);
+        if received > 0 {
+            self.armed = false;
+        }
+        received
+    }
+
+    /// Handles what one completion queue holds now, up to `rounds` batches.
+    fn drain(&mut self, sends: bool, rounds: usize) -> usize {
         let mut wcs = std::mem::take(&mut self.wcs);
         let mut total = 0;
         for _ in 0..rounds {
-            let got = match self.completions.poll(&mut wcs) {
+            let queue = if sends {
+                &mut self.send_completions
+            } else {
+                &mut self.completions
+            };
+            let got = match queue.poll(&mut wcs) {
                 Ok(got) => got,
                 Err(error) => {
-                    tracing::error!(%error, "polling the RDMA completion queue failed");
+                    tracing::error!(%error, sends, "polling an RDMA completion queue failed");
                     0
                 }
             };
@@ -503,11 +538,52 @@ impl RdmaSource {
                 break;
             }
         }
-        if total > 0 {
-            self.armed = false;
-        }
         self.wcs = wcs;
         total
+    }
+
+    /// Whether a send's completion is awaited: a reply waits for a send slot, or a session
+    /// that ends waits for its last sends. Otherwise a sleeping worker leaves them to its
+    /// next wake, holding their slots and pool buffers until then.
+    fn waits_on_sends(&self) -> bool {
+        self.sessions.iter().flatten().any(|live| {
+            !live.backlog.is_empty()
+                || (live.sends_posted > 0 && (live.closing || live.broken.is_some()))
+        })
+    }
+
+    /// Arms the receive or the send completion queue.
+    fn arm(&mut self, sends: bool) {
+        let armed = if sends {
+            self.send_completions.arm()
+        } else {
+            self.completions.arm()
+        };
+        match armed {
+            Ok(()) => {
+                if sends {
+                    self.send_armed = true;
+                } else {
+                    self.armed = true;
+                }
+                if std::mem::take(&mut self.arming_failed) {
+                    tracing::info!("arming the RDMA completion queues works again");
+                }
+            }
+            // Unarmed, completions wake nobody: they wait for the worker's next wake (its
+            // sleep's timeout, a drive's completion, another source's event). Spinning here
+            // instead would burn the core on a broken device.
+            Err(error) => {
+                if !std::mem::replace(&mut self.arming_failed, true) {
+                    tracing::warn!(
+                        %error,
+                        sends,
+                        "arming an RDMA completion queue failed: until it works again, \
+                         RDMA requests wait for the worker to wake for something else"
+                    );
+                }
+            }
+        }
     }
 
     fn session_of(&self, qp_num: u32) -> Option<usize> {
@@ -904,30 +980,20 @@ impl RequestSource for RdmaSource {
     fn prepare_to_sleep(&mut self) -> bool {
         let to_act_on = self.harvest();
         if !self.armed {
-            match self.completions.arm() {
-                Ok(()) => {
-                    self.armed = true;
-                    if std::mem::take(&mut self.arming_failed) {
-                        tracing::info!("arming the RDMA completion queue works again");
-                    }
-                }
-                // Unarmed, completions wake nobody: they wait for the worker's next wake
-                // (its sleep's timeout, a drive's completion, another source's event).
-                // Spinning here instead would burn the core on a broken device.
-                Err(error) => {
-                    if !std::mem::replace(&mut self.arming_failed, true) {
-                        tracing::warn!(
-                            %error,
-                            "arming the RDMA completion queue failed: until it works again, \
-                             RDMA requests wait for the worker to wake for something else"
-                        );
-                    }
-                }
-            }
+            self.arm(false);
+        }
+        // A send's completion wakes the worker only when something waits on one; else the
+        // next request (or anything else) that wakes it reaps it: a read one at a time then
+        // wakes an idle worker once, for the request, not twice.
+        if !self.send_armed && self.waits_on_sends() {
+            self.arm(true);
         }
         // Once more after arming: a completion that landed before it raises no event.
         let completed = self.drain_completions(1);
-        to_act_on == 0 && completed == 0 && self.ready.is_empty()
+        // What that found may have left a send awaited with its queue unarmed again (not
+        // when arming fails: a broken device must not keep the worker spinning).
+        let unwatched = !self.send_armed && !self.arming_failed && self.waits_on_sends();
+        to_act_on == 0 && completed == 0 && self.ready.is_empty() && !unwatched
     }
 
     fn complete(&mut self, completion: Completion) {

@@ -226,6 +226,19 @@ impl RdmaDevice {
         recv_depth: u32,
         remote_write: bool,
     ) -> Result<ExtendedQueuePair, RdmaError> {
+        self.queue_pair_on(cq, cq, send_depth, recv_depth, remote_write)
+    }
+
+    /// A reliable-connected queue pair whose sends complete on `send_cq` and receives on
+    /// `recv_cq`, in the INIT state.
+    pub fn queue_pair_on(
+        &self,
+        send_cq: &CompletionQueueHandle,
+        recv_cq: &CompletionQueueHandle,
+        send_depth: u32,
+        recv_depth: u32,
+        remote_write: bool,
+    ) -> Result<ExtendedQueuePair, RdmaError> {
         let error = |what: &'static str| {
             let device = self.name.clone();
             move |reason: String| RdmaError::Verbs {
@@ -234,12 +247,11 @@ impl RdmaDevice {
                 reason,
             }
         };
-        let cq = GenericCompletionQueue::from(cq.0.clone());
         let mut qp = self
             .pd
             .create_qp_builder()
-            .setup_send_cq(cq.clone())
-            .setup_recv_cq(cq)
+            .setup_send_cq(GenericCompletionQueue::from(send_cq.0.clone()))
+            .setup_recv_cq(GenericCompletionQueue::from(recv_cq.0.clone()))
             .setup_max_send_wr(send_depth)
             .setup_max_recv_wr(recv_depth)
             .setup_max_send_sge(1)
