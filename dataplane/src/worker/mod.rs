@@ -667,7 +667,7 @@ impl Worker {
             } else {
                 0
             };
-            if !state.finished && (max > 0 || !self.waiting.is_empty()) {
+            if !state.finished && (!self.free_slots.is_empty() || !self.waiting.is_empty()) {
                 let mut batch = std::mem::take(&mut self.new_requests);
                 state.finished = !state.source.poll(max, &mut batch);
                 state.in_flight += batch.len();
