@@ -420,6 +420,8 @@ struct LazySource {
     inbox: Arc<Mutex<Vec<u32>>>,
     found: Vec<u32>,
     wake: std::os::fd::OwnedFd,
+    /// `wake`'s fd, for the worker to watch.
+    wake_fds: [std::os::fd::RawFd; 1],
     stop: Arc<std::sync::atomic::AtomicBool>,
     done: crossbeam_channel::Sender<Completion>,
 }
@@ -445,9 +447,8 @@ impl tier0_dataplane::worker::RequestSource for LazySource {
         let _ = self.done.send(completion);
     }
 
-    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd as _;
-        Some(self.wake.as_raw_fd())
+    fn wake_fds(&self) -> &[std::os::fd::RawFd] {
+        &self.wake_fds
     }
 
     fn prepare_to_sleep(&mut self) -> bool {
@@ -538,6 +539,7 @@ fn lazy_pool(
         drive,
         inbox,
         found: Vec::new(),
+        wake_fds: [std::os::fd::AsRawFd::as_raw_fd(&wake)],
         wake,
         stop: stop.clone(),
         done,

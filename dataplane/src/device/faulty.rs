@@ -184,7 +184,7 @@ impl BlockDevice for FaultyDevice {
         &mut self,
         wake_fds: &[std::os::fd::RawFd],
         timeout: Option<std::time::Duration>,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<super::Woken, DeviceError> {
         let ready = !self.control.lock().stalled && self.queue.len() > 0;
         RequestQueue::wait_unless(ready, &self.name, wake_fds, timeout)
     }

@@ -90,7 +90,7 @@ impl BlockDevice for MemoryDevice {
         &mut self,
         wake_fds: &[std::os::fd::RawFd],
         timeout: Option<std::time::Duration>,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<super::Woken, DeviceError> {
         self.queue.wait(&self.name, wake_fds, timeout)
     }
 

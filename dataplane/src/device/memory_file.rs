@@ -203,7 +203,7 @@ impl BlockDevice for MemoryFileDevice {
         &mut self,
         wake_fds: &[std::os::fd::RawFd],
         timeout: Option<std::time::Duration>,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<super::Woken, DeviceError> {
         self.queue.wait(&self.drive.name, wake_fds, timeout)
     }
 

@@ -168,14 +168,14 @@ pub trait BlockDevice: Send {
 
     /// Sleeps until a completion is ready or one of `wake_fds` (an eventfd, an epoll fd)
     /// becomes readable, for at most `timeout` (`None`: no limit; zero: only collect finished
-    /// work, never sleep). Returns true when a wake fd woke it. Completions are then returned
-    /// by `poll`. Every device sleeps here when it has nothing to complete, so a worker whose
-    /// requests are all waiting on something else never spins on it.
+    /// work, never sleep). Returns which wake fds it saw readable. Completions are then
+    /// returned by `poll`. Every device sleeps here when it has nothing to complete, so a
+    /// worker whose requests are all waiting on something else never spins on it.
     fn wait(
         &mut self,
         wake_fds: &[std::os::fd::RawFd],
         timeout: Option<std::time::Duration>,
-    ) -> Result<bool, DeviceError>;
+    ) -> Result<Woken, DeviceError>;
 
     /// Registers memory regions as fixed buffers (io_uring `register_buffers`): requests then
     /// name them by index in [`IoRequest::fixed_buffer`]. Replaces any earlier registration.
@@ -327,7 +327,7 @@ impl RequestQueue {
         name: &str,
         wake_fds: &[std::os::fd::RawFd],
         timeout: Option<std::time::Duration>,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<Woken, DeviceError> {
         Self::wait_unless(!self.queued.is_empty(), name, wake_fds, timeout)
     }
 
@@ -337,21 +337,23 @@ impl RequestQueue {
         name: &str,
         wake_fds: &[std::os::fd::RawFd],
         timeout: Option<std::time::Duration>,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<Woken, DeviceError> {
         if ready
             || timeout.is_some_and(|timeout| timeout.is_zero())
             || (wake_fds.is_empty() && timeout.is_none())
         {
-            return Ok(false);
+            return Ok(Woken::NONE);
         }
-        let fds = poll_readable(wake_fds, timeout).map_err(|source| DeviceError::Setup {
-            device: name.to_string(),
-            operation: "poll on the wake fds",
-            source,
-        })?;
+        let mut polled = Vec::new();
+        let woken =
+            poll_readable(wake_fds, &mut polled, timeout).map_err(|source| DeviceError::Setup {
+                device: name.to_string(),
+                operation: "poll on the wake fds",
+                source,
+            })?;
         // A wake fd that is closed or failed would be reported on every call, so the caller
         // would spin: that is an error, not a wake.
-        if let Some(bad) = fds.iter().find(|fd| fd.revents & !libc::POLLIN != 0) {
+        if let Some(bad) = polled.iter().find(|fd| fd.revents & !libc::POLLIN != 0) {
             return Err(DeviceError::Setup {
                 device: name.to_string(),
                 operation: "poll on the wake fds",
@@ -361,7 +363,7 @@ impl RequestQueue {
                 )),
             });
         }
-        Ok(fds.iter().any(|fd| fd.revents & libc::POLLIN != 0))
+        Ok(woken)
     }
 
     /// Carries out every queued request with `execute`, in order, appending its completion;
@@ -387,16 +389,15 @@ impl RequestQueue {
 /// with their `revents`, all zero when the time ran out or a signal came.
 pub(crate) fn poll_readable(
     fds: &[std::os::fd::RawFd],
+    polled: &mut Vec<libc::pollfd>,
     timeout: Option<std::time::Duration>,
-) -> io::Result<Vec<libc::pollfd>> {
-    let mut polled: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+) -> io::Result<Woken> {
+    polled.clear();
+    polled.extend(fds.iter().map(|&fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }));
     let millis = timeout.map_or(-1, |timeout| {
         i32::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
     });
@@ -408,7 +409,51 @@ pub(crate) fn poll_readable(
             return Err(error);
         }
     }
-    Ok(polled)
+    let mut woken = Woken::NONE;
+    for (index, fd) in polled.iter().enumerate() {
+        if fd.revents & libc::POLLIN != 0 {
+            woken.insert(index);
+        }
+    }
+    Ok(woken)
+}
+
+/// Which wake fds a sleep saw readable (from [`BlockDevice::wait`] or a poll), by their
+/// index in the list slept on. Past the first 64 every fd counts as readable: a caller that
+/// is told so looks, and finds nothing, which costs a look and loses no event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Woken(u64);
+
+impl Woken {
+    pub const NONE: Woken = Woken(0);
+    /// Every fd: for a sleep that cannot tell which one woke it.
+    pub const ALL: Woken = Woken(u64::MAX);
+
+    /// Whether the fd at `index` turned readable.
+    pub fn contains(self, index: usize) -> bool {
+        index >= 64 || self.0 & (1 << index) != 0
+    }
+
+    /// Whether any fd did.
+    pub fn any(self) -> bool {
+        self.0 != 0
+    }
+
+    pub fn insert(&mut self, index: usize) {
+        if index < 64 {
+            self.0 |= 1 << index;
+        }
+    }
+
+    /// The fds from `first` on, renumbered from 0 (one source's share of a worker's list).
+    pub fn from(self, first: usize) -> Woken {
+        match first {
+            0 => self,
+            // The fds past the 64th, which count as readable, move down with the rest.
+            1..64 => Woken(self.0 >> first | u64::MAX << (64 - first)),
+            _ => Woken::ALL,
+        }
+    }
 }
 
 /// Checks that an I/O is aligned and inside the device: every implementation calls this in
@@ -529,6 +574,23 @@ mod tests {
     }
 
     #[test]
+    fn a_wake_report_renumbers_a_share_and_counts_fds_past_64_as_readable() {
+        let mut woken = Woken::NONE;
+        woken.insert(0);
+        woken.insert(3);
+        woken.insert(70); // Past the 64th: not recorded, and reported readable anyway.
+        assert!(woken.contains(0) && woken.contains(3) && !woken.contains(1));
+        assert!(woken.contains(64) && woken.contains(70));
+        // One source's fds start at index 2: its fd 1 is the list's fd 3.
+        let share = woken.from(2);
+        assert!(share.contains(1) && !share.contains(0) && !share.contains(2));
+        // The list's fds past the 64th stay readable in the share.
+        assert!(share.contains(62) && !share.contains(60));
+        assert_eq!(woken.from(64), Woken::ALL);
+        assert!(!Woken::NONE.any() && woken.any());
+    }
+
+    #[test]
     fn a_device_that_completes_in_poll_sleeps_only_with_nothing_queued() {
         let mut device = MemoryDevice::new("memory", 4 * IO_ALIGNMENT as u64, 4);
         let (read, write) = pipe();
@@ -536,7 +598,12 @@ mod tests {
 
         // Nothing to complete and nothing rung: the whole timeout.
         let start = Instant::now();
-        assert!(!device.wait(&fds, Some(Duration::from_millis(30))).unwrap());
+        assert!(
+            !device
+                .wait(&fds, Some(Duration::from_millis(30)))
+                .unwrap()
+                .any()
+        );
         assert!(
             start.elapsed() >= Duration::from_millis(25),
             "{:?}",
@@ -544,7 +611,12 @@ mod tests {
         );
         // A timeout under a millisecond still sleeps (rounded up), never spins.
         let start = Instant::now();
-        assert!(!device.wait(&fds, Some(Duration::from_micros(10))).unwrap());
+        assert!(
+            !device
+                .wait(&fds, Some(Duration::from_micros(10)))
+                .unwrap()
+                .any()
+        );
         assert!(
             start.elapsed() >= Duration::from_micros(900),
             "{:?}",
@@ -552,7 +624,7 @@ mod tests {
         );
         // Zero: only collect, never sleep.
         let start = Instant::now();
-        assert!(!device.wait(&fds, Some(Duration::ZERO)).unwrap());
+        assert!(!device.wait(&fds, Some(Duration::ZERO)).unwrap().any());
         assert!(start.elapsed() < Duration::from_secs(5));
 
         // A wake fd that is readable ends it at once, and says so.
@@ -560,7 +632,8 @@ mod tests {
         let written = unsafe { libc::write(write.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         assert_eq!(written, 1);
         let start = Instant::now();
-        assert!(device.wait(&fds, Some(Duration::from_secs(10))).unwrap());
+        let woken = device.wait(&fds, Some(Duration::from_secs(10))).unwrap();
+        assert!(woken.contains(0), "{woken:?}");
         assert!(start.elapsed() < Duration::from_secs(5));
 
         // A queued request is ready for the next poll: no sleep, however long the timeout.
@@ -578,7 +651,7 @@ mod tests {
         unsafe { device.submit(request).unwrap() };
         let start = Instant::now();
         let long = Some(Duration::from_secs(10));
-        assert!(!device.wait(&[quiet.as_raw_fd()], long).unwrap());
+        assert!(!device.wait(&[quiet.as_raw_fd()], long).unwrap().any());
         assert!(start.elapsed() < Duration::from_secs(5));
         let mut completions = Vec::new();
         assert_eq!(device.poll(&mut completions, 0).unwrap(), 1);
@@ -599,6 +672,9 @@ mod tests {
             let woke = device.wait(&[], None).unwrap();
             let _ = done.send(woke);
         });
-        assert_eq!(finished.recv_timeout(Duration::from_secs(5)), Ok(false));
+        assert_eq!(
+            finished.recv_timeout(Duration::from_secs(5)),
+            Ok(Woken::NONE)
+        );
     }
 }

@@ -53,10 +53,12 @@ pub struct UringDevice {
     in_flight_sync: usize,
     iopoll: bool,
     defer_taskrun: bool,
-    /// The eventfd a multishot poll on this ring watches, so a sleeping `wait` wakes when it
-    /// is written.
-    /// Fds with a multishot poll armed in the ring.
+    /// Fds with a multishot poll armed in the ring (the wake fds of the `wait`s so far), so
+    /// that a sleeping `wait` wakes when one turns readable.
     armed_wake_fds: Vec<std::os::fd::RawFd>,
+    /// Wake fds whose polls fired since the last `wait` reported them: a `poll` that reaps
+    /// their completions keeps them here for the next `wait` to say.
+    fired_wake_fds: Vec<std::os::fd::RawFd>,
     /// Completions collected by `wait`, handed out by the next `poll` (still counted in
     /// `in_flight` until then).
     ready: Vec<IoCompletion>,
@@ -282,6 +284,7 @@ impl UringDevice {
             iopoll,
             defer_taskrun,
             armed_wake_fds: Vec::new(),
+            fired_wake_fds: Vec::new(),
             ready: Vec::new(),
             fixed_buffers: 0,
         })
@@ -308,17 +311,21 @@ impl UringDevice {
 
     /// Appends finished I/Os to `completions`. The wake-fd polls' own completions are consumed
     /// here: returns true if there was one; a fd whose poll ended leaves `armed`.
+    /// Moves the ring's completions to `completions`, and the fds its wake polls saw
+    /// readable to `fired`.
     fn reap(
         ring: &mut IoUring,
         completions: &mut Vec<IoCompletion>,
         armed: &mut Vec<std::os::fd::RawFd>,
-    ) -> bool {
-        let mut woken = false;
+        fired: &mut Vec<std::os::fd::RawFd>,
+    ) {
         for entry in ring.completion() {
             if entry.user_data() >> 32 == WAKE_TAG {
-                woken = true;
+                let fd = entry.user_data() as u32 as std::os::fd::RawFd;
+                if !fired.contains(&fd) {
+                    fired.push(fd);
+                }
                 if !io_uring::cqueue::more(entry.flags()) {
-                    let fd = entry.user_data() as u32 as std::os::fd::RawFd;
                     armed.retain(|&armed| armed != fd);
                 }
                 continue;
@@ -333,7 +340,6 @@ impl UringDevice {
                 },
             });
         }
-        woken
     }
 
     /// Submits what is queued and runs pending completion work, without waiting.
@@ -420,7 +426,7 @@ impl BlockDevice for UringDevice {
         &mut self,
         wake_fds: &[std::os::fd::RawFd],
         timeout: Option<std::time::Duration>,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<super::Woken, DeviceError> {
         let sleep = timeout.is_none_or(|timeout| !timeout.is_zero());
         if !sleep || self.iopoll || self.in_flight_sync > 0 {
             // Collect without sleeping. (A polled ring cannot watch an eventfd, and a sync on
@@ -463,8 +469,23 @@ impl BlockDevice for UringDevice {
             }
         }
         let mut ready = std::mem::take(&mut self.ready);
-        let woken = Self::reap(&mut self.ring, &mut ready, &mut self.armed_wake_fds);
+        Self::reap(
+            &mut self.ring,
+            &mut ready,
+            &mut self.armed_wake_fds,
+            &mut self.fired_wake_fds,
+        );
         self.ready = ready;
+        let mut woken = super::Woken::NONE;
+        for (index, fd) in wake_fds.iter().enumerate() {
+            if self.fired_wake_fds.contains(fd) {
+                woken.insert(index);
+            }
+        }
+        // Kept while no wait names them (a collecting `wait` names none).
+        if !wake_fds.is_empty() {
+            self.fired_wake_fds.clear();
+        }
         Ok(woken)
     }
 
@@ -568,13 +589,18 @@ impl BlockDevice for UringDevice {
             self.in_flight -= ready;
             reaped += ready;
             let before = completions.len();
-            Self::reap(&mut self.ring, completions, &mut self.armed_wake_fds);
+            Self::reap(
+                &mut self.ring,
+                completions,
+                &mut self.armed_wake_fds,
+                &mut self.fired_wake_fds,
+            );
             let main = completions.len() - before;
             self.in_flight -= main;
             reaped += main;
             if let Some(sync_ring) = self.sync_ring.as_mut() {
                 let before = completions.len();
-                Self::reap(sync_ring, completions, &mut Vec::new());
+                Self::reap(sync_ring, completions, &mut Vec::new(), &mut Vec::new());
                 let synced = completions.len() - before;
                 self.in_flight_sync -= synced;
                 reaped += synced;

@@ -49,7 +49,7 @@ use crate::device::MemoryDrive;
 use crate::fence::FenceTable;
 use crate::heat::HeatMap;
 use crate::store::{ChunkId, ChunkStore};
-use crate::worker::{Completion, Op, Output, ReadCheck, RequestSource, SourceFactory};
+use crate::worker::{Completion, Op, Output, ReadCheck, RequestSource, SourceFactory, Woken};
 
 /// How a daemon listens.
 #[derive(Clone, Debug)]
@@ -626,6 +626,10 @@ pub struct TcpSource {
     events: Vec<libc::epoll_event>,
     /// Polls since the epoll set was last read.
     polls_since_harvest: u32,
+    /// The worker saw the epoll set readable: read it at the next look.
+    harvest_due: bool,
+    /// The epoll set's fd, the worker's to watch.
+    wake: [RawFd; 1],
     /// The daemon's copies (`Replicate`), shared by every worker's source.
     copier: Arc<Copier>,
     /// Copy threads hand their fetches back here (and ring `notify`).
@@ -663,6 +667,7 @@ impl TcpSource {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let wake = [epoll.as_raw_fd()];
         let (fetched_sender, fetched) = crossbeam_channel::unbounded();
         let source = TcpSource {
             epoll,
@@ -683,6 +688,8 @@ impl TcpSource {
             max_payload: config.max_payload,
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 64],
             polls_since_harvest: 0,
+            harvest_due: false,
+            wake,
             copier,
             fetched_sender,
             fetched,
@@ -745,6 +752,7 @@ impl TcpSource {
     /// Returns how many events there were.
     fn harvest(&mut self) -> usize {
         self.polls_since_harvest = 0;
+        self.harvest_due = false;
         let mut seen = 0;
         loop {
             // SAFETY: epoll_wait writes at most `events.len()` entries into our vector.
@@ -1439,7 +1447,9 @@ impl RequestSource for TcpSource {
         // signal is in the epoll set: it is read now and then, and before the worker
         // sleeps, not at every poll (a system call per spin of a polled worker).
         self.polls_since_harvest += 1;
-        if self.connections.iter().any(Option::is_some) || self.polls_since_harvest >= HARVEST_EVERY
+        if self.harvest_due
+            || self.connections.iter().any(Option::is_some)
+            || self.polls_since_harvest >= HARVEST_EVERY
         {
             self.harvest();
         }
@@ -1483,9 +1493,11 @@ impl RequestSource for TcpSource {
     }
 
     fn prepare_to_sleep(&mut self) -> bool {
-        // Events left unread by the last polls would end the sleep at once: read them, and
-        // poll again if there were any (a new connection, a copy fetched).
-        self.polls_since_harvest == 0 || self.harvest() == 0
+        // Events the worker saw and no poll read yet (the table was full): read them, and
+        // poll again if there were any (a new connection, a copy fetched). Any others keep
+        // the epoll set readable, so the sleep ends at once and says so: reading it before
+        // every sleep was a system call per request while nothing came over TCP.
+        !self.harvest_due || self.harvest() == 0
     }
 
     fn complete(&mut self, completion: Completion) {
@@ -1532,8 +1544,12 @@ impl RequestSource for TcpSource {
 
     fn close(self: Box<Self>) {}
 
-    fn wake_fd(&self) -> Option<RawFd> {
-        Some(self.epoll.as_raw_fd())
+    fn wake_fds(&self) -> &[RawFd] {
+        &self.wake
+    }
+
+    fn woke(&mut self, woken: Woken) {
+        self.harvest_due |= woken.contains(0);
     }
 
     fn share_buffers(&mut self, memfd: BorrowedFd<'_>, len: usize, buffers: usize) {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use doorbell::Doorbell;
 
+pub use crate::device::Woken;
 pub use crate::store::ReadCheck;
 pub use pool::{DeviceFactory, DriveSpec, WorkerPool, WorkerPoolConfig, WorkerPoolError};
 
@@ -168,16 +169,27 @@ pub trait RequestSource: Send {
     /// One of this source's requests completed.
     fn complete(&mut self, completion: Completion);
 
-    /// A fd that turns readable when the source has new requests (an epoll set of sockets):
-    /// the worker sleeps watching it. `None`: the source is polled continuously.
-    fn wake_fd(&self) -> Option<RawFd> {
-        None
+    /// The fds that turn readable when the source has something to do (an epoll set of
+    /// sockets, an RDMA completion channel): the worker sleeps watching them. None: the
+    /// source is polled continuously.
+    fn wake_fds(&self) -> &[RawFd] {
+        &[]
+    }
+
+    /// The worker woke from a sleep on the wake fds: which of this source's (bit `i` for
+    /// `wake_fds()[i]`) it saw readable. The others had no event, so the source need not
+    /// look at them (a system call per look). A hint that saves looks: a source must still
+    /// serve every request when a report is missed (a wake on another drive's ring), if
+    /// later.
+    fn woke(&mut self, woken: Woken) {
+        let _ = woken;
     }
 
     /// The worker is about to sleep on the wake fds. A source that only looks at its events
-    /// here, not at every poll (a polled worker would make a system call per spin), reads
-    /// them now and arms what must wake the worker (an RDMA completion queue). Returns false
-    /// when it found work or events to act on, so the worker polls again instead of sleeping.
+    /// when told they are there, not at every poll (a polled worker would make a system
+    /// call per spin), arms now what must wake the worker (an RDMA completion queue).
+    /// Returns false when it found work or events to act on, so the worker polls again
+    /// instead of sleeping.
     fn prepare_to_sleep(&mut self) -> bool {
         true
     }
@@ -358,8 +370,12 @@ pub(crate) struct Worker {
     doorbell: Arc<Doorbell>,
     closing: bool,
     completions: Vec<IoCompletion>,
-    /// The fds the worker's ring watches while it sleeps: its doorbell and its sources'.
+    /// The fds the worker watches while it sleeps: its doorbell, then its sources'.
     wake_fds: Vec<RawFd>,
+    /// Per source with wake fds: its index and where its fds start in `wake_fds`.
+    wake_owners: Vec<(usize, usize)>,
+    /// The poll set of a sleep on the sources, kept for the next.
+    polled: Vec<libc::pollfd>,
     retired: VecDeque<usize>,
     /// Staging buffers of finished writes, kept for the next ones: a chunk-sized buffer
     /// freed per write is an munmap, and its TLB shootdown, per write.
@@ -442,6 +458,8 @@ impl Worker {
             closing: false,
             completions: Vec::with_capacity(in_flight_max),
             wake_fds: Vec::new(),
+            wake_owners: Vec::new(),
+            polled: Vec::new(),
             retired: VecDeque::with_capacity(in_flight_max),
             spare_staging: Vec::new(),
             config,
@@ -578,28 +596,42 @@ impl Worker {
         } else {
             (busy > 1).then_some(ADAPTIVE_SPIN)
         };
-        let rung = match drive.device.wait(&self.wake_fds, timeout) {
+        let woken = match drive.device.wait(&self.wake_fds, timeout) {
             Ok(woken) => woken,
             Err(error) => {
                 tracing::error!(worker = self.config.id, %error, "waiting for completions failed");
-                false
+                Woken::NONE
             }
         };
-        self.doorbell.woke(rung);
+        self.woke(woken);
     }
 
-    /// Fills `wake_fds` with the doorbell and every source's fd; returns how many sources
-    /// have one.
+    /// Fills `wake_fds` with the doorbell and every source's fds; returns how many sources
+    /// have some.
     fn collect_wake_fds(&mut self) -> usize {
         self.wake_fds.clear();
+        self.wake_owners.clear();
         self.wake_fds.push(self.doorbell.fd());
-        self.wake_fds.extend(
-            self.sources
-                .iter()
-                .flatten()
-                .filter_map(|state| state.source.wake_fd()),
-        );
-        self.wake_fds.len() - 1
+        for (index, state) in self.sources.iter().enumerate() {
+            let Some(state) = state else { continue };
+            let fds = state.source.wake_fds();
+            if !fds.is_empty() {
+                self.wake_owners.push((index, self.wake_fds.len()));
+                self.wake_fds.extend_from_slice(fds);
+            }
+        }
+        self.wake_owners.len()
+    }
+
+    /// After a sleep on `wake_fds`: clears the doorbell if it rang and tells each source
+    /// which of its fds turned readable.
+    fn woke(&mut self, woken: Woken) {
+        self.doorbell.woke(woken.contains(0));
+        for &(index, first) in &self.wake_owners {
+            if let Some(state) = self.sources[index].as_mut() {
+                state.source.woke(woken.from(first));
+            }
+        }
     }
 
     /// Tells every source the worker is about to sleep; false when one has work first.
@@ -625,14 +657,15 @@ impl Worker {
             return;
         }
         // The timeout bounds how late a closed request channel is noticed.
-        let rung = match poll_readable(&self.wake_fds, Some(Duration::from_millis(100))) {
-            Ok(fds) => fds[0].revents & libc::POLLIN != 0,
+        let timeout = Some(Duration::from_millis(100));
+        let woken = match poll_readable(&self.wake_fds, &mut self.polled, timeout) {
+            Ok(woken) => woken,
             Err(error) => {
                 tracing::error!(worker = self.config.id, %error, "waiting on request sources failed");
-                false
+                Woken::NONE
             }
         };
-        self.doorbell.woke(rung);
+        self.woke(woken);
         match self.requests.try_recv() {
             Ok(request) => self.waiting.push_back(Pending::from(request)),
             Err(TryRecvError::Disconnected) => self.closing = true,

@@ -36,7 +36,7 @@ use crate::net::wire::{
     self, ErrorReply, HEADER_SIZE, Header, Message, RdmaEndpoint, RdmaReadDone,
 };
 use crate::store::ChunkStore;
-use crate::worker::{Completion, Op, Output, ReadCheck, RequestSource};
+use crate::worker::{Completion, Op, Output, ReadCheck, RequestSource, Woken};
 
 /// Sessions one worker serves at most; more are refused RDMA (and stay on TCP).
 pub const MAX_SESSIONS: usize = 64;
@@ -259,10 +259,8 @@ struct Pending {
     rkey: u32,
 }
 
-/// Epoll keys besides session slots.
+/// The epoll key besides session slots.
 const NOTIFY_KEY: u64 = u64::MAX;
-const CQ_KEY: u64 = u64::MAX - 1;
-const SEND_CQ_KEY: u64 = u64::MAX - 2;
 /// How long a broken session waits for its flushed work requests before it is dropped anyway.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
@@ -274,12 +272,23 @@ pub struct RdmaSource {
     /// Every session's sends: the replies' SENDs (and a WRITE that failed). Their own queue,
     /// so that a worker with nothing waiting on a send sleeps through them (decision 27).
     send_completions: Completions,
-    /// The completion queue will raise an event (on the channel, in the epoll set) at its
-    /// next completion; cleared by any completion polled, since one that arrives armed
-    /// raises the event and uses the arming up.
+    /// The completion queue will raise an event (on its channel, which the worker watches)
+    /// at its next completion; cleared by any completion polled, since one that arrives
+    /// armed raises the event and uses the arming up, and by the worker seeing the channel
+    /// readable.
     armed: bool,
     /// The same for the send queue, which is armed only while something waits on a send.
     send_armed: bool,
+    /// The worker saw the send queue's channel readable: its event is to be read even when
+    /// the queue is not armed again, or the channel would end every sleep at once.
+    send_event: bool,
+    /// The worker saw the epoll set (side channels, new sessions) readable: read it at the
+    /// next look.
+    harvest_due: bool,
+    /// What the worker watches: the epoll set, the receive queue's channel and the send
+    /// queue's, in that order (the channels outside the epoll set, so that a request's wake
+    /// needs no `epoll_wait` to say it was the queue).
+    wake: [RawFd; 3],
     /// Arming failed last time: said once, not at every sleep.
     arming_failed: bool,
     /// Polls since the epoll set was last read.
@@ -344,6 +353,7 @@ impl RdmaSource {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let wake = [epoll.as_raw_fd(), completions.fd(), send_completions.fd()];
         let (sender, receiver) = crossbeam_channel::unbounded();
         let sessions = Arc::new(AtomicUsize::new(0));
         let acceptor = Arc::new(RdmaAcceptor {
@@ -360,6 +370,9 @@ impl RdmaSource {
             send_completions,
             armed: false,
             send_armed: false,
+            send_event: false,
+            harvest_due: false,
+            wake,
             arming_failed: false,
             polls_since_harvest: 0,
             pool_mr: None,
@@ -383,12 +396,6 @@ impl RdmaSource {
         source
             .watch(source.notify.as_raw_fd(), NOTIFY_KEY)
             .map_err(io_error("watching an eventfd"))?;
-        source
-            .watch(source.completions.fd(), CQ_KEY)
-            .map_err(io_error("watching a completion channel"))?;
-        source
-            .watch(source.send_completions.fd(), SEND_CQ_KEY)
-            .map_err(io_error("watching a completion channel"))?;
         tracing::info!(
             worker,
             device = source.device.name(),
@@ -457,12 +464,11 @@ impl RdmaSource {
         self.sessions[slot] = Some(live);
     }
 
-    /// Reads the side channels that epoll reported and clears the new-session signal; a CQ
-    /// entry only marks the CQ unarmed (its channel events are read by `Completions::arm`).
-    /// Returns how many events need a poll (all but the CQ's, whose completions are polled
-    /// anyway).
+    /// Reads the side channels that epoll reported and clears the new-session signal.
+    /// Returns how many events there were.
     fn harvest(&mut self) -> usize {
         self.polls_since_harvest = 0;
+        self.harvest_due = false;
         let mut to_act_on = 0;
         loop {
             // SAFETY: epoll_wait writes at most `events.len()` entries into our vector.
@@ -483,8 +489,6 @@ impl RdmaSource {
                         self.notify.clear();
                         to_act_on += 1;
                     }
-                    CQ_KEY => self.armed = false,
-                    SEND_CQ_KEY => self.send_armed = false,
                     slot => {
                         if let Some(Some(live)) = self.sessions.get_mut(slot as usize) {
                             read_side_channel(live);
@@ -555,6 +559,8 @@ impl RdmaSource {
     /// Arms the receive or the send completion queue.
     fn arm(&mut self, sends: bool) {
         let armed = if sends {
+            // Arming reads the channel's event.
+            self.send_event = false;
             self.send_completions.arm()
         } else {
             self.completions.arm()
@@ -967,7 +973,7 @@ impl RequestSource for RdmaSource {
         // closing, a new one): reading it at every poll was a system call per spin. The
         // completion queue is polled in user space, and armed only before the worker sleeps.
         self.polls_since_harvest += 1;
-        if self.polls_since_harvest >= HARVEST_EVERY {
+        if self.harvest_due || self.polls_since_harvest >= HARVEST_EVERY {
             self.harvest();
         }
         self.drain_completions(8);
@@ -978,7 +984,10 @@ impl RequestSource for RdmaSource {
     }
 
     fn prepare_to_sleep(&mut self) -> bool {
-        let to_act_on = self.harvest();
+        // Only when the worker saw events there that no poll read yet: any others keep the
+        // set readable, so the sleep ends at once and says so. (Reading it before every
+        // sleep was a system call per request.)
+        let to_act_on = if self.harvest_due { self.harvest() } else { 0 };
         if !self.armed {
             self.arm(false);
         }
@@ -987,6 +996,8 @@ impl RequestSource for RdmaSource {
         // wakes an idle worker once, for the request, not twice.
         if !self.send_armed && self.waits_on_sends() {
             self.arm(true);
+        } else if std::mem::take(&mut self.send_event) {
+            self.send_completions.take_event();
         }
         // Once more after arming: a completion that landed before it raises no event.
         let completed = self.drain_completions(1);
@@ -1028,8 +1039,20 @@ impl RequestSource for RdmaSource {
         reply(live, &self.pool_mr, pending.request_id, answer);
     }
 
-    fn wake_fd(&self) -> Option<RawFd> {
-        Some(self.epoll.as_raw_fd())
+    fn wake_fds(&self) -> &[RawFd] {
+        &self.wake
+    }
+
+    fn woke(&mut self, woken: Woken) {
+        self.harvest_due |= woken.contains(0);
+        // The queue raised its event, so it is armed no more.
+        if woken.contains(1) {
+            self.armed = false;
+        }
+        if woken.contains(2) {
+            self.send_armed = false;
+            self.send_event = true;
+        }
     }
 
     unsafe fn register_buffers(&mut self, base: *mut u8, len: usize) -> Result<(), String> {

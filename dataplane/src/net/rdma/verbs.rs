@@ -211,11 +211,7 @@ impl RdmaDevice {
             .setup_comp_channel(&channel, 0)
             .build()
             .map_err(|error| verbs("creating a completion queue")(crate::error_chain(&error)))?;
-        Ok(Completions {
-            cq,
-            channel,
-            unacked: 0,
-        })
+        Ok(Completions { cq, channel })
     }
 
     /// A reliable-connected queue pair on `cq` (send and receive), in the INIT state.
@@ -433,7 +429,6 @@ impl WorkCompletion {
 pub struct Completions {
     cq: Arc<BasicCompletionQueue>,
     channel: Arc<CompletionChannel>,
-    unacked: u32,
 }
 
 impl std::fmt::Debug for Completions {
@@ -505,26 +500,10 @@ impl Completions {
         }
     }
 
-    /// Consumes the channel's events and asks for the next one. Poll once more afterwards: a
-    /// completion that arrived before arming raises no event.
+    /// Consumes the channel's event, if one is there, and asks for the next one. Poll once
+    /// more afterwards: a completion that arrived before arming raises no event.
     pub fn arm(&mut self) -> Result<(), RdmaError> {
-        loop {
-            let mut cq = ptr::null_mut();
-            let mut context = ptr::null_mut();
-            // SAFETY: the channel is non-blocking; on success it names our CQ, which we ack.
-            let got = unsafe {
-                sys::ibv_get_cq_event(self.channel.comp_channel().as_ptr(), &mut cq, &mut context)
-            };
-            if got != 0 {
-                break;
-            }
-            self.unacked += 1;
-        }
-        if self.unacked > 0 {
-            // SAFETY: acknowledges events we took from this CQ's channel.
-            unsafe { sys::ibv_ack_cq_events(self.cq.cq().as_ptr(), self.unacked) };
-            self.unacked = 0;
-        }
+        self.take_event();
         // SAFETY: the CQ lives as long as self.
         let result = unsafe { sys::ibv_req_notify_cq(self.cq.cq().as_ptr(), 0) };
         if result != 0 {
@@ -535,6 +514,27 @@ impl Completions {
             });
         }
         Ok(())
+    }
+
+    /// Reads one event from the channel, if there is one, and acknowledges it. One: an
+    /// arming raises at most one event, so a read per arming keeps up, and reading on to
+    /// the empty channel was a system call per wake-up. An event left over (one that came
+    /// after a read found none) keeps the channel readable, so the next sleep on it ends at
+    /// once and the next arming reads it.
+    pub fn take_event(&mut self) -> bool {
+        let mut cq = ptr::null_mut();
+        let mut context = ptr::null_mut();
+        // SAFETY: the channel is non-blocking; on success it names our CQ, which we ack.
+        let got = unsafe {
+            sys::ibv_get_cq_event(self.channel.comp_channel().as_ptr(), &mut cq, &mut context)
+        };
+        if got != 0 {
+            return false;
+        }
+        // SAFETY: acknowledges the event just taken from this CQ's channel (destroying the
+        // CQ waits for every one to be).
+        unsafe { sys::ibv_ack_cq_events(self.cq.cq().as_ptr(), 1) };
+        true
     }
 
     /// Waits up to `timeout` for completions: polls, arms, polls again, then sleeps on the
@@ -562,16 +562,6 @@ impl Completions {
         // SAFETY: polls one pollfd we own.
         unsafe { libc::poll(&mut fd, 1, millis) };
         self.poll(out)
-    }
-}
-
-impl Drop for Completions {
-    fn drop(&mut self) {
-        // Destroying a CQ waits for every event taken from its channel to be acknowledged.
-        if self.unacked > 0 {
-            // SAFETY: acknowledges events we took from this CQ's channel.
-            unsafe { sys::ibv_ack_cq_events(self.cq.cq().as_ptr(), self.unacked) };
-        }
     }
 }
 
