@@ -310,9 +310,7 @@ impl UringDevice {
     }
 
     /// Appends finished I/Os to `completions`. The wake-fd polls' own completions are consumed
-    /// here: returns true if there was one; a fd whose poll ended leaves `armed`.
-    /// Moves the ring's completions to `completions`, and the fds its wake polls saw
-    /// readable to `fired`.
+    /// here: their fds go to `fired`; a fd whose poll ended leaves `armed`.
     fn reap(
         ring: &mut IoUring,
         completions: &mut Vec<IoCompletion>,

@@ -521,20 +521,18 @@ impl Completions {
     /// the empty channel was a system call per wake-up. An event left over (one that came
     /// after a read found none) keeps the channel readable, so the next sleep on it ends at
     /// once and the next arming reads it.
-    pub fn take_event(&mut self) -> bool {
+    pub fn take_event(&mut self) {
         let mut cq = ptr::null_mut();
         let mut context = ptr::null_mut();
         // SAFETY: the channel is non-blocking; on success it names our CQ, which we ack.
         let got = unsafe {
             sys::ibv_get_cq_event(self.channel.comp_channel().as_ptr(), &mut cq, &mut context)
         };
-        if got != 0 {
-            return false;
+        if got == 0 {
+            // SAFETY: acknowledges the event just taken from this CQ's channel (destroying
+            // the CQ waits for every one to be).
+            unsafe { sys::ibv_ack_cq_events(self.cq.cq().as_ptr(), 1) };
         }
-        // SAFETY: acknowledges the event just taken from this CQ's channel (destroying the
-        // CQ waits for every one to be).
-        unsafe { sys::ibv_ack_cq_events(self.cq.cq().as_ptr(), 1) };
-        true
     }
 
     /// Waits up to `timeout` for completions: polls, arms, polls again, then sleeps on the
